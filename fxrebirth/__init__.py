@@ -1,0 +1,34 @@
+"""fxrebirth: make trained CNNs faster by merging their layers (torch.fx graph rewriting).
+
+Exact tier: ``gm, report = fxrebirth.optimize(model, example_inputs)`` returns an equivalent
+GraphModule with BatchNorm and constant scale/shift folded into neighbouring layers, and a report of
+every rewrite and refusal. See docs/ for the architecture and every identity.
+"""
+
+from .api import default_rules, optimize, relative_error
+from .capture import capture
+from .errors import CaptureError, FxRebirthError, PipelineError
+from .pipeline import PassResult, Pipeline, RulePass
+from .report import Refusal, Report, RuleStats
+from .rules import Match, Rule, RuleContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "FxRebirthError",
+    "Match",
+    "PassResult",
+    "Pipeline",
+    "PipelineError",
+    "Refusal",
+    "Report",
+    "Rule",
+    "RuleContext",
+    "RulePass",
+    "RuleStats",
+    "capture",
+    "default_rules",
+    "optimize",
+    "relative_error",
+]

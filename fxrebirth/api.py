@@ -1,0 +1,96 @@
+"""The library entry point: :func:`optimize` and the default rule list."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import as_input_tuple, capture, propagate_shapes
+from .cost import graph_flops, stored_elements
+from .errors import PipelineError
+from .pipeline import Pipeline
+from .report import Report
+from .rules import Rule
+
+__all__ = ["default_rules", "optimize", "relative_error"]
+
+log = logging.getLogger(__name__)
+
+
+def default_rules() -> list[Rule]:
+    """The exact tier's rules in their default order: cleanup first, then folds into the preceding
+    layer (always exact), then folds into the following layer (exact under conditions)."""
+    from fxrebirth.passes import affine, batchnorm, cleanup
+
+    bn, aff = batchnorm.rules(), affine.rules()
+    return cleanup.rules() + [bn[0], aff[0], bn[1], aff[1]]
+
+
+def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
+    disable = set(disable)
+    unknown = disable - {r.name for r in rules}
+    if unknown:
+        names = ", ".join(r.name for r in rules)
+        raise PipelineError(f"unknown rule name(s) {sorted(unknown)} in disable=; known rules: {names}")
+    return tuple(r for r in rules if r.name not in disable)
+
+
+def relative_error(reference: Any, candidate: Any) -> float:
+    """Norm-wise relative error ``max|a - b| / max|b|`` over (nested) tensor outputs."""
+    if isinstance(reference, torch.Tensor):
+        ref, cand = reference.detach().double(), candidate.detach().double()
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        diff = (cand - ref).abs().max().item() if ref.numel() else 0.0
+        return diff / scale if scale > 0 else diff
+    if isinstance(reference, dict):
+        return max((relative_error(reference[k], candidate[k]) for k in reference), default=0.0)
+    if isinstance(reference, (list, tuple)):
+        return max((relative_error(a, b) for a, b in zip(reference, candidate)), default=0.0)
+    return 0.0 if reference == candidate else float("inf")
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    rules: Sequence[Rule] | None = None,
+    disable: Iterable[str] = (),
+    verify: bool = True,
+    frozen: bool = True,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    check_output: bool = True,
+) -> tuple[fx.GraphModule, Report]:
+    """Apply the exact tier to ``model`` and return ``(graph_module, report)``.
+
+    The model is copied, never modified; the result keeps its device and dtype. ``rules`` replaces the
+    default rule list, ``disable`` drops rules by name; ``verify`` checks every rewrite locally in
+    float64 and rolls back mismatches; ``frozen=False`` leaves parameters untouched (only cleanup runs);
+    ``leaf_modules`` are module types kept as opaque calls; ``check_output`` runs the original and the
+    result once on ``example_inputs`` and records the relative error in the report (skipped for a model
+    in training mode, whose forward would update its statistics).
+    """
+    inputs = as_input_tuple(example_inputs)
+    start = time.perf_counter()
+    gm = capture(model, inputs, leaf_modules=leaf_modules)
+    report = Report(model=type(model).__name__)
+    report.capture_s = time.perf_counter() - start
+    report.nodes_before = len(gm.graph.nodes)
+    report.params_before = stored_elements(gm)
+    report.flops_before = graph_flops(gm)
+    selected = _select(default_rules() if rules is None else list(rules), disable)
+    pipeline = Pipeline(selected, verify=verify, frozen=frozen)
+    pipeline.run(gm, report)
+    propagate_shapes(gm, inputs)
+    report.nodes_after = len(gm.graph.nodes)
+    report.params_after = stored_elements(gm)
+    report.flops_after = graph_flops(gm)
+    if check_output and not any(m.training for m in model.modules()):
+        with torch.no_grad():
+            report.output_error = relative_error(model(*inputs), gm(*inputs))
+    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+    return gm, report

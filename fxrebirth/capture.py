@@ -1,0 +1,259 @@
+"""Capture: an ``nn.Module`` and example inputs become ONE canonical ``GraphModule``.
+
+The canonical form (see :mod:`fxrebirth.ops`) is what every pass reads:
+
+* known layers are functional calls (``F.conv2d``, ``F.batch_norm``, ...) with every argument a
+  keyword and every default filled in; their weights and statistics are ``get_attr`` nodes, one per
+  tensor, so a module called twice shares its weight nodes instead of hiding behind one module name;
+* binary arithmetic is ``operator.add/sub/mul/truediv`` whatever way it was written;
+* every node carries ``node.meta["tensor_meta"]`` (shape, dtype) from running the example inputs;
+* ``node.meta["fxrebirth.source"]`` names the module a node came from, for reports and errors.
+
+Weights stay ``nn.Parameter`` objects (copies: the user's model is never touched), so the same form
+serves inference rewrites and, later, retraining. Whether parameters may be treated as constants is a
+choice of the pipeline (``frozen``), not of the form.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CaptureError
+from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
+
+__all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KEY = "fxrebirth.source"
+"""``node.meta`` key: qualified name of the module the node was lowered from."""
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that remembers which module it is inside, so errors can name it."""
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
+        super().__init__()
+        self._extra_leaves = tuple(leaf_modules)
+        self._fxr_modules: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self._fxr_modules.append(self.path_of_module(m) if self.root is not m else "")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._fxr_modules.pop()
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Accept a tensor or a sequence of inputs; always return a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise CaptureError(
+        f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.Graph, _Tracer]:
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
+        where = tracer._fxr_modules[-1] if tracer._fxr_modules and tracer._fxr_modules[-1] else "<root>"
+        sub = model.get_submodule(where) if where != "<root>" else model
+        raise CaptureError(
+            f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
+            "fxrebirth needs a static graph. Fixes: pass leaf_modules=[" + type(sub).__name__ + "] so this "
+            "module is kept as an opaque call (it is then never rewritten), or make its control flow "
+            "independent of tensor values."
+        ) from None
+    return graph, tracer
+
+
+def _lower_module_calls(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace ``call_module`` nodes of known layer types by canonical functional calls."""
+    attr_nodes: dict[str, fx.Node] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+
+    def get_attr(path: str) -> fx.Node:
+        if path not in attr_nodes:
+            ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before()
+            with ctx:
+                attr_nodes[path] = graph.get_attr(path)
+        return attr_nodes[path]
+
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        lowering = MODULE_LOWERINGS.get(type(module))
+        if lowering is None or not lowering.applies(module):
+            node.meta[SOURCE_KEY] = node.target
+            continue
+        if len(node.args) + len(node.kwargs) != 1:
+            node.meta[SOURCE_KEY] = node.target
+            continue  # e.g. ConvTranspose2d(x, output_size=...): kept as a module call
+        (x,) = tuple(node.args) + tuple(node.kwargs.values())
+        inplace = getattr(module, "inplace", False)
+        if inplace and isinstance(x, fx.Node) and len(x.users) > 1:
+            node.meta[SOURCE_KEY] = node.target
+            continue  # an in-place op whose input is read elsewhere: its aliasing is semantics
+        kwargs: dict[str, Any] = {}
+        for name in lowering.tensors:
+            value = getattr(module, name)
+            kwargs[name] = get_attr(f"{node.target}.{name}") if value is not None else None
+        kwargs.update(lowering.options(module))
+        with graph.inserting_before(node):
+            if getattr(module, "padding_mode", "zeros") != "zeros" and lowering.target in OPS \
+                    and OPS[lowering.target].kind == "conv":
+                x = graph.call_function(
+                    torch.nn.functional.pad,
+                    (x,),
+                    {"pad": tuple(module._reversed_padding_repeated_twice), "mode": module.padding_mode},
+                )
+                x.meta[SOURCE_KEY] = node.target
+            new = graph.call_function(lowering.target, (), normalize_kwargs(OPS[lowering.target], (x,), kwargs))
+        new.meta[SOURCE_KEY] = node.target
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _canonical_binary(node: fx.Node) -> Any:
+    key = node.target
+    if node.op == "call_method" and isinstance(key, str):
+        return BINARY_ALIASES.get(key)
+    if node.op == "call_function":
+        if node.target in (operator.add, operator.sub, operator.mul, operator.truediv):
+            return node.target
+        try:
+            return BINARY_ALIASES.get(key)
+        except TypeError:
+            return None
+    return None
+
+
+def canonicalize(graph: fx.Graph) -> None:
+    """Normalise call arguments of every known op in ``graph`` (in place).
+
+    Known functional ops get keyword-only, default-filled arguments; binary arithmetic written as a
+    ``Tensor`` method or ``torch.add``-style function becomes the ``operator`` function; ``Tensor``
+    methods with a functional twin (``x.flatten(1)``, ``x.view(n, -1)``) become that function.
+    Calls whose arguments the table cannot bind are left exactly as they were.
+    """
+    for node in list(graph.nodes):
+        binary = _canonical_binary(node)
+        if binary is not None:
+            if len(node.args) == 2 and not node.kwargs:
+                node.op, node.target = "call_function", binary
+            continue
+        if node.op == "call_method" and node.target in METHOD_ALIASES:
+            fn = METHOD_ALIASES[node.target]
+            args = node.args
+            if fn is torch.reshape and not node.kwargs:
+                shape = args[1:]
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                    shape = tuple(shape[0])
+                args, kwargs = (args[0], tuple(shape)), {}
+            else:
+                kwargs = dict(node.kwargs)
+            try:
+                node.kwargs = normalize_kwargs(OPS[fn], tuple(args), kwargs)
+            except (TypeError, ValueError):
+                continue
+            node.op, node.target, node.args = "call_function", fn, ()
+            continue
+        if node.op == "call_function":
+            try:
+                spec = OPS.get(node.target)
+            except TypeError:
+                spec = None
+            if spec is None:
+                continue
+            try:
+                kwargs = normalize_kwargs(spec, tuple(node.args), dict(node.kwargs))
+            except (TypeError, ValueError):
+                continue
+            node.args, node.kwargs = (), kwargs
+
+
+def _describe_node(node: fx.Node) -> str:
+    source = node.meta.get(SOURCE_KEY)
+    where = f" (module '{source}')" if source else ""
+    return f"node '{node.name}'{where}"
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Record shape and dtype of every node (``node.meta["tensor_meta"]``) by running ``inputs``."""
+
+    class _Prop(ShapeProp):
+        def run_node(self, n: fx.Node) -> Any:
+            try:
+                return super().run_node(n)
+            except CaptureError:
+                raise
+            except Exception as exc:
+                raise CaptureError(
+                    f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
+                    f"{type(exc).__name__}: {exc}\nCheck that example_inputs have the shapes and dtypes the "
+                    "model expects."
+                ) from None
+
+    # Eval mode for the run: a BatchNorm module left in training mode must not update its statistics
+    # (shapes do not depend on the mode).
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Prop(gm).propagate(*inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    copy_model: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` into the canonical GraphModule and annotate it with shapes.
+
+    ``model`` is deep-copied first (``copy_model=False`` shares its parameters instead: the caller then
+    owns the consequences of in-place training). ``leaf_modules`` are module types kept as opaque calls.
+    Raises :class:`CaptureError` naming the module that cannot be traced, or the node at which the
+    example inputs fail.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    if isinstance(model, fx.GraphModule):
+        graph = copy.deepcopy(model.graph)
+        root = copy.deepcopy(model) if copy_model else model
+    else:
+        root = copy.deepcopy(model) if copy_model else model
+        graph, _ = _trace(root, leaf_modules)
+    _lower_module_calls(graph, root)
+    canonicalize(graph)
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.lint()
+    propagate_shapes(gm, inputs)
+    log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return gm

@@ -1,0 +1,189 @@
+"""The pass pipeline: rules applied to a fixpoint, linted after each pass, every rewrite verified.
+
+Each rule runs as one pass (:class:`RulePass`): a sweep over the graph that applies the rule wherever
+its pattern matches and its check passes. For every rewrite the pipeline
+
+1. lets the rule insert its replacement beside the matched nodes,
+2. verifies it locally (:func:`fxrebirth.verify.local_error`, float64, random activations), and
+3. swaps it in, or -- on a mismatch -- erases it, logs a warning and records the rollback.
+
+Passes repeat in order until a whole round changes nothing (the fixpoint); ``graph.lint()`` runs
+after every pass that changed the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch.fx as fx
+
+from .errors import PipelineError
+from .report import Report
+from .rules import Rule, RuleContext, describe
+from .verify import DEFAULT_TOLERANCE, UnverifiableError, local_error
+
+__all__ = ["PassResult", "RulePass", "Pipeline", "prune_unused_attributes"]
+
+log = logging.getLogger(__name__)
+
+NOT_FROZEN = "parameters are not frozen (pipeline frozen=False): folding would change what training updates"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns, as in torch.fx's pass infrastructure."""
+
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+def prune_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters and buffers that no node reads any more; return how many were deleted."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    modules = [n.target + "." for n in gm.graph.nodes if n.op == "call_module"]
+    removed = 0
+    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        if name in used or any(name.startswith(prefix) for prefix in modules):
+            continue
+        *path, last = name.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        if last in owner._parameters:
+            del owner._parameters[last]
+        elif last in owner._buffers:
+            del owner._buffers[last]
+        removed += 1
+    gm.delete_all_unused_submodules()
+    return removed
+
+
+def _erase_dead(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
+    pending = [n for n in dict.fromkeys(nodes) if not getattr(n, "_erased", False)]
+    progress = True
+    while pending and progress:
+        progress = False
+        for node in list(pending):
+            if not node.users and not node.is_impure() and node.op != "placeholder":
+                graph.erase_node(node)
+                pending.remove(node)
+                progress = True
+
+
+@dataclass(frozen=True)
+class RulePass:
+    """One sweep of one rule over the graph."""
+
+    rule: Rule
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+    frozen: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def __call__(self, gm: fx.GraphModule, report: Report) -> PassResult:
+        stats = report.stats(self.rule.name)
+        ctx = RuleContext(gm, frozen=self.frozen)
+        modified = False
+        for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False):
+                continue
+            match = self.rule.pattern(node, ctx)
+            if match is None:
+                continue
+            reason = NOT_FROZEN if (self.rule.changes_parameters and not self.frozen) else None
+            reason = reason or self.rule.check(match, ctx)
+            if reason is not None:
+                stats.refuse(describe(match.output), reason)
+                continue
+            ctx.begin(match.output)
+            try:
+                new = self.rule.rewrite(match, ctx)
+            except Exception:
+                ctx.rollback()
+                raise
+            if self.verify:
+                start = time.perf_counter()
+                try:
+                    error = local_error(gm, match.output, new, match.inputs, ctx.exact_values)
+                except UnverifiableError as exc:
+                    error, why = float("inf"), f"cannot verify: {exc}"
+                else:
+                    why = f"verification failed: relative error {error:.2e} > {self.tolerance:.0e}"
+                report.verify_s += time.perf_counter() - start
+                if not error <= self.tolerance:
+                    ctx.rollback()
+                    stats.rolled_back += 1
+                    stats.refuse(describe(match.output), why)
+                    log.warning("%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
+                    continue
+                stats.max_error = max(stats.max_error, error)
+            for key, value in match.output.meta.items():
+                new.meta.setdefault(key, value)
+            match.output.replace_all_uses_with(new)
+            _erase_dead(gm.graph, match.nodes + (match.output,))
+            stats.rewrites += 1
+            stats.rewritten.append(describe(match.output))
+            log.debug("%s rewrote %s", self.rule.name, describe(match.output))
+            modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            prune_unused_attributes(gm)
+            try:
+                gm.graph.lint()
+            except Exception as exc:
+                raise PipelineError(f"rule {self.rule.name!r} left an invalid graph: {exc}") from exc
+            gm.recompile()
+        return PassResult(gm, modified)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An ordered list of rules run to a fixpoint.
+
+    ``verify``: check every rewrite numerically (float64, local) and roll back mismatches.
+    ``frozen``: parameters and statistics may be treated as constants (inference); with ``False`` only
+    rules that leave parameters alone run, the others report why they did not.
+    ``max_iterations``: rounds before giving up on reaching a fixpoint (a warning, not an error).
+    """
+
+    rules: tuple[Rule, ...]
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+    frozen: bool = True
+    max_iterations: int = 20
+    passes: tuple[RulePass, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise PipelineError(f"rule names must be unique in a pipeline; repeated: {duplicates}")
+        passes = tuple(RulePass(r, self.verify, self.tolerance, self.frozen) for r in self.rules)
+        object.__setattr__(self, "passes", passes)
+
+    def run(self, gm: fx.GraphModule, report: Report | None = None) -> tuple[PassResult, Report]:
+        """Rewrite ``gm`` in place to a fixpoint; return the result and the (updated) report."""
+        report = report if report is not None else Report()
+        report.verified = self.verify
+        for rule in self.rules:
+            report.stats(rule.name)
+        start = time.perf_counter()
+        modified_any = False
+        for iteration in range(1, self.max_iterations + 1):
+            report.iterations = iteration
+            modified = False
+            for rule_pass in self.passes:
+                modified |= rule_pass(gm, report).modified
+            modified_any |= modified
+            if not modified:
+                break
+        else:
+            log.warning("pipeline did not reach a fixpoint in %d iterations", self.max_iterations)
+        report.passes_s += time.perf_counter() - start
+        return PassResult(gm, modified_any), report

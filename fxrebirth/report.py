@@ -1,0 +1,112 @@
+"""The report of a pipeline run: what each rule did, what it refused and why, and what it cost."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Refusal", "RuleStats", "Report"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rule matched but did not rewrite: where, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class RuleStats:
+    """Per-rule outcome: rewrites applied, refusals (deduplicated), worst verification error."""
+
+    rewrites: int = 0
+    refusals: list[Refusal] = field(default_factory=list)
+    rolled_back: int = 0
+    max_error: float = 0.0
+    rewritten: list[str] = field(default_factory=list)
+
+    def refuse(self, node: str, reason: str) -> None:
+        refusal = Refusal(node, reason)
+        if refusal not in self.refusals:
+            self.refusals.append(refusal)
+
+
+@dataclass
+class Report:
+    """What an optimisation did. ``str(report)`` prints a table; :meth:`to_dict` gives the data."""
+
+    model: str = ""
+    rules: dict[str, RuleStats] = field(default_factory=dict)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    iterations: int = 0
+    capture_s: float = 0.0
+    passes_s: float = 0.0
+    verify_s: float = 0.0
+    verified: bool = True
+    output_error: float | None = None
+
+    def stats(self, rule: str) -> RuleStats:
+        return self.rules.setdefault(rule, RuleStats())
+
+    @property
+    def rewrites(self) -> int:
+        return sum(s.rewrites for s in self.rules.values())
+
+    @property
+    def max_error(self) -> float:
+        return max((s.max_error for s in self.rules.values()), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rewrites"] = self.rewrites
+        data["max_error"] = self.max_error
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table(self, *, reasons: int = 3) -> str:
+        """A plain-text table; ``reasons`` caps the refusal reasons listed per rule."""
+        lines = [f"fxrebirth report{': ' + self.model if self.model else ''}"]
+        width = max([len(name) for name in self.rules] + [4])
+        lines.append(f"  {'rule':<{width}}  rewrites  refused  rolled back  max rel. error (float64)")
+        for name, s in self.rules.items():
+            lines.append(
+                f"  {name:<{width}}  {s.rewrites:>8}  {len(s.refusals):>7}  {s.rolled_back:>11}  {s.max_error:.1e}"
+            )
+        for name, s in self.rules.items():
+            if not s.refusals:
+                continue
+            counts: dict[str, list[str]] = {}
+            for r in s.refusals:
+                counts.setdefault(r.reason, []).append(r.node)
+            lines.append(f"  refused by {name}:")
+            for reason, nodes in list(counts.items())[:reasons]:
+                more = f" (+{len(nodes) - 1} more)" if len(nodes) > 1 else ""
+                lines.append(f"    - {nodes[0]}{more}: {reason}")
+            if len(counts) > reasons:
+                lines.append(f"    - ... {len(counts) - reasons} more reasons (see report.to_dict())")
+
+        def row(label: str, before: float, after: float, fmt: str = "{:,}") -> str:
+            ratio = f"{before / after:.2f}x" if after else "-"
+            return f"  {label:<12} {fmt.format(before):>16} -> {fmt.format(after):>16}  ({ratio})"
+
+        lines.append(row("nodes", self.nodes_before, self.nodes_after))
+        lines.append(row("parameters", self.params_before, self.params_after))
+        lines.append(row("FLOPs", self.flops_before, self.flops_after))
+        timing = f"  time: capture {self.capture_s:.2f} s, passes {self.passes_s:.2f} s"
+        timing += f" (of which verification {self.verify_s:.2f} s)" if self.verified else " (verification off)"
+        lines.append(timing + f", {self.iterations} iteration(s) to fixpoint")
+        if self.output_error is not None:
+            lines.append(f"  whole-model relative error on the example inputs: {self.output_error:.1e}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

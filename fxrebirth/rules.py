@@ -1,0 +1,209 @@
+"""Rules: pattern + check (with a reason) + rewrite.
+
+A :class:`Rule` looks at one node at a time:
+
+1. ``pattern(node, ctx)`` answers *is this the shape of graph I rewrite?* It returns a :class:`Match`
+   (the node whose value will be replaced, the activations the replacement reads, the matched nodes,
+   and whatever the rewrite needs) or ``None``. Patterns are silent: a non-match is not news.
+2. ``check(match, ctx)`` answers *is the rewrite valid here?* It returns ``None`` or a reason string
+   ("BatchNorm 'bn1' is in training mode"). Reasons are collected in the report.
+3. ``rewrite(match, ctx)`` inserts the replacement next to the match (through ``ctx``, which records
+   what it creates so it can be rolled back) and returns the node computing the new value. It does not
+   rewire users: the pipeline verifies the replacement first and only then swaps it in.
+
+Everything a rewrite needs travels in the Match; rules keep no state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+
+from .capture import SOURCE_KEY
+from .ops import normalize_kwargs, OPS
+
+__all__ = ["Match", "Rule", "RuleContext", "describe"]
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a pattern found.
+
+    ``output``: the node whose value the rewrite replaces; ``inputs``: the activations (non-constant
+    values) the replaced computation reads, which local verification feeds with random data;
+    ``nodes``: every matched node, for the report; ``bindings``: named values for the rewrite.
+    """
+
+    output: fx.Node
+    inputs: tuple[fx.Node, ...]
+    nodes: tuple[fx.Node, ...]
+    bindings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.bindings[key]
+
+
+def describe(node: fx.Node) -> str:
+    """``'bn1'`` or ``'bn1' (node batch_norm_3)`` for messages: the module name users know."""
+    source = node.meta.get(SOURCE_KEY)
+    if source and source != node.name:
+        return f"'{source}' (node {node.name})"
+    return f"'{node.name}'"
+
+
+class Rule:
+    """Base class of exact rewrite rules.
+
+    Subclasses set ``name`` (unique in a pipeline), ``identity`` (the equation the rule applies, shown in
+    reports and docs) and ``changes_parameters`` (True when the rewrite treats weights or statistics as
+    constants: such rules are refused by a pipeline that is not ``frozen``).
+    """
+
+    name: str = "rule"
+    identity: str = ""
+    changes_parameters: bool = True
+
+    def pattern(self, node: fx.Node, ctx: "RuleContext") -> Match | None:
+        raise NotImplementedError
+
+    def check(self, match: Match, ctx: "RuleContext") -> str | None:
+        return None
+
+    def rewrite(self, match: Match, ctx: "RuleContext") -> fx.Node:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Rule {self.name}>"
+
+
+class RuleContext:
+    """What a rule may read and how it may write.
+
+    Reading: :meth:`constant` gives the value of a ``get_attr`` node (or a Python number) as a tensor,
+    ``None`` for a value computed at run time. Writing: :meth:`add_tensor` registers a new parameter
+    and :meth:`call` a new canonical call, both inserted before the match's output and recorded so the
+    pipeline can verify and, if needed, undo them. Tensors given to :meth:`add_tensor` should be the
+    exact (float64) result; they are stored in the dtype of ``like`` and the exact value is kept for
+    verification.
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, frozen: bool = True) -> None:
+        self.gm = gm
+        self.frozen = frozen
+        self.created_nodes: list[fx.Node] = []
+        self.created_attrs: list[str] = []
+        self.exact_values: dict[fx.Node, torch.Tensor] = {}
+        self._counter = 0
+        self._insert_before: fx.Node | None = None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def constant(self, value: Any) -> torch.Tensor | None:
+        """The tensor behind ``value`` when it is a constant (``get_attr`` node or number), else None."""
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value), dtype=torch.float64)
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            if value in self.exact_values:
+                return self.exact_values[value]
+            attr = _fetch_attr(self.gm, value.target)
+            return attr.detach() if isinstance(attr, torch.Tensor) else None
+        return None
+
+    def stored(self, node: fx.Node) -> torch.Tensor:
+        """The tensor object a ``get_attr`` node refers to (with its dtype, device and Parameter-ness)."""
+        return _fetch_attr(self.gm, node.target)
+
+    @staticmethod
+    def shape(node: Any) -> torch.Size | None:
+        """The recorded shape of a node's value (from shape propagation), or None."""
+        meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+        return getattr(meta, "shape", None)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def begin(self, anchor: fx.Node) -> None:
+        """Start a rewrite whose new nodes go before ``anchor`` (called by the pipeline)."""
+        self.created_nodes, self.created_attrs, self._insert_before = [], [], anchor
+
+    def add_tensor(self, hint: str, exact: torch.Tensor, like: torch.Tensor) -> fx.Node:
+        """A new ``get_attr`` node holding ``exact`` cast to ``like``'s dtype, device and memory format.
+
+        The stored tensor is an ``nn.Parameter`` with ``like``'s ``requires_grad`` when ``like`` is a
+        parameter, a buffer otherwise.
+        """
+        stored = exact.detach().to(device=like.device, dtype=like.dtype)
+        if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+            stored = stored.contiguous(memory_format=torch.channels_last)
+        else:
+            stored = stored.contiguous()
+        name = self._fresh_name(hint)
+        if isinstance(like, torch.nn.Parameter):
+            self.gm.register_parameter(name, torch.nn.Parameter(stored, requires_grad=like.requires_grad))
+        else:
+            self.gm.register_buffer(name, stored)
+        self.created_attrs.append(name)
+        with self.gm.graph.inserting_before(self._insert_before):
+            node = self.gm.graph.get_attr(name)
+        node.meta["tensor_meta"] = _tensor_meta(stored)
+        self.created_nodes.append(node)
+        self.exact_values[node] = exact.detach().to(dtype=torch.float64, device=like.device)
+        return node
+
+    def call(self, target: Callable[..., Any], like: fx.Node | None = None, **kwargs: Any) -> fx.Node:
+        """A new call to ``target`` (canonicalised if it is a known op), inserted before the anchor.
+
+        ``like``'s source module and tensor metadata are copied onto the new node (use it when the new
+        node computes a value of the same shape as ``like``).
+        """
+        if target in OPS:
+            kwargs = normalize_kwargs(OPS[target], (), kwargs)
+        with self.gm.graph.inserting_before(self._insert_before):
+            node = self.gm.graph.call_function(target, (), kwargs)
+        if like is not None:
+            for key in ("tensor_meta", SOURCE_KEY):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        self.created_nodes.append(node)
+        return node
+
+    def rollback(self) -> None:
+        """Erase what the current rewrite created."""
+        for node in reversed(self.created_nodes):
+            if not node.users:
+                self.gm.graph.erase_node(node)
+            self.exact_values.pop(node, None)
+        for name in self.created_attrs:
+            _delete_attr(self.gm, name)
+        self.created_nodes, self.created_attrs = [], []
+
+    def _fresh_name(self, hint: str) -> str:
+        base = "fxrebirth_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
+        while True:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+            if not hasattr(self.gm, name):
+                return name
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _delete_attr(gm: torch.nn.Module, target: str) -> None:
+    *path, last = target.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part)
+    delattr(owner, last)
+
+
+def _tensor_meta(t: torch.Tensor) -> Any:
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    return _extract_tensor_metadata(t)

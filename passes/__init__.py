@@ -1,0 +1,9 @@
+"""fxrebirth's rewrite rules, one module per family (installed as ``fxrebirth.passes``).
+
+Each family module opens with the identity it applies and ends with a ``rules()`` function returning
+its rules in order. Nothing registers itself on import: pipelines are built from these lists.
+"""
+
+from . import affine, batchnorm, cleanup
+
+__all__ = ["affine", "batchnorm", "cleanup"]

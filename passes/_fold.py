@@ -1,0 +1,246 @@
+r"""Shared machinery of the folding families: a per-channel affine map folded into a layer.
+
+An *affine-like* node computes ``y = x * s + t`` with ``s`` and ``t`` constant along every dimension
+but one (the channel dimension). BatchNorm in eval mode is one (``s = g / sqrt(v + eps)``,
+``t = beta - m * s``); so are ``x * c``, ``x + c``, ``x - c``, ``c - x`` and ``x / c`` for a constant
+``c``. Both families (``batchnorm`` and ``affine``) differ only in how they *extract* ``(s, t)``; the
+folding identities are the same and live here:
+
+Folded into the PRECEDING layer ``L(x) = W * x + b`` (per output channel ``o``)::
+
+    s[o] * (W x + b)[o] + t[o]  =  (s[o] W[o]) x + (s[o] b[o] + t[o])
+
+Folded into the FOLLOWING layer (per input channel ``i``)::
+
+    W (s * x + t) + b  =  (W diag(s)) x + (b + W t)
+
+The second identity holds for a convolution only when every output position sees every input
+channel's shift the same number of times, i.e. the convolution has no zero padding (or ``t = 0``):
+zero padding would otherwise see ``0`` where the original saw ``t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.fx as fx
+
+from fxrebirth.ops import kind_of
+from fxrebirth.rules import Match, Rule, RuleContext, describe
+
+__all__ = ["Affine", "AffineSource", "FoldIntoPreceding", "FoldIntoFollowing", "channel_dim"]
+
+LAYER_KINDS = ("conv", "conv_transpose", "linear")
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = x * scale + shift``; ``scale``/``shift`` are float64 tensors broadcast against ``x``
+    (``None`` means 1 and 0). ``rank`` is the rank of ``x``."""
+
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    rank: int
+
+    def per_channel(self, dim: int, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(s, t)`` as vectors of length ``channels`` along ``dim``, or None if not per-channel there."""
+        vectors = []
+        for value, neutral in ((self.scale, 1.0), (self.shift, 0.0)):
+            if value is None:
+                vectors.append(torch.full((channels,), neutral, dtype=torch.float64))
+                continue
+            if value.dim() > self.rank:
+                return None
+            full = value.reshape((1,) * (self.rank - value.dim()) + tuple(value.shape))
+            if any(size != 1 for d, size in enumerate(full.shape) if d != dim % self.rank):
+                return None
+            vec = full.reshape(-1)
+            if vec.numel() not in (1, channels):
+                return None
+            vectors.append(vec.to(torch.float64).expand(channels).clone())
+        return vectors[0], vectors[1]
+
+    @property
+    def has_shift(self) -> bool:
+        return self.shift is not None and bool((self.shift != 0).any())
+
+
+class AffineSource(Protocol):
+    """How a family recognises its affine-like nodes."""
+
+    def input_of(self, node: fx.Node) -> fx.Node | None:
+        """The activation the node transforms, if the node is of this family (structure only)."""
+
+    def affine(self, node: fx.Node, ctx: RuleContext) -> Affine | str:
+        """The node's affine map, or the reason it cannot be treated as one."""
+
+
+def channel_dim(layer: fx.Node) -> int:
+    """The channel dimension of a layer's input and output: 1 for convolutions, -1 for Linear."""
+    return -1 if kind_of(layer) == "linear" else 1
+
+
+def _layer_tensors(layer: fx.Node, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    weight = ctx.constant(layer.kwargs["weight"])
+    if weight is None:
+        return f"the weight of {describe(layer)} is not a constant"
+    bias_node = layer.kwargs["bias"]
+    bias = ctx.constant(bias_node) if bias_node is not None else None
+    if bias_node is not None and bias is None:
+        return f"the bias of {describe(layer)} is not a constant"
+    return weight, bias
+
+
+def _groups_view(vec: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
+    """For grouped layers: entry ``[r, j]`` is ``vec[group(r) * per_group + j]`` (``rows`` rows split
+    evenly over ``groups``)."""
+    per_group = vec.numel() // groups
+    table = vec.reshape(groups, per_group)
+    return table.repeat_interleave(rows // groups, dim=0)
+
+
+def _store(ctx: RuleContext, layer: fx.Node, weight: torch.Tensor, bias: torch.Tensor, hint: str) -> dict:
+    like_w = ctx.stored(layer.kwargs["weight"])
+    like_b = ctx.stored(layer.kwargs["bias"]) if layer.kwargs["bias"] is not None else like_w
+    return {
+        "weight": ctx.add_tensor(f"{hint}_weight", weight, like_w),
+        "bias": ctx.add_tensor(f"{hint}_bias", bias, like_b),
+    }
+
+
+def _hint(layer: fx.Node) -> str:
+    from fxrebirth.capture import SOURCE_KEY
+
+    return str(layer.meta.get(SOURCE_KEY) or layer.name)
+
+
+class FoldIntoPreceding(Rule):
+    """Fold an affine-like node into the conv / conv-transpose / linear layer that produces its input."""
+
+    identity = "s * (W x + b) + t = (s W) x + (s b + t), per output channel"
+
+    def __init__(self, name: str, source: AffineSource, what: str) -> None:
+        self.name = name
+        self.source = source
+        self.what = what
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        x = self.source.input_of(node)
+        if not isinstance(x, fx.Node) or kind_of(x) not in LAYER_KINDS:
+            return None
+        layer_input = x.kwargs["input"]
+        if not isinstance(layer_input, fx.Node):
+            return None
+        return Match(output=node, inputs=(layer_input,), nodes=(x, node), bindings={"layer": x})
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        layer, node = match["layer"], match.output
+        if len(layer.users) > 1:
+            return f"the output of {describe(layer)} has {len(layer.users)} users; folding would change the others"
+        affine = self.source.affine(node, ctx)
+        if isinstance(affine, str):
+            return affine
+        tensors = _layer_tensors(layer, ctx)
+        if isinstance(tensors, str):
+            return tensors
+        out_channels = self._out_channels(layer, tensors[0])
+        if affine.per_channel(channel_dim(layer), out_channels) is None:
+            return f"the {self.what} is not per-channel along the output channels of {describe(layer)}"
+        return None
+
+    @staticmethod
+    def _out_channels(layer: fx.Node, weight: torch.Tensor) -> int:
+        if kind_of(layer) == "conv_transpose":
+            return weight.shape[1] * layer.kwargs["groups"]
+        return weight.shape[0]
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        layer, node = match["layer"], match.output
+        weight, bias = _layer_tensors(layer, ctx)
+        weight = weight.to(torch.float64)
+        channels = self._out_channels(layer, weight)
+        affine = self.source.affine(node, ctx)
+        s, t = affine.per_channel(channel_dim(layer), channels)
+        bias = torch.zeros(channels, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+        s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+        extra = (1,) * (weight.dim() - 2)
+        if kind_of(layer) == "conv_transpose":
+            groups = layer.kwargs["groups"]
+            new_weight = weight * _groups_view(s, groups, weight.shape[0]).reshape(weight.shape[:2] + extra)
+        else:
+            new_weight = weight * s.reshape((-1, 1) + extra)
+        new_bias = bias * s + t
+        tensors = _store(ctx, layer, new_weight, new_bias, _hint(layer))
+        kwargs = dict(layer.kwargs, **tensors)
+        return ctx.call(layer.target, like=node, **kwargs)
+
+
+class FoldIntoFollowing(Rule):
+    """Fold an affine-like node into the conv / linear layer that consumes it."""
+
+    identity = "W (s * x + t) + b = (W diag(s)) x + (b + W t), per input channel; conv padding must be 0 if t != 0"
+
+    def __init__(self, name: str, source: AffineSource, what: str) -> None:
+        self.name = name
+        self.source = source
+        self.what = what
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        x = self.source.input_of(node)
+        if not isinstance(x, fx.Node):
+            return None
+        for user in node.users:
+            if kind_of(user) in LAYER_KINDS and user.kwargs["input"] is node:
+                return Match(output=user, inputs=(x,), nodes=(node, user), bindings={"affine": node, "layer": user})
+        return None
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        node, layer = match["affine"], match["layer"]
+        if kind_of(layer) == "conv_transpose":
+            return f"folding a {self.what} into a following ConvTranspose ({describe(layer)}) is not supported"
+        if len(node.users) > 1:
+            return f"the output of {describe(node)} has {len(node.users)} users; folding would change the others"
+        affine = self.source.affine(node, ctx)
+        if isinstance(affine, str):
+            return affine
+        tensors = _layer_tensors(layer, ctx)
+        if isinstance(tensors, str):
+            return tensors
+        weight = tensors[0]
+        in_channels = weight.shape[1] * (layer.kwargs["groups"] if kind_of(layer) == "conv" else 1)
+        if affine.per_channel(channel_dim(layer), in_channels) is None:
+            return f"the {self.what} is not per-channel along the input channels of {describe(layer)}"
+        if kind_of(layer) == "conv" and affine.has_shift:
+            padding = layer.kwargs["padding"]
+            if isinstance(padding, str) or any(p != 0 for p in padding):
+                return (
+                    f"the {self.what} shifts its output and {describe(layer)} zero-pads (padding={padding}): "
+                    "the padded border would see 0 instead of the shift"
+                )
+        return None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        node, layer = match["affine"], match["layer"]
+        weight, bias = _layer_tensors(layer, ctx)
+        weight = weight.to(torch.float64)
+        out_channels = weight.shape[0]
+        bias = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+        if kind_of(layer) == "linear":
+            s, t = self.source.affine(node, ctx).per_channel(-1, weight.shape[1])
+            s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+            new_weight = weight * s.reshape(1, -1)
+            new_bias = bias + weight @ t
+        else:
+            groups = layer.kwargs["groups"]
+            s, t = self.source.affine(node, ctx).per_channel(1, weight.shape[1] * groups)
+            s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+            extra = (1,) * (weight.dim() - 2)
+            s_rows = _groups_view(s, groups, out_channels)  # [o, j] -> s of input channel j of o's group
+            t_rows = _groups_view(t, groups, out_channels)
+            new_weight = weight * s_rows.reshape(weight.shape[:2] + extra)
+            new_bias = bias + (weight.sum(dim=tuple(range(2, weight.dim()))) * t_rows).sum(dim=1)
+        tensors = _store(ctx, layer, new_weight, new_bias, _hint(layer))
+        kwargs = dict(layer.kwargs, input=self.source.input_of(node), **tensors)
+        return ctx.call(layer.target, like=layer, **kwargs)
