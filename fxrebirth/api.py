@@ -41,12 +41,26 @@ def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
 
 
 def relative_error(reference: Any, candidate: Any) -> float:
-    """Norm-wise relative error ``max|a - b| / max|b|`` over (nested) tensor outputs."""
+    """Norm-wise relative error ``max|a - b| / max|b|`` over (nested) tensor outputs.
+
+    Positions where both hold the same infinity, or both hold NaN, count as equal; the scale is taken
+    over the finite values of ``reference``. A shape mismatch is an infinite error.
+    """
     if isinstance(reference, torch.Tensor):
-        ref, cand = reference.detach().double(), candidate.detach().double()
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        diff = (cand - ref).abs().max().item() if ref.numel() else 0.0
-        return diff / scale if scale > 0 else diff
+        if not isinstance(candidate, torch.Tensor) or candidate.shape != reference.shape:
+            return float("inf")
+        ref = reference.detach().double()
+        cand = candidate.detach().double().to(ref.device)
+        if ref.numel() == 0:
+            return 0.0
+        same = (ref == cand) | (torch.isnan(ref) & torch.isnan(cand))
+        diff = torch.where(same, torch.zeros_like(ref), (cand - ref).abs())
+        if torch.isnan(diff).any():
+            return float("inf")
+        finite = ref[torch.isfinite(ref)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+        worst = diff.max().item()
+        return worst / scale if scale > 0 else worst
     if isinstance(reference, dict):
         return max((relative_error(reference[k], candidate[k]) for k in reference), default=0.0)
     if isinstance(reference, (list, tuple)):

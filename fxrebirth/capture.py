@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import CaptureError
 from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
@@ -44,6 +44,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self._extra_leaves = tuple(leaf_modules)
         self._fxr_modules: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
@@ -54,6 +55,10 @@ class _Tracer(fx.Tracer):
         self._fxr_modules.append(self.path_of_module(m) if self.root is not m else "")
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._fxr_modules[-1]
+            raise
         finally:
             self._fxr_modules.pop()
 
@@ -74,7 +79,7 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[f
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
-        where = tracer._fxr_modules[-1] if tracer._fxr_modules and tracer._fxr_modules[-1] else "<root>"
+        where = tracer.failed_in or "<root>"
         sub = model.get_submodule(where) if where != "<root>" else model
         raise CaptureError(
             f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
@@ -201,18 +206,32 @@ def _describe_node(node: fx.Node) -> str:
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Record shape and dtype of every node (``node.meta["tensor_meta"]``) by running ``inputs``."""
 
-    class _Prop(ShapeProp):
+    class _Recorder(fx.Interpreter):
+        extra_traceback = False  # our error already names the node
+
         def run_node(self, n: fx.Node) -> Any:
             try:
-                return super().run_node(n)
-            except CaptureError:
-                raise
+                result = fx.Interpreter.run_node(self, n)
             except Exception as exc:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CaptureError(
                     f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
-                    f"{type(exc).__name__}: {exc}\nCheck that example_inputs have the shapes and dtypes the "
-                    "model expects."
+                    f"{type(exc).__name__}: {first_line}\nCheck that example_inputs have the shapes and "
+                    "dtypes the model expects."
                 ) from None
+            found = False
+
+            def record(obj: Any) -> Any:
+                nonlocal found
+                if isinstance(obj, torch.Tensor):
+                    found = True
+                    return _extract_tensor_metadata(obj)
+                return obj
+
+            meta = fx.node.map_aggregate(result, record)
+            if found:
+                n.meta["tensor_meta"] = meta
+            return result
 
     # Eval mode for the run: a BatchNorm module left in training mode must not update its statistics
     # (shapes do not depend on the mode).
@@ -220,7 +239,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            _Prop(gm).propagate(*inputs)
+            _Recorder(gm).run(*inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -251,9 +270,10 @@ def capture(
         graph, _ = _trace(root, leaf_modules)
     _lower_module_calls(graph, root)
     canonicalize(graph)
-    graph.eliminate_dead_code()
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
+    gm.recompile()
     propagate_shapes(gm, inputs)
     log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return gm

@@ -86,7 +86,10 @@ class RulePass:
     def name(self) -> str:
         return self.rule.name
 
-    def __call__(self, gm: fx.GraphModule, report: Report) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None) -> PassResult:
+        """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
+        holds the output nodes whose rewrite failed verification, so they are not tried again."""
+        rolled_back = set() if rolled_back is None else rolled_back
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
         modified = False
@@ -94,7 +97,7 @@ class RulePass:
             if getattr(node, "_erased", False):
                 continue
             match = self.rule.pattern(node, ctx)
-            if match is None:
+            if match is None or match.output in rolled_back:
                 continue
             reason = NOT_FROZEN if (self.rule.changes_parameters and not self.frozen) else None
             reason = reason or self.rule.check(match, ctx)
@@ -118,6 +121,7 @@ class RulePass:
                 report.verify_s += time.perf_counter() - start
                 if not error <= self.tolerance:
                     ctx.rollback()
+                    rolled_back.add(match.output)
                     stats.rolled_back += 1
                     stats.refuse(describe(match.output), why)
                     log.warning("%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
@@ -175,11 +179,12 @@ class Pipeline:
             report.stats(rule.name)
         start = time.perf_counter()
         modified_any = False
+        rolled_back: dict[str, set[fx.Node]] = {rule.name: set() for rule in self.rules}
         for iteration in range(1, self.max_iterations + 1):
             report.iterations = iteration
             modified = False
             for rule_pass in self.passes:
-                modified |= rule_pass(gm, report).modified
+                modified |= rule_pass(gm, report, rolled_back[rule_pass.name]).modified
             modified_any |= modified
             if not modified:
                 break

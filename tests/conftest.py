@@ -1,0 +1,43 @@
+"""Test configuration: hypothesis profiles, the slow-test switch, and benchmark collection.
+
+Profiles (select with HYPOTHESIS_PROFILE): ``ci`` (default; derandomised, no deadline, so the noisy
+machine never flakes a run) and ``thorough`` (10x the examples, random seeds). Benchmarks in
+tests/benchmarks are only collected with ``--benchmarks``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", max_examples=600, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--benchmarks", action="store_true", help="collect tests/benchmarks")
+
+
+def pytest_ignore_collect(collection_path, config):  # noqa: ANN001 - pytest hook signature
+    if "benchmarks" in collection_path.parts and not config.getoption("--benchmarks"):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

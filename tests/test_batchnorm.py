@@ -1,0 +1,239 @@
+"""BatchNorm folding: equivalence properties (float64 and float32), refusals, and correctness cases."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxrebirth
+from fxrebirth.passes import batchnorm
+from fxrebirth.testing import assert_equivalent, count_kind
+from fxrebirth.testing.strategies import batchnorm_modules, conv_configs, dtypes
+
+
+def _optimize(model: nn.Module, x: torch.Tensor, **kwargs):
+    gm, report = fxrebirth.optimize(model, x, **kwargs)
+    gm.graph.lint()
+    return gm, report
+
+
+@given(cfg=conv_configs(st.integers(1, 3)), dtype=dtypes, data=st.data())
+def test_bn_after_conv_folds(cfg, dtype, data):
+    bn = data.draw(batchnorm_modules(cfg.out_channels, cfg.ndim))
+    model = nn.Sequential(cfg.module(), bn).to(dtype).eval()
+    x = cfg.input(dtype=dtype)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert count_kind(gm, "batch_norm") == 0
+    assert_equivalent(model, gm, x)
+
+
+@given(cfg=conv_configs(st.integers(1, 3), transposed=True), dtype=dtypes, data=st.data())
+def test_bn_after_conv_transpose_folds(cfg, dtype, data):
+    bn = data.draw(batchnorm_modules(cfg.out_channels, cfg.ndim))
+    model = nn.Sequential(cfg.module(), bn).to(dtype).eval()
+    x = cfg.input(dtype=dtype)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert count_kind(gm, "batch_norm") == 0
+    assert_equivalent(model, gm, x)
+
+
+@given(fin=st.integers(1, 8), fout=st.integers(1, 8), bias=st.booleans(), dtype=dtypes, data=st.data())
+def test_bn_around_linear_folds(fin, fout, bias, dtype, data):
+    before = data.draw(batchnorm_modules(fin, 1))
+    after = data.draw(batchnorm_modules(fout, 1))
+    model = nn.Sequential(before, nn.Linear(fin, fout, bias=bias), after).to(dtype).eval()
+    x = torch.randn(3, fin, dtype=dtype)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert report.stats("bn_into_following").rewrites == 1
+    assert count_kind(gm, "batch_norm") == 0
+    assert_equivalent(model, gm, x)
+
+
+@given(cfg=conv_configs(st.integers(1, 3)), dtype=dtypes, data=st.data())
+def test_bn_before_conv_folds_only_where_exact(cfg, dtype, data):
+    bn = data.draw(batchnorm_modules(cfg.in_channels, cfg.ndim))
+    model = nn.Sequential(bn, cfg.module()).to(dtype).eval()
+    x = cfg.input(dtype=dtype)
+    gm, report = _optimize(model, x)
+    stats = report.stats("bn_into_following")
+    shift = bn.bias.detach() - bn.running_mean * (bn.weight.detach() if bn.affine else 1) / torch.sqrt(
+        bn.running_var + bn.eps
+    ) if bn.affine else -bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+    exact = all(p == 0 for p in cfg.padding) or bool((shift.double() == 0).all())
+    if exact:
+        assert stats.rewrites == 1 and count_kind(gm, "batch_norm") == 0
+    else:
+        assert stats.rewrites == 0 and count_kind(gm, "batch_norm") == 1
+        assert any("zero-pads" in r.reason for r in stats.refusals)
+    assert_equivalent(model, gm, x)
+
+
+def test_shift_before_padded_conv_is_refused_and_would_be_wrong():
+    """The refusal is not caution: folding the shift anyway breaks the border (verification catches it)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.bias.uniform_(-1, 1)
+    model = nn.Sequential(bn, nn.Conv2d(3, 4, 3, padding=1)).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    _, report = _optimize(model, x)
+    (refusal,) = report.stats("bn_into_following").refusals
+    assert "zero-pads (padding=(1, 1))" in refusal.reason
+
+    class Careless(type(batchnorm.rules()[1])):
+        def check(self, match, ctx):
+            return None
+
+    careless = Careless("careless_bn_into_following", batchnorm.BatchNormSource(), "BatchNorm")
+    gm, report = _optimize(model, x, rules=[careless])
+    stats = report.stats("careless_bn_into_following")
+    assert stats.rewrites == 0 and stats.rolled_back == 1
+    assert "verification failed" in stats.refusals[0].reason
+    assert_equivalent(model, gm, x)
+
+
+class _TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _CalledTwice(nn.Module):
+    """The conv MODULE is called twice; only one call is followed by BN (fx's fuse gets this wrong)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x * 2)
+
+
+class _SharedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_a(self.a(x)) - self.bn_b(self.b(x))
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    fxrebirth.testing.randomize_batchnorm(model)
+    return model.eval()
+
+
+def test_conv_output_with_two_users_is_refused():
+    model = _prepared(_TwoUsers())
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = _optimize(model, x)
+    (refusal,) = report.stats("bn_into_preceding").refusals
+    assert refusal.reason == "the output of 'conv' (node conv2d) has 2 users; folding would change the others"
+    assert count_kind(gm, "batch_norm") == 1
+    assert_equivalent(model, gm, x)
+
+
+def test_module_called_twice_stays_equivalent():
+    model = _prepared(_CalledTwice())
+    x = torch.randn(2, 4, 8, 8)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert count_kind(gm, "batch_norm") == 0
+    assert count_kind(gm, "conv") == 2
+    assert_equivalent(model, gm, x)
+
+
+def test_shared_weights_fold_into_separate_copies():
+    model = _prepared(_SharedWeights())
+    x = torch.randn(2, 4, 8, 8)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 2
+    assert_equivalent(model, gm, x)
+    assert model.a.weight is model.b.weight  # the user's tie is untouched
+
+
+def test_training_mode_is_refused_and_statistics_untouched():
+    model = fxrebirth.testing.randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    gm, report = _optimize(model, torch.randn(2, 3, 8, 8))
+    (refusal,) = report.stats("bn_into_preceding").refusals
+    assert "is in training mode" in refusal.reason and "model.eval()" in refusal.reason
+    assert report.output_error is None  # a training-mode forward would have updated the statistics
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(gm.get_submodule("1").running_mean, before["1.running_mean"])
+
+
+def test_batch_statistics_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm, report = _optimize(model, x)
+    (refusal,) = report.stats("bn_into_preceding").refusals
+    assert "batch statistics (track_running_stats=False)" in refusal.reason
+    assert_equivalent(model, gm, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folds_in_float64_and_casts_back(dtype):
+    model = _prepared(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    model = model.to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert all(p.dtype == dtype for p in gm.parameters())
+    assert report.stats("bn_into_preceding").max_error < 1e-12  # the algebra, checked in float64
+    # Against a float64 reference, the folded half model is as close as the original half model.
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref = reference(x.double())
+        err_original = ((model(x).double() - ref).abs().max() / ref.abs().max()).item()
+        err_folded = ((gm(x).double() - ref).abs().max() / ref.abs().max()).item()
+    assert err_folded <= 2 * err_original + fxrebirth.testing.tolerance(dtype) / 4
+
+
+def test_channels_last_weights_and_inputs():
+    model = _prepared(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    gm, report = _optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    (weight,) = [p for p in gm.parameters() if p.dim() == 4]
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert_equivalent(model, gm, x)
+
+
+def test_folded_parameters_stay_trainable_parameters():
+    model = _prepared(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    gm, _ = _optimize(model, torch.randn(1, 3, 8, 8))
+    params = dict(gm.named_parameters())
+    assert len(params) == 2 and all(p.requires_grad for p in params.values())
+
+
+def test_standalone_bn_to_affine_is_opt_in():
+    model = _prepared(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU()))
+    x = torch.randn(2, 4, 5, 5)
+    gm, report = _optimize(model, x)
+    assert count_kind(gm, "batch_norm") == 1
+    rules = fxrebirth.default_rules() + [batchnorm.BatchNormToAffine()]
+    gm, report = _optimize(model, x, rules=rules)
+    assert report.stats("bn_to_affine").rewrites == 1
+    assert count_kind(gm, "batch_norm") == 0
+    assert_equivalent(model, gm, x)

@@ -1,0 +1,184 @@
+"""Capture: the canonical form, its metadata, clear errors, and the user's model left untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxrebirth
+from fxrebirth import CaptureError, capture
+from fxrebirth.ops import kind_of
+from fxrebirth.testing import assert_equivalent
+
+
+class _Positional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, None, 1, 1)
+
+
+class _Keywords(_Positional):
+    def forward(self, x):
+        return F.conv2d(input=x, weight=self.w, padding=(1, 1))
+
+
+class _Module(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("cls", [_Positional, _Keywords, _Module])
+def test_every_spelling_of_a_conv_becomes_the_same_canonical_call(cls):
+    gm = capture(cls(), torch.randn(1, 3, 8, 8))
+    (conv,) = [n for n in gm.graph.nodes if kind_of(n) == "conv"]
+    assert conv.target is F.conv2d and conv.args == ()
+    kwargs = dict(conv.kwargs)
+    assert kwargs.pop("input").op == "placeholder"
+    assert kwargs.pop("weight").op == "get_attr"
+    assert kwargs == {"bias": None, "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+
+
+def test_every_node_has_shape_metadata_and_parameters_are_copies():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    gm = capture(model, x)
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            assert "tensor_meta" in node.meta, node.name
+    assert gm.graph.find_nodes(op="call_module") == []
+    ours = {id(p) for p in gm.parameters()}
+    assert ours.isdisjoint(id(p) for p in model.parameters())
+    assert all(isinstance(p, nn.Parameter) for p in gm.parameters())
+    assert_equivalent(model, gm, x)
+
+
+def test_method_and_function_arithmetic_become_operators():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.mul(x.add(1.0), 2.0).div(3.0).flatten(1)
+
+    gm = capture(M(), torch.randn(2, 3, 4))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    import operator
+
+    assert targets == [operator.add, operator.mul, operator.truediv, torch.flatten]
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gate = _DataDependent()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_untraceable_module_is_named_with_the_fix():
+    with pytest.raises(CaptureError) as info:
+        capture(_Net(), torch.randn(1, 3, 4, 4))
+    message = str(info.value)
+    assert "module 'gate' (_DataDependent)" in message
+    assert "leaf_modules=[_DataDependent]" in message
+    assert info.value.__traceback__ is not None and info.value.__cause__ is None
+
+
+def test_leaf_modules_make_it_traceable():
+    model, x = _Net().eval(), torch.randn(1, 3, 4, 4)
+    gm, report = fxrebirth.optimize(model, x, leaf_modules=[_DataDependent])
+    assert_equivalent(model, gm, x)
+
+
+def test_wrong_example_inputs_name_the_module():
+    with pytest.raises(CaptureError, match=r"(?s)failed at node 'conv2d' \(module 'conv'\).*example_inputs"):
+        capture(_Module(), torch.randn(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize("bad", [nn.Conv2d, "model"])
+def test_non_modules_are_rejected(bad):
+    with pytest.raises(CaptureError, match="expected a torch.nn.Module"):
+        capture(bad, torch.randn(1))
+
+
+def test_bad_example_inputs_type():
+    with pytest.raises(CaptureError, match="example_inputs must be a tensor or a tuple"):
+        capture(_Module(), {"x": torch.randn(1, 3, 4, 4)})
+
+
+def test_inplace_relu_keeps_its_aliasing_when_the_input_is_read_elsewhere():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = x * 1.0
+            z = self.relu(y)
+            return y + z  # y was modified in place: the result is 2 * relu(x)
+
+    model, x = M(), torch.randn(2, 5)
+    gm = capture(model, x)
+    assert any(n.op == "call_module" for n in gm.graph.nodes)
+    assert_equivalent(model, gm, x)
+
+
+def test_padding_mode_becomes_explicit_pad():
+    model = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    x = torch.randn(1, 2, 6, 6)
+    gm = capture(model, x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [F.pad, F.conv2d]
+    assert_equivalent(model, gm, x)
+
+
+def test_optimize_never_mutates_the_users_model():
+    model = fxrebirth.testing.randomize_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(), nn.Conv2d(4, 2, 1))
+    ).eval()
+    state = copy.deepcopy(model.state_dict())
+    tree = repr(model)
+    params = [id(p) for p in model.parameters()]
+    gm, _ = fxrebirth.optimize(model, torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)  # training the result must not touch the original either
+    assert repr(model) == tree and [id(p) for p in model.parameters()] == params
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_device_and_dtype_are_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double().eval()
+    gm, _ = fxrebirth.optimize(model, torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    assert {p.dtype for p in gm.parameters()} == {torch.float64}
+    assert {p.device for p in gm.parameters()} == {torch.device("cpu")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_stays_on_cuda():
+    model = fxrebirth.testing.randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).cuda().eval()
+    x = torch.randn(1, 3, 8, 8, device="cuda")
+    gm, report = fxrebirth.optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert {p.device.type for p in gm.parameters()} == {"cuda"}
+    assert_equivalent(model, gm, x)
