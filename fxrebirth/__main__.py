@@ -1,0 +1,7 @@
+"""``python -m fxrebirth`` is the ``fxrebirth`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""The ``fxrebirth`` command line. Library code logs; this module is the one place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .api import default_rules, optimize
+from .errors import FxRebirthError
+
+__all__ = ["main", "load_model"]
+
+
+def load_model(spec: str) -> nn.Module:
+    """A model from a torchvision name (``resnet50``) or a factory path (``package.module:factory``).
+
+    torchvision models are built with ``weights=None``: nothing is downloaded.
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise FxRebirthError(f"cannot load factory {spec!r}: {exc}") from None
+        model = factory()
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if spec not in names:
+            raise FxRebirthError(
+                f"unknown model {spec!r}: give a torchvision classification model name "
+                f"(e.g. {', '.join(names[:4])}, ...) or a factory as package.module:function"
+            )
+        kwargs = {"init_weights": False} if spec in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(spec, weights=None, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise FxRebirthError(f"{spec!r} did not produce a torch.nn.Module (got {type(model).__name__})")
+    return model
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxrebirth", description="Make trained CNNs faster by merging their layers.")
+    parser.add_argument("--version", action="version", version=f"fxrebirth {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    opt = sub.add_parser("optimize", help="apply the exact tier (no retraining) and print the report")
+    opt.add_argument("model", help="torchvision model name, or package.module:factory")
+    opt.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
+    opt.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    opt.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
+    opt.add_argument("--disable", action="append", default=[], metavar="RULE",
+                     help="skip a rule by name (repeatable); rules: " + ", ".join(r.name for r in default_rules()))
+    opt.add_argument("--no-verify", action="store_true", help="skip the per-rewrite float64 verification")
+    opt.add_argument("--save", metavar="PATH", help="save the optimised model as a torch.export program (.pt2)")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    model.eval()
+    x = torch.randn(args.batch, 3, args.input_size, args.input_size)
+    gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify)
+    report.model = args.model
+    if args.save:
+        program = torch.export.export(gm, (x,))
+        torch.export.save(program, args.save)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
+        if args.save:
+            print(f"saved: {args.save} (load with torch.export.load)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _optimize(args)
+    except FxRebirthError as exc:
+        print(f"fxrebirth: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

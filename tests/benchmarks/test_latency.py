@@ -1,0 +1,102 @@
+"""Latency of eager vs torch.fx ``fuse`` vs fxrebirth's exact tier, and the pipeline's own cost.
+
+Not collected by the plain test command. Run with pytest-benchmark::
+
+    pytest --benchmarks tests/benchmarks --benchmark-group-by=param:model
+
+or, for ratios measured side by side (variants interleaved round by round in one process, which is
+what to quote on a noisy machine)::
+
+    python tests/benchmarks/test_latency.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torchvision
+from torch.fx.experimental.optimization import fuse
+
+import fxrebirth
+from fxrebirth.testing import randomize_batchnorm
+
+MODELS = ["googlenet", "resnet50", "mobilenet_v2"]
+VARIANTS = ["eager", "fx_fuse", "fxrebirth"]
+
+
+def build(model_name: str, variant: str, size: int = 224) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model in one of the compared forms, and a batch-1 input."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    kwargs = {"init_weights": False} if model_name == "googlenet" else {}
+    model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+    model = randomize_batchnorm(model).eval()
+    x = torch.randn(1, 3, size, size)
+    if variant == "fx_fuse":
+        model = fuse(model)
+    elif variant == "fxrebirth":
+        model, _ = fxrebirth.optimize(model, x)
+    return model, x
+
+
+def _runner(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("model", MODELS)
+    def test_latency(benchmark, model, variant):
+        net, x = build(model, variant)
+        run = _runner(net, x)
+        for _ in range(3):
+            run()
+        benchmark.pedantic(run, rounds=20, iterations=1)
+
+    def test_pipeline_time_largest_torchvision_model(benchmark):
+        """Capture + passes + verification on the torchvision model with the most graph nodes."""
+        model = randomize_batchnorm(torchvision.models.get_model("efficientnet_v2_l", weights=None)).eval()
+        x = torch.randn(1, 3, 224, 224)
+        benchmark.pedantic(lambda: fxrebirth.optimize(model, x), rounds=3, iterations=1)
+except ImportError:  # pragma: no cover - running as a script without pytest
+    pass
+
+
+def interleaved(models: list[str], rounds: int) -> None:
+    """Median latency per variant, variants alternated every round, and ratios against eager."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32, "
+          f"median of {rounds} interleaved rounds")
+    print(f"{'model':<14}" + "".join(f"{v:>14}" for v in VARIANTS) + "   fuse/eager  fxrebirth/eager  fxrebirth/fuse")
+    for name in models:
+        runs = {v: _runner(*build(name, v)) for v in VARIANTS}
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for run in runs.values():
+            for _ in range(3):
+                run()
+        for _ in range(rounds):
+            for variant, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[variant].append(time.perf_counter() - start)
+        med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+        print(f"{name:<14}" + "".join(f"{med[v]:>11.2f} ms" for v in VARIANTS)
+              + f"   {med['fx_fuse'] / med['eager']:>10.3f}  {med['fxrebirth'] / med['eager']:>15.3f}"
+              + f"  {med['fxrebirth'] / med['fx_fuse']:>14.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    args = parser.parse_args()
+    interleaved(args.models, args.rounds)
