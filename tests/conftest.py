@@ -1,4 +1,4 @@
-"""Test configuration: hypothesis profiles, the slow-test switch, and benchmark collection.
+"""Test configuration: hypothesis profiles and benchmark collection.
 
 Profiles (select with HYPOTHESIS_PROFILE): ``ci`` (default; derandomised, no deadline, so the noisy
 machine never flakes a run) and ``thorough`` (10x the examples, random seeds). Benchmarks in
@@ -24,7 +24,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
     parser.addoption("--benchmarks", action="store_true", help="collect tests/benchmarks")
 
 
@@ -32,12 +31,3 @@ def pytest_ignore_collect(collection_path, config):  # noqa: ANN001 - pytest hoo
     if "benchmarks" in collection_path.parts and not config.getoption("--benchmarks"):
         return True
     return None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
