@@ -7,7 +7,7 @@ Not collected by the plain test command. Run with pytest-benchmark::
 or, for ratios measured side by side (variants interleaved round by round in one process, which is
 what to quote on a noisy machine)::
 
-    python tests/benchmarks/test_latency.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2]
+    python tests/benchmarks/test_latency.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2] [--pipeline]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fxrebirth.testing import randomize_batchnorm
 
 MODELS = ["googlenet", "resnet50", "mobilenet_v2"]
 VARIANTS = ["eager", "fx_fuse", "fxrebirth"]
+LARGEST = "maxvit_t"  # the torchvision classification model with the most graph nodes (1,633 traced)
 
 
 def build(model_name: str, variant: str, size: int = 224) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -65,7 +66,7 @@ try:
 
     def test_pipeline_time_largest_torchvision_model(benchmark):
         """Capture + passes + verification on the torchvision model with the most graph nodes."""
-        model = randomize_batchnorm(torchvision.models.get_model("efficientnet_v2_l", weights=None)).eval()
+        model = randomize_batchnorm(torchvision.models.get_model(LARGEST, weights=None)).eval()
         x = torch.randn(1, 3, 224, 224)
         benchmark.pedantic(lambda: fxrebirth.optimize(model, x), rounds=3, iterations=1)
 except ImportError:  # pragma: no cover - running as a script without pytest
@@ -94,9 +95,26 @@ def interleaved(models: list[str], rounds: int) -> None:
               + f"  {med['fxrebirth'] / med['fx_fuse']:>14.3f}")
 
 
+def pipeline_cost(name: str = LARGEST, repeats: int = 3) -> None:
+    """Capture, passes and verification time of the exact tier (best of ``repeats``)."""
+    model = randomize_batchnorm(torchvision.models.get_model(name, weights=None)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    reports = [fxrebirth.optimize(model, x)[1] for _ in range(repeats)]
+    best = min(reports, key=lambda r: r.capture_s + r.passes_s)
+    unverified = min(
+        (fxrebirth.optimize(model, x, verify=False)[1] for _ in range(repeats)), key=lambda r: r.passes_s
+    )
+    print(f"{name}: {best.nodes_before} nodes, {best.rewrites} rewrites; capture {best.capture_s:.2f} s, "
+          f"passes {best.passes_s:.2f} s of which verification {best.verify_s:.2f} s; "
+          f"passes without verification {unverified.passes_s:.2f} s")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--pipeline", action="store_true", help="also time the pipeline on " + LARGEST)
     args = parser.parse_args()
     interleaved(args.models, args.rounds)
+    if args.pipeline:
+        pipeline_cost()
