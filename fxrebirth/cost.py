@@ -16,7 +16,10 @@ import torch.fx as fx
 
 from .ops import kind_of
 
-__all__ = ["node_flops", "graph_flops", "stored_elements"]
+__all__ = [
+    "node_flops", "graph_flops", "stored_elements", "node_bytes", "is_view", "node_signature",
+    "CostModel", "RooflineCost", "TableCost", "measure_latency",
+]
 
 
 def _numel(node: fx.Node) -> int:
@@ -99,3 +102,112 @@ def stored_elements(module: torch.nn.Module) -> int:
             seen.add(id(t))
             total += t.numel()
     return total
+
+
+# -- latency models for the cost gate -------------------------------------------------------------
+
+_VIEW_KINDS = {"flatten", "reshape"}
+_VIEW_TARGETS = {operator.getitem, torch.narrow, torch.Tensor.narrow}
+
+
+def _bytes(value: object) -> int:
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    return math.prod(shape) * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 8)
+
+
+def node_bytes(node: fx.Node) -> int:
+    """Bytes a node reads (tensor inputs, weights included) and writes (its output)."""
+    return _bytes(node) + sum(_bytes(a) for a in node.all_input_nodes)
+
+
+def is_view(node: fx.Node) -> bool:
+    """Nodes that only re-index their input (no arithmetic): flatten, reshape, narrow, getitem."""
+    return kind_of(node) in _VIEW_KINDS or (node.op == "call_function" and node.target in _VIEW_TARGETS)
+
+
+class CostModel:
+    """Estimated latency (seconds) of one node; the cost gate compares sums over replaced and new nodes."""
+
+    def node_cost(self, node: fx.Node) -> float:
+        raise NotImplementedError
+
+
+class RooflineCost(CostModel):
+    """Deterministic default: ``overhead + max(FLOPs / peak, bytes / bandwidth)`` per compute node.
+
+    The constants are the order of magnitude of this project's 2-core x86 machine in eager PyTorch
+    (torchvision googlenet: 3.0 GFLOPs in about 41 ms, so 50 GFLOP/s is a fair convolution rate; a
+    small op costs about 10 us to dispatch). Rewrite counts in tests therefore never depend on noise.
+    """
+
+    def __init__(self, flops_per_s: float = 50e9, bytes_per_s: float = 10e9, op_overhead_s: float = 10e-6,
+                 view_overhead_s: float = 2e-6) -> None:
+        self.flops_per_s = flops_per_s
+        self.bytes_per_s = bytes_per_s
+        self.op_overhead_s = op_overhead_s
+        self.view_overhead_s = view_overhead_s
+
+    def node_cost(self, node: fx.Node) -> float:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            return 0.0
+        if is_view(node):
+            return self.view_overhead_s
+        return self.op_overhead_s + max(node_flops(node) / self.flops_per_s, node_bytes(node) / self.bytes_per_s)
+
+
+def node_signature(node: fx.Node) -> str:
+    """A key identifying what a node computes, independent of names: op, argument shapes, options.
+
+    Two nodes with the same signature run the same kernel on the same shapes, so a latency measured for
+    one (here, or on the target device) applies to the other.
+    """
+    def describe(value: object) -> str:
+        if isinstance(value, fx.Node):
+            shape = getattr(value.meta.get("tensor_meta"), "shape", None)
+            return "T" + ("x".join(map(str, shape)) if shape is not None else "?")
+        return repr(value)
+
+    target = getattr(node.target, "__name__", str(node.target))
+    args = ",".join(describe(a) for a in node.args)
+    kwargs = ",".join(f"{k}={describe(v)}" for k, v in node.kwargs.items())
+    return f"{node.op}:{target}({args};{kwargs})"
+
+
+class TableCost(CostModel):
+    """Latencies looked up by :func:`node_signature` (measured on the target device, e.g. a phone),
+    falling back to ``fallback`` for nodes the table does not list (e.g. a merged layer never run)."""
+
+    def __init__(self, table: dict[str, float], fallback: CostModel | None = None) -> None:
+        self.table = dict(table)
+        self.fallback = fallback or RooflineCost()
+
+    def node_cost(self, node: fx.Node) -> float:
+        measured = self.table.get(node_signature(node))
+        return measured if measured is not None else self.fallback.node_cost(node)
+
+
+def measure_latency(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """Median wall time of every compute node of ``gm`` on ``inputs``, keyed by :func:`node_signature`.
+
+    Save the result as JSON and pass it to :class:`TableCost` to gate merges with measured latencies.
+    """
+    import statistics
+    import time
+
+    samples: dict[str, list[float]] = {}
+
+    class _Timer(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> object:
+            start = time.perf_counter()
+            result = super().run_node(n)
+            if n.op in ("call_function", "call_method", "call_module"):
+                samples.setdefault(node_signature(n), []).append(time.perf_counter() - start)
+            return result
+
+    with torch.inference_mode():
+        for _ in range(repeats):
+            _Timer(gm).run(*inputs)
+    return {key: statistics.median(values) for key, values in samples.items()}

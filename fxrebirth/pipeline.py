@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch.fx as fx
 
 from .errors import PipelineError
-from .report import Report
-from .rules import Rule, RuleContext, describe
+from .cost import CostModel, RooflineCost
+from .report import Decision, Report, RuleStats
+from .rules import Match, Rule, RuleContext, describe
 from .verify import DEFAULT_TOLERANCE, UnverifiableError, local_error
 
 __all__ = ["PassResult", "RulePass", "Pipeline", "prune_unused_attributes"]
@@ -75,12 +76,18 @@ def _erase_dead(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
 
 @dataclass(frozen=True)
 class RulePass:
-    """One sweep of one rule over the graph."""
+    """One sweep of one rule over the graph.
+
+    ``cost_model`` gates rules with ``gated = True``: a rewrite is kept only when the model estimates
+    the new nodes cheaper than the nodes they replace (unless the rule's name is in ``force``).
+    """
 
     rule: Rule
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     frozen: bool = True
+    cost_model: CostModel | None = None
+    forced: bool = False
 
     @property
     def name(self) -> str:
@@ -88,7 +95,7 @@ class RulePass:
 
     def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None) -> PassResult:
         """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
-        holds the output nodes whose rewrite failed verification, so they are not tried again."""
+        holds the output nodes whose rewrite was undone, so they are not tried again."""
         rolled_back = set() if rolled_back is None else rolled_back
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
@@ -104,33 +111,26 @@ class RulePass:
             if reason is not None:
                 stats.refuse(describe(match.output), reason)
                 continue
-            ctx.begin(match.output)
+            ctx.begin(_first(gm.graph, match.replaced))
             try:
-                new = self.rule.rewrite(match, ctx)
+                replacement = _as_mapping(match, self.rule.rewrite(match, ctx))
             except Exception:
                 ctx.rollback()
                 raise
-            if self.verify:
-                start = time.perf_counter()
-                try:
-                    error = local_error(gm, match.output, new, match.inputs, ctx.exact_values)
-                except UnverifiableError as exc:
-                    error, why = float("inf"), f"cannot verify: {exc}"
-                else:
-                    why = f"verification failed: relative error {error:.2e} > {self.tolerance:.0e}"
-                report.verify_s += time.perf_counter() - start
-                if not error <= self.tolerance:
-                    ctx.rollback()
-                    rolled_back.add(match.output)
-                    stats.rolled_back += 1
-                    stats.refuse(describe(match.output), why)
-                    log.warning("%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
-                    continue
-                stats.max_error = max(stats.max_error, error)
-            for key, value in match.output.meta.items():
-                new.meta.setdefault(key, value)
-            match.output.replace_all_uses_with(new)
-            _erase_dead(gm.graph, match.nodes + (match.output,))
+            why = self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats)
+            if why is not None:
+                ctx.rollback()
+                rolled_back.add(match.output)
+                stats.rolled_back += 1
+                stats.refuse(describe(match.output), why)
+                log.log(logging.DEBUG if why.startswith("cost") else logging.WARNING,
+                        "%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
+                continue
+            for old, new in replacement.items():
+                for key, value in old.meta.items():
+                    new.meta.setdefault(key, value)
+                old.replace_all_uses_with(new)
+            _erase_dead(gm.graph, match.nodes + match.replaced)
             stats.rewrites += 1
             stats.rewritten.append(describe(match.output))
             log.debug("%s rewrote %s", self.rule.name, describe(match.output))
@@ -145,6 +145,55 @@ class RulePass:
             gm.recompile()
         return PassResult(gm, modified)
 
+    def _gate(self, match: Match, ctx: RuleContext, stats: RuleStats) -> str | None:
+        if not self.rule.gated or self.cost_model is None:
+            return None
+        removed = [n for n in match.nodes + match.replaced if n.op != "get_attr" and _dies(n, match)]
+        before = sum(self.cost_model.node_cost(n) for n in dict.fromkeys(removed))
+        after = sum(self.cost_model.node_cost(n) for n in ctx.created_nodes if n.op != "get_attr")
+        accepted = self.forced or after < before
+        stats.decisions.append(Decision(describe(match.output), before, after, accepted, self.forced))
+        if accepted:
+            return None
+        return f"cost gate: estimated {before * 1e6:.1f} us -> {after * 1e6:.1f} us (not faster)"
+
+    def _verify(
+        self, gm: fx.GraphModule, match: Match, replacement: dict[fx.Node, fx.Node], ctx: RuleContext,
+        report: Report, stats: RuleStats,
+    ) -> str | None:
+        if not self.verify:
+            return None
+        start = time.perf_counter()
+        try:
+            error = max(local_error(gm, old, new, match.inputs, ctx.exact_values) for old, new in replacement.items())
+        except UnverifiableError as exc:
+            return f"cannot verify: {exc}"
+        finally:
+            report.verify_s += time.perf_counter() - start
+        if not error <= self.tolerance:
+            return f"verification failed: relative error {error:.2e} > {self.tolerance:.0e}"
+        stats.max_error = max(stats.max_error, error)
+        return None
+
+
+def _first(graph: fx.Graph, nodes: Sequence[fx.Node]) -> fx.Node:
+    """The earliest of ``nodes`` in graph order (new nodes go before it, so they precede every use)."""
+    wanted = set(nodes)
+    return next(n for n in graph.nodes if n in wanted)
+
+
+def _as_mapping(match: Match, result: fx.Node | Mapping[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+    mapping = dict(result) if isinstance(result, Mapping) else {match.output: result}
+    if set(mapping) != set(match.replaced):
+        raise PipelineError(f"rewrite must replace exactly the match's replaced nodes {list(match.replaced)}")
+    return mapping
+
+
+def _dies(node: fx.Node, match: Match) -> bool:
+    """Does ``node`` disappear once the match's replaced nodes are rewired (all users inside the match)?"""
+    inside = set(match.nodes) | set(match.replaced)
+    return node in match.replaced or all(u in inside for u in node.users)
+
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -154,6 +203,8 @@ class Pipeline:
     ``frozen``: parameters and statistics may be treated as constants (inference); with ``False`` only
     rules that leave parameters alone run, the others report why they did not.
     ``max_iterations``: rounds before giving up on reaching a fixpoint (a warning, not an error).
+    ``cost_model``: gates rules marked ``gated`` (merges that can make a layer slower); ``None`` turns
+    the gate off. ``force``: names of gated rules applied whatever the cost model says.
     """
 
     rules: tuple[Rule, ...]
@@ -161,6 +212,8 @@ class Pipeline:
     tolerance: float = DEFAULT_TOLERANCE
     frozen: bool = True
     max_iterations: int = 20
+    cost_model: CostModel | None = field(default_factory=lambda: RooflineCost())
+    force: frozenset[str] = frozenset()
     passes: tuple[RulePass, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +221,13 @@ class Pipeline:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise PipelineError(f"rule names must be unique in a pipeline; repeated: {duplicates}")
-        passes = tuple(RulePass(r, self.verify, self.tolerance, self.frozen) for r in self.rules)
+        unknown = set(self.force) - set(names)
+        if unknown:
+            raise PipelineError(f"force= names unknown rule(s) {sorted(unknown)}; known rules: {', '.join(names)}")
+        passes = tuple(
+            RulePass(r, self.verify, self.tolerance, self.frozen, self.cost_model, r.name in self.force)
+            for r in self.rules
+        )
         object.__setattr__(self, "passes", passes)
 
     def run(self, gm: fx.GraphModule, report: Report | None = None) -> tuple[PassResult, Report]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Refusal", "RuleStats", "Report"]
+__all__ = ["Decision", "Refusal", "RuleStats", "Report"]
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,17 @@ class Refusal:
 
     node: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A cost-gate decision: estimated seconds of the replaced and the new nodes."""
+
+    node: str
+    before_s: float
+    after_s: float
+    accepted: bool
+    forced: bool = False
 
 
 @dataclass
@@ -26,6 +37,7 @@ class RuleStats:
     rolled_back: int = 0
     max_error: float = 0.0
     rewritten: list[str] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
 
     def refuse(self, node: str, reason: str) -> None:
         refusal = Refusal(node, reason)

@@ -34,13 +34,20 @@ class Match:
 
     ``output``: the node whose value the rewrite replaces; ``inputs``: the activations (non-constant
     values) the replaced computation reads, which local verification feeds with random data;
-    ``nodes``: every matched node, for the report; ``bindings``: named values for the rewrite.
+    ``nodes``: every matched node, for the report and the cost gate; ``bindings``: named values for the
+    rewrite; ``also_replaced``: further nodes a multi-output rewrite replaces (it then returns a
+    mapping ``{old: new}`` covering ``output`` and these).
     """
 
     output: fx.Node
     inputs: tuple[fx.Node, ...]
     nodes: tuple[fx.Node, ...]
     bindings: Mapping[str, Any] = field(default_factory=dict)
+    also_replaced: tuple[fx.Node, ...] = ()
+
+    @property
+    def replaced(self) -> tuple[fx.Node, ...]:
+        return (self.output,) + self.also_replaced
 
     def __getitem__(self, key: str) -> Any:
         return self.bindings[key]
@@ -58,13 +65,15 @@ class Rule:
     """Base class of exact rewrite rules.
 
     Subclasses set ``name`` (unique in a pipeline), ``identity`` (the equation the rule applies, shown in
-    reports and docs) and ``changes_parameters`` (True when the rewrite treats weights or statistics as
-    constants: such rules are refused by a pipeline that is not ``frozen``).
+    reports and docs), ``changes_parameters`` (True when the rewrite treats weights or statistics as
+    constants: such rules are refused by a pipeline that is not ``frozen``) and ``gated`` (True when
+    the rewrite can make the model slower, so the pipeline's cost model must approve each one).
     """
 
     name: str = "rule"
     identity: str = ""
     changes_parameters: bool = True
+    gated: bool = False
 
     def pattern(self, node: fx.Node, ctx: "RuleContext") -> Match | None:
         raise NotImplementedError
@@ -72,7 +81,7 @@ class Rule:
     def check(self, match: Match, ctx: "RuleContext") -> str | None:
         return None
 
-    def rewrite(self, match: Match, ctx: "RuleContext") -> fx.Node:
+    def rewrite(self, match: Match, ctx: "RuleContext") -> fx.Node | Mapping[fx.Node, fx.Node]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
