@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_input_tuple, capture, propagate_shapes
-from .cost import graph_flops, stored_elements
+from .cost import CostModel, RooflineCost, graph_flops, stored_elements
 from .errors import PipelineError
 from .pipeline import Pipeline
 from .report import Report
@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def default_rules() -> list[Rule]:
-    """The exact tier's rules in their default order: cleanup first, then folds into the preceding
-    layer (always exact), then folds into the following layer (exact under conditions)."""
-    from fxrebirth.passes import affine, batchnorm, cleanup
+    """The exact tier's rules in their default order: cleanup; folds into the preceding layer (always
+    exact), then into the following layer (exact under conditions); padding and pooling; then the
+    cost-gated merges: chains of linear layers, summed, concatenated and sibling branches."""
+    from fxrebirth.passes import affine, batchnorm, branches, cleanup, conv_chain, pooling
 
     bn, aff = batchnorm.rules(), affine.rules()
-    return cleanup.rules() + [bn[0], aff[0], bn[1], aff[1]]
+    return (cleanup.rules() + [bn[0], aff[0], bn[1], aff[1]] + pooling.rules() + conv_chain.rules()
+            + branches.rules())
 
 
 def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
@@ -78,13 +80,18 @@ def optimize(
     frozen: bool = True,
     leaf_modules: Sequence[type[nn.Module]] = (),
     check_output: bool = True,
+    cost_model: CostModel | None = RooflineCost(),
+    force: Iterable[str] = (),
 ) -> tuple[fx.GraphModule, Report]:
     """Apply the exact tier to ``model`` and return ``(graph_module, report)``.
 
     The model is copied, never modified; the result keeps its device and dtype. ``rules`` replaces the
     default rule list, ``disable`` drops rules by name; ``verify`` checks every rewrite locally in
     float64 and rolls back mismatches; ``frozen=False`` leaves parameters untouched (only cleanup runs);
-    ``leaf_modules`` are module types kept as opaque calls; ``check_output`` runs the original and the
+    ``leaf_modules`` are module types kept as opaque calls; ``cost_model`` gates the merges that can
+    make a layer slower (default: the deterministic :class:`~fxrebirth.cost.RooflineCost`; a
+    :class:`~fxrebirth.cost.TableCost` of measured latencies; ``None`` accepts every exact merge);
+    ``force`` names gated rules to apply regardless of cost; ``check_output`` runs the original and the
     result once on ``example_inputs`` and records the relative error in the report (skipped for a model
     in training mode, whose forward would update its statistics).
     """
@@ -97,7 +104,7 @@ def optimize(
     report.params_before = stored_elements(gm)
     report.flops_before = graph_flops(gm)
     selected = _select(default_rules() if rules is None else list(rules), disable)
-    pipeline = Pipeline(selected, verify=verify, frozen=frozen)
+    pipeline = Pipeline(selected, verify=verify, frozen=frozen, cost_model=cost_model, force=frozenset(force))
     pipeline.run(gm, report)
     propagate_shapes(gm, inputs)
     report.nodes_after = len(gm.graph.nodes)

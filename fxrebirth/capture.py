@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -127,11 +128,8 @@ def _lower_module_calls(graph: fx.Graph, root: nn.Module) -> None:
         with graph.inserting_before(node):
             if getattr(module, "padding_mode", "zeros") != "zeros" and lowering.target in OPS \
                     and OPS[lowering.target].kind == "conv":
-                x = graph.call_function(
-                    torch.nn.functional.pad,
-                    (x,),
-                    {"pad": tuple(module._reversed_padding_repeated_twice), "mode": module.padding_mode},
-                )
+                pad = {"pad": tuple(module._reversed_padding_repeated_twice), "mode": module.padding_mode}
+                x = graph.call_function(torch.nn.functional.pad, (), normalize_kwargs(OPS[F.pad], (x,), pad))
                 x.meta[SOURCE_KEY] = node.target
             new = graph.call_function(lowering.target, (), normalize_kwargs(OPS[lowering.target], (x,), kwargs))
         new.meta[SOURCE_KEY] = node.target

@@ -173,6 +173,10 @@ def _build_ops() -> dict[Callable[..., Any], OpSpec]:
             (("input", REQUIRED), ("start_dim", 0), ("end_dim", -1)),
         ),
         OpSpec("reshape", torch.reshape, "reshape", (("input", REQUIRED), ("shape", REQUIRED))),
+        OpSpec("cat", torch.cat, "cat", (("tensors", REQUIRED), ("dim", 0))),
+        OpSpec("narrow", torch.narrow, "narrow",
+               (("input", REQUIRED), ("dim", REQUIRED), ("start", REQUIRED), ("length", REQUIRED))),
+        OpSpec("pad", F.pad, "pad", (("input", REQUIRED), ("pad", REQUIRED), ("mode", "constant"), ("value", None))),
     ]
     for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout):
         specs.append(
@@ -343,6 +347,10 @@ def _build_module_lowerings() -> dict[type[nn.Module], ModuleLowering]:
     table[nn.AdaptiveAvgPool2d] = ModuleLowering(F.adaptive_avg_pool2d, options=_pool_options("output_size"))
     table[nn.LocalResponseNorm] = ModuleLowering(F.local_response_norm, options=_pool_options("size", "alpha", "beta", "k"))
     table[nn.Flatten] = ModuleLowering(torch.flatten, options=_pool_options("start_dim", "end_dim"))
+    pads = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+    for cls in pads:
+        table[cls] = ModuleLowering(F.pad, options=lambda m: {"pad": tuple(m.padding), "mode": "constant",
+                                                            "value": float(m.value)})
     dropouts = {nn.Dropout: F.dropout, nn.Dropout1d: F.dropout1d, nn.Dropout2d: F.dropout2d,
                 nn.Dropout3d: F.dropout3d, nn.AlphaDropout: F.alpha_dropout,
                 nn.FeatureAlphaDropout: F.feature_alpha_dropout}

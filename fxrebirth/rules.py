@@ -25,7 +25,7 @@ import torch.fx as fx
 from .capture import SOURCE_KEY
 from .ops import normalize_kwargs, OPS
 
-__all__ = ["Match", "Rule", "RuleContext", "describe"]
+__all__ = ["Match", "Rule", "RuleContext", "describe", "name_hint"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def describe(node: fx.Node) -> str:
     if source and source != node.name:
         return f"'{source}' (node {node.name})"
     return f"'{node.name}'"
+
+
+def name_hint(node: fx.Node) -> str:
+    """A readable stem for tensors a rewrite creates: the source module's name, else the node's."""
+    return str(node.meta.get(SOURCE_KEY) or node.name)
 
 
 class Rule:
@@ -122,6 +127,13 @@ class RuleContext:
             return attr.detach() if isinstance(attr, torch.Tensor) else None
         return None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (that of its first parameter or buffer; CPU for none)."""
+        tensor = next(iter(self.gm.parameters()), None)
+        tensor = tensor if tensor is not None else next(iter(self.gm.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def stored(self, node: fx.Node) -> torch.Tensor:
         """The tensor object a ``get_attr`` node refers to (with its dtype, device and Parameter-ness)."""
         return _fetch_attr(self.gm, node.target)
@@ -177,6 +189,11 @@ class RuleContext:
                     node.meta[key] = like.meta[key]
         self.created_nodes.append(node)
         return node
+
+    @staticmethod
+    def set_shape(node: fx.Node, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Record the shape and dtype of a new node whose value has no counterpart in the old graph."""
+        node.meta["tensor_meta"] = _tensor_meta(torch.empty(tuple(shape), dtype=dtype, device="meta"))
 
     def rollback(self) -> None:
         """Erase what the current rewrite created."""

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
 
 __all__ = ["Affine", "AffineSource", "FoldIntoPreceding", "FoldIntoFollowing", "channel_dim"]
 
@@ -110,12 +110,6 @@ def _store(ctx: RuleContext, layer: fx.Node, weight: torch.Tensor, bias: torch.T
     }
 
 
-def _hint(layer: fx.Node) -> str:
-    from fxrebirth.capture import SOURCE_KEY
-
-    return str(layer.meta.get(SOURCE_KEY) or layer.name)
-
-
 class FoldIntoPreceding(Rule):
     """Fold an affine-like node into the conv / conv-transpose / linear layer that produces its input."""
 
@@ -172,7 +166,7 @@ class FoldIntoPreceding(Rule):
         else:
             new_weight = weight * s.reshape((-1, 1) + extra)
         new_bias = bias * s + t
-        tensors = _store(ctx, layer, new_weight, new_bias, _hint(layer))
+        tensors = _store(ctx, layer, new_weight, new_bias, name_hint(layer))
         kwargs = dict(layer.kwargs, **tensors)
         return ctx.call(layer.target, like=node, **kwargs)
 
@@ -241,6 +235,6 @@ class FoldIntoFollowing(Rule):
             t_rows = _groups_view(t, groups, out_channels)
             new_weight = weight * s_rows.reshape(weight.shape[:2] + extra)
             new_bias = bias + (weight.sum(dim=tuple(range(2, weight.dim()))) * t_rows).sum(dim=1)
-        tensors = _store(ctx, layer, new_weight, new_bias, _hint(layer))
+        tensors = _store(ctx, layer, new_weight, new_bias, name_hint(layer))
         kwargs = dict(layer.kwargs, input=self.source.input_of(node), **tensors)
         return ctx.call(layer.target, like=layer, **kwargs)

@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 
@@ -95,8 +95,8 @@ class BatchNormToAffine(Rule):
         node = match.output
         affine = BatchNormSource().affine(node, ctx)
         like = ctx.stored(node.kwargs["running_var"])
-        scale = ctx.add_tensor(f"{describe(node)}_scale", affine.scale, like)
-        shift = ctx.add_tensor(f"{describe(node)}_shift", affine.shift, like)
+        scale = ctx.add_tensor(f"{name_hint(node)}_scale", affine.scale, like)
+        shift = ctx.add_tensor(f"{name_hint(node)}_shift", affine.shift, like)
         return ctx.call(torch.addcmul, like=node, input=shift, tensor1=node.kwargs["input"], tensor2=scale)
 
 

@@ -5,6 +5,8 @@ r"""Cleanup: operations that compute their input unchanged.
     reshape(x, shape) = x       when every entry of shape is x.size(i) for its own position i, or a
                                 literal equal to that size for i > 0, or -1 with all others matching
 
+    cat([y[:, a:b], y[:, b:c]], dim=1) = y[:, a:c]   (= y when the slices cover all of y's channels)
+
 The reshape identity holds for every batch size: the batch entry must be ``x.size(0)`` or ``-1``, never
 a literal that only matches the example input. Dead code is removed by the pipeline after every pass.
 """
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext
 
-__all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNoopReshape", "rules"]
+__all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNoopReshape", "CollapseCatOfSlices", "rules"]
 
 
 class _Passthrough(Rule):
@@ -109,6 +112,65 @@ class RemoveNoopReshape(_Passthrough):
         return None
 
 
+def _slice_of(node: object) -> tuple[fx.Node, int, int] | None:
+    """``(y, start, length)`` for ``narrow(y, 1, start, length)``."""
+    if kind_of(node) != "narrow" or node.kwargs["dim"] != 1 or not isinstance(node.kwargs["input"], fx.Node):
+        return None
+    return node.kwargs["input"], node.kwargs["start"], node.kwargs["length"]
+
+
+class CollapseCatOfSlices(Rule):
+    name = "collapse_cat_of_slices"
+    identity = "cat([y[:, a:b], y[:, b:c]], 1) = y[:, a:c] (= y when it covers all channels)"
+    changes_parameters = False
+
+    @staticmethod
+    def _run(tensors: list) -> tuple[int, int] | None:
+        for i in range(len(tensors) - 1):
+            j = i + 1
+            while j < len(tensors):
+                a, b = _slice_of(tensors[j - 1]), _slice_of(tensors[j])
+                if a is None or b is None or a[0] is not b[0] or a[1] + a[2] != b[1]:
+                    break
+                j += 1
+            if j - i >= 2:
+                return i, j
+        return None
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        if kind_of(node) != "cat" or not isinstance(node.kwargs["tensors"], (list, tuple)):
+            return None
+        shape = ctx.shape(node)
+        if shape is None or node.kwargs["dim"] % len(shape) != 1:
+            return None
+        run = self._run(list(node.kwargs["tensors"]))
+        if run is None:
+            return None
+        tensors = node.kwargs["tensors"]
+        y = _slice_of(tensors[run[0]])[0]
+        others = [t for t in tensors[:run[0]] + tensors[run[1]:] if isinstance(t, fx.Node)]
+        return Match(output=node, inputs=tuple(dict.fromkeys([y] + others)), nodes=(node,),
+                     bindings={"run": run, "y": y})
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        node, y = match.output, match["y"]
+        i, j = match["run"]
+        tensors = list(node.kwargs["tensors"])
+        start = _slice_of(tensors[i])[1]
+        length = sum(_slice_of(t)[2] for t in tensors[i:j])
+        if start == 0 and length == ctx.shape(y)[1]:
+            piece = y
+        else:
+            piece = ctx.call(torch.narrow, input=y, dim=1, start=start, length=length)
+            shape = list(ctx.shape(y))
+            shape[1] = length
+            ctx.set_shape(piece, tuple(shape), y.meta["tensor_meta"].dtype)
+        rest = tensors[:i] + [piece] + tensors[j:]
+        if len(rest) == 1:
+            return piece
+        return ctx.call(torch.cat, like=node, tensors=rest, dim=node.kwargs["dim"])
+
+
 def rules() -> list[Rule]:
     """The cleanup rules, in the order they should run."""
-    return [RemoveDropout(), RemoveIdentity(), RemoveNoopReshape()]
+    return [RemoveDropout(), RemoveIdentity(), RemoveNoopReshape(), CollapseCatOfSlices()]

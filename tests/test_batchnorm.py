@@ -121,7 +121,7 @@ class _CalledTwice(nn.Module):
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
-        return self.bn(self.conv(x)) + self.conv(x * 2)
+        return self.bn(self.conv(x)) + self.conv(torch.relu(x))
 
 
 class _SharedWeights(nn.Module):

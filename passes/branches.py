@@ -1,0 +1,261 @@
+r"""Parallel branches on one input become one convolution.
+
+Summed branches (RepVGG, ACNet, Diverse Branch Block), each a convolution, an average pooling, a
+per-channel affine map (eval BatchNorm, constant scale/shift) or the input itself::
+
+    conv_a(x) + conv_b(x) = conv(x; pad(W_a) + pad(W_b), b_a + b_b)
+
+where ``pad`` places each kernel inside the common kernel so that the centres line up (a ``k`` kernel
+with padding ``p`` sits at offset ``(P - p) / d`` in a ``K`` kernel with padding ``P``); the identity is
+a kernel with 1 at the centre, ``x * s + t`` one with ``s`` there and bias ``t``.
+
+Concatenated branches (horizontal fusion)::
+
+    cat([conv_a(x), conv_b(x)], dim=1) = conv(x; [pad(W_a); pad(W_b)], [b_a; b_b])
+
+and sibling convolutions with the same geometry that read the same input but feed different places
+(an inception module's 1x1 branch and its 1x1 reduce layers)::
+
+    conv_a(x), conv_b(x) = narrow(y, 1, 0, C_a), narrow(y, 1, C_a, C_b)   with y = conv(x; [W_a; W_b], [b_a; b_b])
+
+Requirements: the same stride; kernel centres on a common dilation grid; equal output sizes.
+Every merge is gated by the pipeline's cost model.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxrebirth.ops import kind_of
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+
+from ._kernel import (
+    Kernel, affine_kernel, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,
+    sum_kernels,
+)
+from .affine import ConstantAffineSource
+from .batchnorm import BatchNormSource
+
+__all__ = ["MergeSummedBranches", "MergeConcatBranches", "MergeSiblingConvs", "rules"]
+
+_SOURCES = (BatchNormSource(), ConstantAffineSource())
+
+
+def _branch_input(operand: fx.Node) -> tuple[fx.Node, str]:
+    """The input a branch reads and the branch's kind (``conv``, ``avg_pool``, ``affine``, ``identity``)."""
+    kind = kind_of(operand)
+    if kind in ("conv", "avg_pool") and isinstance(operand.kwargs["input"], fx.Node):
+        return operand.kwargs["input"], kind
+    for source in _SOURCES:
+        x = source.input_of(operand)
+        if isinstance(x, fx.Node):
+            return x, "affine"
+    return operand, "identity"
+
+
+def _branch_kernel(operand: fx.Node, kind: str, ctx: RuleContext) -> Kernel | str:
+    if kind == "conv":
+        return kernel_of_conv(operand, ctx)
+    if kind == "avg_pool":
+        return kernel_of_avg_pool(operand, ctx)
+    shape = ctx.shape(operand)
+    if shape is None or len(shape) < 3:
+        return f"no spatial shape recorded for {describe(operand)}"
+    channels, rank = shape[1], len(shape) - 2
+    if kind == "identity":
+        return identity_kernel(channels, rank, ctx.device)
+    for source in _SOURCES:
+        if source.input_of(operand) is not None:
+            affine = source.affine(operand, ctx)
+            if isinstance(affine, str):
+                return affine
+            vectors = affine.per_channel(1, channels)
+            if vectors is None:
+                return f"{describe(operand)} is not per-channel"
+            return affine_kernel(vectors[0].to(ctx.device), vectors[1].to(ctx.device), rank)
+    return f"{describe(operand)} is not a branch fxrebirth can merge"
+
+
+def _spatial(node: fx.Node) -> tuple[int, ...] | None:
+    shape = RuleContext.shape(node)
+    return tuple(shape[2:]) if shape is not None and len(shape) >= 3 else None
+
+
+def _first_conv(nodes: list[fx.Node]) -> fx.Node:
+    return next(n for n in nodes if kind_of(n) == "conv")
+
+
+class MergeSummedBranches(Rule):
+    name = "merge_summed_branches"
+    identity = "conv_a(x) + conv_b(x) = conv(x; pad(W_a) + pad(W_b), b_a + b_b); x = conv(x; 1 at centre)"
+    gated = True
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        if node.op != "call_function" or node.target is not operator.add or len(node.args) != 2 or node.kwargs:
+            return None
+        if not all(isinstance(a, fx.Node) for a in node.args):
+            return None
+        (x1, kind1), (x2, kind2) = (_branch_input(a) for a in node.args)
+        if x1 is not x2 or "conv" not in (kind1, kind2):
+            return None
+        operands = tuple(a for a, k in zip(node.args, (kind1, kind2)) if k != "identity")
+        return Match(output=node, inputs=(x1,), nodes=operands + (node,), bindings={"kinds": (kind1, kind2)})
+
+    def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        node, x = match.output, match.inputs[0]
+        kernels = [_branch_kernel(a, k, ctx) for a, k in zip(node.args, match["kinds"])]
+        for k in kernels:
+            if isinstance(k, str):
+                return k
+        if len({k.ndim for k in kernels}) > 1:
+            return "the branches have different dimensionality"
+        return sum_kernels(kernels, _spatial(x), _spatial(node))
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        node = match.output
+        for operand, kind in zip(node.args, match["kinds"]):
+            if kind != "identity" and len(operand.users) > 1:
+                return f"the branch {describe(operand)} has {len(operand.users)} users; merging would duplicate it"
+            if ctx.shape(operand) != ctx.shape(node):
+                return f"the sum broadcasts {describe(operand)} to a larger shape"
+        merged = self._merged(match, ctx)
+        return merged if isinstance(merged, str) else None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        conv = _first_conv(list(match.output.args))
+        return emit_conv(ctx, self._merged(match, ctx), match.inputs[0], like=match.output,
+                         hint=name_hint(conv), like_weight=conv.kwargs["weight"])
+
+
+def _channel_dim(node: fx.Node) -> int | None:
+    shape = RuleContext.shape(node)
+    return node.kwargs["dim"] % len(shape) if shape is not None else None
+
+
+class MergeConcatBranches(Rule):
+    name = "merge_concat_branches"
+    identity = "cat([conv_a(x), conv_b(x)], 1) = conv(x; [pad(W_a); pad(W_b)], [b_a; b_b])"
+    gated = True
+
+    @staticmethod
+    def _run(node: fx.Node) -> tuple[int, int] | None:
+        """The first run ``[i, j)`` of >= 2 consecutive cat inputs that are convs of one input."""
+        tensors = node.kwargs["tensors"]
+        i = 0
+        while i < len(tensors):
+            t = tensors[i]
+            j = i + 1
+            if kind_of(t) == "conv":
+                while j < len(tensors) and kind_of(tensors[j]) == "conv" \
+                        and tensors[j].kwargs["input"] is t.kwargs["input"]:
+                    j += 1
+                if j - i >= 2:
+                    return i, j
+            i = j
+        return None
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        if kind_of(node) != "cat" or not isinstance(node.kwargs["tensors"], (list, tuple)) or _channel_dim(node) != 1:
+            return None
+        run = self._run(node)
+        if run is None:
+            return None
+        tensors = node.kwargs["tensors"]
+        convs = tuple(tensors[run[0]:run[1]])
+        others = [t for t in tensors[:run[0]] + tensors[run[1]:] if isinstance(t, fx.Node)]
+        inputs = tuple(dict.fromkeys([convs[0].kwargs["input"]] + others))
+        return Match(output=node, inputs=inputs, nodes=convs + (node,), bindings={"run": run})
+
+    def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        i, j = match["run"]
+        convs = match.output.kwargs["tensors"][i:j]
+        kernels = [kernel_of_conv(c, ctx) for c in convs]
+        for k in kernels:
+            if isinstance(k, str):
+                return k
+        out = {_spatial(c) for c in convs}
+        if len(out) > 1:
+            return "the concatenated convolutions have different output sizes"
+        return stack_kernels(kernels, _spatial(convs[0].kwargs["input"]), out.pop())
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        i, j = match["run"]
+        for conv in match.output.kwargs["tensors"][i:j]:
+            if len(conv.users) > 1:
+                return f"the branch {describe(conv)} has {len(conv.users)} users; merging would duplicate it"
+        merged = self._merged(match, ctx)
+        return merged if isinstance(merged, str) else None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        node = match.output
+        i, j = match["run"]
+        tensors = list(node.kwargs["tensors"])
+        first = tensors[i]
+        merged = emit_conv(ctx, self._merged(match, ctx), first.kwargs["input"], like=first, hint=name_hint(first),
+                           like_weight=first.kwargs["weight"])
+        shape = list(ctx.shape(first))
+        shape[1] = sum(ctx.shape(t)[1] for t in tensors[i:j])
+        ctx.set_shape(merged, tuple(shape), first.meta["tensor_meta"].dtype)
+        rest = tensors[:i] + [merged] + tensors[j:]
+        if len(rest) == 1:
+            return merged
+        return ctx.call(torch.cat, like=node, tensors=rest, dim=node.kwargs["dim"])
+
+
+def _geometry(conv: fx.Node, ctx: RuleContext) -> tuple | None:
+    weight = ctx.shape(conv.kwargs["weight"])
+    if weight is None or conv.kwargs["groups"] != 1 or isinstance(conv.kwargs["padding"], str):
+        return None
+    kw = conv.kwargs
+    return (tuple(weight[2:]), kw["stride"], kw["padding"], kw["dilation"], kw["bias"] is None)
+
+
+class MergeSiblingConvs(Rule):
+    name = "merge_sibling_convs"
+    identity = "conv_a(x), conv_b(x) = split(conv(x; [W_a; W_b], [b_a; b_b])) for equal geometry"
+    gated = True
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        groups: dict[tuple, list[fx.Node]] = {}
+        for user in node.users:
+            if kind_of(user) == "conv" and user.kwargs["input"] is node:
+                geometry = _geometry(user, ctx)
+                if geometry is not None:
+                    groups.setdefault(geometry, []).append(user)
+        for convs in groups.values():
+            if len(convs) >= 2:
+                order = {n: i for i, n in enumerate(node.graph.nodes) if n in convs}
+                convs = sorted(convs, key=order.__getitem__)
+                return Match(output=convs[0], inputs=(node,), nodes=tuple(convs), also_replaced=tuple(convs[1:]))
+        return None
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        for conv in match.replaced:
+            kernel = kernel_of_conv(conv, ctx)
+            if isinstance(kernel, str):
+                return kernel
+        return None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> dict[fx.Node, fx.Node]:
+        convs = match.replaced
+        kernels = [kernel_of_conv(c, ctx) for c in convs]
+        stacked = stack_kernels(kernels, _spatial(match.inputs[0]), _spatial(convs[0]))
+        first = convs[0]
+        merged = emit_conv(ctx, stacked, match.inputs[0], like=first, hint=name_hint(first),
+                           like_weight=first.kwargs["weight"])
+        shape = list(ctx.shape(first))
+        shape[1] = stacked.out_channels
+        ctx.set_shape(merged, tuple(shape), first.meta["tensor_meta"].dtype)
+        out, start = {}, 0
+        for conv, kernel in zip(convs, kernels):
+            out[conv] = ctx.call(torch.narrow, like=conv, input=merged, dim=1, start=start, length=kernel.out_channels)
+            start += kernel.out_channels
+        return out
+
+
+def rules() -> list[Rule]:
+    """The branch-merging rules, in the order they should run."""
+    return [MergeSummedBranches(), MergeConcatBranches(), MergeSiblingConvs()]

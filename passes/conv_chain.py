@@ -1,0 +1,165 @@
+r"""Chains of linear layers with nothing non-linear between them become one layer.
+
+Convolutions (average pooling counts as a depthwise convolution, see ``_kernel``)::
+
+    conv2(conv1(x)) = conv(x; M, b)
+    M[c2, c0, s1*d2*j + d1*i] = sum_{c1} W2[c2, c1, j] W1[c1, c0, i],   b = b2 + sum_{c1, j} W2[c2, c1, j] b1[c1]
+    stride s1*s2, padding p1, kernel s1*d2*(k2-1) + d1*(k1-1) + 1
+
+exact when conv2 has no padding, or conv1 is an unpadded, bias-free 1x1 with stride 1 (then the padding
+moves to the merged layer unchanged). Grouped layers stay grouped (gcd of the two group counts) when the
+merged weight is block-diagonal. Linear layers::
+
+    L2(L1(x)) = (W2 W1) x + (W2 b1 + b2)
+    L(flatten(conv(x))) = (W_L W_c') flatten(x) + (W_L b_c + b_L)    when conv covers its whole input
+                                                                    (output 1x1, no padding; W_c' = W_c as a matrix)
+
+Merging can cost more than it saves (a 1x1 reduce followed by a 3x3 is cheaper than the merged 3x3 on the
+full width), so every rule here is gated by the pipeline's cost model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxrebirth.ops import kind_of
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+
+from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv
+
+__all__ = ["MergeConvChain", "MergeLinearChain", "MergeFlattenedConvIntoLinear", "rules"]
+
+_STAGES = ("conv", "avg_pool")
+
+
+def _kernel(node: fx.Node, ctx: RuleContext) -> Kernel | str:
+    return kernel_of_conv(node, ctx) if kind_of(node) == "conv" else kernel_of_avg_pool(node, ctx)
+
+
+def _single_user(node: fx.Node) -> str | None:
+    if len(node.users) > 1:
+        return f"the output of {describe(node)} has {len(node.users)} users; merging would duplicate it"
+    return None
+
+
+class MergeConvChain(Rule):
+    name = "merge_conv_chain"
+    identity = "conv2(conv1(x)) = conv(x; W2 * W1, b2 + W2 b1), stride s1*s2"
+    gated = True
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        first = node.kwargs.get("input") if kind_of(node) in _STAGES else None
+        if not isinstance(first, fx.Node) or kind_of(first) not in _STAGES:
+            return None
+        if "conv" not in (kind_of(first), kind_of(node)) or not isinstance(first.kwargs["input"], fx.Node):
+            return None
+        return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
+
+    def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        k1, k2 = _kernel(match["first"], ctx), _kernel(match.output, ctx)
+        for k in (k1, k2):
+            if isinstance(k, str):
+                return k
+        return compose(k1, k2)
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        reason = _single_user(match["first"])
+        if reason:
+            return reason
+        merged = self._merged(match, ctx)
+        return merged if isinstance(merged, str) else None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        first, second = match["first"], match.output
+        conv = first if kind_of(first) == "conv" else second
+        return emit_conv(ctx, self._merged(match, ctx), first.kwargs["input"], like=second,
+                         hint=name_hint(conv), like_weight=conv.kwargs["weight"])
+
+
+def _linear_tensors(node: fx.Node, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor] | str:
+    weight = ctx.constant(node.kwargs["weight"])
+    if weight is None:
+        return f"the weight of {describe(node)} is not a constant"
+    bias_node = node.kwargs["bias"]
+    bias = ctx.constant(bias_node) if bias_node is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    if bias is None:
+        return f"the bias of {describe(node)} is not a constant"
+    return weight.to(torch.float64), bias.to(torch.float64).to(weight.device)
+
+
+def _emit_linear(ctx: RuleContext, weight: torch.Tensor, bias: torch.Tensor, x: fx.Node, like: fx.Node) -> fx.Node:
+    import torch.nn.functional as F
+
+    stored = ctx.stored(like.kwargs["weight"])
+    w = ctx.add_tensor(f"{name_hint(like)}_weight", weight, stored)
+    b = ctx.add_tensor(f"{name_hint(like)}_bias", bias, stored)
+    return ctx.call(F.linear, like=like, input=x, weight=w, bias=b)
+
+
+class MergeLinearChain(Rule):
+    name = "merge_linear_chain"
+    identity = "L2(L1(x)) = (W2 W1) x + (W2 b1 + b2)"
+    gated = True
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        first = node.kwargs.get("input") if kind_of(node) == "linear" else None
+        if kind_of(first) != "linear" or not isinstance(first.kwargs["input"], fx.Node):
+            return None
+        return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        reason = _single_user(match["first"])
+        for layer in (match["first"], match.output):
+            tensors = _linear_tensors(layer, ctx)
+            reason = reason or (tensors if isinstance(tensors, str) else None)
+        return reason
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        (w1, b1), (w2, b2) = _linear_tensors(match["first"], ctx), _linear_tensors(match.output, ctx)
+        return _emit_linear(ctx, w2 @ w1, w2 @ b1 + b2, match["first"].kwargs["input"], match.output)
+
+
+class MergeFlattenedConvIntoLinear(Rule):
+    name = "merge_flattened_conv_into_linear"
+    identity = "L(flatten(conv(x))) = (W_L W_c) flatten(x) + (W_L b_c + b_L) for a conv covering its whole input"
+    gated = True
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        flat = node.kwargs.get("input") if kind_of(node) == "linear" else None
+        if kind_of(flat) != "flatten" or flat.kwargs["start_dim"] != 1 or flat.kwargs["end_dim"] != -1:
+            return None
+        conv = flat.kwargs["input"]
+        if kind_of(conv) != "conv" or not isinstance(conv.kwargs["input"], fx.Node):
+            return None
+        return Match(output=node, inputs=(conv.kwargs["input"],), nodes=(conv, flat, node),
+                     bindings={"conv": conv, "flatten": flat})
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        conv, flat = match["conv"], match["flatten"]
+        reason = _single_user(conv) or _single_user(flat)
+        if reason:
+            return reason
+        kernel = kernel_of_conv(conv, ctx)
+        if isinstance(kernel, str):
+            return kernel
+        in_shape = ctx.shape(conv.kwargs["input"])
+        kernel = kernel.undilated()
+        if any(p != 0 for p in kernel.padding) or tuple(in_shape[2:]) != kernel.size:
+            return f"{describe(conv)} does not cover exactly its whole input (padding 0, kernel = input size)"
+        tensors = _linear_tensors(match.output, ctx)
+        return tensors if isinstance(tensors, str) else None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        conv = match["conv"]
+        kernel = kernel_of_conv(conv, ctx).undilated().dense()
+        w_l, b_l = _linear_tensors(match.output, ctx)
+        w_c = kernel.weight.reshape(kernel.out_channels, -1)
+        flat = ctx.call(torch.flatten, input=conv.kwargs["input"], start_dim=1, end_dim=-1)
+        ctx.set_shape(flat, (ctx.shape(conv.kwargs["input"])[0], w_c.shape[1]), conv.meta["tensor_meta"].dtype)
+        return _emit_linear(ctx, w_l @ w_c, w_l @ kernel.bias + b_l, flat, match.output)
+
+
+def rules() -> list[Rule]:
+    """The chain-merging rules, in the order they should run."""
+    return [MergeConvChain(), MergeLinearChain(), MergeFlattenedConvIntoLinear()]
