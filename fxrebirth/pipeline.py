@@ -8,7 +8,8 @@ its pattern matches and its check passes. For every rewrite the pipeline
 3. swaps it in, or -- on a mismatch -- erases it, logs a warning and records the rollback.
 
 Passes repeat in order until a whole round changes nothing (the fixpoint); ``graph.lint()`` runs
-after every pass that changed the graph.
+after every pass that changed the graph. Rules of a later ``phase`` join once the earlier phases have
+reached their fixpoint.
 """
 
 from __future__ import annotations
@@ -239,15 +240,17 @@ class Pipeline:
         start = time.perf_counter()
         modified_any = False
         rolled_back: dict[str, set[fx.Node]] = {rule.name: set() for rule in self.rules}
-        for iteration in range(1, self.max_iterations + 1):
-            report.iterations = iteration
-            modified = False
-            for rule_pass in self.passes:
-                modified |= rule_pass(gm, report, rolled_back[rule_pass.name]).modified
-            modified_any |= modified
-            if not modified:
-                break
-        else:
-            log.warning("pipeline did not reach a fixpoint in %d iterations", self.max_iterations)
+        for phase in sorted({rule.phase for rule in self.rules}):
+            active = [p for p in self.passes if p.rule.phase <= phase]
+            for _ in range(self.max_iterations):
+                report.iterations += 1
+                modified = False
+                for rule_pass in active:
+                    modified |= rule_pass(gm, report, rolled_back[rule_pass.name]).modified
+                modified_any |= modified
+                if not modified:
+                    break
+            else:
+                log.warning("pipeline did not reach a fixpoint in %d iterations", self.max_iterations)
         report.passes_s += time.perf_counter() - start
         return PassResult(gm, modified_any), report

@@ -106,6 +106,15 @@ class Report:
             if len(counts) > reasons:
                 lines.append(f"    - ... {len(counts) - reasons} more reasons (see report.to_dict())")
 
+        for name, s in self.rules.items():
+            if not s.decisions:
+                continue
+            accepted = sum(d.accepted for d in s.decisions)
+            lines.append(f"  cost gate of {name}: {accepted} accepted, {len(s.decisions) - accepted} rejected")
+            for d in s.decisions[:reasons]:
+                verdict = "forced" if d.forced else ("accepted" if d.accepted else "rejected")
+                lines.append(f"    - {d.node}: {d.before_s * 1e6:.1f} us -> {d.after_s * 1e6:.1f} us, {verdict}")
+
         def row(label: str, before: float, after: float, fmt: str = "{:,}") -> str:
             ratio = f"{before / after:.2f}x" if after else "-"
             return f"  {label:<12} {fmt.format(before):>16} -> {fmt.format(after):>16}  ({ratio})"

@@ -72,13 +72,16 @@ class Rule:
     Subclasses set ``name`` (unique in a pipeline), ``identity`` (the equation the rule applies, shown in
     reports and docs), ``changes_parameters`` (True when the rewrite treats weights or statistics as
     constants: such rules are refused by a pipeline that is not ``frozen``) and ``gated`` (True when
-    the rewrite can make the model slower, so the pipeline's cost model must approve each one).
+    the rewrite can make the model slower, so the pipeline's cost model must approve each one) and
+    ``phase`` (the pipeline reaches a fixpoint with the phase-0 rules before it adds phase-1 rules, for
+    rewrites that would hide better ones if they ran first).
     """
 
     name: str = "rule"
     identity: str = ""
     changes_parameters: bool = True
     gated: bool = False
+    phase: int = 0
 
     def pattern(self, node: fx.Node, ctx: "RuleContext") -> Match | None:
         raise NotImplementedError

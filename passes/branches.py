@@ -1,7 +1,8 @@
 r"""Parallel branches on one input become one convolution.
 
-Summed branches (RepVGG, ACNet, Diverse Branch Block), each a convolution, an average pooling, a
-per-channel affine map (eval BatchNorm, constant scale/shift) or the input itself::
+Summed branches (RepVGG, ACNet, Diverse Branch Block), each a chain of linear stages (convolutions,
+average poolings, per-channel affine maps such as eval BatchNorm) on the nearest common input, or that
+input itself (each chain first becomes one kernel, see ``_kernel.compose``)::
 
     conv_a(x) + conv_b(x) = conv(x; pad(W_a) + pad(W_b), b_a + b_b)
 
@@ -33,7 +34,7 @@ from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
 
 from ._kernel import (
-    Kernel, affine_kernel, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,
+    Kernel, affine_kernel, compose, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,
     sum_kernels,
 )
 from .affine import ConstantAffineSource
@@ -44,39 +45,72 @@ __all__ = ["MergeSummedBranches", "MergeConcatBranches", "MergeSiblingConvs", "r
 _SOURCES = (BatchNormSource(), ConstantAffineSource())
 
 
-def _branch_input(operand: fx.Node) -> tuple[fx.Node, str]:
-    """The input a branch reads and the branch's kind (``conv``, ``avg_pool``, ``affine``, ``identity``)."""
-    kind = kind_of(operand)
-    if kind in ("conv", "avg_pool") and isinstance(operand.kwargs["input"], fx.Node):
-        return operand.kwargs["input"], kind
+def _step(node: fx.Node) -> fx.Node | None:
+    """The input of a node that is one linear stage (conv, average pooling, per-channel affine)."""
+    if kind_of(node) in ("conv", "avg_pool"):
+        x = node.kwargs["input"]
+        return x if isinstance(x, fx.Node) else None
     for source in _SOURCES:
-        x = source.input_of(operand)
+        x = source.input_of(node)
         if isinstance(x, fx.Node):
-            return x, "affine"
-    return operand, "identity"
+            return x
+    return None
 
 
-def _branch_kernel(operand: fx.Node, kind: str, ctx: RuleContext) -> Kernel | str:
+def _ancestry(operand: fx.Node) -> list[fx.Node]:
+    """``[operand, its input, ...]`` while each node is a linear stage."""
+    chain = [operand]
+    while (x := _step(chain[-1])) is not None:
+        chain.append(x)
+    return chain
+
+
+def _branches(a: fx.Node, b: fx.Node) -> tuple[fx.Node, list[fx.Node], list[fx.Node]] | None:
+    """The nearest common input ``x`` of two operands and each one's stages above it (outermost
+    first; empty for ``x`` itself)."""
+    seq_a, seq_b = _ancestry(a), _ancestry(b)
+    in_b = {n: i for i, n in enumerate(seq_b)}
+    for i, node in enumerate(seq_a):
+        if node in in_b:
+            return node, seq_a[:i], seq_b[:in_b[node]]
+    return None
+
+
+def _stage_kernel(node: fx.Node, ctx: RuleContext) -> Kernel | str:
+    kind = kind_of(node)
     if kind == "conv":
-        return kernel_of_conv(operand, ctx)
+        return kernel_of_conv(node, ctx)
     if kind == "avg_pool":
-        return kernel_of_avg_pool(operand, ctx)
-    shape = ctx.shape(operand)
+        return kernel_of_avg_pool(node, ctx)
+    shape = ctx.shape(node)
     if shape is None or len(shape) < 3:
-        return f"no spatial shape recorded for {describe(operand)}"
-    channels, rank = shape[1], len(shape) - 2
-    if kind == "identity":
-        return identity_kernel(channels, rank, ctx.device)
+        return f"no spatial shape recorded for {describe(node)}"
     for source in _SOURCES:
-        if source.input_of(operand) is not None:
-            affine = source.affine(operand, ctx)
+        if source.input_of(node) is not None:
+            affine = source.affine(node, ctx)
             if isinstance(affine, str):
                 return affine
-            vectors = affine.per_channel(1, channels)
+            vectors = affine.per_channel(1, shape[1])
             if vectors is None:
-                return f"{describe(operand)} is not per-channel"
-            return affine_kernel(vectors[0].to(ctx.device), vectors[1].to(ctx.device), rank)
-    return f"{describe(operand)} is not a branch fxrebirth can merge"
+                return f"{describe(node)} is not per-channel"
+            return affine_kernel(vectors[0].to(ctx.device), vectors[1].to(ctx.device), len(shape) - 2)
+    return f"{describe(node)} is not a linear stage"
+
+
+def _chain_kernel(x: fx.Node, chain: list[fx.Node], ctx: RuleContext) -> Kernel | str:
+    """The kernel of ``chain`` (outermost first) applied to ``x``; the identity for an empty chain."""
+    if not chain:
+        shape = ctx.shape(x)
+        if shape is None or len(shape) < 3:
+            return f"no spatial shape recorded for {describe(x)}"
+        return identity_kernel(shape[1], len(shape) - 2, ctx.device)
+    kernel = _stage_kernel(chain[-1], ctx)
+    for node in reversed(chain[:-1]):
+        if isinstance(kernel, str):
+            return kernel
+        outer = _stage_kernel(node, ctx)
+        kernel = outer if isinstance(outer, str) else compose(kernel, outer)
+    return kernel
 
 
 def _spatial(node: fx.Node) -> tuple[int, ...] | None:
@@ -98,15 +132,18 @@ class MergeSummedBranches(Rule):
             return None
         if not all(isinstance(a, fx.Node) for a in node.args):
             return None
-        (x1, kind1), (x2, kind2) = (_branch_input(a) for a in node.args)
-        if x1 is not x2 or "conv" not in (kind1, kind2):
+        found = _branches(*node.args)
+        if found is None:
             return None
-        operands = tuple(a for a, k in zip(node.args, (kind1, kind2)) if k != "identity")
-        return Match(output=node, inputs=(x1,), nodes=operands + (node,), bindings={"kinds": (kind1, kind2)})
+        x, chain_a, chain_b = found
+        if not any(kind_of(n) == "conv" for n in chain_a + chain_b):
+            return None
+        return Match(output=node, inputs=(x,), nodes=tuple(chain_a + chain_b) + (node,),
+                     bindings={"chains": (chain_a, chain_b)})
 
     def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
         node, x = match.output, match.inputs[0]
-        kernels = [_branch_kernel(a, k, ctx) for a, k in zip(node.args, match["kinds"])]
+        kernels = [_chain_kernel(x, chain, ctx) for chain in match["chains"]]
         for k in kernels:
             if isinstance(k, str):
                 return k
@@ -116,16 +153,18 @@ class MergeSummedBranches(Rule):
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         node = match.output
-        for operand, kind in zip(node.args, match["kinds"]):
-            if kind != "identity" and len(operand.users) > 1:
-                return f"the branch {describe(operand)} has {len(operand.users)} users; merging would duplicate it"
+        for operand in node.args:
             if ctx.shape(operand) != ctx.shape(node):
                 return f"the sum broadcasts {describe(operand)} to a larger shape"
+        for chain in match["chains"]:
+            for stage in chain:
+                if len(stage.users) > 1:
+                    return f"the branch {describe(stage)} has {len(stage.users)} users; merging would duplicate it"
         merged = self._merged(match, ctx)
         return merged if isinstance(merged, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
-        conv = _first_conv(list(match.output.args))
+        conv = _first_conv(match["chains"][0] + match["chains"][1])
         return emit_conv(ctx, self._merged(match, ctx), match.inputs[0], like=match.output,
                          hint=name_hint(conv), like_weight=conv.kwargs["weight"])
 
@@ -217,6 +256,7 @@ class MergeSiblingConvs(Rule):
     name = "merge_sibling_convs"
     identity = "conv_a(x), conv_b(x) = split(conv(x; [W_a; W_b], [b_a; b_b])) for equal geometry"
     gated = True
+    phase = 1  # after the sums and concatenations: fusing siblings first would hide those
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         groups: dict[tuple, list[fx.Node]] = {}

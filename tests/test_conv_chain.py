@@ -1,0 +1,150 @@
+"""Chains: conv after conv (and average pooling as a conv), linear after linear, flatten-conv-linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxrebirth
+from fxrebirth.testing import assert_equivalent, count_kind
+from fxrebirth.testing.strategies import conv_configs, dtypes
+
+EXACT_ONLY = dict(cost_model=None)  # accept every exact merge: these tests prove the algebra, not the gate
+
+
+@given(first=conv_configs(2), dtype=dtypes, data=st.data())
+def test_conv_after_conv_merges(first, dtype, data):
+    second_groups = data.draw(st.sampled_from([g for g in (1, 2, 3) if first.out_channels % g == 0]))
+    cout = second_groups * data.draw(st.integers(1, 3))
+    k2 = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    s2 = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
+    d2 = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
+    conv1 = first.module().to(dtype)
+    x = first.input(dtype=dtype)
+    mid = conv1(x).shape[2:]
+    assume(all(m >= d * (k - 1) + 1 for m, k, d in zip(mid, k2, d2)))
+    conv2 = nn.Conv2d(first.out_channels, cout, k2, stride=s2, dilation=d2, groups=second_groups,
+                      bias=data.draw(st.booleans()))
+    model = nn.Sequential(conv1, conv2).to(dtype).eval()
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    assert report.stats("merge_conv_chain").rewrites == 1
+    assert count_kind(gm, "conv") == 1
+    assert_equivalent(model, gm, x)
+
+
+@given(cfg=conv_configs(st.integers(1, 3), padding=st.integers(1, 2)), dtype=dtypes, data=st.data())
+def test_pointwise_then_padded_conv_merges_with_the_padding(cfg, dtype, data):
+    cin = data.draw(st.integers(1, 4))
+    pointwise = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg.ndim](cin, cfg.in_channels, 1, bias=False)
+    model = nn.Sequential(pointwise, cfg.module()).to(dtype).eval()
+    x = torch.randn((2, cin) + cfg.size, dtype=dtype)
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    assert report.stats("merge_conv_chain").rewrites == 1
+    assert_equivalent(model, gm, x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_second_conv_after_a_3x3_is_refused(bias):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3 if not bias else 1, bias=bias), nn.Conv2d(4, 5, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 9, 9)
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    (refusal,) = report.stats("merge_conv_chain").refusals
+    assert "zero-pads the first one's output (padding=(1, 1))" in refusal.reason
+    assert count_kind(gm, "conv") == 2
+    assert_equivalent(model, gm, x)
+
+
+def test_the_refusal_is_needed_verification_catches_a_forced_padded_merge():
+    """With the precondition removed, the composed kernel is wrong at the border: verification rolls it back."""
+    from fxrebirth.passes import _kernel, conv_chain
+
+    class Careless(conv_chain.MergeConvChain):
+        name = "careless_chain"
+
+        def _merged(self, match, ctx):
+            k1 = _kernel.kernel_of_conv(match["first"], ctx)
+            k2 = _kernel.kernel_of_conv(match.output, ctx)
+            k2 = _kernel.replace(k2, padding=(0, 0))
+            return _kernel.replace(_kernel.compose(k1, k2), padding=(1, 1))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 3, padding=1)).double().eval()
+    x = torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    gm, report = fxrebirth.optimize(model, x, rules=[Careless()], cost_model=None)
+    assert report.stats("careless_chain").rolled_back == 1
+    assert_equivalent(model, gm, x)
+
+
+@given(c=st.integers(1, 4), k=st.integers(1, 3), pool=st.integers(2, 3), stride=st.integers(1, 3),
+       pad=st.integers(0, 1), dtype=dtypes)
+def test_average_pooling_after_conv_merges(c, k, pool, stride, pad, dtype):
+    pad = min(pad, pool // 2)
+    model = nn.Sequential(nn.Conv2d(c, 3, k), nn.AvgPool2d(pool, stride, pad)).to(dtype).eval()
+    x = torch.randn(2, c, 9, 9, dtype=dtype)
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    stats = report.stats("merge_conv_chain")
+    if pad == 0:
+        assert stats.rewrites == 1 and count_kind(gm, "avg_pool") == 0
+    else:
+        assert stats.rewrites == 0 and "zero-pads" in stats.refusals[0].reason
+    assert_equivalent(model, gm, x)
+
+
+def test_average_pooling_before_conv_merges_and_count_include_pad_false_is_refused():
+    x = torch.randn(2, 3, 8, 8)
+    exact = nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(3, 4, 3)).eval()
+    gm, report = fxrebirth.optimize(exact, x, **EXACT_ONLY)
+    assert report.stats("merge_conv_chain").rewrites == 1
+    assert_equivalent(exact, gm, x)
+    inexact = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(3, 4, 3)).eval()
+    gm, report = fxrebirth.optimize(inexact, x, **EXACT_ONLY)
+    assert "count_include_pad=False" in report.stats("merge_conv_chain").refusals[0].reason
+    assert_equivalent(inexact, gm, x)
+
+
+@given(sizes=st.lists(st.integers(1, 8), min_size=3, max_size=4), bias=st.booleans(), dtype=dtypes)
+def test_linear_chain_merges(sizes, bias, dtype):
+    layers = [nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:])]
+    model = nn.Sequential(*layers).to(dtype).eval()
+    x = torch.randn(3, sizes[0], dtype=dtype)
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    assert count_kind(gm, "linear") == 1
+    assert report.stats("merge_linear_chain").rewrites == len(layers) - 1
+    assert_equivalent(model, gm, x)
+
+
+def test_cost_gate_refuses_a_slower_merge_and_force_overrides_it():
+    """A 1x1 reduce (64 -> 8) before a 3x3 (8 -> 64): merged, the 3x3 would run on all 64 channels."""
+    model = nn.Sequential(nn.Conv2d(64, 8, 1), nn.Conv2d(8, 64, 3)).eval()
+    x = torch.randn(1, 64, 28, 28)
+    gm, report = fxrebirth.optimize(model, x)
+    stats = report.stats("merge_conv_chain")
+    assert stats.rewrites == 0
+    assert stats.refusals[0].reason.startswith("cost gate: estimated")
+    (decision,) = stats.decisions
+    assert not decision.accepted and decision.after_s > decision.before_s
+    assert "merge_conv_chain" in report.table() and "cost gate" in report.table()
+    gm, report = fxrebirth.optimize(model, x, force=["merge_conv_chain"])
+    assert report.stats("merge_conv_chain").rewrites == 1 and report.stats("merge_conv_chain").decisions[0].forced
+    assert_equivalent(model, gm, x)
+
+
+def test_cost_gate_accepts_a_cheaper_merge():
+    """A 3x3 (8 -> 64) then a 1x1 back to 8: merged, one 3x3 8 -> 8."""
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.Conv2d(64, 8, 1)).eval()
+    x = torch.randn(1, 8, 28, 28)
+    gm, report = fxrebirth.optimize(model, x)
+    assert report.stats("merge_conv_chain").rewrites == 1
+    assert report.flops_after < report.flops_before / 4
+    assert_equivalent(model, gm, x)
+
+
+def test_flattened_full_size_conv_merges_into_the_linear():
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6, 2)).eval()
+    x = torch.randn(5, 4, 3, 3)
+    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
+    assert report.stats("merge_flattened_conv_into_linear").rewrites == 1
+    assert count_kind(gm, "conv") == 0 and count_kind(gm, "linear") == 1
+    assert_equivalent(model, gm, x)
