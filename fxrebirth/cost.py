@@ -18,7 +18,7 @@ from .ops import kind_of
 
 __all__ = [
     "node_flops", "graph_flops", "stored_elements", "node_bytes", "is_view", "node_signature",
-    "CostModel", "RooflineCost", "TableCost", "measure_latency",
+    "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "measure_latency",
 ]
 
 
@@ -136,26 +136,38 @@ class CostModel:
 
 
 class RooflineCost(CostModel):
-    """Deterministic default: ``overhead + max(FLOPs / peak, bytes / bandwidth)`` per compute node.
+    """Deterministic default: ``overhead + max(FLOPs / rate, bytes / bandwidth)`` per compute node.
 
-    The constants are the order of magnitude of this project's 2-core x86 machine in eager PyTorch
-    (torchvision googlenet: 3.0 GFLOPs in about 41 ms, so 50 GFLOP/s is a fair convolution rate; a
-    small op costs about 10 us to dispatch). Rewrite counts in tests therefore never depend on noise.
+    Convolutions are GEMMs whose row count is the number of output positions ``m``; with few rows the
+    vector units idle, so their rate is ``peak * m / (m + m_half)``. The constants were measured on this
+    project's 2-core x86 machine in eager PyTorch (oneDNN convolutions peak near 190 GFLOP/s; a 2x2
+    stride-2 convolution producing 7x7 outputs ran at 88 GFLOP/s, the same FLOPs as a 1x1 at 14x14
+    taking 1.1 ms vs 2.3 ms; a small op costs about 10 us to dispatch). Decisions, and so rewrite counts
+    in tests, never depend on the machine's noise.
     """
 
-    def __init__(self, flops_per_s: float = 50e9, bytes_per_s: float = 10e9, op_overhead_s: float = 10e-6,
-                 view_overhead_s: float = 2e-6) -> None:
-        self.flops_per_s = flops_per_s
+    def __init__(self, peak_flops_per_s: float = 150e9, bytes_per_s: float = 10e9, op_overhead_s: float = 10e-6,
+                 view_overhead_s: float = 2e-6, half_rate_rows: int = 64) -> None:
+        self.peak_flops_per_s = peak_flops_per_s
         self.bytes_per_s = bytes_per_s
         self.op_overhead_s = op_overhead_s
         self.view_overhead_s = view_overhead_s
+        self.half_rate_rows = half_rate_rows
+
+    def _rate(self, node: fx.Node) -> float:
+        if kind_of(node) in ("conv", "conv_transpose"):
+            shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+            rows = shape[0] * math.prod(shape[2:]) if shape is not None else self.half_rate_rows
+            return self.peak_flops_per_s * rows / (rows + self.half_rate_rows)
+        return self.peak_flops_per_s
 
     def node_cost(self, node: fx.Node) -> float:
         if node.op not in ("call_function", "call_method", "call_module"):
             return 0.0
         if is_view(node):
             return self.view_overhead_s
-        return self.op_overhead_s + max(node_flops(node) / self.flops_per_s, node_bytes(node) / self.bytes_per_s)
+        compute = node_flops(node) / self._rate(node)
+        return self.op_overhead_s + max(compute, node_bytes(node) / self.bytes_per_s)
 
 
 def node_signature(node: fx.Node) -> str:
@@ -187,6 +199,51 @@ class TableCost(CostModel):
     def node_cost(self, node: fx.Node) -> float:
         measured = self.table.get(node_signature(node))
         return measured if measured is not None else self.fallback.node_cost(node)
+
+
+class MeasuredCost(CostModel):
+    """Latency measured here: each node is run alone on random inputs of its recorded shapes (median
+    of ``repeats`` runs, cached by :func:`node_signature`). Decisions follow this machine, noise
+    included, so they can differ between runs; use it to tune a deployment, not in tests."""
+
+    def __init__(self, repeats: int = 20) -> None:
+        self.repeats = repeats
+        self.cache: dict[str, float] = {}
+
+    def node_cost(self, node: fx.Node) -> float:
+        if node.op != "call_function":
+            return RooflineCost().node_cost(node)
+        key = node_signature(node)
+        if key not in self.cache:
+            self.cache[key] = self._time(node)
+        return self.cache[key]
+
+    def _time(self, node: fx.Node) -> float:
+        import statistics
+        import time
+
+        gm = node.graph.owning_module
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+
+        def value(arg: fx.Node) -> object:
+            if arg.op == "get_attr":
+                obj: object = gm
+                for part in arg.target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            meta = arg.meta.get("tensor_meta")
+            return torch.randn(tuple(meta.shape), dtype=meta.dtype, device=device)
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        samples = []
+        with torch.inference_mode():
+            for i in range(self.repeats + 3):
+                start = time.perf_counter()
+                node.target(*args, **kwargs)
+                if i >= 3:
+                    samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
 
 
 def measure_latency(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:

@@ -148,3 +148,23 @@ def test_flattened_full_size_conv_merges_into_the_linear():
     assert report.stats("merge_flattened_conv_into_linear").rewrites == 1
     assert count_kind(gm, "conv") == 0 and count_kind(gm, "linear") == 1
     assert_equivalent(model, gm, x)
+
+
+def test_measured_and_table_cost_models_drive_the_gate():
+    from fxrebirth.cost import MeasuredCost, TableCost, measure_latency, node_signature
+
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.Conv2d(64, 8, 1)).eval()
+    x = torch.randn(1, 8, 20, 20)
+    gm, report = fxrebirth.optimize(model, x, cost_model=MeasuredCost(repeats=3))
+    (decision,) = report.stats("merge_conv_chain").decisions
+    assert decision.before_s > 0 and decision.after_s > 0
+    assert_equivalent(model, gm, x)
+    captured = fxrebirth.capture(model, x)
+    table = measure_latency(captured, (x,), repeats=2)
+    convs = [n for n in captured.graph.nodes if fxrebirth.ops.kind_of(n) == "conv"]
+    assert {node_signature(n) for n in convs} <= set(table)
+    # A table claiming the two layers are nearly free makes any merged layer look slower: refused.
+    cheap = {node_signature(n): 1e-9 for n in convs}
+    gm, report = fxrebirth.optimize(model, x, cost_model=TableCost(cheap))
+    assert report.stats("merge_conv_chain").rewrites == 0
+    assert report.stats("merge_conv_chain").refusals[0].reason.startswith("cost gate")
