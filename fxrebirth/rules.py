@@ -25,7 +25,7 @@ import torch.fx as fx
 from .capture import SOURCE_KEY
 from .ops import normalize_kwargs, OPS
 
-__all__ = ["Match", "Rule", "RuleContext", "describe", "name_hint"]
+__all__ = ["Match", "Rule", "RuleContext", "describe", "name_hint", "producer"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,17 @@ def describe(node: fx.Node) -> str:
     if source and source != node.name:
         return f"'{source}' (node {node.name})"
     return f"'{node.name}'"
+
+
+def producer(node: fx.Node, *kinds: str) -> fx.Node | None:
+    """``node``'s ``input`` argument when it is a canonical node of one of ``kinds`` that itself reads a
+    graph value (the shape of every two-stage pattern), else None."""
+    from .ops import kind_of
+
+    x = node.kwargs.get("input") if node.op == "call_function" else None
+    if isinstance(x, fx.Node) and kind_of(x) in kinds and isinstance(x.kwargs.get("input"), fx.Node):
+        return x
+    return None
 
 
 def name_hint(node: fx.Node) -> str:

@@ -30,6 +30,8 @@ import torch.fx as fx
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
 
+from ._kernel import layer_tensors
+
 __all__ = ["Affine", "AffineSource", "FoldIntoPreceding", "FoldIntoFollowing", "channel_dim"]
 
 LAYER_KINDS = ("conv", "conv_transpose", "linear")
@@ -82,17 +84,6 @@ def channel_dim(layer: fx.Node) -> int:
     return -1 if kind_of(layer) == "linear" else 1
 
 
-def _layer_tensors(layer: fx.Node, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    weight = ctx.constant(layer.kwargs["weight"])
-    if weight is None:
-        return f"the weight of {describe(layer)} is not a constant"
-    bias_node = layer.kwargs["bias"]
-    bias = ctx.constant(bias_node) if bias_node is not None else None
-    if bias_node is not None and bias is None:
-        return f"the bias of {describe(layer)} is not a constant"
-    return weight, bias
-
-
 def _groups_view(vec: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
     """For grouped layers: entry ``[r, j]`` is ``vec[group(r) * per_group + j]`` (``rows`` rows split
     evenly over ``groups``)."""
@@ -110,15 +101,27 @@ def _store(ctx: RuleContext, layer: fx.Node, weight: torch.Tensor, bias: torch.T
     }
 
 
-class FoldIntoPreceding(Rule):
-    """Fold an affine-like node into the conv / conv-transpose / linear layer that produces its input."""
-
-    identity = "s * (W x + b) + t = (s W) x + (s b + t), per output channel"
+class _AffineFold(Rule):
+    """A folding rule for one family: ``source`` recognises its nodes, ``what`` names them in reasons."""
 
     def __init__(self, name: str, source: AffineSource, what: str) -> None:
         self.name = name
         self.source = source
         self.what = what
+
+    def _operands(self, affine_node: fx.Node, layer: fx.Node, ctx: RuleContext) -> tuple[Affine, torch.Tensor] | str:
+        """The affine map and the layer's (float64) weight, or why either is unavailable."""
+        affine = self.source.affine(affine_node, ctx)
+        if isinstance(affine, str):
+            return affine
+        tensors = layer_tensors(layer, ctx)
+        return tensors if isinstance(tensors, str) else (affine, tensors[0])
+
+
+class FoldIntoPreceding(_AffineFold):
+    """Fold an affine-like node into the conv / conv-transpose / linear layer that produces its input."""
+
+    identity = "s * (W x + b) + t = (s W) x + (s b + t), per output channel"
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         x = self.source.input_of(node)
@@ -133,32 +136,22 @@ class FoldIntoPreceding(Rule):
         layer, node = match["layer"], match.output
         if len(layer.users) > 1:
             return f"the output of {describe(layer)} has {len(layer.users)} users; folding would change the others"
-        affine = self.source.affine(node, ctx)
-        if isinstance(affine, str):
-            return affine
-        tensors = _layer_tensors(layer, ctx)
-        if isinstance(tensors, str):
-            return tensors
-        out_channels = self._out_channels(layer, tensors[0])
+        operands = self._operands(node, layer, ctx)
+        if isinstance(operands, str):
+            return operands
+        affine, weight = operands
+        out_channels = weight.shape[1] * layer.kwargs["groups"] if kind_of(layer) == "conv_transpose" \
+            else weight.shape[0]
         if affine.per_channel(channel_dim(layer), out_channels) is None:
             return f"the {self.what} is not per-channel along the output channels of {describe(layer)}"
         return None
 
-    @staticmethod
-    def _out_channels(layer: fx.Node, weight: torch.Tensor) -> int:
-        if kind_of(layer) == "conv_transpose":
-            return weight.shape[1] * layer.kwargs["groups"]
-        return weight.shape[0]
-
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         layer, node = match["layer"], match.output
-        weight, bias = _layer_tensors(layer, ctx)
-        weight = weight.to(torch.float64)
-        channels = self._out_channels(layer, weight)
-        affine = self.source.affine(node, ctx)
-        s, t = affine.per_channel(channel_dim(layer), channels)
-        bias = torch.zeros(channels, dtype=torch.float64) if bias is None else bias.to(torch.float64)
-        s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+        weight, bias = layer_tensors(layer, ctx)
+        channels = bias.numel()
+        s, t = self.source.affine(node, ctx).per_channel(channel_dim(layer), channels)
+        s, t = s.to(weight.device), t.to(weight.device)
         extra = (1,) * (weight.dim() - 2)
         if kind_of(layer) == "conv_transpose":
             groups = layer.kwargs["groups"]
@@ -171,15 +164,10 @@ class FoldIntoPreceding(Rule):
         return ctx.call(layer.target, like=node, **kwargs)
 
 
-class FoldIntoFollowing(Rule):
+class FoldIntoFollowing(_AffineFold):
     """Fold an affine-like node into the conv / linear layer that consumes it."""
 
     identity = "W (s * x + t) + b = (W diag(s)) x + (b + W t), per input channel; conv padding must be 0 if t != 0"
-
-    def __init__(self, name: str, source: AffineSource, what: str) -> None:
-        self.name = name
-        self.source = source
-        self.what = what
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         x = self.source.input_of(node)
@@ -196,13 +184,10 @@ class FoldIntoFollowing(Rule):
             return f"folding a {self.what} into a following ConvTranspose ({describe(layer)}) is not supported"
         if len(node.users) > 1:
             return f"the output of {describe(node)} has {len(node.users)} users; folding would change the others"
-        affine = self.source.affine(node, ctx)
-        if isinstance(affine, str):
-            return affine
-        tensors = _layer_tensors(layer, ctx)
-        if isinstance(tensors, str):
-            return tensors
-        weight = tensors[0]
+        operands = self._operands(node, layer, ctx)
+        if isinstance(operands, str):
+            return operands
+        affine, weight = operands
         in_channels = weight.shape[1] * (layer.kwargs["groups"] if kind_of(layer) == "conv" else 1)
         if affine.per_channel(channel_dim(layer), in_channels) is None:
             return f"the {self.what} is not per-channel along the input channels of {describe(layer)}"
@@ -217,19 +202,17 @@ class FoldIntoFollowing(Rule):
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         node, layer = match["affine"], match["layer"]
-        weight, bias = _layer_tensors(layer, ctx)
-        weight = weight.to(torch.float64)
+        weight, bias = layer_tensors(layer, ctx)
         out_channels = weight.shape[0]
-        bias = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.to(torch.float64)
         if kind_of(layer) == "linear":
             s, t = self.source.affine(node, ctx).per_channel(-1, weight.shape[1])
-            s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+            s, t = s.to(weight.device), t.to(weight.device)
             new_weight = weight * s.reshape(1, -1)
             new_bias = bias + weight @ t
         else:
             groups = layer.kwargs["groups"]
             s, t = self.source.affine(node, ctx).per_channel(1, weight.shape[1] * groups)
-            s, t, bias = s.to(weight.device), t.to(weight.device), bias.to(weight.device)
+            s, t = s.to(weight.device), t.to(weight.device)
             extra = (1,) * (weight.dim() - 2)
             s_rows = _groups_view(s, groups, out_channels)  # [o, j] -> s of input channel j of o's group
             t_rows = _groups_view(t, groups, out_channels)

@@ -38,7 +38,7 @@ from fxrebirth.ops import kind_of
 from fxrebirth.rules import RuleContext, describe
 
 __all__ = [
-    "Kernel", "kernel_of_conv", "kernel_of_avg_pool", "identity_kernel", "affine_kernel", "align",
+    "Kernel", "layer_tensors", "kernel_of_conv", "kernel_of_avg_pool", "identity_kernel", "affine_kernel", "align",
     "sum_kernels", "stack_kernels", "compose", "conv_output_size", "emit_conv",
 ]
 
@@ -126,6 +126,23 @@ class Kernel:
         return replace(self, weight=weight, padding=padding)
 
 
+def layer_tensors(layer: fx.Node, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """A conv / conv-transpose / linear node's weight and bias as float64 constants (a zero bias when it
+    has none), or why they are not constants."""
+    weight = ctx.constant(layer.kwargs["weight"])
+    if weight is None:
+        return f"the weight of {describe(layer)} is not a constant"
+    weight = weight.to(torch.float64)
+    if layer.kwargs["bias"] is None:
+        out_channels = weight.shape[1] * layer.kwargs["groups"] if kind_of(layer) == "conv_transpose" \
+            else weight.shape[0]
+        return weight, torch.zeros(out_channels, dtype=torch.float64, device=weight.device)
+    bias = ctx.constant(layer.kwargs["bias"])
+    if bias is None:
+        return f"the bias of {describe(layer)} is not a constant"
+    return weight, bias.to(device=weight.device, dtype=torch.float64)
+
+
 def kernel_of_conv(node: fx.Node, ctx: RuleContext) -> Kernel | str:
     """The :class:`Kernel` of a canonical convolution node, or why it has none."""
     if kind_of(node) != "conv":
@@ -133,15 +150,10 @@ def kernel_of_conv(node: fx.Node, ctx: RuleContext) -> Kernel | str:
     kw = node.kwargs
     if isinstance(kw["padding"], str):
         return f"{describe(node)} has padding={kw['padding']!r}"
-    weight = ctx.constant(kw["weight"])
-    if weight is None:
-        return f"the weight of {describe(node)} is not a constant"
-    bias = ctx.constant(kw["bias"]) if kw["bias"] is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    if bias is None:
-        return f"the bias of {describe(node)} is not a constant"
-    weight = weight.to(torch.float64)
-    return Kernel(weight, bias.to(torch.float64).to(weight.device), tuple(kw["stride"]), tuple(kw["padding"]),
-                  tuple(kw["dilation"]), kw["groups"])
+    tensors = layer_tensors(node, ctx)
+    if isinstance(tensors, str):
+        return tensors
+    return Kernel(*tensors, tuple(kw["stride"]), tuple(kw["padding"]), tuple(kw["dilation"]), kw["groups"])
 
 
 def _channels_and_rank(node: fx.Node) -> tuple[int, int] | None:

@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, producer
 
-from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv
+from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv, layer_tensors
 
 __all__ = ["MergeConvChain", "MergeLinearChain", "MergeFlattenedConvIntoLinear", "rules"]
 
@@ -49,10 +49,8 @@ class MergeConvChain(Rule):
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        first = node.kwargs.get("input") if kind_of(node) in _STAGES else None
-        if not isinstance(first, fx.Node) or kind_of(first) not in _STAGES:
-            return None
-        if "conv" not in (kind_of(first), kind_of(node)) or not isinstance(first.kwargs["input"], fx.Node):
+        first = producer(node, *_STAGES) if kind_of(node) in _STAGES else None
+        if first is None or "conv" not in (kind_of(first), kind_of(node)):
             return None
         return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
 
@@ -77,17 +75,6 @@ class MergeConvChain(Rule):
                          hint=name_hint(conv), like_weight=conv.kwargs["weight"])
 
 
-def _linear_tensors(node: fx.Node, ctx: RuleContext) -> tuple[torch.Tensor, torch.Tensor] | str:
-    weight = ctx.constant(node.kwargs["weight"])
-    if weight is None:
-        return f"the weight of {describe(node)} is not a constant"
-    bias_node = node.kwargs["bias"]
-    bias = ctx.constant(bias_node) if bias_node is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    if bias is None:
-        return f"the bias of {describe(node)} is not a constant"
-    return weight.to(torch.float64), bias.to(torch.float64).to(weight.device)
-
-
 def _emit_linear(ctx: RuleContext, weight: torch.Tensor, bias: torch.Tensor, x: fx.Node, like: fx.Node) -> fx.Node:
     import torch.nn.functional as F
 
@@ -103,20 +90,20 @@ class MergeLinearChain(Rule):
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        first = node.kwargs.get("input") if kind_of(node) == "linear" else None
-        if kind_of(first) != "linear" or not isinstance(first.kwargs["input"], fx.Node):
+        first = producer(node, "linear") if kind_of(node) == "linear" else None
+        if first is None:
             return None
         return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         reason = _single_user(match["first"])
         for layer in (match["first"], match.output):
-            tensors = _linear_tensors(layer, ctx)
+            tensors = layer_tensors(layer, ctx)
             reason = reason or (tensors if isinstance(tensors, str) else None)
         return reason
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
-        (w1, b1), (w2, b2) = _linear_tensors(match["first"], ctx), _linear_tensors(match.output, ctx)
+        (w1, b1), (w2, b2) = layer_tensors(match["first"], ctx), layer_tensors(match.output, ctx)
         return _emit_linear(ctx, w2 @ w1, w2 @ b1 + b2, match["first"].kwargs["input"], match.output)
 
 
@@ -126,11 +113,11 @@ class MergeFlattenedConvIntoLinear(Rule):
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        flat = node.kwargs.get("input") if kind_of(node) == "linear" else None
-        if kind_of(flat) != "flatten" or flat.kwargs["start_dim"] != 1 or flat.kwargs["end_dim"] != -1:
+        flat = producer(node, "flatten") if kind_of(node) == "linear" else None
+        if flat is None or flat.kwargs["start_dim"] != 1 or flat.kwargs["end_dim"] != -1:
             return None
-        conv = flat.kwargs["input"]
-        if kind_of(conv) != "conv" or not isinstance(conv.kwargs["input"], fx.Node):
+        conv = producer(flat, "conv")
+        if conv is None:
             return None
         return Match(output=node, inputs=(conv.kwargs["input"],), nodes=(conv, flat, node),
                      bindings={"conv": conv, "flatten": flat})
@@ -147,13 +134,13 @@ class MergeFlattenedConvIntoLinear(Rule):
         kernel = kernel.undilated()
         if any(p != 0 for p in kernel.padding) or tuple(in_shape[2:]) != kernel.size:
             return f"{describe(conv)} does not cover exactly its whole input (padding 0, kernel = input size)"
-        tensors = _linear_tensors(match.output, ctx)
+        tensors = layer_tensors(match.output, ctx)
         return tensors if isinstance(tensors, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         conv = match["conv"]
         kernel = kernel_of_conv(conv, ctx).undilated().dense()
-        w_l, b_l = _linear_tensors(match.output, ctx)
+        w_l, b_l = layer_tensors(match.output, ctx)
         w_c = kernel.weight.reshape(kernel.out_channels, -1)
         flat = ctx.call(torch.flatten, input=conv.kwargs["input"], start_dim=1, end_dim=-1)
         ctx.set_shape(flat, (ctx.shape(conv.kwargs["input"])[0], w_c.shape[1]), conv.meta["tensor_meta"].dtype)

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe
+from fxrebirth.rules import Match, Rule, RuleContext, describe, producer
 
 __all__ = ["FoldPadIntoConv", "CommuteGlobalPool", "rules"]
 
@@ -32,8 +32,8 @@ class FoldPadIntoConv(Rule):
     changes_parameters = False
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        pad = node.kwargs.get("input") if kind_of(node) == "conv" else None
-        if kind_of(pad) != "pad" or not isinstance(pad.kwargs["input"], fx.Node):
+        pad = producer(node, "pad") if kind_of(node) == "conv" else None
+        if pad is None:
             return None
         return Match(output=node, inputs=(pad.kwargs["input"],), nodes=(pad, node), bindings={"pad": pad})
 
@@ -77,8 +77,8 @@ class CommuteGlobalPool(Rule):
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         if kind_of(node) != "adaptive_avg_pool" or tuple(node.kwargs["output_size"]) != (1, 1):
             return None
-        conv = node.kwargs["input"]
-        if kind_of(conv) != "conv" or not isinstance(conv.kwargs["input"], fx.Node):
+        conv = producer(node, "conv")
+        if conv is None:
             return None
         return Match(output=node, inputs=(conv.kwargs["input"],), nodes=(conv, node), bindings={"conv": conv})
 
