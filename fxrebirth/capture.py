@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .aten import lower_aten
 from .errors import CaptureError
 from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
 
@@ -263,6 +264,7 @@ def capture(
     if isinstance(model, fx.GraphModule):
         graph = copy.deepcopy(model.graph)
         root = copy.deepcopy(model) if copy_model else model
+        lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
     else:
         root = copy.deepcopy(model) if copy_model else model
         graph, _ = _trace(root, leaf_modules)
