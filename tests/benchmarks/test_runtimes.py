@@ -1,0 +1,140 @@
+"""fxrebirth where models are compiled and deployed: torch.compile and ONNX Runtime, side by side.
+
+Not collected by the plain test command. Run::
+
+    python tests/benchmarks/test_runtimes.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2]
+
+For each model (random weights, randomised BatchNorm, batch 1, 224x224, fp32): eager; torch.compile
+with Inductor, without and with freezing; torch.compile(backend="fxrebirth") (Inductor inside); ONNX
+Runtime (all graph optimisations, as many intra-op threads as torch) on the original model exported by
+each exporter (TorchScript-based ``dynamo=False`` and ``dynamo=True``) and on the fxrebirth-optimised
+model with the faster exporter. Latencies are medians over shuffled interleaved rounds; compile/export
+times are the first call's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_latency import build  # noqa: E402  (same models as the exact-tier benchmark)
+
+import fxrebirth  # noqa: E402
+
+
+def _timed_first_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _compiled(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[Callable[[], object], float]:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, **kwargs)
+
+    def run() -> object:
+        with torch.no_grad():
+            return compiled(x)
+
+    return run, _timed_first_call(run)
+
+
+def _freezing(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], float]:
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+
+        def run() -> object:
+            with torch.no_grad():
+                return compiled(x)
+
+        seconds = _timed_first_call(run)
+    return run, seconds
+
+
+def _onnx(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple[Callable[[], object], float]:
+    import onnxruntime as ort
+
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=dynamo, opset_version=18 if dynamo else 17)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    run = lambda: session.run(None, feed)  # noqa: E731
+    run()
+    return run, time.perf_counter() - start
+
+
+def compare(name: str, rounds: int) -> None:
+    model, x = build(name, "eager")
+    gm, report = fxrebirth.optimize(model, x)
+    runs: dict[str, Callable[[], object]] = {}
+    setup: dict[str, float] = {}
+
+    def eager() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    runs["eager"], setup["eager"] = eager, 0.0
+    runs["inductor"], setup["inductor"] = _compiled(model, x)
+    runs["inductor_freezing"], setup["inductor_freezing"] = _freezing(model, x)
+    runs["fxrebirth_backend"], setup["fxrebirth_backend"] = _compiled(model, x, backend="fxrebirth")
+    runs["ort_torchscript"], setup["ort_torchscript"] = _onnx(model, x, dynamo=False)
+    runs["ort_dynamo"], setup["ort_dynamo"] = _onnx(model, x, dynamo=True)
+    order = list(runs)
+    times: dict[str, list[float]] = {k: [] for k in order}
+    for _ in range(rounds):
+        random.shuffle(order)
+        for key in order:
+            start = time.perf_counter()
+            runs[key]()
+            times[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    best = "ort_torchscript" if med["ort_torchscript"] <= med["ort_dynamo"] else "ort_dynamo"
+    runs["ort_fxrebirth"], setup["ort_fxrebirth"] = _onnx(gm, x, dynamo=best == "ort_dynamo")
+    # a second pass: the optimised ONNX model against the baseline exporter, interleaved
+    pair = {"ort_original": runs[best], "ort_fxrebirth": runs["ort_fxrebirth"]}
+    pair_times: dict[str, list[float]] = {k: [] for k in pair}
+    keys = list(pair)
+    for _ in range(rounds):
+        random.shuffle(keys)
+        for key in keys:
+            start = time.perf_counter()
+            pair[key]()
+            pair_times[key].append(time.perf_counter() - start)
+    pair_med = {k: statistics.median(v) * 1e3 for k, v in pair_times.items()}
+    print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
+    for key in times:
+        print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
+    print(f"  faster exporter for the original: {best}")
+    print(f"  ONNX Runtime, interleaved: original {pair_med['ort_original']:.2f} ms, fxrebirth-optimised "
+          f"{pair_med['ort_fxrebirth']:.2f} ms (ratio {pair_med['ort_fxrebirth'] / pair_med['ort_original']:.3f}); "
+          f"export of the optimised model {setup['ort_fxrebirth']:.1f} s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--models", nargs="+", default=["googlenet", "resnet50", "mobilenet_v2"])
+    args = parser.parse_args()
+    random.seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32")
+    for model_name in args.models:
+        compare(model_name, args.rounds)
