@@ -1,0 +1,146 @@
+r"""Streamline marking (DeepRebirth's "streamline merging"): conv -> [BN] -> [ReLU] -> {LRN, pool} chains.
+
+No identity makes such a chain one layer (LRN and max-pooling are non-linear): the chain is *marked* as a
+region, and a later step trains one convolution to replace it. The proposed rebirth layer is
+
+    conv'(x; kernel k', stride s_conv * s_pool, padding p') [+ ReLU when the chain had one]
+
+with ``k'`` at least the chain's receptive field ``d(k - 1) + 1 + (k_pool - 1) * s_conv`` (one more
+where ceil-mode pooling needs an even kernel) and ``p'`` the padding that makes its output size equal
+the chain's for every input size the chain accepts (ceil-mode pooling included); where no symmetric
+padding does for every size, the proposal records from which input size on it does (``valid_from``).
+Marking changes nothing in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from fxrebirth.capture import SOURCE_KEY
+from fxrebirth.ops import kind_of
+from fxrebirth.regions import Region, record
+
+__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv"]
+
+_FOLLOWERS = ("batch_norm", "relu", "lrn", "max_pool", "avg_pool")
+_NONLINEAR = ("lrn", "max_pool", "avg_pool")
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                     ceil_mode: bool = False) -> int:
+    """PyTorch's pooling output size (a ceil-mode window must start inside the padded input)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _stages(chain: list[fx.Node]) -> list[dict[str, Any]]:
+    """Per-dimension geometry of the shape-changing stages (conv and pooling) of a chain."""
+    stages = []
+    for node in chain:
+        kind, kw = kind_of(node), node.kwargs
+        if kind == "conv":
+            k = tuple(node.kwargs["weight"].meta["tensor_meta"].shape[2:])
+            stages.append({"k": k, "s": kw["stride"], "p": kw["padding"], "d": kw["dilation"], "ceil": False})
+        elif kind in ("max_pool", "avg_pool"):
+            dilation = kw.get("dilation", (1,) * len(kw["kernel_size"]))
+            stages.append({"k": kw["kernel_size"], "s": kw["stride"], "p": kw["padding"], "d": dilation,
+                           "ceil": kw["ceil_mode"]})
+    return stages
+
+
+def chain_output_size(stages: list[dict[str, Any]], size: int, dim: int) -> int:
+    """Output size along ``dim`` of the chain for an input of ``size`` (< 1 when the input is too small)."""
+    for st in stages:
+        if size < 1:
+            return size
+        size = pool_output_size(size, st["k"][dim], st["s"][dim], st["p"][dim], st["d"][dim], st["ceil"])
+    return size
+
+
+def propose_conv(stages: list[dict[str, Any]], size: int, dim: int, max_size: int = 512) -> dict[str, int]:
+    """Kernel, stride and padding along ``dim`` whose output size equals the chain's for all input sizes
+    the chain accepts up to ``max_size`` (or from ``valid_from`` on, which includes ``size``)."""
+    stride = math.prod(st["s"][dim] for st in stages)
+    field, jump = 1, 1
+    for st in stages:
+        field += st["d"][dim] * (st["k"][dim] - 1) * jump
+        jump *= st["s"][dim]
+    sizes = [n for n in range(1, max_size + 1) if chain_output_size(stages, n, dim) >= 1]
+    best: tuple | None = None
+    for kernel in sorted(range(max(1, field - 2 * stride), field + 2 * stride + 1), key=lambda k: abs(k - field)):
+        for padding in range(0, kernel + 1):
+            ok = [n for n in sizes if pool_output_size(n, kernel, stride, padding) == chain_output_size(stages, n, dim)]
+            if size not in ok:
+                continue
+            start = next(n for n in sizes if all(m in ok for m in sizes if m >= n))
+            score = (start, kernel < field, abs(kernel - field), padding)  # keep the receptive field if possible
+            if best is None or score < best[0]:
+                best = (score, {"kernel": kernel, "stride": stride, "padding": padding, "valid_from": start})
+        if best is not None and best[0][:2] == (sizes[0], False):
+            break
+    if best is None:
+        raise ValueError("no convolution reproduces this chain's output size")
+    return best[1]
+
+
+def _follow(conv: fx.Node) -> list[fx.Node]:
+    """The longest chain conv -> [BN] -> [ReLU] -> LRN/pool (each kind at most once, one user each)."""
+    chain, seen = [conv], set()
+    node = conv
+    while len(node.users) == 1:
+        (user,) = node.users
+        kind = kind_of(user)
+        if kind not in _FOLLOWERS or user.kwargs["input"] is not node:
+            break
+        family = "pool" if kind in ("max_pool", "avg_pool") else kind
+        if family in seen or (kind == "batch_norm" and seen - {"batch_norm"}):
+            break
+        seen.add(family)
+        chain.append(user)
+        node = user
+    while chain and kind_of(chain[-1]) in ("batch_norm", "relu"):
+        chain.pop()  # a chain must end on the layer that made it non-linear
+    return chain
+
+
+def mark_streamline(gm: fx.GraphModule) -> list[Region]:
+    """Mark every streamline region of ``gm`` (which must carry shape metadata); return the new regions."""
+    regions, taken = [], set()
+    for node in gm.graph.nodes:
+        if kind_of(node) != "conv" or node in taken or len(node.kwargs["weight"].meta["tensor_meta"].shape) != 4:
+            continue
+        chain = _follow(node)
+        if not any(kind_of(n) in _NONLINEAR for n in chain) or any(n in taken for n in chain):
+            continue
+        x = node.kwargs["input"]
+        in_shape = x.meta["tensor_meta"].shape
+        out_shape = chain[-1].meta["tensor_meta"].shape
+        stages = _stages(chain)
+        dims = [propose_conv(stages, in_shape[2 + d], d) for d in range(2)]
+        proposal = {
+            "type": "conv",
+            "in_channels": in_shape[1],
+            "out_channels": out_shape[1],
+            "kernel_size": [d["kernel"] for d in dims],
+            "stride": [d["stride"] for d in dims],
+            "padding": [d["padding"] for d in dims],
+            "relu": any(kind_of(n) == "relu" for n in chain),
+            "valid_from": [d["valid_from"] for d in dims],
+        }
+        replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in chain))
+        name = str(node.meta.get(SOURCE_KEY, node.name))
+        regions.append(Region(f"streamline:{name}", "streamline", tuple(n.name for n in chain), x.name,
+                              chain[-1].name, replaces, proposal))
+        taken.update(chain)
+    return record(gm, regions)
+
+
+def markers() -> list:
+    """The streamline marking pass, for a marking pipeline."""
+    return [mark_streamline]
