@@ -9,6 +9,8 @@ from .api import default_rules, optimize, relative_error
 from .capture import capture
 from .errors import CaptureError, FxRebirthError, PipelineError
 from .pipeline import PassResult, Pipeline, RulePass
+from .plan import Plan, PlannedRegion, plan
+from .regions import Region, RegionError
 from .report import Refusal, Report, RuleStats
 from .rules import Match, Rule, RuleContext
 
@@ -27,7 +29,12 @@ __all__ = [
     "RuleContext",
     "RulePass",
     "RuleStats",
+    "Plan",
+    "PlannedRegion",
+    "Region",
+    "RegionError",
     "capture",
+    "plan",
     "default_rules",
     "optimize",
     "relative_error",

@@ -206,7 +206,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Record shape and dtype of every node (``node.meta["tensor_meta"]``) by running ``inputs``."""
 
     class _Recorder(fx.Interpreter):
-        extra_traceback = False  # our error already names the node
+        def __init__(self, module: fx.GraphModule) -> None:
+            super().__init__(module)
+            self.extra_traceback = False  # our error already names the node
 
         def run_node(self, n: fx.Node) -> Any:
             try:

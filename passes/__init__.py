@@ -4,6 +4,6 @@ Each family module opens with the identity it applies and ends with a ``rules()`
 its rules in order. Nothing registers itself on import: pipelines are built from these lists.
 """
 
-from . import affine, batchnorm, branches, cleanup, conv_chain, pooling
+from . import affine, batchnorm, branches, cleanup, conv_chain, inception, pooling, streamline
 
-__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "pooling"]
+__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "inception", "pooling", "streamline"]

@@ -8,7 +8,8 @@ region, and a later step trains one convolution to replace it. The proposed rebi
 with ``k'`` at least the chain's receptive field ``d(k - 1) + 1 + (k_pool - 1) * s_conv`` (one more
 where ceil-mode pooling needs an even kernel) and ``p'`` the padding that makes its output size equal
 the chain's for every input size the chain accepts (ceil-mode pooling included); where no symmetric
-padding does for every size, the proposal records from which input size on it does (``valid_from``).
+padding does for every size, the proposal records for which input sizes it does (``valid_from``,
+``valid_to``).
 Marking changes nothing in the graph.
 """
 
@@ -64,8 +65,9 @@ def chain_output_size(stages: list[dict[str, Any]], size: int, dim: int) -> int:
 
 
 def propose_conv(stages: list[dict[str, Any]], size: int, dim: int, max_size: int = 512) -> dict[str, int]:
-    """Kernel, stride and padding along ``dim`` whose output size equals the chain's for all input sizes
-    the chain accepts up to ``max_size`` (or from ``valid_from`` on, which includes ``size``)."""
+    """Kernel, stride and padding along ``dim`` whose output size equals the chain's for every input size
+    the chain accepts up to ``max_size``, or failing that for the widest run of sizes around ``size``
+    (``valid_from`` .. ``valid_to``; ``valid_to`` None means every larger size)."""
     stride = math.prod(st["s"][dim] for st in stages)
     field, jump = 1, 1
     for st in stages:
@@ -75,14 +77,19 @@ def propose_conv(stages: list[dict[str, Any]], size: int, dim: int, max_size: in
     best: tuple | None = None
     for kernel in sorted(range(max(1, field - 2 * stride), field + 2 * stride + 1), key=lambda k: abs(k - field)):
         for padding in range(0, kernel + 1):
-            ok = [n for n in sizes if pool_output_size(n, kernel, stride, padding) == chain_output_size(stages, n, dim)]
+            ok = {n for n in sizes if pool_output_size(n, kernel, stride, padding) == chain_output_size(stages, n, dim)}
             if size not in ok:
                 continue
-            start = next(n for n in sizes if all(m in ok for m in sizes if m >= n))
-            score = (start, kernel < field, abs(kernel - field), padding)  # keep the receptive field if possible
+            i = j = sizes.index(size)  # the run of consecutive accepted sizes around the example's
+            while i > 0 and sizes[i - 1] in ok:
+                i -= 1
+            while j + 1 < len(sizes) and sizes[j + 1] in ok:
+                j += 1
+            score = (j + 1 < len(sizes), sizes[i], kernel < field, abs(kernel - field), padding)
             if best is None or score < best[0]:
-                best = (score, {"kernel": kernel, "stride": stride, "padding": padding, "valid_from": start})
-        if best is not None and best[0][:2] == (sizes[0], False):
+                best = (score, {"kernel": kernel, "stride": stride, "padding": padding, "valid_from": sizes[i],
+                                "valid_to": None if j + 1 == len(sizes) else sizes[j]})
+        if best is not None and best[0][:3] == (False, sizes[0], False):
             break
     if best is None:
         raise ValueError("no convolution reproduces this chain's output size")
@@ -132,6 +139,7 @@ def mark_streamline(gm: fx.GraphModule) -> list[Region]:
             "padding": [d["padding"] for d in dims],
             "relu": any(kind_of(n) == "relu" for n in chain),
             "valid_from": [d["valid_from"] for d in dims],
+            "valid_to": [d["valid_to"] for d in dims],
         }
         replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in chain))
         name = str(node.meta.get(SOURCE_KEY, node.name))

@@ -1,0 +1,133 @@
+"""Marking non-linear regions: which regions are found, their proposals' shapes, and region validity."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxrebirth
+from fxrebirth.models import MIN_INPUT, alexnet_lrn, googlenet_lrn
+from fxrebirth.passes.inception import mark_inception
+from fxrebirth.passes.streamline import mark_streamline
+from fxrebirth.rebirth import build_rebirth
+from fxrebirth.regions import REGION_KEY, REGIONS_KEY, Region, RegionError, check_regions
+
+
+def _marked(model: nn.Module, size: int):
+    gm = fxrebirth.capture(model.eval(), torch.randn(1, 3, size, size))
+    regions = mark_streamline(gm) + mark_inception(gm)
+    return gm, regions
+
+
+def _tv(name: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {"init_weights": False} if name == "googlenet" else {}
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def test_caffe_googlenet_streamline_and_nine_branch_regions():
+    gm, regions = _marked(googlenet_lrn(width=0.25), 64)
+    by_id = {r.id: r for r in regions}
+    assert by_id["streamline:conv1.conv"].replaces == ("conv1.conv", "conv1.relu", "pool1", "norm1")
+    assert by_id["streamline:conv2.conv"].replaces == ("conv2.conv", "conv2.relu", "norm2", "pool2")
+    branches = sorted(r.id for r in regions if r.kind == "branch")
+    assert branches == [f"branch:blocks.inception{n}" for n in ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")]
+    assert len(regions) == 11
+
+
+def test_alexnet_conv_lrn_pool_regions():
+    _, regions = _marked(alexnet_lrn(width=0.25), 96)
+    assert [r.replaces for r in regions] == [
+        ("conv1.conv", "conv1.relu", "norm1", "pool1"),
+        ("conv2.conv", "conv2.relu", "norm2", "pool2"),
+        ("conv5.conv", "conv5.relu", "pool5"),
+    ]
+
+
+def test_resnet50_stem():
+    _, regions = _marked(_tv("resnet50"), 64)
+    assert [r.replaces for r in regions] == [("conv1", "bn1", "relu", "maxpool")]
+
+
+def test_torchvision_googlenet_stem_and_inception_branches():
+    _, regions = _marked(_tv("googlenet"), 64)
+    assert regions[0].replaces == ("conv1.conv", "conv1.bn", "relu", "maxpool1")
+    assert sum(r.kind == "branch" for r in regions) == 9
+
+
+def test_marking_changes_no_numerics_and_records_metadata():
+    model = googlenet_lrn(width=0.25).eval()
+    x = torch.randn(2, 3, 64, 64)
+    gm = fxrebirth.capture(model, x)
+    with torch.no_grad():
+        before = gm(x)
+    code = gm.code
+    regions = mark_streamline(gm) + mark_inception(gm)
+    with torch.no_grad():
+        assert torch.equal(gm(x), before)
+    assert gm.code == code
+    assert set(gm.meta[REGIONS_KEY]) == {r.id for r in regions}
+    for region in regions:
+        assert all(n.meta[REGION_KEY] == region.id for n in gm.graph.nodes if n.name in region.nodes)
+
+
+@pytest.mark.parametrize("factory", [googlenet_lrn, alexnet_lrn])
+def test_rebirth_layers_fit_at_low_resolution_and_at_224(factory):
+    for size in (MIN_INPUT[factory.__name__], MIN_INPUT[factory.__name__] + 1, 96, 224):
+        gm, regions = _marked(factory(width=0.25), size)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for region in regions:
+            x = torch.zeros(tuple(nodes[region.input].meta["tensor_meta"].shape))
+            with torch.no_grad():
+                out = build_rebirth(region.proposal)(x)
+            assert tuple(out.shape) == tuple(nodes[region.output].meta["tensor_meta"].shape), (size, region.id)
+
+
+@st.composite
+def chains(draw):
+    """A conv followed by a subset of BN, ReLU, LRN and pooling, in an order real networks use."""
+    k, s = draw(st.integers(1, 7)), draw(st.integers(1, 4))
+    p = draw(st.integers(0, k // 2))
+    layers = [nn.Conv2d(3, 4, k, s, p)]
+    if draw(st.booleans()):
+        layers.append(nn.BatchNorm2d(4))
+    if draw(st.booleans()):
+        layers.append(nn.ReLU())
+    pk, ps = draw(st.integers(2, 3)), draw(st.integers(1, 2))
+    pool = draw(st.sampled_from([nn.MaxPool2d, nn.AvgPool2d]))(pk, ps, draw(st.integers(0, pk // 2)),
+                                                              ceil_mode=draw(st.booleans()))
+    tail = [pool, nn.LocalResponseNorm(3)] if draw(st.booleans()) else [nn.LocalResponseNorm(3), pool]
+    if draw(st.booleans()):
+        tail = [pool]
+    return nn.Sequential(*layers, *tail)
+
+
+@given(model=chains(), sizes=st.lists(st.integers(12, 80), min_size=2, max_size=3))
+def test_random_chain_proposals_match_the_region_shape_at_every_size(model, sizes):
+    for size in sizes:
+        gm = fxrebirth.capture(model.eval(), torch.randn(1, 3, size, size))
+        (region,) = mark_streamline(gm)
+        out = gm.graph.find_nodes(op="output")[0].args[0]
+        with torch.no_grad():
+            got = build_rebirth(region.proposal)(torch.zeros(1, 3, size, size)).shape
+        assert tuple(got) == tuple(out.meta["tensor_meta"].shape)
+
+
+def test_invalid_regions_are_rejected_with_the_reason():
+    gm, regions = _marked(googlenet_lrn(width=0.25), 64)
+    first = regions[0]
+    overlapping = Region("other", "streamline", first.nodes[-2:], first.nodes[-3], first.output, ())
+    with pytest.raises(RegionError, match="overlap at node"):
+        check_regions(gm.graph, [first, overlapping])
+    leaking = Region("leak", "streamline", first.nodes[:-1], first.input, first.nodes[-2], ())
+    check_regions(gm.graph, [leaking])  # a prefix of a chain is itself valid
+    two_outputs = Region("two", "streamline", first.nodes[:2] + first.nodes[3:], first.input, first.output, ())
+    with pytest.raises(RegionError):
+        check_regions(gm.graph, [two_outputs])
