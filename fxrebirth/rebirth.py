@@ -17,7 +17,7 @@ from torch import nn
 
 from .regions import RegionError
 
-__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth"]
+__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
 
 
 def _conv(proposal: dict[str, Any]) -> nn.Module:
@@ -59,3 +59,33 @@ def build_rebirth(proposal: dict[str, Any]) -> nn.Module:
     if builder is None:
         raise RegionError(f"unknown proposal type {proposal.get('type')!r}; known: {sorted(BUILDERS)}")
     return builder(proposal)
+
+
+def rebuild(gm: "torch.fx.GraphModule", plan: "Any") -> "torch.fx.GraphModule":
+    """A copy of ``gm`` (the captured model) with every selected region of ``plan`` replaced by its
+    rebirth layer, freshly initialised (untrained: for measuring speed; retraining comes next)."""
+    import copy
+
+    import torch.fx as fx
+
+    plan.validate(gm)
+    out = copy.deepcopy(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+    device = next((p.device for p in out.parameters()), torch.device("cpu"))
+    position = {n.name: i for i, n in enumerate(out.graph.nodes)}
+    replaced: dict[str, fx.Node] = {}  # a region's output -> its rebirth call (a later region's input)
+    for i, planned in enumerate(sorted(plan.selected, key=lambda r: position[r.region.output])):
+        region = planned.region
+        name = f"rebirth_{i}"
+        out.add_submodule(name, build_rebirth(region.proposal).to(device))
+        old = nodes[region.output]
+        with out.graph.inserting_before(old):
+            new = out.graph.call_module(name, (replaced.get(region.input, nodes[region.input]),))
+        replaced[region.output] = new
+        new.meta["tensor_meta"] = old.meta.get("tensor_meta")
+        new.meta["fxrebirth.replaces"] = region.replaces
+        old.replace_all_uses_with(new)
+    out.graph.eliminate_dead_code()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    return out

@@ -86,3 +86,21 @@ def test_latency_table_from_another_device(small_plan):
     plan = fxrebirth.plan(model, x, latency_table=table)
     assert plan.source == "latency table" and len(plan.regions) == 11
     assert all(r.cost_rebirth_s > 0 for r in plan.regions)
+
+
+def test_rebuild_replaces_selected_regions_and_keeps_shapes(small_plan):
+    from fxrebirth.rebirth import rebuild
+
+    model, x, plan = small_plan
+    edited = fxrebirth.Plan.from_json(plan.to_json())
+    for r in edited.regions:
+        r.selected = True
+    gm = fxrebirth.capture(model, x)
+    reborn = rebuild(gm, edited)
+    kinds = {fxrebirth.ops.kind_of(n) for n in reborn.graph.nodes}
+    assert "lrn" not in kinds and "max_pool" not in {fxrebirth.ops.kind_of(n) for n in reborn.graph.nodes
+                                                      if n.meta.get("fxrebirth.region")}
+    assert sum(n.op == "call_module" and n.target.startswith("rebirth_") for n in reborn.graph.nodes) == 11
+    with torch.no_grad():
+        assert reborn(x).shape == model(x).shape
+        assert reborn(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
