@@ -14,6 +14,7 @@ from torch import nn
 
 from . import __version__
 from .api import default_rules, optimize
+from .cost import RooflineCost
 from .errors import FxRebirthError
 
 __all__ = ["main", "load_model"]
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--disable", action="append", default=[], metavar="RULE",
                      help="skip a rule by name (repeatable); rules: " + ", ".join(r.name for r in default_rules()))
     opt.add_argument("--no-verify", action="store_true", help="skip the per-rewrite float64 verification")
+    opt.add_argument("--runtime", choices=("eager", "onnxruntime"), default="eager",
+                     help="the runtime the cost gate optimises for (default eager PyTorch on CPU)")
     opt.add_argument("--save", metavar="PATH", help="save the optimised model as a torch.export program (.pt2)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -74,7 +77,8 @@ def _optimize(args: argparse.Namespace) -> int:
         model.load_state_dict(state)
     model.eval()
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
-    gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify)
+    cost = RooflineCost.onnxruntime() if args.runtime == "onnxruntime" else RooflineCost()
+    gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify, cost_model=cost)
     report.model = args.model
     if args.save:
         program = torch.export.export(gm, (x,))

@@ -23,7 +23,7 @@ def test_optimize_torchvision_model_prints_the_report(capsys):
 
 
 def test_json_output(capsys):
-    assert main(["optimize", "mobilenet_v3_small", "--input-size", "64", "--json"]) == 0
+    assert main(["optimize", "mobilenet_v3_small", "--input-size", "64", "--json", "--runtime", "onnxruntime"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["rules"]["bn_into_preceding"]["rewrites"] > 0
     assert data["output_error"] < 1e-5
