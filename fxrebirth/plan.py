@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_input_tuple, capture
-from .cost import TableCost
+from .cost import TableCost, graph_flops, node_bytes, node_flops
 from .ops import kind_of
 from .rebirth import build_rebirth
 from .regions import Region, RegionError, check_regions
@@ -90,6 +90,10 @@ class PlannedRegion:
     cost_rebirth_s: float
     depth_now: int
     depth_rebirth: int
+    flops_now: int = 0
+    flops_rebirth: int = 0
+    bytes_now: int = 0
+    bytes_rebirth: int = 0
     selected: bool = False
 
     @property
@@ -99,7 +103,9 @@ class PlannedRegion:
     def to_dict(self) -> dict[str, Any]:
         return {"region": self.region.to_dict(), "cost_now_s": self.cost_now_s,
                 "cost_rebirth_s": self.cost_rebirth_s, "depth_now": self.depth_now,
-                "depth_rebirth": self.depth_rebirth, "selected": self.selected}
+                "depth_rebirth": self.depth_rebirth, "flops_now": self.flops_now,
+                "flops_rebirth": self.flops_rebirth, "bytes_now": self.bytes_now,
+                "bytes_rebirth": self.bytes_rebirth, "selected": self.selected}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PlannedRegion":
@@ -176,13 +182,15 @@ class Plan:
         """Which layers each rebirth layer replaces, the depth lost, and the measured/estimated costs."""
         lines = [f"rebirth plan: {self.model}, input {self.input_shape}, latency {self.latency_s * 1e3:.2f} ms "
                  f"({self.source})",
-                 f"  {'region':<32} {'depth':>7} {'now ms':>8} {'rebirth':>8} {'gain':>7} {'share':>6}  sel  replaces"]
+                 f"  {'region':<32} {'depth':>7} {'now ms':>8} {'rebirth':>8} {'gain':>7} {'share':>6} "
+                 f"{'MFLOPs':>15}  sel  replaces"]
         for r in self.regions:
             share = r.cost_now_s / self.latency_s if self.latency_s else 0.0
             replaces = ", ".join(r.region.replaces)
             lines.append(
                 f"  {r.region.id:<32} {r.depth_now:>3}->{r.depth_rebirth:<3} {r.cost_now_s * 1e3:>8.2f} "
-                f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%}  {'yes' if r.selected else ' no'}  "
+                f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%} "
+                f"{r.flops_now / 1e6:>7.0f}->{r.flops_rebirth / 1e6:<7.0f}  {'yes' if r.selected else ' no'}  "
                 f"{replaces[:90]}{'...' if len(replaces) > 90 else ''}"
             )
         lines.append(f"  selected {len(self.selected)} of {len(self.regions)} regions; estimated latency "
@@ -249,12 +257,18 @@ def plan(
         now = sum(costs.get(name, 0.0) for name in region.nodes)
         module = build_rebirth(region.proposal)
         x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
+        rebirth_gm = capture(module, x)
         if latency_table is None:
             rebirth = _time_module(module, x, repeats)
         else:
-            rebirth_gm = capture(module, x)
             rebirth = sum(table.node_cost(n) for n in rebirth_gm.graph.nodes)
-        planned.append(PlannedRegion(region, now, rebirth, _depth(gm, region), _rebirth_depth(region.proposal)))
+        members = [nodes[name] for name in region.nodes]
+        planned.append(PlannedRegion(
+            region, now, rebirth, _depth(gm, region), _rebirth_depth(region.proposal),
+            flops_now=sum(node_flops(n) for n in members), flops_rebirth=graph_flops(rebirth_gm),
+            bytes_now=sum(node_bytes(n) for n in members),
+            bytes_rebirth=sum(node_bytes(n) for n in rebirth_gm.graph.nodes if n.op == "call_function"),
+        ))
     _select(planned, latency, select, target_speedup, budget_s)
     shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
     return Plan(type(model).__name__, shape, latency, source, planned)

@@ -131,3 +131,38 @@ def test_invalid_regions_are_rejected_with_the_reason():
     two_outputs = Region("two", "streamline", first.nodes[:2] + first.nodes[3:], first.input, first.output, ())
     with pytest.raises(RegionError):
         check_regions(gm.graph, [two_outputs])
+
+
+@st.composite
+def inception_modules(draw):
+    """Random inception-like modules: 1x1, reduce->kxk and pool->proj branches in a random order."""
+    c = draw(st.integers(2, 6))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            k = draw(st.sampled_from([3, 5]))
+            self.order = draw(st.permutations(["one", "kxk", "pool"]))
+            self.one = nn.Sequential(nn.Conv2d(c, draw(st.integers(1, 4)), 1), nn.ReLU())
+            r = draw(st.integers(1, 4))
+            self.kxk = nn.Sequential(nn.Conv2d(c, r, 1), nn.ReLU(), nn.Conv2d(r, draw(st.integers(1, 4)), k,
+                                                                               padding=k // 2), nn.ReLU())
+            self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(c, draw(st.integers(1, 4)), 1), nn.ReLU())
+
+        def forward(self, x):
+            return torch.cat([getattr(self, name)(x) for name in self.order], 1)
+
+    return M().eval(), c
+
+
+@given(spec=inception_modules(), size=st.integers(5, 40), ratio=st.sampled_from([0.5, 1.0]))
+def test_random_inception_modules_keep_their_output_shape(spec, size, ratio):
+    model, c = spec
+    x = torch.randn(1, c, size, size)
+    gm = fxrebirth.capture(model, x)
+    regions = mark_inception(gm, reduce_ratio=ratio)
+    pool_next_to_kxk = abs(model.order.index("pool") - model.order.index("kxk")) == 1
+    assert len(regions) == (1 if pool_next_to_kxk else 0)
+    for region in regions:
+        with torch.no_grad():
+            assert build_rebirth(region.proposal)(x).shape == model(x).shape
