@@ -18,7 +18,7 @@ from .ops import kind_of
 
 __all__ = [
     "node_flops", "graph_flops", "stored_elements", "node_bytes", "is_view", "node_signature",
-    "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "measure_latency",
+    "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "measure_latency", "profile_nodes",
 ]
 
 
@@ -256,11 +256,8 @@ class MeasuredCost(CostModel):
         return statistics.median(samples)
 
 
-def measure_latency(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
-    """Median wall time of every compute node of ``gm`` on ``inputs``, keyed by :func:`node_signature`.
-
-    Save the result as JSON and pass it to :class:`TableCost` to gate merges with measured latencies.
-    """
+def profile_nodes(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """Median wall time of every compute node of ``gm`` (eager, after one warm-up run), by node name."""
     import statistics
     import time
 
@@ -271,10 +268,20 @@ def measure_latency(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> d
             start = time.perf_counter()
             result = super().run_node(n)
             if n.op in ("call_function", "call_method", "call_module"):
-                samples.setdefault(node_signature(n), []).append(time.perf_counter() - start)
+                samples.setdefault(n.name, []).append(time.perf_counter() - start)
             return result
 
     with torch.inference_mode():
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
             _Timer(gm).run(*inputs)
-    return {key: statistics.median(values) for key, values in samples.items()}
+    return {name: statistics.median(values[1:]) for name, values in samples.items()}
+
+
+def measure_latency(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """:func:`profile_nodes` keyed by :func:`node_signature`, the format :class:`TableCost` reads.
+
+    Save the result as JSON and pass it to :class:`TableCost` to gate merges (or plan rebirth) with
+    latencies measured on the target.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return {node_signature(by_name[name]): t for name, t in profile_nodes(gm, inputs, repeats=repeats).items()}

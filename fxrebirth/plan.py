@@ -25,31 +25,12 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_input_tuple, capture
-from .cost import TableCost, graph_flops, node_bytes, node_flops
+from .cost import TableCost, graph_flops, node_bytes, node_flops, profile_nodes
 from .ops import kind_of
 from .rebirth import build_rebirth
 from .regions import Region, RegionError, check_regions
 
-__all__ = ["plan", "Plan", "PlannedRegion", "profile_nodes"]
-
-
-def profile_nodes(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
-    """Median wall time of every compute node of ``gm`` (eager), keyed by node name."""
-    samples: dict[str, list[float]] = {}
-
-    class _Timer(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            start = time.perf_counter()
-            result = super().run_node(n)
-            if n.op in ("call_function", "call_method", "call_module"):
-                samples.setdefault(n.name, []).append(time.perf_counter() - start)
-            return result
-
-    with torch.inference_mode():
-        _Timer(gm).run(*inputs)  # warm-up
-        for _ in range(repeats):
-            _Timer(gm).run(*inputs)
-    return {name: statistics.median(values[1:]) for name, values in samples.items()}
+__all__ = ["plan", "Plan", "PlannedRegion"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:

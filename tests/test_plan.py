@@ -72,10 +72,17 @@ def test_drop_and_targets(small_plan):
         assert len(edited.selected) == len(plan.selected) - 1
     with pytest.raises(KeyError, match="no region 'nope'"):
         edited.drop("nope")
-    budget = fxrebirth.plan(model, x, budget_s=plan.latency_s * 10, repeats=1)
-    assert budget.selected == []  # already within budget
+    from fxrebirth.cost import measure_latency
+
+    table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)  # fixed costs: no timing noise
+    roomy = fxrebirth.plan(model, x, latency_table=table, budget_s=1e9)
+    assert roomy.selected == []  # already within budget
+    tight = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0)
+    assert tight.selected == [r for r in tight.regions if r.gain_s > 0]
+    half = fxrebirth.plan(model, x, latency_table=table, target_speedup=1.0 + 1e-9)
+    assert len(half.selected) == 1 and half.selected[0].gain_s == max(r.gain_s for r in half.regions)
     with pytest.raises(ValueError, match="select='some'"):
-        fxrebirth.plan(model, x, select="some", repeats=1)
+        fxrebirth.plan(model, x, select="some", latency_table=table)
 
 
 def test_latency_table_from_another_device(small_plan):

@@ -109,6 +109,24 @@ except ImportError:  # pragma: no cover - running as a script without pytest
     pass
 
 
+def interleaved_medians(runs: dict[str, Callable[[], object]], rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median milliseconds of each run, the runs taken in a shuffled order every round (no variant always
+    runs right after another one: measured, position alone moved one by 15%)."""
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for key in order:
+            start = time.perf_counter()
+            runs[key]()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def interleaved(models: list[str], rounds: int) -> None:
     """Median latency per variant, variants run in a shuffled order every round, and ratios."""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32, "
@@ -117,19 +135,7 @@ def interleaved(models: list[str], rounds: int) -> None:
     for name in models:
         variants = VARIANTS + list(ABLATIONS.get(name, {}))
         runs = {v: _runner(*build(name, v)) for v in variants}
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        for run in runs.values():
-            for _ in range(3):
-                run()
-        order = list(runs)
-        shuffle = random.Random(0).shuffle
-        for _ in range(rounds):
-            shuffle(order)  # no variant always runs right after another (measured: position alone moved one by 15%)
-            for variant in order:
-                start = time.perf_counter()
-                runs[variant]()
-                times[variant].append(time.perf_counter() - start)
-        med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+        med = interleaved_medians(runs, rounds)
         print(f"{name:<14}" + "".join(f"{med[v]:>11.2f} ms" for v in VARIANTS)
               + f"   {med['fx_fuse'] / med['eager']:>10.3f}  {med['fxrebirth'] / med['eager']:>15.3f}"
               + f"  {med['fxrebirth'] / med['fx_fuse']:>14.3f}")

@@ -12,8 +12,8 @@ cost) and then medians over shuffled interleaved rounds, batch 1, 224x224, fp32.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
+import os
+import sys
 import time
 
 import torch
@@ -21,6 +21,9 @@ import torch
 import fxrebirth
 from fxrebirth.models import googlenet_lrn
 from fxrebirth.rebirth import rebuild
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_latency import interleaved_medians  # noqa: E402
 
 
 def main(rounds: int, compile_too: bool) -> None:
@@ -43,18 +46,8 @@ def main(rounds: int, compile_too: bool) -> None:
                 compiled(x)
             print(f"compiled {name} in {time.perf_counter() - start:.1f} s")
             variants[f"{name}_inductor"] = compiled
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    order = list(variants)
     with torch.no_grad():
-        for fn in variants.values():
-            fn(x)
-        for _ in range(rounds):
-            random.shuffle(order)
-            for key in order:
-                start = time.perf_counter()
-                variants[key](x)
-                times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_medians({k: (lambda f=f: f(x)) for k, f in variants.items()}, rounds)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, median of {rounds} shuffled rounds")
     for key, value in med.items():
         base = med["original_inductor" if key.endswith("_inductor") else "original"]
@@ -66,5 +59,4 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    random.seed(0)
     main(args.rounds, not args.no_compile)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_latency import build  # noqa: E402  (same models as the exact-tier benchmark)
+from test_latency import build, interleaved_medians  # noqa: E402  (same models as the exact-tier benchmark)
 
 import fxrebirth  # noqa: E402
 
@@ -101,30 +99,13 @@ def compare(name: str, rounds: int) -> None:
     runs["fxrebirth_backend"], setup["fxrebirth_backend"] = _compiled(model, x, backend="fxrebirth")
     runs["ort_torchscript"], setup["ort_torchscript"] = _onnx(model, x, dynamo=False)
     runs["ort_dynamo"], setup["ort_dynamo"] = _onnx(model, x, dynamo=True)
-    order = list(runs)
-    times: dict[str, list[float]] = {k: [] for k in order}
-    for _ in range(rounds):
-        random.shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            runs[key]()
-            times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = interleaved_medians(runs, rounds)
     best = "ort_torchscript" if med["ort_torchscript"] <= med["ort_dynamo"] else "ort_dynamo"
     runs["ort_fxrebirth"], setup["ort_fxrebirth"] = _onnx(gm, x, dynamo=best == "ort_dynamo")
     # a second pass: the optimised ONNX model against the baseline exporter, interleaved
-    pair = {"ort_original": runs[best], "ort_fxrebirth": runs["ort_fxrebirth"]}
-    pair_times: dict[str, list[float]] = {k: [] for k in pair}
-    keys = list(pair)
-    for _ in range(rounds):
-        random.shuffle(keys)
-        for key in keys:
-            start = time.perf_counter()
-            pair[key]()
-            pair_times[key].append(time.perf_counter() - start)
-    pair_med = {k: statistics.median(v) * 1e3 for k, v in pair_times.items()}
+    pair_med = interleaved_medians({"ort_original": runs[best], "ort_fxrebirth": runs["ort_fxrebirth"]}, rounds)
     print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
-    for key in times:
+    for key in med:
         print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
     print(f"  faster exporter for the original: {best}")
     print(f"  ONNX Runtime, interleaved: original {pair_med['ort_original']:.2f} ms, fxrebirth-optimised "
@@ -137,7 +118,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=["googlenet", "resnet50", "mobilenet_v2"])
     args = parser.parse_args()
-    random.seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32")
     for model_name in args.models:
         compare(model_name, args.rounds)
