@@ -3,12 +3,14 @@
 :func:`random_graphs` draws a GraphModule built from convolutions (grouped, padded, 1x1/3x3), eval
 BatchNorm, constant scale/shift, average pooling, explicit zero padding, ReLU, sums, concatenations and
 a pooled Linear head, with all feature maps at one spatial size so that sums and concatenations of any
-two values are well formed. ``graph_module.code`` is readable PyTorch for a failing example.
+two values are well formed. ``graph_module.code`` is readable PyTorch for a failing example. The vocabulary is a dict of op builders
+(:data:`VOCABULARY`); users add their own ops to it.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -16,12 +18,17 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["random_graphs", "OPS"]
+__all__ = ["random_graphs", "GraphBuilder", "OpBuilder", "VOCABULARY"]
 
-OPS = ("conv", "conv", "bn", "affine", "avg_pool", "pad_conv", "add", "cat", "relu", "sibling")
+class GraphBuilder:
+    """What an op of the vocabulary may use to grow a random graph.
 
+    ``draw`` draws from hypothesis; ``graph`` is the fx graph being built; ``pick()`` returns a random
+    existing ``(node, channels)``; ``tensor(kind, shape)`` registers a random constant and returns its
+    ``get_attr`` node; ``add(node, channels)`` makes a new value available to later ops. Every value is
+    a ``(N, channels, 6, 6)`` feature map.
+    """
 
-class _Builder:
     def __init__(self, draw: st.DrawFn, dtype: torch.dtype, channels: int) -> None:
         self.draw, self.dtype = draw, dtype
         self.root, self.graph = nn.Module(), fx.Graph()
@@ -39,44 +46,15 @@ class _Builder:
     def pick(self) -> tuple[fx.Node, int]:
         return self.draw(st.sampled_from(self.values))
 
+    def add(self, node: fx.Node, channels: int) -> None:
+        self.values.append((node, channels))
+
     def conv(self, x: fx.Node, cin: int, kernel: int, padding: int) -> tuple[fx.Node, int]:
         groups = self.draw(st.sampled_from([g for g in (1, 2, cin) if cin % g == 0]))
         cout = groups * self.draw(st.integers(1, max(1, 6 // groups)))
         w = self.tensor("w", (cout, cin // groups, kernel, kernel))
         b = self.tensor("b", (cout,)) if self.draw(st.booleans()) else None
         return self.graph.call_function(F.conv2d, (x, w, b, 1, padding, 1, groups)), cout
-
-    def step(self, op: str) -> None:
-        x, c = self.pick()
-        g = self.graph
-        if op == "conv":
-            k = self.draw(st.sampled_from([1, 3]))
-            self.values.append(self.conv(x, c, k, k // 2))
-        elif op == "sibling":  # two convs of the same input, used separately
-            self.values.append(self.conv(x, c, 1, 0))
-            self.values.append(self.conv(x, c, 1, 0))
-        elif op == "bn":
-            args = (x, self.tensor("m", (c,)), self.tensor("v", (c,), 0.25, 2.0), self.tensor("g", (c,)),
-                    self.tensor("beta", (c,)), False, 0.1, 1e-5)
-            self.values.append((g.call_function(F.batch_norm, args), c))
-        elif op == "affine":
-            fn = self.draw(st.sampled_from([operator.mul, operator.add, operator.sub]))
-            const = self.tensor("c", (c, 1, 1), 0.5, 1.5) if self.draw(st.booleans()) else 0.75
-            self.values.append((g.call_function(fn, (x, const)), c))
-        elif op == "avg_pool":
-            self.values.append((g.call_function(F.avg_pool2d, (x, 3, 1, 1)), c))
-        elif op == "pad_conv":
-            padded = g.call_function(F.pad, (x, (1, 1, 1, 1)))
-            self.values.append(self.conv(padded, c, 3, 0))
-        elif op == "relu":
-            self.values.append((g.call_function(F.relu, (x,)), c))
-        elif op == "add":
-            same = [v for v in self.values if v[1] == c and v[0] is not x]
-            other = self.draw(st.sampled_from(same))[0] if same else x
-            self.values.append((g.call_function(operator.add, (x, other)), c))
-        elif op == "cat":
-            y, d = self.pick()
-            self.values.append((g.call_function(torch.cat, ([x, y], 1)), c + d))
 
     def finish(self) -> fx.GraphModule:
         g = self.graph
@@ -90,13 +68,82 @@ class _Builder:
         return fx.GraphModule(self.root, g)
 
 
+OpBuilder = Callable[[GraphBuilder], None]
+
+
+def _conv(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    k = b.draw(st.sampled_from([1, 3]))
+    b.add(*b.conv(x, c, k, k // 2))
+
+
+def _sibling(b: GraphBuilder) -> None:  # two convs of the same input, used separately
+    x, c = b.pick()
+    b.add(*b.conv(x, c, 1, 0))
+    b.add(*b.conv(x, c, 1, 0))
+
+
+def _bn(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    args = (x, b.tensor("m", (c,)), b.tensor("v", (c,), 0.25, 2.0), b.tensor("g", (c,)), b.tensor("beta", (c,)),
+            False, 0.1, 1e-5)
+    b.add(b.graph.call_function(F.batch_norm, args), c)
+
+
+def _affine(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    fn = b.draw(st.sampled_from([operator.mul, operator.add, operator.sub]))
+    const = b.tensor("c", (c, 1, 1), 0.5, 1.5) if b.draw(st.booleans()) else 0.75
+    b.add(b.graph.call_function(fn, (x, const)), c)
+
+
+def _avg_pool(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    b.add(b.graph.call_function(F.avg_pool2d, (x, 3, 1, 1)), c)
+
+
+def _pad_conv(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    b.add(*b.conv(b.graph.call_function(F.pad, (x, (1, 1, 1, 1))), c, 3, 0))
+
+
+def _relu(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    b.add(b.graph.call_function(F.relu, (x,)), c)
+
+
+def _add(b: GraphBuilder) -> None:
+    x, c = b.pick()
+    same = [v for v in b.values if v[1] == c and v[0] is not x]
+    other = b.draw(st.sampled_from(same))[0] if same else x
+    b.add(b.graph.call_function(operator.add, (x, other)), c)
+
+
+def _cat(b: GraphBuilder) -> None:
+    (x, c), (y, d) = b.pick(), b.pick()
+    b.add(b.graph.call_function(torch.cat, ([x, y], 1)), c + d)
+
+
+VOCABULARY: dict[str, OpBuilder] = {
+    "conv": _conv, "sibling": _sibling, "bn": _bn, "affine": _affine, "avg_pool": _avg_pool,
+    "pad_conv": _pad_conv, "relu": _relu, "add": _add, "cat": _cat,
+}
+"""The default op vocabulary. Extend it: ``random_graphs(ops={**VOCABULARY, "mine": my_builder})``."""
+
+_WEIGHTS = {"conv": 2}  # convolutions are drawn twice as often
+
+
 @st.composite
-def random_graphs(draw: st.DrawFn, max_ops: int = 8, dtype: torch.dtype = torch.float64) -> fx.GraphModule:
-    """A random DAG GraphModule taking one ``(2, C, 6, 6)`` input (``C`` in ``graph_module.meta``)."""
+def random_graphs(draw: st.DrawFn, max_ops: int = 8, dtype: torch.dtype = torch.float64,
+                  ops: Mapping[str, OpBuilder] | None = None) -> fx.GraphModule:
+    """A random DAG GraphModule taking one ``(N, C, 6, 6)`` input (``C`` is ``graph_module.meta["in_channels"]``),
+    built from ``ops`` (default :data:`VOCABULARY`)."""
+    ops = VOCABULARY if ops is None else ops
+    names = [n for n in ops for _ in range(_WEIGHTS.get(n, 1))]
     channels = draw(st.integers(1, 4))
-    builder = _Builder(draw, dtype, channels)
-    for op in draw(st.lists(st.sampled_from(OPS), min_size=1, max_size=max_ops)):
-        builder.step(op)
+    builder = GraphBuilder(draw, dtype, channels)
+    for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=max_ops)):
+        ops[name](builder)
     gm = builder.finish()
     gm.meta["in_channels"] = channels
     return gm
