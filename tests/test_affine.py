@@ -6,13 +6,14 @@ import operator
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
 from fxrebirth.testing import assert_equivalent, count_kind
-from fxrebirth.testing.strategies import conv_configs, dtypes, per_channel_constants
+from fxrebirth.passes import affine
+from fxrebirth.testing.kit import check_rule
+from fxrebirth.testing.strategies import conv_configs, per_channel_constants
 
 OPS = [operator.mul, operator.add, operator.sub, operator.truediv]
 
@@ -46,46 +47,57 @@ def _affine_nodes(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS)
 
 
-@given(cfg=conv_configs(st.integers(1, 3)), op=st.sampled_from(OPS), left=st.booleans(), dtype=dtypes,
-       data=st.data())
-def test_constant_after_conv_folds(cfg, op, left, dtype, data):
-    left = left and op is not operator.truediv
-    c = data.draw(per_channel_constants(cfg.out_channels, cfg.ndim + 2, nonzero=op is operator.truediv))
-    model = _After(cfg.module(), c, op, left).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x)
-    assert report.stats("affine_into_preceding").rewrites == 1
-    assert _affine_nodes(gm) == 0
-    assert_equivalent(model, gm, x)
+PRECEDING, FOLLOWING = affine.rules()
 
 
-@given(fin=st.integers(1, 6), fout=st.integers(1, 6), op=st.sampled_from(OPS), dtype=dtypes, data=st.data())
-def test_constant_around_linear_folds(fin, fout, op, dtype, data):
-    c_in = data.draw(per_channel_constants(fin, 2, channel_dim=-1, nonzero=op is operator.truediv))
-    c_out = data.draw(per_channel_constants(fout, 2, channel_dim=-1, nonzero=op is operator.truediv))
-    model = _After(_Before(nn.Linear(fin, fout), c_in, op), c_out, op, False).to(dtype).eval()
-    x = torch.randn(3, fin, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x)
-    assert report.stats("affine_into_preceding").rewrites == 1
-    assert report.stats("affine_into_following").rewrites == 1
-    assert _affine_nodes(gm) == 0
-    assert_equivalent(model, gm, x)
+@st.composite
+def conv_then_constant(draw):
+    cfg = draw(conv_configs(st.integers(1, 3)))
+    op = draw(st.sampled_from(OPS))
+    left = draw(st.booleans()) and op is not operator.truediv
+    c = draw(per_channel_constants(cfg.out_channels, cfg.ndim + 2, nonzero=op is operator.truediv))
+    return _After(cfg.module(), c, op, left), cfg.input()
 
 
-@given(cfg=conv_configs(st.integers(1, 3)), op=st.sampled_from(OPS), dtype=dtypes, data=st.data())
-def test_constant_before_conv_folds_only_where_exact(cfg, op, dtype, data):
-    c = data.draw(per_channel_constants(cfg.in_channels, cfg.ndim + 2, nonzero=op is operator.truediv))
-    model = _Before(cfg.module(), c, op).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x)
-    stats = report.stats("affine_into_following")
-    shifts = op in (operator.add, operator.sub) and bool((c != 0).any())
-    if shifts and any(p != 0 for p in cfg.padding):
-        assert stats.rewrites == 0 and _affine_nodes(gm) == 1
-        assert any("zero-pads" in r.reason for r in stats.refusals)
-    else:
-        assert stats.rewrites == 1 and _affine_nodes(gm) == 0
-    assert_equivalent(model, gm, x)
+@st.composite
+def linear_and_constant(draw, constant_first: bool):
+    fin, fout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    op = draw(st.sampled_from(OPS))
+    c = draw(per_channel_constants(fin if constant_first else fout, 2, channel_dim=-1,
+                                   nonzero=op is operator.truediv))
+    layer = nn.Linear(fin, fout)
+    model = _Before(layer, c, op) if constant_first else _After(layer, c, op, False)
+    return model, torch.randn(3, fin)
+
+
+@st.composite
+def constant_then_conv(draw):
+    cfg = draw(conv_configs(st.integers(1, 3)))
+    op = draw(st.sampled_from(OPS))
+    c = draw(per_channel_constants(cfg.in_channels, cfg.ndim + 2, nonzero=op is operator.truediv))
+    return _Before(cfg.module(), c, op), cfg.input()
+
+
+def _exact_before_conv(model: nn.Module, x: torch.Tensor) -> int:
+    """1 unless a non-zero shift meets a zero-padded conv."""
+    shifts = model.op in (operator.add, operator.sub) and bool((model.c != 0).any())
+    return int(not (shifts and any(p != 0 for p in model.layer.padding)))
+
+
+@pytest.mark.fxrebirth_rule
+def test_constant_after_conv_folds():
+    check_rule(PRECEDING, conv_then_constant())
+
+
+@pytest.mark.fxrebirth_rule
+def test_constant_around_linear_folds():
+    check_rule(PRECEDING, linear_and_constant(constant_first=False))
+    check_rule(FOLLOWING, linear_and_constant(constant_first=True))
+
+
+@pytest.mark.fxrebirth_rule
+def test_constant_before_conv_folds_only_where_exact():
+    check_rule(FOLLOWING, constant_then_conv(), expected_rewrites=_exact_before_conv)
 
 
 def test_chain_of_constants_collapses_into_one_conv():

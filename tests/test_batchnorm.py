@@ -6,14 +6,14 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
 from fxrebirth.passes import batchnorm
 from fxrebirth.testing import assert_equivalent, count_kind
-from fxrebirth.testing.strategies import batchnorm_modules, conv_configs, dtypes
+from fxrebirth.testing.kit import check_rule
+from fxrebirth.testing.strategies import batchnorm_modules, conv_configs
 
 
 def _optimize(model: nn.Module, x: torch.Tensor, **kwargs):
@@ -22,57 +22,70 @@ def _optimize(model: nn.Module, x: torch.Tensor, **kwargs):
     return gm, report
 
 
-@given(cfg=conv_configs(st.integers(1, 3)), dtype=dtypes, data=st.data())
-def test_bn_after_conv_folds(cfg, dtype, data):
-    bn = data.draw(batchnorm_modules(cfg.out_channels, cfg.ndim))
-    model = nn.Sequential(cfg.module(), bn).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
+PRECEDING, FOLLOWING = batchnorm.rules()
+
+
+@st.composite
+def conv_then_bn(draw, transposed: bool = False):
+    cfg = draw(conv_configs(st.integers(1, 3), transposed=transposed))
+    return nn.Sequential(cfg.module(), draw(batchnorm_modules(cfg.out_channels, cfg.ndim))), cfg.input()
+
+
+@st.composite
+def bn_then_conv(draw):
+    cfg = draw(conv_configs(st.integers(1, 3)))
+    return nn.Sequential(draw(batchnorm_modules(cfg.in_channels, cfg.ndim)), cfg.module()), cfg.input()
+
+
+@st.composite
+def linear_and_bn(draw, bn_first: bool):
+    fin, fout = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    linear = nn.Linear(fin, fout, bias=draw(st.booleans()))
+    bn = draw(batchnorm_modules(fin if bn_first else fout, 1))
+    return nn.Sequential(*((bn, linear) if bn_first else (linear, bn))), torch.randn(3, fin)
+
+
+def bn_shift(bn: nn.Module) -> torch.Tensor:
+    scale = (bn.weight if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+    return (bn.bias if bn.affine else 0) - bn.running_mean * scale
+
+
+def _exact_before_conv(model: nn.Module, x: torch.Tensor) -> int:
+    """1 when a BatchNorm may fold into the conv after it: no padding, or a zero shift."""
+    bn, conv = model[0], model[1]
+    return int(all(p == 0 for p in conv.padding) or bool((bn_shift(bn).detach() == 0).all()))
+
+
+@pytest.mark.fxrebirth_rule
+def test_bn_after_conv_folds():
+    check_rule(PRECEDING, conv_then_bn(), removes=["batch_norm"])
+
+
+@pytest.mark.fxrebirth_rule
+def test_bn_after_conv_transpose_folds():
+    check_rule(PRECEDING, conv_then_bn(transposed=True), removes=["batch_norm"])
+
+
+@pytest.mark.fxrebirth_rule
+def test_bn_around_linear_folds():
+    check_rule(PRECEDING, linear_and_bn(bn_first=False), removes=["batch_norm"])
+    check_rule(FOLLOWING, linear_and_bn(bn_first=True), removes=["batch_norm"])
+
+
+@pytest.mark.fxrebirth_rule
+def test_bn_before_conv_folds_only_where_exact():
+    check_rule(FOLLOWING, bn_then_conv(), expected_rewrites=_exact_before_conv)
+
+
+def test_bn_before_padded_conv_reports_the_reason():
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+    model = nn.Sequential(bn, nn.Conv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 6, 6)
     gm, report = _optimize(model, x)
-    assert report.stats("bn_into_preceding").rewrites == 1
-    assert count_kind(gm, "batch_norm") == 0
-    assert_equivalent(model, gm, x)
-
-
-@given(cfg=conv_configs(st.integers(1, 3), transposed=True), dtype=dtypes, data=st.data())
-def test_bn_after_conv_transpose_folds(cfg, dtype, data):
-    bn = data.draw(batchnorm_modules(cfg.out_channels, cfg.ndim))
-    model = nn.Sequential(cfg.module(), bn).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
-    gm, report = _optimize(model, x)
-    assert report.stats("bn_into_preceding").rewrites == 1
-    assert count_kind(gm, "batch_norm") == 0
-    assert_equivalent(model, gm, x)
-
-
-@given(fin=st.integers(1, 8), fout=st.integers(1, 8), bias=st.booleans(), dtype=dtypes, data=st.data())
-def test_bn_around_linear_folds(fin, fout, bias, dtype, data):
-    before = data.draw(batchnorm_modules(fin, 1))
-    after = data.draw(batchnorm_modules(fout, 1))
-    model = nn.Sequential(before, nn.Linear(fin, fout, bias=bias), after).to(dtype).eval()
-    x = torch.randn(3, fin, dtype=dtype)
-    gm, report = _optimize(model, x)
-    assert report.stats("bn_into_preceding").rewrites == 1
-    assert report.stats("bn_into_following").rewrites == 1
-    assert count_kind(gm, "batch_norm") == 0
-    assert_equivalent(model, gm, x)
-
-
-@given(cfg=conv_configs(st.integers(1, 3)), dtype=dtypes, data=st.data())
-def test_bn_before_conv_folds_only_where_exact(cfg, dtype, data):
-    bn = data.draw(batchnorm_modules(cfg.in_channels, cfg.ndim))
-    model = nn.Sequential(bn, cfg.module()).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
-    gm, report = _optimize(model, x)
-    stats = report.stats("bn_into_following")
-    shift = bn.bias.detach() - bn.running_mean * (bn.weight.detach() if bn.affine else 1) / torch.sqrt(
-        bn.running_var + bn.eps
-    ) if bn.affine else -bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
-    exact = all(p == 0 for p in cfg.padding) or bool((shift.double() == 0).all())
-    if exact:
-        assert stats.rewrites == 1 and count_kind(gm, "batch_norm") == 0
-    else:
-        assert stats.rewrites == 0 and count_kind(gm, "batch_norm") == 1
-        assert any("zero-pads" in r.reason for r in stats.refusals)
+    assert any("zero-pads" in r.reason for r in report.stats("bn_into_following").refusals)
+    assert count_kind(gm, "batch_norm") == 1
     assert_equivalent(model, gm, x)
 
 

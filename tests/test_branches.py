@@ -7,13 +7,13 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
 from fxrebirth.testing import assert_equivalent, count_kind, randomize_batchnorm
-from fxrebirth.testing.strategies import dtypes
+from fxrebirth.passes import branches as branches_rules
+from fxrebirth.testing.kit import check_rule
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0, groups=1):
@@ -112,7 +112,6 @@ def summed_branches(draw):
         k = draw(st.sampled_from([1, 3, 5]))
         k = min(k, big)
         kh, kw = draw(st.sampled_from([(k, k), (1, k), (k, 1)]))
-        padding = (pad - dilation * (big - kh) // 2 - dilation * ((big - kh) % 2), pad - dilation * (big - kw) // 2)
         padding = (pad - dilation * ((big - kh) // 2), pad - dilation * ((big - kw) // 2))
         branches.append(nn.Conv2d(c, cout, (kh, kw), stride, padding, dilation, bias=draw(st.booleans())))
     extra = draw(st.sampled_from(["none", "identity", "bn", "avg"])) if cout == c and stride == 1 else "none"
@@ -140,15 +139,16 @@ class Summed(nn.Module):
         return out
 
 
-@given(spec=summed_branches(), dtype=dtypes)
-def test_summed_branches_merge(spec, dtype):
-    c, branches, extra = spec
-    model = _prepare(Summed(branches, extra, c), dtype)
-    x = torch.randn(2, c, 9, 9, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x, cost_model=None)
-    assert count_kind(gm, "conv") == 1
-    assert report.stats("merge_summed_branches").rewrites == len(branches) - 1 + (extra != "none")
-    assert_equivalent(model, gm, x)
+@st.composite
+def summed_cases(draw):
+    c, branches, extra = draw(summed_branches())
+    return randomize_batchnorm(Summed(branches, extra, c)), torch.randn(2, c, 9, 9)
+
+
+@pytest.mark.fxrebirth_rule
+def test_summed_branches_merge():
+    check_rule(branches_rules.MergeSummedBranches(), summed_cases(), removes=["avg_pool", "batch_norm"],
+               expected_rewrites=lambda m, x: len(m.branches) - 1 + (m.extra != "none"))
 
 
 def test_summed_branches_with_different_strides_are_refused():
@@ -209,24 +209,28 @@ def test_sibling_1x1_convs_of_an_inception_module_merge(dtype):
     assert_equivalent(model, gm, x)
 
 
-@given(kernels=st.lists(st.sampled_from([1, 3, 5]), min_size=2, max_size=4), others=st.booleans(), dtype=dtypes)
-def test_concatenated_branches_merge(kernels, others, dtype):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.convs = nn.ModuleList(nn.Conv2d(3, i + 1, k, padding=k // 2) for i, k in enumerate(kernels))
+class _Concat(nn.Module):
+    def __init__(self, kernels, others):
+        super().__init__()
+        self.others = others
+        self.convs = nn.ModuleList(nn.Conv2d(3, i + 1, k, padding=k // 2) for i, k in enumerate(kernels))
 
-        def forward(self, x):
-            parts = [c(x) for c in self.convs]
-            if others:
-                parts = [x * 2.0] + parts + [F.relu(x)]
-            return torch.cat(parts, 1)
+    def forward(self, x):
+        parts = [c(x) for c in self.convs]
+        if self.others:
+            parts = [x * 2.0] + parts + [F.relu(x)]
+        return torch.cat(parts, 1)
 
-    model = M().to(dtype).eval()
-    x = torch.randn(2, 3, 7, 7, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x, cost_model=None)
-    assert count_kind(gm, "conv") == 1
-    assert_equivalent(model, gm, x)
+
+@st.composite
+def concat_cases(draw):
+    kernels = draw(st.lists(st.sampled_from([1, 3, 5]), min_size=2, max_size=4))
+    return _Concat(kernels, draw(st.booleans())), torch.randn(2, 3, 7, 7)
+
+
+@pytest.mark.fxrebirth_rule
+def test_concatenated_branches_merge():
+    check_rule(branches_rules.MergeConcatBranches(), concat_cases())
 
 
 def test_slices_of_merged_siblings_collapse_in_a_cat():

@@ -4,46 +4,54 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
 from fxrebirth.testing import assert_equivalent, count_kind
-from fxrebirth.testing.strategies import conv_configs, dtypes
+from fxrebirth.passes import conv_chain
+from fxrebirth.testing.kit import check_rule
+from fxrebirth.testing.strategies import conv_configs
 
 EXACT_ONLY = dict(cost_model=None)  # accept every exact merge: these tests prove the algebra, not the gate
 
 
-@given(first=conv_configs(2), dtype=dtypes, data=st.data())
-def test_conv_after_conv_merges(first, dtype, data):
-    second_groups = data.draw(st.sampled_from([g for g in (1, 2, 3) if first.out_channels % g == 0]))
-    cout = second_groups * data.draw(st.integers(1, 3))
-    k2 = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
-    s2 = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
-    d2 = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
-    conv1 = first.module().to(dtype)
-    x = first.input(dtype=dtype)
-    mid = conv1(x).shape[2:]
+CHAIN = conv_chain.MergeConvChain()
+
+
+@st.composite
+def conv_after_conv(draw):
+    first = draw(conv_configs(2))
+    conv1 = first.module()
+    with torch.no_grad():
+        mid = conv1(first.input()).shape[2:]
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if first.out_channels % g == 0]))
+    k2 = draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    d2 = draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
     assume(all(m >= d * (k - 1) + 1 for m, k, d in zip(mid, k2, d2)))
-    conv2 = nn.Conv2d(first.out_channels, cout, k2, stride=s2, dilation=d2, groups=second_groups,
-                      bias=data.draw(st.booleans()))
-    model = nn.Sequential(conv1, conv2).to(dtype).eval()
-    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
-    assert report.stats("merge_conv_chain").rewrites == 1
-    assert count_kind(gm, "conv") == 1
-    assert_equivalent(model, gm, x)
+    conv2 = nn.Conv2d(first.out_channels, groups * draw(st.integers(1, 3)), k2,
+                      stride=draw(st.tuples(st.integers(1, 2), st.integers(1, 2))), dilation=d2, groups=groups,
+                      bias=draw(st.booleans()))
+    return nn.Sequential(conv1, conv2), first.input()
 
 
-@given(cfg=conv_configs(st.integers(1, 3), padding=st.integers(1, 2)), dtype=dtypes, data=st.data())
-def test_pointwise_then_padded_conv_merges_with_the_padding(cfg, dtype, data):
-    cin = data.draw(st.integers(1, 4))
+@st.composite
+def pointwise_then_padded(draw):
+    cfg = draw(conv_configs(st.integers(1, 3), padding=st.integers(1, 2)))
+    cin = draw(st.integers(1, 4))
     pointwise = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg.ndim](cin, cfg.in_channels, 1, bias=False)
-    model = nn.Sequential(pointwise, cfg.module()).to(dtype).eval()
-    x = torch.randn((2, cin) + cfg.size, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
-    assert report.stats("merge_conv_chain").rewrites == 1
-    assert_equivalent(model, gm, x)
+    return nn.Sequential(pointwise, cfg.module()), torch.randn((2, cin) + cfg.size)
+
+
+@pytest.mark.fxrebirth_rule
+def test_conv_after_conv_merges():
+    check_rule(CHAIN, conv_after_conv())
+
+
+@pytest.mark.fxrebirth_rule
+def test_pointwise_then_padded_conv_merges_with_the_padding():
+    check_rule(CHAIN, pointwise_then_padded())
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -77,19 +85,17 @@ def test_the_refusal_is_needed_verification_catches_a_forced_padded_merge():
     assert_equivalent(model, gm, x)
 
 
-@given(c=st.integers(1, 4), k=st.integers(1, 3), pool=st.integers(2, 3), stride=st.integers(1, 3),
-       pad=st.integers(0, 1), dtype=dtypes)
-def test_average_pooling_after_conv_merges(c, k, pool, stride, pad, dtype):
-    pad = min(pad, pool // 2)
-    model = nn.Sequential(nn.Conv2d(c, 3, k), nn.AvgPool2d(pool, stride, pad)).to(dtype).eval()
-    x = torch.randn(2, c, 9, 9, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
-    stats = report.stats("merge_conv_chain")
-    if pad == 0:
-        assert stats.rewrites == 1 and count_kind(gm, "avg_pool") == 0
-    else:
-        assert stats.rewrites == 0 and "zero-pads" in stats.refusals[0].reason
-    assert_equivalent(model, gm, x)
+@st.composite
+def conv_then_avg_pool(draw):
+    c, k, pool = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(2, 3))
+    pad = min(draw(st.integers(0, 1)), pool // 2)
+    model = nn.Sequential(nn.Conv2d(c, 3, k), nn.AvgPool2d(pool, draw(st.integers(1, 3)), pad))
+    return model, torch.randn(2, c, 9, 9)
+
+
+@pytest.mark.fxrebirth_rule
+def test_average_pooling_after_conv_merges_unless_it_pads():
+    check_rule(CHAIN, conv_then_avg_pool(), expected_rewrites=lambda model, x: int(model[1].padding == 0))
 
 
 def test_average_pooling_before_conv_merges_and_count_include_pad_false_is_refused():
@@ -104,15 +110,16 @@ def test_average_pooling_before_conv_merges_and_count_include_pad_false_is_refus
     assert_equivalent(inexact, gm, x)
 
 
-@given(sizes=st.lists(st.integers(1, 8), min_size=3, max_size=4), bias=st.booleans(), dtype=dtypes)
-def test_linear_chain_merges(sizes, bias, dtype):
-    layers = [nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:])]
-    model = nn.Sequential(*layers).to(dtype).eval()
-    x = torch.randn(3, sizes[0], dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x, **EXACT_ONLY)
-    assert count_kind(gm, "linear") == 1
-    assert report.stats("merge_linear_chain").rewrites == len(layers) - 1
-    assert_equivalent(model, gm, x)
+@st.composite
+def linear_chains(draw):
+    sizes = draw(st.lists(st.integers(1, 8), min_size=3, max_size=4))
+    bias = draw(st.booleans())
+    return nn.Sequential(*(nn.Linear(a, b, bias=bias) for a, b in zip(sizes, sizes[1:]))), torch.randn(3, sizes[0])
+
+
+@pytest.mark.fxrebirth_rule
+def test_linear_chain_merges():
+    check_rule(conv_chain.MergeLinearChain(), linear_chains(), expected_rewrites=lambda model, x: len(model) - 1)
 
 
 def test_cost_gate_refuses_a_slower_merge_and_force_overrides_it():

@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+import pytest
 from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
-from fxrebirth.testing import assert_equivalent, count_kind
-from fxrebirth.testing.strategies import conv_configs, dtypes
+from fxrebirth.testing import assert_equivalent
+from fxrebirth.passes import conv_chain, pooling
+from fxrebirth.testing.kit import check_rule
+from fxrebirth.testing.strategies import conv_configs
 
 
-@given(cfg=conv_configs(2), pad=st.tuples(st.integers(0, 2), st.integers(0, 2)), module=st.booleans(), dtype=dtypes)
-def test_symmetric_zero_padding_folds_into_the_conv(cfg, pad, module, dtype):
-    ph, pw = pad
-    padder = nn.ZeroPad2d((pw, pw, ph, ph)) if module else nn.ConstantPad2d((pw, pw, ph, ph), 0.0)
-    model = nn.Sequential(padder, cfg.module()).to(dtype).eval()
-    x = cfg.input(dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x)
-    assert report.stats("fold_pad_into_conv").rewrites == 1 and count_kind(gm, "pad") == 0
+@st.composite
+def pad_then_conv(draw):
+    cfg = draw(conv_configs(2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    padder = nn.ZeroPad2d((pw, pw, ph, ph)) if draw(st.booleans()) else nn.ConstantPad2d((pw, pw, ph, ph), 0.0)
+    return nn.Sequential(padder, cfg.module()), cfg.input()
+
+
+@pytest.mark.fxrebirth_rule
+def test_symmetric_zero_padding_folds_into_the_conv():
+    check_rule(pooling.FoldPadIntoConv(), pad_then_conv(), removes=["pad"])
+
+
+def test_folded_padding_adds_up():
+    model = nn.Sequential(nn.ZeroPad2d((2, 2, 1, 1)), nn.Conv2d(2, 3, 3, padding=1)).eval()
+    gm, _ = fxrebirth.optimize(model, torch.randn(1, 2, 6, 6))
     (conv,) = [n for n in gm.graph.nodes if fxrebirth.ops.kind_of(n) == "conv"]
-    assert conv.kwargs["padding"] == (cfg.padding[0] + ph, cfg.padding[1] + pw)
-    assert_equivalent(model, gm, x)
+    assert conv.kwargs["padding"] == (2, 3)
 
 
 def _pad_then_conv(pad, **kwargs):
@@ -51,18 +60,20 @@ def test_asymmetric_nonzero_and_reflect_padding_are_refused():
         assert_equivalent(model, gm, x)
 
 
-@given(c=st.integers(1, 6), f=st.integers(1, 6), groups=st.sampled_from([1, 2]), dtype=dtypes)
-def test_global_pool_moves_before_pointwise_conv_and_merges_into_linear(c, f, groups, dtype):
-    c, f = c * groups, f * groups
-    model = nn.Sequential(nn.Conv2d(c, f, 1, groups=groups), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(f, 3)).to(dtype).eval()
-    x = torch.randn(2, c, 7, 7, dtype=dtype)
-    gm, report = fxrebirth.optimize(model, x)
-    assert report.stats("commute_global_pool").rewrites == 1
-    assert report.stats("merge_flattened_conv_into_linear").rewrites == 1
-    assert count_kind(gm, "conv") == 0 and count_kind(gm, "linear") == 1
-    assert report.flops_after < report.flops_before
-    assert_equivalent(model, gm, x)
+@st.composite
+def pointwise_pool_linear(draw):
+    groups = draw(st.sampled_from([1, 2]))
+    c, f = groups * draw(st.integers(1, 6)), groups * draw(st.integers(1, 6))
+    model = nn.Sequential(nn.Conv2d(c, f, 1, groups=groups), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(f, 3))
+    return model, torch.randn(2, c, 7, 7)
+
+
+@pytest.mark.fxrebirth_rule
+def test_global_pool_moves_before_pointwise_conv_and_merges_into_linear():
+    commute = pooling.CommuteGlobalPool()
+    check_rule(commute, pointwise_pool_linear())
+    check_rule(conv_chain.MergeFlattenedConvIntoLinear(), pointwise_pool_linear(), before=[commute],
+               removes=["conv"])
 
 
 def test_global_pool_after_padded_or_strided_conv_is_refused():
