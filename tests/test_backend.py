@@ -144,3 +144,14 @@ def test_public_backend_function_is_the_entry_point():
 
     (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "fxrebirth"]
     assert ep.load() is fxrebirth.backend.fxrebirth_backend
+
+
+def test_rules_option_replaces_the_rule_list(caplog):
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout())).eval()
+    x = torch.randn(1, 3, 8, 8)
+    from fxrebirth.passes import cleanup
+
+    with caplog.at_level("INFO", logger="fxrebirth.backend"), torch.no_grad():
+        compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager", "rules": cleanup.rules()})
+        assert_equivalent(model, compiled, x)
+    assert "1 rewrites in a graph" in caplog.text  # only the dropout: no BatchNorm rule was given

@@ -174,3 +174,37 @@ def test_plugin_fixtures(check_rule, assert_equivalent, equivalence_tolerance):
     from fxrebirth.testing.kit import check_rule as public_check
 
     assert check_rule is public_check and assert_equivalent is public and equivalence_tolerance == TOLERANCES
+
+
+def test_plugin_imports_nothing_heavy():
+    import subprocess
+
+    code = "import sys, fxrebirth_pytest; assert 'torch' not in sys.modules and 'fxrebirth' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def _double(builder):
+    """A user's own op for the random-graph vocabulary: x * 2 through a custom function."""
+    x, c = builder.pick()
+    builder.add(builder.graph.call_function(torch.mul, (x, 2.0)), c)
+
+
+def test_random_graph_vocabulary_is_extensible():
+    import fxrebirth
+    from hypothesis import given, settings
+
+    from fxrebirth.testing import assert_equivalent
+    from fxrebirth.testing.graphs import VOCABULARY, random_graphs
+
+    seen = []
+
+    @settings(max_examples=30)
+    @given(gm=random_graphs(ops={**VOCABULARY, "double": _double}))
+    def prove(gm):
+        seen.append(any(n.target is torch.mul for n in gm.graph.nodes))
+        x = torch.randn(2, gm.meta["in_channels"], 6, 6, dtype=torch.float64)
+        optimized, _ = fxrebirth.optimize(gm, x)
+        assert_equivalent(gm, optimized, x)
+
+    prove()
+    assert any(seen)
