@@ -20,11 +20,19 @@ from .errors import FxRebirthError
 __all__ = ["main", "load_model"]
 
 
+PAPER_MODELS = ("googlenet_lrn", "alexnet_lrn")
+
+
 def load_model(spec: str) -> nn.Module:
-    """A model from a torchvision name (``resnet50``) or a factory path (``package.module:factory``).
+    """A model from the paper's networks (``googlenet_lrn``, ``alexnet_lrn``), a torchvision name
+    (``resnet50``) or a factory path (``package.module:factory``).
 
     torchvision models are built with ``weights=None``: nothing is downloaded.
     """
+    if spec in PAPER_MODELS:
+        from . import models
+
+        return getattr(models, spec)()
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -38,8 +46,9 @@ def load_model(spec: str) -> nn.Module:
         names = torchvision.models.list_models(module=torchvision.models)
         if spec not in names:
             raise FxRebirthError(
-                f"unknown model {spec!r}: give a torchvision classification model name "
-                f"(e.g. {', '.join(names[:4])}, ...) or a factory as package.module:function"
+                f"unknown model {spec!r}: give one of the paper's networks ({', '.join(PAPER_MODELS)}), a "
+                f"torchvision classification model name (e.g. {', '.join(names[:4])}, ...) or a factory as "
+                "package.module:function"
             )
         kwargs = {"init_weights": False} if spec in ("googlenet", "inception_v3") else {}
         model = torchvision.models.get_model(spec, weights=None, **kwargs)
@@ -67,15 +76,44 @@ def _parser() -> argparse.ArgumentParser:
                      help="the runtime the cost gate optimises for (default eager PyTorch on CPU)")
     opt.add_argument("--save", metavar="PATH", help="save the optimised model as a torch.export program (.pt2)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
+    pln = sub.add_parser("plan", help="mark non-linear regions, measure them, and print the rebirth plan")
+    pln.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
+    pln.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
+    pln.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    pln.add_argument("--target-speedup", type=float, help="select regions until this estimated speed-up")
+    pln.add_argument("--budget-ms", type=float, help="select regions until this estimated latency")
+    pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
+    pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
-def _optimize(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> nn.Module:
     model = load_model(args.model)
     if args.weights:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    model.eval()
+    return model.eval()
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    model = _load(args)
+    x = torch.randn(1, 3, args.input_size, args.input_size)
+    budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
+    result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats)
+    if args.save:
+        with open(args.save, "w") as f:
+            f.write(result.to_json(indent=1))
+    print(result.to_json(indent=1) if args.json else result.table())
+    if args.save and not args.json:
+        print(f"saved: {args.save}")
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    model = _load(args)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
     cost = RooflineCost.onnxruntime() if args.runtime == "onnxruntime" else RooflineCost()
     gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify, cost_model=cost)
@@ -97,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _optimize(args)
+        return _plan(args) if args.command == "plan" else _optimize(args)
     except FxRebirthError as exc:
         print(f"fxrebirth: error: {exc}", file=sys.stderr)
         return 2

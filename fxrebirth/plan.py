@@ -167,7 +167,7 @@ class Plan:
                  f"{'MFLOPs':>15}  sel  replaces"]
         for r in self.regions:
             share = r.cost_now_s / self.latency_s if self.latency_s else 0.0
-            replaces = ", ".join(r.region.replaces)
+            replaces = _summary(r.region)
             lines.append(
                 f"  {r.region.id:<32} {r.depth_now:>3}->{r.depth_rebirth:<3} {r.cost_now_s * 1e3:>8.2f} "
                 f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%} "
@@ -180,6 +180,17 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _summary(region: Region) -> str:
+    """What a region replaces, in one line: its layers, or for a branch region what the proposal does."""
+    if region.kind != "branch":
+        return ", ".join(region.replaces)
+    branches = region.proposal["branches"]
+    into = next((i for i, b in enumerate(branches) if b.get("absorbs")), None)
+    text = f"{len(region.replaces)} layers; pool branch absorbed into branch {into + 1}" if into is not None \
+        else f"{len(region.replaces)} layers"
+    return text + f", reduce layers x{region.proposal['reduce_ratio']}"
 
 
 def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,

@@ -53,3 +53,14 @@ def test_factory_weights_and_save(tmp_path, capsys, monkeypatch):
 def test_bad_factory_is_a_clear_error(capsys):
     assert main(["optimize", "no_such_package:factory"]) == 2
     assert "cannot load factory 'no_such_package:factory'" in capsys.readouterr().err
+
+
+def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
+    target = tmp_path / "plan.json"
+    assert main(["plan", "alexnet_lrn", "--input-size", "96", "--repeats", "1", "--save", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "streamline:conv1.conv" in out and "conv1.conv, conv1.relu, norm1, pool1" in out
+    import fxrebirth
+
+    plan = fxrebirth.Plan.from_json(target.read_text())
+    assert [r.region.id for r in plan.regions][:2] == ["streamline:conv1.conv", "streamline:conv2.conv"]
