@@ -15,6 +15,7 @@ times are the first call's.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -37,8 +38,8 @@ def _timed_first_call(fn: Callable[[], object]) -> float:
 
 
 def _compiled(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[Callable[[], object], float]:
-    torch._dynamo.reset()
-    compiled = torch.compile(model, **kwargs)
+    # Each variant compiles its own copy, so no variant can run code compiled for another.
+    compiled = torch.compile(copy.deepcopy(model), **kwargs)
 
     def run() -> object:
         with torch.no_grad():
@@ -51,8 +52,7 @@ def _freezing(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[], obj
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(freezing=True):
-        torch._dynamo.reset()
-        compiled = torch.compile(model)
+        compiled = torch.compile(copy.deepcopy(model))
 
         def run() -> object:
             with torch.no_grad():
