@@ -20,6 +20,13 @@ from torch import nn
 from fxrebirth import Match, Rule, RuleContext
 
 
+def standardize(weight: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gain * (W - mean W) / sqrt(var W + eps)``, per output channel."""
+    mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+    var = weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+    return gain * (weight - mean) / torch.sqrt(var + eps)
+
+
 class WSConv2d(nn.Conv2d):
     """A convolution whose weight is standardised on every call."""
 
@@ -28,13 +35,8 @@ class WSConv2d(nn.Conv2d):
         self.eps = eps
         self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
 
-    def standardized_weight(self) -> torch.Tensor:
-        mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
-        var = self.weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return self.gain * (self.weight - mean) / torch.sqrt(var + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+        return F.conv2d(x, standardize(self.weight, self.gain, self.eps), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
 
@@ -58,17 +60,11 @@ class FoldWeightStandardization(Rule):
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         module = ctx.gm.get_submodule(match.output.target)
-        exact = _standardized(module)
+        # the exact value, in float64; fxrebirth stores it in the model's dtype
+        exact = standardize(module.weight.detach().double(), module.gain.detach().double(), module.eps)
         weight = ctx.add_tensor(f"{match.output.target}_weight", exact, module.weight)
         bias = ctx.add_tensor(f"{match.output.target}_bias", module.bias.detach().double(), module.bias) \
             if module.bias is not None else None
         return ctx.call(F.conv2d, like=match.output, input=match.inputs[0], weight=weight, bias=bias,
                         stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
 
-
-def _standardized(module: WSConv2d) -> torch.Tensor:
-    """The standardised weight computed in float64 (the exact value; fxrebirth stores it in the model's dtype)."""
-    w, gain = module.weight.detach().double(), module.gain.detach().double()
-    mean = w.mean(dim=(1, 2, 3), keepdim=True)
-    var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return gain * (w - mean) / torch.sqrt(var + module.eps)

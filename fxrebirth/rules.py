@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .capture import SOURCE_KEY
-from .ops import normalize_kwargs, OPS
+from .ops import OPS, kind_of, normalize_kwargs
 
 __all__ = ["Match", "Rule", "RuleContext", "describe", "name_hint", "producer"]
 
@@ -64,8 +64,6 @@ def describe(node: fx.Node) -> str:
 def producer(node: fx.Node, *kinds: str) -> fx.Node | None:
     """``node``'s ``input`` argument when it is a canonical node of one of ``kinds`` that itself reads a
     graph value (the shape of every two-stage pattern), else None."""
-    from .ops import kind_of
-
     x = node.kwargs.get("input") if node.op == "call_function" else None
     if isinstance(x, fx.Node) and kind_of(x) in kinds and isinstance(x.kwargs.get("input"), fx.Node):
         return x

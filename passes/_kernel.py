@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import RuleContext, describe
@@ -284,11 +285,7 @@ def compose(first: Kernel, second: Kernel) -> Kernel | str:
 def emit_conv(ctx: RuleContext, kernel: Kernel, x: fx.Node, like: fx.Node, hint: str,
               like_weight: fx.Node) -> fx.Node:
     """Insert ``conv(x)`` for ``kernel``, storing tensors in the dtype/device of ``like_weight``."""
-    from fxrebirth.ops import OPS
-    import torch.nn.functional as F
-
     target = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[kernel.ndim]
-    assert target in OPS
     stored = ctx.stored(like_weight)
     weight = ctx.add_tensor(f"{hint}_weight", kernel.weight, stored)
     bias = ctx.add_tensor(f"{hint}_bias", kernel.bias, stored)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, producer
@@ -76,8 +77,6 @@ class MergeConvChain(Rule):
 
 
 def _emit_linear(ctx: RuleContext, weight: torch.Tensor, bias: torch.Tensor, x: fx.Node, like: fx.Node) -> fx.Node:
-    import torch.nn.functional as F
-
     stored = ctx.stored(like.kwargs["weight"])
     w = ctx.add_tensor(f"{name_hint(like)}_weight", weight, stored)
     b = ctx.add_tensor(f"{name_hint(like)}_bias", bias, stored)
