@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["googlenet_lrn", "alexnet_lrn", "Inception", "INCEPTION_WIDTHS", "MIN_INPUT"]
+__all__ = ["googlenet_lrn", "alexnet_lrn", "he_init", "fold_batch_norm", "Inception", "INCEPTION_WIDTHS", "MIN_INPUT"]
 
 INCEPTION_WIDTHS = {
     # name: (in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) -- Szegedy et al., 2015, Table 1
@@ -44,39 +44,46 @@ def _w(channels: int, width: float) -> int:
 
 
 class _ConvReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1,
+                 batch_norm: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups)
+        if batch_norm:
+            self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
 
 
 class Inception(nn.Module):
     """One inception module: 1x1; 1x1 reduce -> 3x3; 1x1 reduce -> 5x5; 3x3 max-pool -> 1x1 projection."""
 
-    def __init__(self, cin: int, c1: int, r3: int, c3: int, r5: int, c5: int, proj: int) -> None:
+    def __init__(self, cin: int, c1: int, r3: int, c3: int, r5: int, c5: int, proj: int,
+                 batch_norm: bool = False) -> None:
         super().__init__()
-        self.branch1 = _ConvReLU(cin, c1, 1)
-        self.branch2 = nn.Sequential(_ConvReLU(cin, r3, 1), _ConvReLU(r3, c3, 3, padding=1))
-        self.branch3 = nn.Sequential(_ConvReLU(cin, r5, 1), _ConvReLU(r5, c5, 5, padding=2))
-        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _ConvReLU(cin, proj, 1))
+        bn = {"batch_norm": batch_norm}
+        self.branch1 = _ConvReLU(cin, c1, 1, **bn)
+        self.branch2 = nn.Sequential(_ConvReLU(cin, r3, 1, **bn), _ConvReLU(r3, c3, 3, padding=1, **bn))
+        self.branch3 = nn.Sequential(_ConvReLU(cin, r5, 1, **bn), _ConvReLU(r5, c5, 5, padding=2, **bn))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _ConvReLU(cin, proj, 1, **bn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
 
 
 class GoogLeNetLRN(nn.Module):
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.4) -> None:
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.4,
+                 batch_norm: bool = False) -> None:
         super().__init__()
-        self.conv1 = _ConvReLU(3, _w(64, width), 7, 2, 3)
+        bn = {"batch_norm": batch_norm}
+        self.conv1 = _ConvReLU(3, _w(64, width), 7, 2, 3, **bn)
         self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.norm1 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)
-        self.conv2_reduce = _ConvReLU(_w(64, width), _w(64, width), 1)
-        self.conv2 = _ConvReLU(_w(64, width), _w(192, width), 3, padding=1)
+        self.conv2_reduce = _ConvReLU(_w(64, width), _w(64, width), 1, **bn)
+        self.conv2 = _ConvReLU(_w(64, width), _w(192, width), 3, padding=1, **bn)
         self.norm2 = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)
         self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
         blocks: dict[str, nn.Module] = {}
         for name, (cin, *rest) in INCEPTION_WIDTHS.items():
-            blocks[f"inception{name}"] = Inception(_w(cin, width), *(_w(c, width) for c in rest))
+            blocks[f"inception{name}"] = Inception(_w(cin, width), *(_w(c, width) for c in rest), **bn)
             if name in ("3b", "4e"):
                 blocks[f"pool{3 if name == '3b' else 4}"] = nn.MaxPool2d(3, 2, ceil_mode=True)
         self.blocks = nn.Sequential(OrderedDict(blocks))
@@ -91,9 +98,43 @@ class GoogLeNetLRN(nn.Module):
         return self.fc(self.dropout(torch.flatten(x, 1)))
 
 
-def googlenet_lrn(num_classes: int = 1000, width: float = 1.0) -> nn.Module:
-    """Caffe's BVLC GoogLeNet (LRN, no BatchNorm), without the auxiliary classifiers."""
-    return GoogLeNetLRN(num_classes, width)
+def googlenet_lrn(num_classes: int = 1000, width: float = 1.0, batch_norm: bool = False) -> nn.Module:
+    """Caffe's BVLC GoogLeNet (LRN, no BatchNorm), without the auxiliary classifiers.
+
+    ``batch_norm=True`` puts a BatchNorm after every convolution: a trainable stand-in for the auxiliary
+    classifiers Caffe needed to train 22 layers without BatchNorm. :func:`fold_batch_norm` folds them
+    away afterwards (exactly), leaving the Caffe architecture's state_dict."""
+    return GoogLeNetLRN(num_classes, width, batch_norm=batch_norm)
+
+
+def he_init(model: nn.Module) -> nn.Module:
+    """He (Kaiming) normal initialisation of every conv and linear layer, zero biases, and a small last layer:
+    trains faster than PyTorch's default here (which shrinks activations layer after layer)."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            last = module
+    if isinstance(last, nn.Linear):
+        nn.init.normal_(last.weight, std=0.01)
+    return model
+
+
+@torch.no_grad()
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """Fold every ``_ConvReLU``'s BatchNorm into its convolution, in place, and remove it:
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``
+    (running statistics: the model must be in eval mode to use the result)."""
+    for module in model.modules():
+        if isinstance(module, _ConvReLU) and hasattr(module, "bn"):
+            conv, bn = module.conv, module.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+            del module.bn
+    return model
 
 
 class AlexNetLRN(nn.Module):

@@ -61,9 +61,11 @@ def build_rebirth(proposal: dict[str, Any]) -> nn.Module:
     return builder(proposal)
 
 
-def rebuild(gm: "torch.fx.GraphModule", plan: "Any") -> "torch.fx.GraphModule":
+def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Module] | None = None
+            ) -> "torch.fx.GraphModule":
     """A copy of ``gm`` (the captured model) with every selected region of ``plan`` replaced by its
-    rebirth layer, freshly initialised (untrained: for measuring speed; retraining comes next)."""
+    rebirth layer, freshly initialised (untrained: for measuring speed; :func:`fxrebirth.rebirth` retrains),
+    or by ``modules[region id]`` where given (inserted as is, not copied)."""
     import copy
 
     import torch.fx as fx
@@ -77,7 +79,8 @@ def rebuild(gm: "torch.fx.GraphModule", plan: "Any") -> "torch.fx.GraphModule":
     for i, planned in enumerate(sorted(plan.selected, key=lambda r: position[r.region.output])):
         region = planned.region
         name = f"rebirth_{i}"
-        out.add_submodule(name, build_rebirth(region.proposal).to(device))
+        module = (modules or {}).get(region.id)
+        out.add_submodule(name, module if module is not None else build_rebirth(region.proposal).to(device))
         old = nodes[region.output]
         with out.graph.inserting_before(old):
             new = out.graph.call_module(name, (replaced.get(region.input, nodes[region.input]),))

@@ -25,13 +25,13 @@ from fxrebirth.capture import SOURCE_KEY
 from fxrebirth.ops import kind_of
 from fxrebirth.regions import Region, record
 
-__all__ = ["mark_inception", "DEFAULT_REDUCE_RATIO"]
+__all__ = ["mark_inception", "branch_chain", "DEFAULT_REDUCE_RATIO"]
 
 DEFAULT_REDUCE_RATIO = 0.5
 _BRANCH_KINDS = ("conv", "batch_norm", "relu", "max_pool", "avg_pool")
 
 
-def _branch(t: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+def branch_chain(t: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(x, [nodes from x's user to t])``: walk back from a cat input while nodes have one user."""
     chain: list[fx.Node] = []
     node = t
@@ -64,7 +64,7 @@ def mark_inception(gm: fx.GraphModule, *, reduce_ratio: float = DEFAULT_REDUCE_R
     for cat in gm.graph.nodes:
         if kind_of(cat) != "cat" or not isinstance(cat.kwargs["tensors"], (list, tuple)) or cat.kwargs["dim"] != 1:
             continue
-        found = [_branch(t) for t in cat.kwargs["tensors"]]
+        found = [branch_chain(t) for t in cat.kwargs["tensors"]]
         if len(found) < 2 or any(f is None for f in found) or len({f[0] for f in found}) != 1:
             continue
         x = found[0][0]

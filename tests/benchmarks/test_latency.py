@@ -13,9 +13,6 @@ what to quote on a noisy machine)::
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -24,6 +21,7 @@ import torchvision
 from torch.fx.experimental.optimization import fuse
 
 import fxrebirth
+from fxrebirth.bench import interleaved_medians
 from fxrebirth.testing import randomize_batchnorm
 
 MODELS = ["googlenet", "resnet50", "mobilenet_v2", "repvgg"]
@@ -107,24 +105,6 @@ try:
         benchmark.pedantic(lambda: fxrebirth.optimize(model, x), rounds=3, iterations=1)
 except ImportError:  # pragma: no cover - running as a script without pytest
     pass
-
-
-def interleaved_medians(runs: dict[str, Callable[[], object]], rounds: int, seed: int = 0) -> dict[str, float]:
-    """Median milliseconds of each run, the runs taken in a shuffled order every round (no variant always
-    runs right after another one: measured, position alone moved one by 15%)."""
-    for run in runs.values():
-        for _ in range(3):
-            run()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    order = list(runs)
-    shuffle = random.Random(seed).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            runs[key]()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def interleaved(models: list[str], rounds: int) -> None:

@@ -1,0 +1,794 @@
+r"""The retraining engine: replace every planned region by its rebirth layer and win the accuracy back.
+
+``gm, report = fxrebirth.rebirth(model, plan, train_data, test_data=...)``
+
+1. **Rebuild.** The model is captured at the data's image size and the plan checked against it. The
+   student is the captured graph with each selected region behind a :class:`RegionSwitch` (the original
+   region and its rebirth layer); the returned model holds the rebirth layers only.
+2. **Initialise** each rebirth layer (``init=``):
+
+   * ``"lstsq"`` (default): a closed-form ridge-regression fit on calibration images (forward passes of the
+     original model only). A streamline region's convolution ``W`` minimises
+     ``||unfold(x) W - y||^2 + lambda ||W||^2`` over the region's inputs ``x`` (unfolded into the rebirth
+     kernel's patches) and outputs ``y``. In an inception region the 1x1 branch is the original layer,
+     the thinned reduce layers keep the channels that carry the most output energy
+     (``E[r_c^2] * ||W_2[:, c]||^2``), and each branch's last convolution is fitted from the kept channels
+     to the original pre-activation (plus, in the absorbing branch, the pool projection's).
+   * ``"xavier"``: Glorot-uniform weights, zero biases (the paper's).
+   * ``"original"``: the original weights re-laid: a streamline convolution's kernel placed inside the larger
+     kernel where the pooling window's centre reads; inception branches copied with the first channels of
+     each thinned reduce layer; the absorbed pool-projection channels Glorot-initialised.
+
+3. **Train** (``schedule=``):
+
+   * ``"distill"`` (default): layer-wise distillation (each rebirth layer regresses its region's output from
+     the region's input, both taken from the original model; ``layerwise_epochs``), then end-to-end
+     knowledge distillation with the original as teacher: ``kd_weight * T^2 KL(p_T(teacher) || p_T(student))
+     + (1 - kd_weight) * CE(student, labels)`` for ``epochs`` epochs.
+   * ``"paper"``: DeepRebirth's schedule: bottom-up, one region per step, ``epochs`` epochs per step of
+     end-to-end training on labels, the new layer at ``new_layer_lr_mult`` times the learning rate.
+
+   The student trains with dropout off (distillation is its regulariser, and data-parallel runs then match a
+   single process). Under ``torchrun`` the end-to-end training is data-parallel (DDP); every rank must call
+   :func:`rebirth` with the same arguments.
+
+4. **Checkpoint** after every step (``checkpoint_dir``): a crash, even ``kill -9``, loses at most the step in
+   progress, and ``resume=True`` continues from the last finished step with the same result as an
+   uninterrupted run (every step is seeded from ``seed`` and its index).
+
+Retraining cost is counted as the paper counts epochs: images passed forward *and backward* through any
+training, summed over all steps, divided by the training-set size (layer-wise distillation included, though
+its backward pass only reaches the rebirth layers); forward-only calibration images are reported apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn import functional as F
+
+from .capture import capture
+from .data import DataError, check_dataset
+from .errors import FxRebirthError
+from .ops import kind_of
+from .plan import Plan, PlannedRegion
+from .rebirth import InceptionRebirth, build_rebirth, rebuild
+from .regions import Region, RegionError
+from .train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
+                    paired_difference, save_checkpoint, world)
+
+__all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
+
+log = logging.getLogger(__name__)
+
+INITS = ("lstsq", "xavier", "original")
+SCHEDULES = ("distill", "paper")
+
+
+@dataclass
+class RebirthConfig:
+    """Options of :func:`rebirth` (see the module docstring)."""
+
+    init: str = "lstsq"
+    schedule: str = "distill"
+    epochs: float = 1.0
+    """End-to-end epochs: in all (``distill``) or per merging step (``paper``)."""
+    layerwise_epochs: float = 0.25
+    calibration_images: int = 2048
+    ridge: float = 1e-3
+    batch_size: int = 128
+    lr: float = 1e-4
+    new_layer_lr_mult: float = 10.0
+    layerwise_lr: float = 1e-3
+    temperature: float = 4.0
+    kd_weight: float = 0.9
+    eval_images: int = 2000
+    """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise FxRebirthError(f"init={self.init!r}: choose one of {INITS}")
+        if self.schedule not in SCHEDULES:
+            raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
+            raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
+
+
+@dataclass
+class StepRecord:
+    """One merging step: what it did, what it cost, and the held-out accuracy after it."""
+
+    name: str
+    regions: list[str]
+    trained_images: int
+    calibration_images: int
+    wall_s: float
+    loss: float | None
+    top1: float | None
+    agreement: float | None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(images so far in this step, loss), about 50 points."""
+
+
+@dataclass
+class RebirthReport:
+    """What :func:`rebirth` did: per step and region, accuracy before and after, and the retraining cost."""
+
+    config: dict[str, Any]
+    train_images: int
+    steps: list[StepRecord] = field(default_factory=list)
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    teacher: dict[str, Any] | None = None
+    student: dict[str, Any] | None = None
+    difference_interval: tuple[float, float] | None = None
+    """95% interval of student minus teacher top-1 (paired, on the same held-out images)."""
+    latency: dict[str, Any] | None = None
+    resumed_from: str | None = None
+
+    @property
+    def trained_images(self) -> int:
+        return sum(s.trained_images for s in self.steps)
+
+    @property
+    def retraining_epochs(self) -> float:
+        """Images passed forward and backward in any training, divided by the training-set size."""
+        return self.trained_images / self.train_images if self.train_images else 0.0
+
+    @property
+    def calibration_images(self) -> int:
+        return sum(s.calibration_images for s in self.steps)
+
+    @property
+    def wall_s(self) -> float:
+        return sum(s.wall_s for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(retraining_epochs=self.retraining_epochs, trained_images=self.trained_images,
+                    calibration_images=self.calibration_images, wall_s=self.wall_s)
+        return data
+
+    def table(self) -> str:
+        lines = [f"rebirth: init={self.config['init']} schedule={self.config['schedule']}; retraining "
+                 f"{self.retraining_epochs:.2f} epochs ({self.trained_images} images forward+backward, "
+                 f"{self.calibration_images} forward-only calibration images), {self.wall_s:.0f} s",
+                 f"  {'step':<34} {'regions':>7} {'epochs':>7} {'wall s':>7} {'loss':>8} {'top-1':>7} {'agree':>7}"]
+        for s in self.steps:
+            epochs = s.trained_images / self.train_images if self.train_images else 0.0
+            lines.append(f"  {s.name[:34]:<34} {len(s.regions):>7} {epochs:>7.2f} {s.wall_s:>7.1f} "
+                         f"{_fmt(s.loss, '8.4f')} {_fmt(s.top1, '7.2%')} {_fmt(s.agreement, '7.2%')}")
+        if self.teacher and self.student:
+            t, st = self.teacher, self.student
+            lines.append(f"  held-out top-1 on {st['images']} images: teacher {t['top1']:.2%} "
+                         f"[{t['top1_interval'][0]:.2%}, {t['top1_interval'][1]:.2%}], reborn {st['top1']:.2%} "
+                         f"[{st['top1_interval'][0]:.2%}, {st['top1_interval'][1]:.2%}], agreement "
+                         f"{st['agreement']:.2%}")
+            if self.difference_interval:
+                lo, hi = self.difference_interval
+                lines.append(f"  reborn - teacher: {st['top1'] - t['top1']:+.2%} (paired 95% interval "
+                             f"[{lo:+.2%}, {hi:+.2%}])")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{value:{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+# --------------------------------------------------------------------------------------------------- student
+
+
+class RegionSwitch(nn.Module):
+    """A region in the student: the original region's subgraph and its rebirth layer; ``active`` picks."""
+
+    def __init__(self, original: nn.Module, rebirth: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.rebirth = rebirth
+        self.register_buffer("active", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rebirth(x) if bool(self.active) else self.original(x)
+
+
+def extract_region(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
+    """The region's nodes as a GraphModule of one input (the region's input) and one output (sharing
+    ``gm``'s parameters)."""
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {region.input: graph.placeholder("x")}
+    members = set(region.nodes)
+    for node in gm.graph.nodes:
+        if node.name not in members:
+            continue
+        for arg in node.all_input_nodes:
+            if arg.name not in env:
+                if arg.op != "get_attr":
+                    raise RegionError(f"region {region.id!r}: node {node.name!r} reads {arg.name!r} from outside")
+                env[arg.name] = graph.node_copy(arg)
+        env[node.name] = graph.node_copy(node, lambda a: env[a.name])
+    graph.output(env[region.output])
+    return fx.GraphModule(gm, graph)
+
+
+def _probe(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A copy of ``gm`` (sharing its parameters) that returns the values of the nodes ``names``."""
+    graph = copy.deepcopy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[n] for n in names),)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)
+
+
+# ------------------------------------------------------------------------------------------- initialisation
+
+
+class _Ridge:
+    """Streams ``A^T A`` and ``A^T Y`` (float64) for ``min ||[A 1] W - Y||^2 + lam ||W||^2``."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, a: torch.Tensor, y: torch.Tensor) -> None:
+        a = torch.cat([a.double(), torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)
+        y = y.double()
+        gram, cross = a.T @ a, a.T @ y
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.rows += a.shape[0]
+
+    def all_reduce(self) -> None:
+        if world()[1] > 1 and self.gram is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.gram)
+            dist.all_reduce(self.cross)
+
+    def solve(self, ridge: float, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W [outputs, inputs], b [outputs])``, optionally using only input ``columns``."""
+        gram, cross = self.gram, self.cross
+        d = gram.shape[0] - 1
+        keep = torch.cat([columns, torch.tensor([d])]) if columns is not None else torch.arange(d + 1)
+        gram, cross = gram[keep][:, keep], cross[keep]
+        scale = gram.diagonal()[:-1].mean().clamp(min=1e-12)
+        reg = torch.full((gram.shape[0],), ridge * float(scale), dtype=torch.float64)
+        reg[-1] = 0.0  # the bias is not penalised
+        solution = torch.linalg.solve(gram + torch.diag(reg), cross)
+        return solution[:-1].T, solution[-1]
+
+
+def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``unfold`` rows for ``conv``: ``[N * L, C * kh * kw]`` (the layout of ``conv.weight.flatten(1)``)."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _rows(y: torch.Tensor) -> torch.Tensor:
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def _convs(module: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def xavier_init(module: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases for every convolution (DeepRebirth's initialisation)."""
+    for conv in _convs(module):
+        nn.init.xavier_uniform_(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+
+
+@dataclass
+class _Branch:
+    """An inception branch of the original graph: its conv nodes and the node after each conv's ReLU."""
+
+    convs: list[fx.Node]
+    activations: list[fx.Node]
+
+
+def _inception_branches(gm: fx.GraphModule, region: Region) -> tuple[list[_Branch], _Branch]:
+    """The region's non-pool branches (in the proposal's order) and its pool-projection branch."""
+    from .passes.inception import branch_chain
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cat = nodes[region.output]
+    branches, pool = [], None
+    for t in cat.kwargs["tensors"]:
+        _, chain = branch_chain(t)
+        convs = [n for n in chain if kind_of(n) == "conv"]
+        acts = []
+        for conv in convs:
+            after = conv
+            while len(after.users) == 1 and kind_of(next(iter(after.users))) == "relu":
+                after = next(iter(after.users))
+            acts.append(after)
+        branch = _Branch(convs, acts)
+        if kind_of(chain[0]) in ("max_pool", "avg_pool"):
+            pool = branch
+        else:
+            branches.append(branch)
+    return branches, pool
+
+
+class _Initialiser:
+    """Initialises the rebirth layers of some regions; ``lstsq`` collects statistics from calibration data."""
+
+    def __init__(self, gm: fx.GraphModule, regions: list[Region], method: str, ridge: float) -> None:
+        self.gm, self.regions, self.method, self.ridge = gm, regions, method, ridge
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.branches = {r.id: _inception_branches(gm, r) for r in regions if r.kind == "branch"}
+
+    def _param(self, node: fx.Node, name: str) -> torch.Tensor:
+        value = node.kwargs[name]
+        return self.gm.get_parameter(value.target).detach() if value is not None else None
+
+    # which node values the lstsq statistics need, per region
+    def probes(self, region: Region) -> list[str]:
+        if region.kind != "branch":
+            return [region.input, region.output]
+        branches, pool = self.branches[region.id]
+        names = [region.input]
+        for b in branches:
+            if len(b.convs) >= 2:
+                names += [b.activations[0].name, b.convs[-1].name]
+        names.append(pool.convs[-1].name)
+        return names
+
+    def calibrate(self, rebirths: dict[str, nn.Module], data: Any, images: int, batch_size: int, seed: int,
+                  meter: Meter) -> int:
+        """Accumulate the ridge statistics over ``images`` calibration images; return how many were used."""
+        if self.method != "lstsq" or images == 0:
+            return 0
+        names = list(dict.fromkeys(n for r in self.regions for n in self.probes(r)))
+        probe = _probe(self.gm, names).eval()
+        self.stats: dict[tuple[str, int], _Ridge] = {}
+        self.energy: dict[tuple[str, int], torch.Tensor] = {}
+        used = 0
+        with torch.no_grad():
+            for x, _ in batches(data, batch_size, seed=seed, images=images):
+                values = dict(zip(names, probe(x)))
+                for region in self.regions:
+                    self._accumulate(region, rebirths[region.id], values)
+                used += len(x) * world()[1]
+                meter.update(len(x) * world()[1])
+        for ridge in self.stats.values():
+            ridge.all_reduce()
+        if world()[1] > 1:
+            import torch.distributed as dist
+
+            for energy in self.energy.values():
+                dist.all_reduce(energy)
+        return used
+
+    def _accumulate(self, region: Region, rebirth: nn.Module, values: dict[str, torch.Tensor]) -> None:
+        if region.kind != "branch":
+            conv = _convs(rebirth)[0]
+            self.stats.setdefault((region.id, 0), _Ridge()).add(_patches(values[region.input], conv),
+                                                                _rows(values[region.output]))
+            return
+        branches, pool = self.branches[region.id]
+        for i, (branch, seq) in enumerate(zip(branches, rebirth.branches)):
+            if len(branch.convs) < 2:
+                continue
+            reduced = values[branch.activations[0].name]
+            last = _convs(seq)[-1]
+            target = values[branch.convs[-1].name]
+            extra = last.out_channels - target.shape[1]
+            if extra:
+                projection = values[pool.convs[-1].name]
+                after = self._absorbed_after(region, i)
+                target = torch.cat([target, projection] if after else [projection, target], 1)
+            full = nn.Conv2d(reduced.shape[1], 1, last.kernel_size, last.stride, last.padding)
+            self.stats.setdefault((region.id, i), _Ridge()).add(_patches(reduced, full), _rows(target))
+            energy = reduced.double().pow(2).sum((0, 2, 3))
+            key = (region.id, i)
+            self.energy[key] = self.energy.get(key, 0) + energy
+
+    @staticmethod
+    def _absorbed_after(region: Region, index: int) -> bool:
+        return region.proposal["branches"][index].get("absorbed_position", "after") == "after"
+
+    @torch.no_grad()
+    def apply(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
+        """Initialise ``rebirth``; return facts for the report (e.g. the fit's relative error)."""
+        if self.method == "xavier":
+            xavier_init(rebirth)
+            return {}
+        if region.kind != "branch":
+            return self._streamline(region, rebirth)
+        return self._inception(region, rebirth)
+
+    def _streamline(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
+        conv = _convs(rebirth)[0]
+        if self.method == "lstsq" and (region.id, 0) in self.stats:
+            weight, bias = self.stats[(region.id, 0)].solve(self.ridge)
+            conv.weight.copy_(weight.reshape(conv.weight.shape))
+            conv.bias.copy_(bias)
+            return {"fit": "ridge", "rows": self.stats[(region.id, 0)].rows}
+        first = self.nodes[region.nodes[0]]
+        w, b = self._param(first, "weight"), self._param(first, "bias")
+        pool = next((self.nodes[n] for n in region.nodes if kind_of(self.nodes[n]) in ("max_pool", "avg_pool")), None)
+        conv.weight.zero_()
+        offsets = []
+        for d in range(2):
+            s_c, p_c = first.kwargs["stride"][d], first.kwargs["padding"][d]
+            centre = (-pool.kwargs["padding"][d] + (pool.kwargs["kernel_size"][d] - 1) // 2) * s_c if pool else 0
+            offset = centre - p_c + conv.padding[d]
+            offsets.append(min(max(offset, 0), conv.kernel_size[d] - w.shape[2 + d]))
+        conv.weight[:, :, offsets[0]:offsets[0] + w.shape[2], offsets[1]:offsets[1] + w.shape[3]] = w
+        conv.bias.copy_(b if b is not None else torch.zeros_like(conv.bias))
+        return {"fit": "original", "offset": offsets}
+
+    def _inception(self, region: Region, rebirth: InceptionRebirth) -> dict[str, Any]:
+        branches, pool = self.branches[region.id]
+        kept_report = []
+        for i, (branch, seq) in enumerate(zip(branches, rebirth.branches)):
+            convs = _convs(seq)
+            weights = [self._param(n, "weight") for n in branch.convs]
+            biases = [self._param(n, "bias") for n in branch.convs]
+            if len(convs) == 1:  # the same layer, widened when it absorbs the pool branch
+                self._copy_out(convs[0], weights[0], biases[0], region, i, pool)
+                continue
+            reduce, last = convs[0], convs[-1]
+            r = reduce.out_channels
+            key = (region.id, i)
+            if self.method == "lstsq" and key in self.stats:
+                score = self.energy[key] * weights[-1].double().pow(2).sum((0, 2, 3))
+                kept = score.argsort(descending=True)[:r].sort().values
+            else:
+                kept = torch.arange(r)
+            reduce.weight.copy_(weights[0][kept])
+            reduce.bias.copy_(biases[0][kept])
+            kept_report.append(kept.tolist())
+            if self.method == "lstsq" and key in self.stats:
+                area = last.kernel_size[0] * last.kernel_size[1]
+                columns = (kept[:, None] * area + torch.arange(area)[None]).reshape(-1)
+                weight, bias = self.stats[key].solve(self.ridge, columns)
+                last.weight.copy_(weight.reshape(last.weight.shape))
+                last.bias.copy_(bias)
+            else:
+                self._copy_out(last, weights[-1][:, kept], biases[-1], region, i, pool)
+        return {"fit": self.method, "kept_reduce_channels": kept_report}
+
+    def _copy_out(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, region: Region, index: int,
+                  pool: _Branch) -> None:
+        """Copy an original layer into ``conv``; extra output channels (the absorbed pool branch) Glorot."""
+        extra = conv.out_channels - weight.shape[0]
+        if weight.shape[1:] != conv.weight.shape[1:]:
+            raise RegionError(f"region {region.id!r}: branch {index + 1}'s layer does not fit its original")
+        if extra == 0:
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+            return
+        fresh = torch.empty(extra, *weight.shape[1:])
+        nn.init.xavier_uniform_(fresh)
+        after = self._absorbed_after(region, index)
+        conv.weight.copy_(torch.cat([weight, fresh] if after else [fresh, weight]))
+        zeros = torch.zeros(extra)
+        conv.bias.copy_(torch.cat([bias, zeros] if after else [zeros, bias]))
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
+             kd_weight: float) -> torch.Tensor:
+    loss = torch.zeros((), dtype=student.dtype)
+    if kd_weight > 0:
+        kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                      reduction="batchmean", log_target=True)
+        loss = loss + kd_weight * temperature ** 2 * kl
+    if kd_weight < 1:
+        loss = loss + (1 - kd_weight) * F.cross_entropy(student, labels)
+    return loss
+
+
+class _Job:
+    """One rebirth run: the student, its steps, and the checkpoint that records the finished ones."""
+
+    def __init__(self, model: nn.Module, plan: Plan, train_data: Any, test_data: Any, config: RebirthConfig,
+                 progress: ProgressFn | None, checkpoint_dir: str | None) -> None:
+        self.config, self.progress, self.train_data, self.test_data = config, progress, train_data, test_data
+        if not isinstance(plan, Plan):
+            raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
+                                 "fxrebirth.plan(model, example_inputs)")
+        if not plan.selected:
+            raise FxRebirthError("the plan selects no region: nothing to rebuild")
+        if plan.model and plan.model != type(model).__name__:
+            raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
+        image, _ = _first(train_data, "train_data")
+        num_classes = self._num_classes(model, image)
+        check_dataset(train_data, name="train_data", num_classes=num_classes)
+        if test_data is not None:
+            check_dataset(test_data, name="test_data", num_classes=num_classes, image_size=tuple(image.shape[1:]))
+        model = copy.deepcopy(model).eval().cpu()
+        self.teacher = capture(model, (image[None],))
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        try:
+            plan.validate(self.teacher)
+        except RegionError as exc:
+            raise RegionError(f"the plan does not fit this model at the data's image size "
+                              f"{list(image.shape)}: {exc}") from None
+        position = {n.name: i for i, n in enumerate(self.teacher.graph.nodes)}
+        self.planned: list[PlannedRegion] = sorted(plan.selected, key=lambda r: position[r.region.output])
+        self.regions = [p.region for p in self.planned]
+        torch.manual_seed(config.seed)
+        self.switches = {r.id: RegionSwitch(copy.deepcopy(extract_region(self.teacher, r)),
+                                            build_rebirth(r.proposal)) for r in self.regions}
+        self.student = rebuild(self.teacher, plan, modules=self.switches)
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        if config.schedule == "paper":
+            self.steps = [("merge " + r.id, [r.id]) for r in self.regions]
+        else:
+            self.steps = [("init " + config.init, [r.id for r in self.regions]),
+                          ("layer-wise distillation", [r.id for r in self.regions]),
+                          ("end-to-end distillation", [r.id for r in self.regions])]
+        self.key = fingerprint(asdict(config), plan.to_json(), len(train_data), model.state_dict())
+        self.path = os.path.join(checkpoint_dir, "rebirth.ckpt") if checkpoint_dir else None
+        self.report = RebirthReport(asdict(config), len(train_data))
+        self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
+        self.eval_reference: torch.Tensor | None = None
+
+    @staticmethod
+    def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
+        with torch.no_grad():
+            try:
+                out = copy.deepcopy(model).eval()(image[None])
+            except Exception as exc:
+                raise DataError(f"the model does not accept the data's images {list(image.shape)}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        if out.dim() != 2:
+            raise FxRebirthError(f"the model must return logits [batch, classes]; it returned {list(out.shape)}")
+        return out.shape[1]
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def resume(self) -> int:
+        state = load_checkpoint(self.path) if self.path else None
+        if state is None:
+            return 0
+        if state.get("key") != self.key:
+            raise FxRebirthError(f"{self.path} belongs to another rebirth job (other model, plan, data or "
+                                 "options); use another checkpoint_dir, or delete it to start over")
+        self.student.load_state_dict(state["student"])
+        self.report.steps = [StepRecord(**s) for s in state["steps"]]
+        self.region_facts = state["regions"]
+        self.report.resumed_from = self.path
+        log.info("rebirth: resuming after step %d of %d (%s)", state["done"], len(self.steps), self.path)
+        return int(state["done"])
+
+    def save(self, done: int) -> None:
+        if self.path:
+            save_checkpoint(self.path, {"key": self.key, "done": done, "student": self.student.state_dict(),
+                                        "steps": [asdict(s) for s in self.report.steps],
+                                        "regions": self.region_facts})
+
+    # --------------------------------------------------------------------------------------------- steps
+    def run(self, resume: bool) -> None:
+        start = self.resume() if resume else 0
+        for index in range(start, len(self.steps)):
+            name, ids = self.steps[index]
+            torch.manual_seed(self.config.seed * 7919 + index)
+            began = time.perf_counter()
+            record = self._step(index, name, ids)
+            record.wall_s = time.perf_counter() - began
+            self._evaluate_step(record)
+            self.report.steps.append(record)
+            self.save(index + 1)
+            log.info("rebirth: %s done in %.1f s", name, record.wall_s)
+
+    def _step(self, index: int, name: str, ids: list[str]) -> StepRecord:
+        c = self.config
+        seed = c.seed * 7919 + index
+        if c.schedule == "paper":
+            (rid,) = ids
+            calib = self._initialise([rid], seed)
+            self.switches[rid].active.fill_(True)
+            images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=0.0)
+            return StepRecord(name, ids, images, calib, 0.0, loss, None, None, curve)
+        if index == 0:
+            calib = self._initialise(ids, seed)
+            for rid in ids:
+                self.switches[rid].active.fill_(True)
+            return StepRecord(name, ids, 0, calib, 0.0, None, None, None)
+        if index == 1:
+            images, loss, curve = self._layerwise(name, seed)
+            return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
+        images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=c.kd_weight)
+        return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
+
+    def _initialise(self, ids: list[str], seed: int) -> int:
+        regions = [r for r in self.regions if r.id in ids]
+        # fitted to the original model's features (in the paper schedule too, where the layers below a region
+        # have been fine-tuned by the time it is merged)
+        init = _Initialiser(self.teacher, regions, self.config.init, self.config.ridge)
+        images = min(self.config.calibration_images, len(self.train_data)) if self.config.init == "lstsq" else 0
+        meter = Meter(self.progress, "calibration", images)
+        rebirths = {r.id: self.switches[r.id].rebirth for r in regions}
+        used = init.calibrate(rebirths, self.train_data, images, self.config.batch_size, seed, meter)
+        for region in regions:
+            facts = init.apply(region, rebirths[region.id])
+            self.region_facts[region.id].update(init=self.config.init, **facts)
+        return used
+
+    def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
+        c = self.config
+        images = int(round(c.layerwise_epochs * len(self.train_data)))
+        if images == 0:
+            return 0, None, []
+        names = list(dict.fromkeys(n for r in self.regions for n in (r.input, r.output)))
+        probe = _probe(self.teacher, names).eval()
+        rebirths = [self.switches[r.id].rebirth for r in self.regions]
+        params = [p for m in rebirths for p in m.parameters()]
+        optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
+        steps = max(1, -(-images // c.batch_size))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        meter = Meter(self.progress, stage, images)
+        curve, loss_value = [], None
+        for x, _ in batches(self.train_data, c.batch_size, seed=seed, images=images):
+            with torch.no_grad():
+                values = dict(zip(names, probe(x)))
+            loss = sum(F.mse_loss(m(values[r.input]), values[r.output]) / values[r.output].pow(2).mean().clamp(min=1e-12)
+                       for r, m in zip(self.regions, rebirths)) / len(rebirths)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _all_reduce_grads(params)
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+            meter.update(len(x) * world()[1], loss_value)
+            _sample(curve, meter.done, loss_value, images)
+        return meter.done, loss_value, curve
+
+    def _end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
+        c = self.config
+        images = int(round(epochs * len(self.train_data)))
+        if images == 0:
+            return 0, None, []
+        for switch in self.switches.values():  # parameters off the active path get no gradient
+            switch.original.requires_grad_(not bool(switch.active))
+            switch.rebirth.requires_grad_(bool(switch.active))
+        new = {id(p) for s in self.switches.values() if bool(s.active) for p in s.rebirth.parameters()}
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
+                  {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+        steps = max(1, -(-images // c.batch_size))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        model: nn.Module = self.student
+        if world()[1] > 1:
+            model = nn.parallel.DistributedDataParallel(self.student)
+        self.student.eval()  # dropout off (see the module docstring); the graph has no BatchNorm left
+        meter = Meter(self.progress, stage, images)
+        curve, loss_value = [], None
+        for x, y in batches(self.train_data, c.batch_size, seed=seed, images=images):
+            with torch.no_grad():
+                teacher = self.teacher(x) if kd_weight > 0 else None
+            loss = _kd_loss(model(x), teacher, y, c.temperature, kd_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+            meter.update(len(x) * world()[1], loss_value)
+            _sample(curve, meter.done, loss_value, images)
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        return meter.done, loss_value, curve
+
+    def _evaluate_step(self, record: StepRecord) -> None:
+        if self.test_data is None or self.config.eval_images == 0:
+            return
+        subset = torch.utils.data.Subset(self.test_data, range(min(self.config.eval_images, len(self.test_data))))
+        if self.eval_reference is None:
+            self.eval_reference = evaluate(self.teacher, subset).predictions
+        result = evaluate(self.student, subset, reference=self.eval_reference)
+        record.top1, record.agreement = result.top1, result.agreement
+
+    def result(self) -> fx.GraphModule:
+        """The reborn model: the student with each switch replaced by its rebirth layer."""
+        reborn = copy.deepcopy(self.student)
+        for node in reborn.graph.nodes:
+            if node.op == "call_module" and isinstance(reborn.get_submodule(node.target), RegionSwitch):
+                switch = reborn.get_submodule(node.target)
+                if not bool(switch.active):
+                    raise FxRebirthError(f"region at {node.target} was never merged")
+                reborn.add_submodule(node.target, switch.rebirth)
+        reborn.delete_all_unused_submodules()
+        reborn.recompile()
+        for p in reborn.parameters():
+            p.requires_grad_(False)
+        return reborn.eval()
+
+
+def _sample(curve: list, done: int, loss: float, total: int) -> None:
+    if not curve or done - curve[-1][0] >= total / 50 or done >= total:
+        curve.append((done, loss))
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
+
+
+def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:
+    try:
+        if len(data) == 0:
+            raise DataError(f"{name}: the dataset is empty")
+        item = data[0]
+    except TypeError:
+        raise DataError(f"{name}: a map-style dataset of (image, label) is needed") from None
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)
+            and item[0].dim() == 3):
+        raise DataError(f"{name}: items must be (image tensor [C, H, W], label)")
+    return item[0], item[1]
+
+
+def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = None,
+            config: RebirthConfig | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = True, progress: ProgressFn | None = None,
+            latency_input: torch.Tensor | None = None, latency_rounds: int = 20, **options: Any,
+            ) -> tuple[fx.GraphModule, RebirthReport]:
+    """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring).
+
+    ``model`` is not modified. ``train_data``/``test_data``: map-style datasets of ``(image [3, H, W], label)``
+    (:class:`fxrebirth.data.Shapes`, :func:`~fxrebirth.data.image_folder`, ...). Options are the fields of
+    :class:`RebirthConfig`, as ``config=`` or keywords. ``latency_input``: measure the latency of the original
+    and the reborn model on it (interleaved). Returns the reborn GraphModule (eval mode) and a
+    :class:`RebirthReport`.
+    """
+    if config is None:
+        config = RebirthConfig(**options)
+    elif options:
+        config = RebirthConfig(**{**asdict(config), **options})
+    job = _Job(model, plan, train_data, test_data, config, progress,
+               os.fspath(checkpoint_dir) if checkpoint_dir is not None else None)
+    job.run(resume)
+    reborn = job.result()
+    report = job.report
+    for planned in job.planned:
+        facts = job.region_facts.get(planned.region.id, {})
+        report.regions.append({"id": planned.region.id, "replaces": list(planned.region.replaces),
+                               "planned_gain_s": planned.gain_s, **{k: v for k, v in facts.items()
+                                                                    if k != "kept_reduce_channels"}})
+    if test_data is not None:
+        teacher_eval = evaluate(job.teacher, test_data)
+        student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
+        report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
+        labels = torch.cat([y for _, y in batches(test_data, 1000)])
+        report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
+    if latency_input is not None:
+        from .bench import interleaved_medians
+
+        original = capture(copy.deepcopy(model).eval(), (latency_input,))
+        with torch.inference_mode():
+            med = interleaved_medians({"original": lambda: original(latency_input),
+                                       "reborn": lambda: reborn(latency_input)}, latency_rounds)
+        report.latency = {"input_shape": list(latency_input.shape), "original_ms": med["original"],
+                          "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"],
+                          "planned_speedup": plan.estimated_speedup, "rounds": latency_rounds}
+    return reborn, report
+

@@ -1,0 +1,282 @@
+"""The retraining engine on small models (seconds each): initialisation, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import fxrebirth
+from fxrebirth.data import DataError, Shapes, accuracy_interval, check_dataset
+from fxrebirth.models import googlenet_lrn
+from fxrebirth.regions import RegionError
+from fxrebirth.retrain import RebirthConfig, extract_region, rebirth
+from fxrebirth.capture import capture
+
+FAST = {"epochs": 0.25, "layerwise_epochs": 0.25, "calibration_images": 128, "batch_size": 32, "eval_images": 64}
+
+
+class Labelled(TensorDataset):
+    """A TensorDataset that exposes its labels and class names like the library's datasets."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: int) -> None:
+        super().__init__(x, y)
+        self.labels = y
+        self.classes = [str(i) for i in range(classes)]
+
+
+class ConvPool(nn.Module):
+    """conv -> average pooling: a streamline region that ONE convolution reproduces exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, 2)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.conv(x)).mean((2, 3)))
+
+
+class LRNNet(nn.Module):
+    """conv -> ReLU -> LRN -> max-pool -> conv -> head: one non-linear streamline region."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.norm = nn.LocalResponseNorm(3)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.norm(self.relu(self.conv1(x))))
+        return self.head(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def _data(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> Labelled:
+    g = torch.Generator().manual_seed(seed)
+    return Labelled(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g), classes)
+
+
+def _plan(model: nn.Module, size: int = 12) -> fxrebirth.Plan:
+    plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), repeats=1)
+    for r in plan.regions:  # select every region, whatever this machine's timings say
+        r.selected = True
+    return plan
+
+
+def test_least_squares_reproduces_an_exactly_representable_region() -> None:
+    torch.manual_seed(0)
+    model = ConvPool().eval()
+    plan = _plan(model)
+    assert [r.region.kind for r in plan.selected] == ["streamline"]
+    gm, report = rebirth(model, plan, _data(64), epochs=0, layerwise_epochs=0, calibration_images=64,
+                         ridge=1e-9, batch_size=16)
+    x = torch.randn(8, 3, 12, 12)
+    assert report.retraining_epochs == 0 and report.calibration_images == 64
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.AvgPool2d) for m in gm.modules())
+
+
+def test_least_squares_init_is_closer_than_xavier_and_original() -> None:
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    plan = _plan(model)
+    data, x = _data(128), torch.randn(32, 3, 12, 12)
+    errors = {}
+    for init in ("lstsq", "original", "xavier"):
+        gm, _ = rebirth(model, plan, data, init=init, epochs=0, layerwise_epochs=0, calibration_images=128)
+        errors[init] = fxrebirth.relative_error(gm(x), model(x))
+    assert errors["lstsq"] < errors["original"] and errors["lstsq"] < errors["xavier"], errors
+
+
+def test_rebirth_does_not_touch_the_model_and_training_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = _plan(model)
+    gm, report = rebirth(model, plan, _data(256), test_data=_data(64, seed=1), **{**FAST, "epochs": 1.0})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    names = [s.name for s in report.steps]
+    assert names == ["init lstsq", "layer-wise distillation", "end-to-end distillation"]
+    kd = report.steps[-1].curve
+    assert kd[-1][1] < kd[0][1]
+    assert report.retraining_epochs == pytest.approx(1.25)
+    assert report.student["images"] == 64 and 0 <= report.student["agreement"] <= 1
+
+
+def test_paper_schedule_merges_bottom_up_one_region_per_step() -> None:
+    torch.manual_seed(0)
+    model = googlenet_lrn(10, width=0.125).eval()
+    plan = _plan(model, 32)
+    gm, report = rebirth(model, plan, Shapes("train", 64, 32), test_data=Shapes("test", 32, 32), schedule="paper",
+                         init="xavier", epochs=0.5, batch_size=32, eval_images=32)
+    assert [s.regions[0] for s in report.steps] == [r["id"] for r in report.regions]  # graph order
+    assert report.steps[0].regions == ["streamline:conv1.conv"]
+    assert len(report.steps) == len(plan.selected) and report.retraining_epochs == pytest.approx(0.5 * len(plan.selected))
+    assert not any(isinstance(m, (nn.LocalResponseNorm, nn.MaxPool2d)) for m in gm.modules())
+    assert "local_response_norm" not in gm.code
+    assert gm.code.count("max_pool2d(") == 2  # pool3 and pool4 stand alone between inception modules
+
+
+def _crash_at(stage: str):
+    def progress(event):
+        if event.stage == stage:
+            raise KeyboardInterrupt
+    return progress
+
+
+def test_resume_after_an_interrupted_step_matches_an_uninterrupted_run(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    plan = _plan(model)
+    data = _data(128)
+    reference, _ = rebirth(model, plan, data, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        rebirth(model, plan, data, checkpoint_dir=tmp_path, progress=_crash_at("end-to-end distillation"), **FAST)
+    assert (tmp_path / "rebirth.ckpt").exists()
+    resumed, report = rebirth(model, plan, data, checkpoint_dir=tmp_path, **FAST)
+    assert report.resumed_from is not None and len(report.steps) == 3
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_a_checkpoint_of_another_job_is_refused(tmp_path) -> None:
+    model = LRNNet().eval()
+    plan = _plan(model)
+    rebirth(model, plan, _data(64), checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(fxrebirth.FxRebirthError, match="another rebirth job"):
+        rebirth(model, plan, _data(64), checkpoint_dir=tmp_path, **{**FAST, "epochs": 0.5})
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_retrain import LRNNet, _data, _plan, FAST
+    from fxrebirth.retrain import rebirth
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    plan = _plan(model)
+    slow = lambda event: __import__("time").sleep(0.05) if event.stage == "end-to-end distillation" else None
+    gm, report = rebirth(model, plan, _data(128), checkpoint_dir=sys.argv[1], progress=slow,
+                         **{{**FAST, "epochs": 2.0}})
+    torch.save(gm.state_dict(), sys.argv[2])
+""")
+
+
+def test_kill_9_loses_at_most_the_step_in_progress(tmp_path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(KILL_SCRIPT.format(tests=os.path.dirname(__file__)))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out.pt"
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(out)])
+    deadline = time.time() + 120
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        if (ckpt / "rebirth.ckpt").exists():
+            state = torch.load(ckpt / "rebirth.ckpt", weights_only=True)
+            if state["done"] >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state is not None and state["done"] == 2  # init and layer-wise done, end-to-end in progress
+    assert not out.exists()
+    subprocess.run([sys.executable, str(script), str(ckpt), str(out)], check=True, timeout=300)
+    resumed = torch.load(out, weights_only=True)
+    fresh_dir, fresh_out = tmp_path / "fresh", tmp_path / "fresh.pt"
+    subprocess.run([sys.executable, str(script), str(fresh_dir), str(fresh_out)], check=True, timeout=300)
+    fresh = torch.load(fresh_out, weights_only=True)
+    for k in fresh:
+        torch.testing.assert_close(resumed[k], fresh[k], rtol=0, atol=0, msg=k)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from test_retrain import LRNNet, _data, _plan, FAST
+    from fxrebirth.retrain import rebirth
+    torch.set_num_threads(1)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    plan = _plan(model)
+    gm, report = rebirth(model, plan, _data(128), **{{**FAST, "epochs": 1.0}})
+    if not distributed or dist.get_rank() == 0:
+        torch.save(gm.state_dict(), sys.argv[1])
+    if distributed:
+        dist.destroy_process_group()
+""")
+
+
+def test_ddp_on_two_processes_matches_a_single_process(tmp_path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__)))
+    single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+                    str(script), str(double)], check=True, timeout=300, env=env)
+    a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        moved += 1
+    assert moved
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    model = LRNNet().eval()
+    plan = _plan(model)
+    empty = Labelled(torch.zeros(0, 3, 12, 12), torch.zeros(0, dtype=torch.long), 4)
+    with pytest.raises(DataError, match="empty"):
+        rebirth(model, plan, empty)
+    with pytest.raises(DataError, match="label 7 is out of range"):
+        rebirth(model, plan, Labelled(torch.randn(8, 3, 12, 12), torch.tensor([0, 1, 2, 3, 7, 0, 1, 2]), 8))
+    with pytest.raises(DataError, match=r"images are \[10, 10\]"):
+        rebirth(model, plan, _data(8), test_data=_data(8, size=10))
+    with pytest.raises(RegionError, match="plan was made for a LRNNet"):
+        rebirth(googlenet_lrn(4, width=0.125), plan, _data(8, size=32))
+    other = _plan(LRNNet().eval())
+    other.regions[0].region.nodes = ("not_a_node",) + other.regions[0].region.nodes[1:]
+    with pytest.raises(RegionError, match="does not fit"):
+        rebirth(model, other, _data(8))
+    with pytest.raises(DataError, match="does not accept"):
+        rebirth(model, plan, Labelled(torch.randn(8, 1, 12, 12), torch.zeros(8, dtype=torch.long), 4))
+    with pytest.raises(fxrebirth.FxRebirthError, match="init="):
+        RebirthConfig(init="magic")
+
+
+def test_extract_region_computes_what_the_region_computes() -> None:
+    model = LRNNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    gm = capture(model, (x,))
+    plan = _plan(model)
+    region = plan.selected[0].region
+    sub = extract_region(gm, region)
+    torch.testing.assert_close(sub(x), model.pool(model.norm(model.relu(model.conv1(x)))))
+
+
+def test_shapes_is_deterministic_balanced_and_splits_differ() -> None:
+    a, b = Shapes("train", 200, 16), Shapes("train", 200, 16)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.bincount(a.labels).tolist() == [20] * 10
+    test = Shapes("test", 200, 16)
+    assert not torch.equal(a.images, test.images)
+    x, y = a[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
+    check_dataset(a, name="a", num_classes=10, image_size=(16, 16))
+    lo, hi = accuracy_interval(9000, 10000)
+    assert lo < 0.9 < hi and hi - lo < 0.013
