@@ -85,14 +85,107 @@ def _parser() -> argparse.ArgumentParser:
     pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+    run = sub.add_parser("run", help="the main job: teacher, plan, rebirth + retraining, evaluation, report")
+    run.add_argument("model", nargs="?", default="googlenet_lrn",
+                     help="default googlenet_lrn (trained once on the embedded data and cached); other models "
+                          "need --weights and --data")
+    run.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
+    run.add_argument("--data", metavar="PATH", help="an ImageFolder tree (PATH/<class>/<image>); default: the "
+                                                    "embedded Shapes set")
+    run.add_argument("--out", default="fxrebirth-report", help="report folder (default fxrebirth-report)")
+    run.add_argument("--image-size", type=int, default=32, help="training/evaluation resolution (default 32)")
+    run.add_argument("--plan-size", type=int, default=224, help="planning and timing resolution (default 224)")
+    run.add_argument("--init", choices=("lstsq", "xavier", "original"), default="lstsq")
+    run.add_argument("--schedule", choices=("distill", "paper"), default="distill")
+    run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")
+    run.add_argument("--train-images", type=int, default=20000)
+    run.add_argument("--test-images", type=int, default=10000)
+    run.add_argument("--teacher-epochs", type=int, default=4)
+    run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
+    run.add_argument("--latency-rounds", type=int, default=20)
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+class _Bars:
+    """tqdm progress bars, one per stage, on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.stage = enabled, None, None
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=event.stage[:28].ljust(28), unit=event.unit, unit_scale=True,
+                            file=sys.stderr, leave=True, dynamic_ncols=True)
+        self.bar.n = event.done
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .retrain import RebirthConfig
+    from .runner import RunConfig, run
+    from .teacher import TeacherConfig
+
+    model = None
+    if args.model != "googlenet_lrn" or args.weights or args.data:
+        if not args.weights:
+            raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (a model trained on your data); "
+                                 "only googlenet_lrn has a default teacher")
+        model = _load(args)
+    options = {"init": args.init, "schedule": args.schedule}
+    if args.epochs is not None:
+        options["epochs"] = args.epochs
+    config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
+                       plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
+                       teacher=TeacherConfig(epochs=args.teacher_epochs, width=args.width),
+                       rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds)
+    bars = _Bars(not args.quiet and not args.json)
+    try:
+        result = run(config, progress=bars)
+    finally:
+        bars.close()
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        with open(f"{args.out}/report.md") as f:
+            print(f.read())
+        print(f"report: {args.out}/report.md")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> nn.Module:
     model = load_model(args.model)
     if args.weights:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        import os
+        import pickle
+
+        if not os.path.exists(args.weights):
+            raise FxRebirthError(f"--weights {args.weights}: no such file")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FxRebirthError(f"--weights {args.weights}: not a readable state_dict ({first[:200]})") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # fxrebirth's own checkpoints (the cached teacher)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise FxRebirthError(f"--weights {args.weights} does not fit {args.model}: {first[:300]}") from None
     return model.eval()
 
 
@@ -135,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _plan(args) if args.command == "plan" else _optimize(args)
+        return {"plan": _plan, "optimize": _optimize, "run": _run}[args.command](args)
     except FxRebirthError as exc:
         print(f"fxrebirth: error: {exc}", file=sys.stderr)
         return 2

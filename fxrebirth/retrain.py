@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -62,6 +62,7 @@ from .ops import kind_of
 from .plan import Plan, PlannedRegion
 from .rebirth import InceptionRebirth, build_rebirth, rebuild
 from .regions import Region, RegionError
+from .trainbn import TrainingBatchNorm
 from .train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
                     paired_difference, save_checkpoint, world)
 
@@ -90,6 +91,14 @@ class RebirthConfig:
     layerwise_lr: float = 1e-3
     temperature: float = 4.0
     kd_weight: float = 0.9
+    feature_weight: float = 1.0
+    """Weight of the feature loss in end-to-end distillation: each merged region's output against the
+    original region's (relative mean squared error, averaged over regions)."""
+    warmup: float = 0.1
+    """Share of the end-to-end steps spent warming the learning rate up."""
+    train_batch_norm: bool = True
+    """Train end to end with a BatchNorm after every convolution, folded away afterwards
+    (:mod:`fxrebirth.trainbn`)."""
     eval_images: int = 2000
     """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
     seed: int = 0
@@ -228,8 +237,10 @@ def _probe(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     nodes = {n.name: n for n in graph.nodes}
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(nodes[n] for n in names),)
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
+    probe = fx.GraphModule(gm, graph)
+    probe.graph.eliminate_dead_code()
+    probe.recompile()
+    return probe
 
 
 # ------------------------------------------------------------------------------------------- initialisation
@@ -332,6 +343,8 @@ class _Initialiser:
         self.gm, self.regions, self.method, self.ridge = gm, regions, method, ridge
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.branches = {r.id: _inception_branches(gm, r) for r in regions if r.kind == "branch"}
+        self.stats: dict[tuple[str, int], _Ridge] = {}
+        self.energy: dict[tuple[str, int], torch.Tensor] = {}
 
     def _param(self, node: fx.Node, name: str) -> torch.Tensor:
         value = node.kwargs[name]
@@ -349,37 +362,44 @@ class _Initialiser:
         names.append(pool.convs[-1].name)
         return names
 
-    def calibrate(self, rebirths: dict[str, nn.Module], data: Any, images: int, batch_size: int, seed: int,
-                  meter: Meter) -> int:
-        """Accumulate the ridge statistics over ``images`` calibration images; return how many were used."""
+    def calibrate(self, region: Region, rebirth: nn.Module, data: Any, images: int, batch_size: int, seed: int,
+                  meter: Meter, student_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+        """Accumulate the ridge statistics of one region over ``images`` calibration images; return how many
+        were used. Targets are the original model's values; the layer's inputs too, or with
+        ``student_input`` the region's input in the student (so the fit also corrects the error of the
+        regions merged before it) pushed through the original region's own layers."""
         if self.method != "lstsq" or images == 0:
             return 0
-        names = list(dict.fromkeys(n for r in self.regions for n in self.probes(r)))
+        names = self.probes(region)
         probe = _probe(self.gm, names).eval()
-        self.stats: dict[tuple[str, int], _Ridge] = {}
-        self.energy: dict[tuple[str, int], torch.Tensor] = {}
+        inner = _probe(extract_region(self.gm, region), ["x"] + names[1:]).eval() if student_input else None
         used = 0
         with torch.no_grad():
             for x, _ in batches(data, batch_size, seed=seed, images=images):
-                values = dict(zip(names, probe(x)))
-                for region in self.regions:
-                    self._accumulate(region, rebirths[region.id], values)
+                targets = dict(zip(names, probe(x)))
+                sources = targets
+                if inner is not None:
+                    sources = dict(zip(names, inner(student_input(x))))
+                self._accumulate(region, rebirth, sources, targets)
                 used += len(x) * world()[1]
                 meter.update(len(x) * world()[1])
-        for ridge in self.stats.values():
-            ridge.all_reduce()
+        for key, ridge in self.stats.items():
+            if key[0] == region.id:
+                ridge.all_reduce()
         if world()[1] > 1:
             import torch.distributed as dist
 
-            for energy in self.energy.values():
-                dist.all_reduce(energy)
+            for key, energy in self.energy.items():
+                if key[0] == region.id:
+                    dist.all_reduce(energy)
         return used
 
-    def _accumulate(self, region: Region, rebirth: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    def _accumulate(self, region: Region, rebirth: nn.Module, values: dict[str, torch.Tensor],
+                    targets: dict[str, torch.Tensor]) -> None:
         if region.kind != "branch":
             conv = _convs(rebirth)[0]
             self.stats.setdefault((region.id, 0), _Ridge()).add(_patches(values[region.input], conv),
-                                                                _rows(values[region.output]))
+                                                                _rows(targets[region.output]))
             return
         branches, pool = self.branches[region.id]
         for i, (branch, seq) in enumerate(zip(branches, rebirth.branches)):
@@ -387,10 +407,10 @@ class _Initialiser:
                 continue
             reduced = values[branch.activations[0].name]
             last = _convs(seq)[-1]
-            target = values[branch.convs[-1].name]
+            target = targets[branch.convs[-1].name]
             extra = last.out_channels - target.shape[1]
             if extra:
-                projection = values[pool.convs[-1].name]
+                projection = targets[pool.convs[-1].name]
                 after = self._absorbed_after(region, i)
                 target = torch.cat([target, projection] if after else [projection, target], 1)
             full = nn.Conv2d(reduced.shape[1], 1, last.kernel_size, last.stride, last.padding)
@@ -484,6 +504,11 @@ class _Initialiser:
 
 
 # --------------------------------------------------------------------------------------------------- training
+
+
+def _feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error relative to the teacher feature's mean square."""
+    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp(min=1e-12)
 
 
 def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -599,13 +624,10 @@ class _Job:
         if c.schedule == "paper":
             (rid,) = ids
             calib = self._initialise([rid], seed)
-            self.switches[rid].active.fill_(True)
             images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=0.0)
             return StepRecord(name, ids, images, calib, 0.0, loss, None, None, curve)
         if index == 0:
             calib = self._initialise(ids, seed)
-            for rid in ids:
-                self.switches[rid].active.fill_(True)
             return StepRecord(name, ids, 0, calib, 0.0, None, None, None)
         if index == 1:
             images, loss, curve = self._layerwise(name, seed)
@@ -614,26 +636,48 @@ class _Job:
         return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
 
     def _initialise(self, ids: list[str], seed: int) -> int:
+        """Initialise the rebirth layers of ``ids`` bottom-up, switching each on once it is initialised;
+        return the forward-only calibration images used. Each least-squares fit reads its region's input
+        from the student (the regions below already merged) and its targets from the original model, also
+        in the paper schedule, where the layers below have been fine-tuned by then."""
         regions = [r for r in self.regions if r.id in ids]
-        # fitted to the original model's features (in the paper schedule too, where the layers below a region
-        # have been fine-tuned by the time it is merged)
         init = _Initialiser(self.teacher, regions, self.config.init, self.config.ridge)
-        images = min(self.config.calibration_images, len(self.train_data)) if self.config.init == "lstsq" else 0
-        meter = Meter(self.progress, "calibration", images)
-        rebirths = {r.id: self.switches[r.id].rebirth for r in regions}
-        used = init.calibrate(rebirths, self.train_data, images, self.config.batch_size, seed, meter)
+        per_region = min(self.config.calibration_images, len(self.train_data)) if self.config.init == "lstsq" else 0
+        meter = Meter(self.progress, "calibration", per_region * len(regions))
+        used = 0
         for region in regions:
-            facts = init.apply(region, rebirths[region.id])
+            switch = self.switches[region.id]
+            used += init.calibrate(region, switch.rebirth, self.train_data, per_region, self.config.batch_size,
+                                   seed, meter, student_input=self._student_input(region))
+            facts = init.apply(region, switch.rebirth)
             self.region_facts[region.id].update(init=self.config.init, **facts)
+            switch.active.fill_(True)
         return used
+
+    def _student_input(self, region: Region) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The student's value at the input of ``region``'s switch, when any region before it is merged."""
+        if not any(bool(s.active) for s in self.switches.values()):
+            return None
+        switch = self.switches[region.id]
+        node = next(n for n in self.student.graph.nodes
+                    if n.op == "call_module" and self.student.get_submodule(n.target) is switch)
+        probe = _probe(self.student, [node.args[0].name]).eval()
+        return lambda x: probe(x)[0]
 
     def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
         c = self.config
         images = int(round(c.layerwise_epochs * len(self.train_data)))
         if images == 0:
             return 0, None, []
-        names = list(dict.fromkeys(n for r in self.regions for n in (r.input, r.output)))
-        probe = _probe(self.teacher, names).eval()
+        # inputs from the student (every region merged), targets from the original: each layer learns to
+        # correct what the layers below it got wrong, as its least-squares fit did
+        targets = _probe(self.teacher, [r.output for r in self.regions]).eval()
+        switch_inputs = []
+        for r in self.regions:
+            node = next(n for n in self.student.graph.nodes
+                        if n.op == "call_module" and self.student.get_submodule(n.target) is self.switches[r.id])
+            switch_inputs.append(node.args[0].name)
+        inputs = _probe(self.student, switch_inputs).eval()
         rebirths = [self.switches[r.id].rebirth for r in self.regions]
         params = [p for m in rebirths for p in m.parameters()]
         optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
@@ -643,9 +687,8 @@ class _Job:
         curve, loss_value = [], None
         for x, _ in batches(self.train_data, c.batch_size, seed=seed, images=images):
             with torch.no_grad():
-                values = dict(zip(names, probe(x)))
-            loss = sum(F.mse_loss(m(values[r.input]), values[r.output]) / values[r.output].pow(2).mean().clamp(min=1e-12)
-                       for r, m in zip(self.regions, rebirths)) / len(rebirths)
+                sources, wanted = inputs(x), targets(x)
+            loss = sum(_feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _all_reduce_grads(params)
@@ -664,30 +707,65 @@ class _Job:
         for switch in self.switches.values():  # parameters off the active path get no gradient
             switch.original.requires_grad_(not bool(switch.active))
             switch.rebirth.requires_grad_(bool(switch.active))
+        norms = None
+        if c.train_batch_norm:
+            norms = TrainingBatchNorm.add(self.student, [s.rebirth for s in self.switches.values() if bool(s.active)])
+            with torch.no_grad():
+                for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=min(512, len(self.train_data))):
+                    self.student(x)
+            norms.start()
         new = {id(p) for s in self.switches.values() if bool(s.active) for p in s.rebirth.parameters()}
+        if norms is not None:
+            new |= {id(p) for p in norms.parameters()}
         params = [p for p in self.student.parameters() if p.requires_grad]
+        if norms is not None:
+            params += [p for p in norms.parameters() if id(p) not in {id(q) for q in params}]
         groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
                   {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
-        optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.Adam(groups)
         steps = max(1, -(-images // c.batch_size))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        # a short warm-up (Adam's first steps, before its moment estimates settle, kicked a trained network
+        # off its minimum here), then cosine decay
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                       pct_start=c.warmup, div_factor=25, final_div_factor=100)
         model: nn.Module = self.student
         if world()[1] > 1:
             model = nn.parallel.DistributedDataParallel(self.student)
-        self.student.eval()  # dropout off (see the module docstring); the graph has no BatchNorm left
+        self.student.eval()  # dropout off (see the module docstring)
+        if norms is not None:
+            for bn in norms._norms():
+                bn.train()
+        # feature (hint) loss: each merged region's output against the original's
+        active = [r for r in self.regions if bool(self.switches[r.id].active)]
+        feature_targets = _probe(self.teacher, [r.output for r in active]).eval() \
+            if c.feature_weight > 0 and kd_weight > 0 and active else None
+        captured: list[torch.Tensor] = []
+        hooks = [self.switches[r.id].register_forward_hook(lambda m, i, o: captured.append(o)) for r in active] \
+            if feature_targets is not None else []
         meter = Meter(self.progress, stage, images)
         curve, loss_value = [], None
         for x, y in batches(self.train_data, c.batch_size, seed=seed, images=images):
             with torch.no_grad():
                 teacher = self.teacher(x) if kd_weight > 0 else None
+                wanted = feature_targets(x) if feature_targets is not None else ()
+            captured.clear()
             loss = _kd_loss(model(x), teacher, y, c.temperature, kd_weight)
+            if wanted:
+                loss = loss + c.feature_weight * sum(_feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
+                _all_reduce_grads([p for _, bn, _ in norms.hooked for p in bn.parameters()])
             optimizer.step()
             schedule.step()
             loss_value = loss.item()
             meter.update(len(x) * world()[1], loss_value)
             _sample(curve, meter.done, loss_value, images)
+        for hook in hooks:
+            hook.remove()
+        if norms is not None:
+            norms.fold()
         for p in self.student.parameters():
             p.requires_grad_(True)
         return meter.done, loss_value, curve

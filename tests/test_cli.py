@@ -64,3 +64,61 @@ def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
 
     plan = fxrebirth.Plan.from_json(target.read_text())
     assert [r.region.id for r in plan.regions][:2] == ["streamline:conv1.conv", "streamline:conv2.conv"]
+
+
+TINY_RUN = ["--image-size", "32", "--plan-size", "32", "--train-images", "64", "--test-images", "40",
+            "--teacher-epochs", "1", "--width", "0.125", "--epochs", "0.25", "--latency-rounds", "2"]
+
+
+def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FXREBIRTH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    assert main(["-q", "run", "--out", str(out), *TINY_RUN]) == 0
+    printed = capsys.readouterr().out
+    for name in ("report.md", "report.json", "plan.json", "curves.png", "steps.png", "reborn.pt2"):
+        assert (out / name).exists(), name
+    data = json.loads((out / "report.json").read_text())
+    rebirth, latency = data["rebirth"], data["latency"]
+    steps = rebirth["steps"]
+    assert [s["name"] for s in steps] == ["init lstsq", "layer-wise distillation", "end-to-end distillation"]
+    assert sum(s["trained_images"] for s in steps) == rebirth["trained_images"]
+    assert rebirth["retraining_epochs"] == rebirth["trained_images"] / 64
+    assert rebirth["student"]["images"] == 40 and 0 <= rebirth["student"]["top1"] <= 1
+    assert latency["speedup"] == latency["original_ms"] / latency["reborn_ms"]
+    assert data["teacher"]["cached"] is False and list((tmp_path / "cache").glob("teacher-*.pt"))
+    assert "## Speed" in printed and f"{latency['speedup']:.2f}x" in (out / "report.md").read_text()
+    program = torch.export.load(out / "reborn.pt2")
+    x = torch.randn(2, 3, 32, 32)
+    assert program.module()(x).shape == (2, 10)
+    # a second run finds the cached teacher and the finished retraining checkpoint
+    assert main(["-q", "run", "--out", str(out), *TINY_RUN]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["teacher"]["cached"] is True and again["rebirth"]["resumed_from"]
+    assert again["rebirth"]["student"] == rebirth["student"]
+
+
+def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    empty = tmp_path / "images"
+    (empty / "cat").mkdir(parents=True)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    cases = [
+        (["run", "resnet5O", "--weights", str(corrupt)], "unknown model 'resnet5O'"),
+        (["run", "resnet18", "--weights", str(tmp_path / "missing.pt")], "no such file"),
+        (["run", "resnet18", "--weights", str(corrupt)], "not a readable state_dict"),
+        (["run", "resnet18"], "give --weights"),
+    ]
+    weights = tmp_path / "r18.pt"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
+    cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(empty)], "does not fit resnet18"))
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(empty)], "image folder"))
+    cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(tmp_path / "nowhere")],
+                  "does not exist"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxrebirth: error:") and message in err and "Traceback" not in err, (argv, err)
+        assert err.count("\n") == 1, err

@@ -12,18 +12,15 @@ cost) and then medians over shuffled interleaved rounds, batch 1, 224x224, fp32.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
 import fxrebirth
 from fxrebirth.models import googlenet_lrn
+from fxrebirth.bench import interleaved_medians
 from fxrebirth.rebirth import rebuild
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_latency import interleaved_medians  # noqa: E402
 
 
 def main(rounds: int, compile_too: bool) -> None:
