@@ -63,7 +63,7 @@ from .plan import Plan, PlannedRegion
 from .rebirth import InceptionRebirth, build_rebirth, rebuild
 from .regions import Region, RegionError
 from .trainbn import TrainingBatchNorm
-from .train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
+from .train import (Meter, batch_count, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
                     paired_difference, save_checkpoint, world)
 
 __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
@@ -80,16 +80,16 @@ class RebirthConfig:
 
     init: str = "lstsq"
     schedule: str = "distill"
-    epochs: float = 1.0
+    epochs: float = 2.5
     """End-to-end epochs: in all (``distill``) or per merging step (``paper``)."""
-    layerwise_epochs: float = 0.25
+    layerwise_epochs: float = 0.0
     calibration_images: int = 2048
     ridge: float = 1e-3
     batch_size: int = 128
-    lr: float = 1e-4
-    new_layer_lr_mult: float = 10.0
-    layerwise_lr: float = 1e-3
-    temperature: float = 4.0
+    lr: float = 2e-3
+    new_layer_lr_mult: float = 1.0
+    layerwise_lr: float = 1e-4
+    temperature: float = 2.0
     kd_weight: float = 0.9
     feature_weight: float = 1.0
     """Weight of the feature loss in end-to-end distillation: each merged region's output against the
@@ -507,8 +507,15 @@ class _Initialiser:
 
 
 def _feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error relative to the teacher feature's mean square."""
-    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp(min=1e-12)
+    """Mean squared error relative to the teacher feature's mean square (over the global batch, so that a
+    data-parallel run optimises the same loss as one process)."""
+    scale = teacher.pow(2).mean().detach()
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(scale)
+        scale = scale / world()[1]
+    return F.mse_loss(student, teacher) / scale.clamp(min=1e-12)
 
 
 def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -565,7 +572,8 @@ class _Job:
             self.steps = [("init " + config.init, [r.id for r in self.regions]),
                           ("layer-wise distillation", [r.id for r in self.regions]),
                           ("end-to-end distillation", [r.id for r in self.regions])]
-        self.key = fingerprint(asdict(config), plan.to_json(), len(train_data), model.state_dict())
+        self.key = fingerprint(asdict(config), [r.region.to_dict() for r in self.planned], len(train_data),
+                               model.state_dict())  # the plan's regions, not its timings
         self.path = os.path.join(checkpoint_dir, "rebirth.ckpt") if checkpoint_dir else None
         self.report = RebirthReport(asdict(config), len(train_data))
         self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
@@ -681,7 +689,7 @@ class _Job:
         rebirths = [self.switches[r.id].rebirth for r in self.regions]
         params = [p for m in rebirths for p in m.parameters()]
         optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
-        steps = max(1, -(-images // c.batch_size))
+        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         meter = Meter(self.progress, stage, images)
         curve, loss_value = [], None
@@ -724,7 +732,7 @@ class _Job:
                   {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.Adam(groups)
-        steps = max(1, -(-images // c.batch_size))
+        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
         # a short warm-up (Adam's first steps, before its moment estimates settle, kicked a trained network
         # off its minimum here), then cosine decay
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
-           "world", "fingerprint", "Meter"]
+           "world", "fingerprint", "Meter", "batch_count"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: 
             done += n
             yield x[rank::size], y[rank::size]
         epoch += 1
+
+
+def batch_count(length: int, batch_size: int, images: int | None = None) -> int:
+    """How many batches :func:`batches` yields (a pass over the data ends with a short batch)."""
+    images = length if images is None else images
+    full, rest = divmod(images, length)
+    return full * -(-length // batch_size) + -(-rest // batch_size)
 
 
 @dataclass

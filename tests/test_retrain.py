@@ -213,7 +213,8 @@ DDP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = LRNNet().eval()
     plan = _plan(model)
-    gm, report = rebirth(model, plan, _data(128), **{{**FAST, "epochs": 1.0}})
+    # plain BatchNorm normalises with each rank's half of the batch: compare without it
+    gm, report = rebirth(model, plan, _data(128), train_batch_norm=False, **{{**FAST, "epochs": 1.0}})
     if not distributed or dist.get_rank() == 0:
         torch.save(gm.state_dict(), sys.argv[1])
     if distributed:
@@ -227,12 +228,12 @@ def test_ddp_on_two_processes_matches_a_single_process(tmp_path) -> None:
     single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     str(script), str(double)], check=True, timeout=300, env=env)
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     moved = 0
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)  # float sums in another order, through Adam
         moved += 1
     assert moved
 
@@ -280,3 +281,11 @@ def test_shapes_is_deterministic_balanced_and_splits_differ() -> None:
     check_dataset(a, name="a", num_classes=10, image_size=(16, 16))
     lo, hi = accuracy_interval(9000, 10000)
     assert lo < 0.9 < hi and hi - lo < 0.013
+
+
+@pytest.mark.parametrize("images", [None, 300, 1000, 77, 1])
+def test_batch_count_matches_what_batches_yields(images) -> None:
+    from fxrebirth.train import batch_count, batches
+
+    data = Shapes("train", 300, 8)
+    assert sum(1 for _ in batches(data, 128, seed=0, images=images)) == batch_count(300, 128, images)
