@@ -2,7 +2,9 @@
 
 Exact tier: ``gm, report = fxrebirth.optimize(model, example_inputs)`` returns an equivalent
 GraphModule with BatchNorm and constant scale/shift folded into neighbouring layers, and a report of
-every rewrite and refusal. See docs/ for the architecture and every identity.
+every rewrite and refusal. Retraining tier: ``plan = fxrebirth.plan(model, x)`` marks and prices the
+non-linear regions, ``gm, report = fxrebirth.rebirth(model, plan, train_data, test_data=...)`` replaces
+them by retrained rebirth layers. See docs/ for the architecture and every identity.
 """
 
 from .api import default_rules, optimize, relative_error
@@ -11,6 +13,7 @@ from .errors import CaptureError, FxRebirthError, PipelineError
 from .pipeline import PassResult, Pipeline, RulePass
 from .plan import Plan, PlannedRegion, plan
 from .regions import Region, RegionError
+from .retrain import RebirthConfig, RebirthReport, rebirth
 from .report import Refusal, Report, RuleStats
 from .rules import Match, Rule, RuleContext
 
@@ -35,6 +38,9 @@ __all__ = [
     "RegionError",
     "capture",
     "plan",
+    "rebirth",
+    "RebirthConfig",
+    "RebirthReport",
     "default_rules",
     "optimize",
     "relative_error",

@@ -87,7 +87,9 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
                              checkpoint_dir=os.path.join(config.out, "checkpoints"), progress=progress)
     latency = _latency(model, reborn, example, config.latency_rounds)
-    program = torch.export.export(reborn, (torch.randn(1, 3, config.image_size, config.image_size),))
+    batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
+    program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),
+                                  dynamic_shapes=({0: batch},))
     torch.export.save(program, os.path.join(config.out, "reborn.pt2"))
     result = {"environment": _environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
               "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency}

@@ -108,11 +108,11 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["run", "resnet18", "--weights", str(corrupt)], "not a readable state_dict"),
         (["run", "resnet18"], "give --weights"),
     ]
-    weights = tmp_path / "r18.pt"
     import torchvision
 
-    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
-    cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(empty)], "does not fit resnet18"))
+    wrong, weights = tmp_path / "r18-2.pt", tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), wrong)
+    cases.append((["run", "resnet18", "--weights", str(wrong), "--data", str(empty)], "does not fit resnet18"))
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(empty)], "image folder"))
     cases.append((["run", "resnet18", "--weights", str(weights), "--data", str(tmp_path / "nowhere")],
