@@ -70,7 +70,7 @@ __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract
 
 log = logging.getLogger(__name__)
 
-INITS = ("lstsq", "xavier", "original")
+INITS = ("auto", "lstsq", "xavier", "original")
 SCHEDULES = ("distill", "paper")
 
 
@@ -340,7 +340,7 @@ class _Initialiser:
     """Initialises the rebirth layers of some regions; ``lstsq`` collects statistics from calibration data."""
 
     def __init__(self, gm: fx.GraphModule, regions: list[Region], method: str, ridge: float) -> None:
-        self.gm, self.regions, self.method, self.ridge = gm, regions, method, ridge
+        self.gm, self.regions, self.init, self.ridge = gm, regions, method, ridge
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.branches = {r.id: _inception_branches(gm, r) for r in regions if r.kind == "branch"}
         self.stats: dict[tuple[str, int], _Ridge] = {}
@@ -349,6 +349,13 @@ class _Initialiser:
     def _param(self, node: fx.Node, name: str) -> torch.Tensor:
         value = node.kwargs[name]
         return self.gm.get_parameter(value.target).detach() if value is not None else None
+
+    def method(self, region: Region) -> str:
+        """The initialisation of ``region``: ``auto`` is ``original`` for streamline regions and ``lstsq``
+        for branch regions (measured best on the default GoogLeNet, see docs/results.md)."""
+        if self.init != "auto":
+            return self.init
+        return "lstsq" if region.kind == "branch" else "original"
 
     # which node values the lstsq statistics need, per region
     def probes(self, region: Region) -> list[str]:
@@ -368,7 +375,7 @@ class _Initialiser:
         were used. Targets are the original model's values; the layer's inputs too, or with
         ``student_input`` the region's input in the student (so the fit also corrects the error of the
         regions merged before it) pushed through the original region's own layers."""
-        if self.method != "lstsq" or images == 0:
+        if self.method(region) != "lstsq" or images == 0:
             return 0
         names = self.probes(region)
         probe = _probe(self.gm, names).eval()
@@ -426,7 +433,7 @@ class _Initialiser:
     @torch.no_grad()
     def apply(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
         """Initialise ``rebirth``; return facts for the report (e.g. the fit's relative error)."""
-        if self.method == "xavier":
+        if self.method(region) == "xavier":
             xavier_init(rebirth)
             return {}
         if region.kind != "branch":
@@ -435,7 +442,7 @@ class _Initialiser:
 
     def _streamline(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
         conv = _convs(rebirth)[0]
-        if self.method == "lstsq" and (region.id, 0) in self.stats:
+        if self.method(region) == "lstsq" and (region.id, 0) in self.stats:
             weight, bias = self.stats[(region.id, 0)].solve(self.ridge)
             conv.weight.copy_(weight.reshape(conv.weight.shape))
             conv.bias.copy_(bias)
@@ -467,7 +474,7 @@ class _Initialiser:
             reduce, last = convs[0], convs[-1]
             r = reduce.out_channels
             key = (region.id, i)
-            if self.method == "lstsq" and key in self.stats:
+            if self.method(region) == "lstsq" and key in self.stats:
                 score = self.energy[key] * weights[-1].double().pow(2).sum((0, 2, 3))
                 kept = score.argsort(descending=True)[:r].sort().values
             else:
@@ -475,7 +482,7 @@ class _Initialiser:
             reduce.weight.copy_(weights[0][kept])
             reduce.bias.copy_(biases[0][kept])
             kept_report.append(kept.tolist())
-            if self.method == "lstsq" and key in self.stats:
+            if self.method(region) == "lstsq" and key in self.stats:
                 area = last.kernel_size[0] * last.kernel_size[1]
                 columns = (kept[:, None] * area + torch.arange(area)[None]).reshape(-1)
                 weight, bias = self.stats[key].solve(self.ridge, columns)
@@ -483,7 +490,7 @@ class _Initialiser:
                 last.bias.copy_(bias)
             else:
                 self._copy_out(last, weights[-1][:, kept], biases[-1], region, i, pool)
-        return {"fit": self.method, "kept_reduce_channels": kept_report}
+        return {"fit": self.method(region), "kept_reduce_channels": kept_report}
 
     def _copy_out(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, region: Region, index: int,
                   pool: _Branch) -> None:
@@ -650,15 +657,16 @@ class _Job:
         in the paper schedule, where the layers below have been fine-tuned by then."""
         regions = [r for r in self.regions if r.id in ids]
         init = _Initialiser(self.teacher, regions, self.config.init, self.config.ridge)
-        per_region = min(self.config.calibration_images, len(self.train_data)) if self.config.init == "lstsq" else 0
-        meter = Meter(self.progress, "calibration", per_region * len(regions))
+        per_region = min(self.config.calibration_images, len(self.train_data))
+        fitted = [r for r in regions if init.method(r) == "lstsq"]
+        meter = Meter(self.progress, "calibration", per_region * len(fitted))
         used = 0
         for region in regions:
             switch = self.switches[region.id]
             used += init.calibrate(region, switch.rebirth, self.train_data, per_region, self.config.batch_size,
                                    seed, meter, student_input=self._student_input(region))
             facts = init.apply(region, switch.rebirth)
-            self.region_facts[region.id].update(init=self.config.init, **facts)
+            self.region_facts[region.id].update(init=init.method(region), **facts)
             switch.active.fill_(True)
         return used
 

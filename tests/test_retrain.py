@@ -289,3 +289,14 @@ def test_batch_count_matches_what_batches_yields(images) -> None:
 
     data = Shapes("train", 300, 8)
     assert sum(1 for _ in batches(data, 128, seed=0, images=images)) == batch_count(300, 128, images)
+
+
+def test_auto_init_relays_streamline_regions_and_fits_branch_regions() -> None:
+    torch.manual_seed(0)
+    model = googlenet_lrn(10, width=0.125).eval()
+    plan = _plan(model, 32)
+    _, report = rebirth(model, plan, Shapes("train", 64, 32), init="auto", epochs=0, calibration_images=64)
+    inits = {r["id"]: r["init"] for r in report.regions}
+    assert inits["streamline:conv1.conv"] == "original" and inits["branch:blocks.inception3a"] == "lstsq"
+    branches = sum(1 for r in report.regions if r["id"].startswith("branch:"))
+    assert report.calibration_images == 64 * branches  # only the fitted regions read calibration data
