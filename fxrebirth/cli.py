@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="fxrebirth-report", help="report folder (default fxrebirth-report)")
     run.add_argument("--image-size", type=int, default=32, help="training/evaluation resolution (default 32)")
     run.add_argument("--plan-size", type=int, default=224, help="planning and timing resolution (default 224)")
-    run.add_argument("--init", choices=("lstsq", "xavier", "original"), default="lstsq")
+    run.add_argument("--init", choices=("auto", "lstsq", "xavier", "original"), default=None,
+                     help="rebirth layer initialisation (default: the library default, see docs/retraining.md)")
     run.add_argument("--schedule", choices=("distill", "paper"), default="distill")
     run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")
     run.add_argument("--train-images", type=int, default=20000)
@@ -145,7 +146,9 @@ def _run(args: argparse.Namespace) -> int:
             raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (a model trained on your data); "
                                  "only googlenet_lrn has a default teacher")
         model = _load(args)
-    options = {"init": args.init, "schedule": args.schedule}
+    options = {"schedule": args.schedule}
+    if args.init is not None:
+        options["init"] = args.init
     if args.epochs is not None:
         options["epochs"] = args.epochs
     config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,

@@ -80,7 +80,8 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     data = json.loads((out / "report.json").read_text())
     rebirth, latency = data["rebirth"], data["latency"]
     steps = rebirth["steps"]
-    assert [s["name"] for s in steps] == ["init lstsq", "layer-wise distillation", "end-to-end distillation"]
+    init = rebirth["config"]["init"]
+    assert [s["name"] for s in steps] == [f"init {init}", "layer-wise distillation", "end-to-end distillation"]
     assert sum(s["trained_images"] for s in steps) == rebirth["trained_images"]
     assert rebirth["retraining_epochs"] == rebirth["trained_images"] / 64
     assert rebirth["student"]["images"] == 40 and 0 <= rebirth["student"]["top1"] <= 1
