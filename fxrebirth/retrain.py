@@ -5,26 +5,31 @@ r"""The retraining engine: replace every planned region by its rebirth layer and
 1. **Rebuild.** The model is captured at the data's image size and the plan checked against it. The
    student is the captured graph with each selected region behind a :class:`RegionSwitch` (the original
    region and its rebirth layer); the returned model holds the rebirth layers only.
-2. **Initialise** each rebirth layer (``init=``):
+2. **Initialise** each rebirth layer (``init=``, :mod:`fxrebirth.initialise`):
 
-   * ``"lstsq"`` (default): a closed-form ridge-regression fit on calibration images (forward passes of the
-     original model only). A streamline region's convolution ``W`` minimises
-     ``||unfold(x) W - y||^2 + lambda ||W||^2`` over the region's inputs ``x`` (unfolded into the rebirth
-     kernel's patches) and outputs ``y``. In an inception region the 1x1 branch is the original layer,
-     the thinned reduce layers keep the channels that carry the most output energy
-     (``E[r_c^2] * ||W_2[:, c]||^2``), and each branch's last convolution is fitted from the kept channels
-     to the original pre-activation (plus, in the absorbing branch, the pool projection's).
+   * ``"original"`` (default): the original weights re-laid: a streamline convolution's kernel placed inside
+     the larger kernel where the pooling window's centre reads; inception branches copied with the first
+     channels of each thinned reduce layer; the absorbed pool-projection channels Glorot-initialised.
+     Measured best after training (docs/results.md).
+   * ``"lstsq"``: a closed-form ridge-regression fit on calibration images. A streamline region's
+     convolution ``W`` minimises ``||[unfold(x) 1] W - y||^2 + lambda ||W||^2`` over the region's inputs
+     ``x`` (unfolded into the rebirth kernel's patches) and outputs ``y``. In an inception region the 1x1
+     branch is the original layer, the thinned reduce layers keep the channels that carry the most output
+     energy (``E[r_c^2] * ||W_2[:, c]||^2``), and each branch's last convolution is fitted from the kept
+     channels to the original pre-activation (plus, in the absorbing branch, the pool projection's).
+     Regions are fitted bottom-up, each reading its input from the student (regions below merged) and its
+     targets from the original. The best start before training; not after it, on the default GoogLeNet.
+   * ``"auto"``: ``original`` for streamline regions, ``lstsq`` for branch regions.
    * ``"xavier"``: Glorot-uniform weights, zero biases (the paper's).
-   * ``"original"``: the original weights re-laid: a streamline convolution's kernel placed inside the larger
-     kernel where the pooling window's centre reads; inception branches copied with the first channels of
-     each thinned reduce layer; the absorbed pool-projection channels Glorot-initialised.
 
 3. **Train** (``schedule=``):
 
-   * ``"distill"`` (default): layer-wise distillation (each rebirth layer regresses its region's output from
-     the region's input, both taken from the original model; ``layerwise_epochs``), then end-to-end
-     knowledge distillation with the original as teacher: ``kd_weight * T^2 KL(p_T(teacher) || p_T(student))
-     + (1 - kd_weight) * CE(student, labels)`` for ``epochs`` epochs.
+   * ``"distill"`` (default): optional layer-wise distillation (each rebirth layer regresses its region's
+     output in the original from its input in the student; ``layerwise_epochs``, off by default), then
+     end-to-end knowledge distillation with the original as teacher: ``kd_weight * T^2 KL(p_T(teacher) ||
+     p_T(student)) + (1 - kd_weight) * CE(student, labels) + feature_weight * mean_r relMSE(region r)`` for
+     ``epochs`` epochs, with a BatchNorm after every convolution during training, folded away afterwards
+     (:mod:`fxrebirth.trainbn`).
    * ``"paper"``: DeepRebirth's schedule: bottom-up, one region per step, ``epochs`` epochs per step of
      end-to-end training on labels, the new layer at ``new_layer_lr_mult`` times the learning rate.
 
@@ -79,9 +84,9 @@ SCHEDULES = ("distill", "paper")
 class RebirthConfig:
     """Options of :func:`rebirth` (see the module docstring)."""
 
-    init: str = "lstsq"
+    init: str = "original"
     schedule: str = "distill"
-    epochs: float = 2.5
+    epochs: float = 3.0
     """End-to-end epochs: in all (``distill``) or per merging step (``paper``)."""
     layerwise_epochs: float = 0.0
     calibration_images: int = 2048
