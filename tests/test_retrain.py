@@ -300,3 +300,25 @@ def test_auto_init_relays_streamline_regions_and_fits_branch_regions() -> None:
     assert inits["streamline:conv1.conv"] == "original" and inits["branch:blocks.inception3a"] == "lstsq"
     branches = sum(1 for r in report.regions if r["id"].startswith("branch:"))
     assert report.calibration_images == 64 * branches  # only the fitted regions read calibration data
+
+
+def test_image_folder_and_cifar10_loaders(tmp_path) -> None:
+    from PIL import Image
+
+    from fxrebirth.data import cifar10, image_folder
+
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 100, 200)).save(tmp_path / "imgs" / label / f"{i}.png")
+    data = image_folder(tmp_path / "imgs", size=24)
+    x, y = data[0]
+    assert len(data) == 6 and data.classes == ["cat", "dog"] and x.shape == (3, 24, 24) and y == 0
+    check_dataset(data, name="folder", num_classes=2, image_size=(24, 24))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="image folder"):
+        image_folder(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        image_folder(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        cifar10(tmp_path / "cifar-10-batches-py")
