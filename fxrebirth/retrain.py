@@ -264,7 +264,7 @@ class _Job:
             (rid,) = ids
             calib = self._initialise([rid], seed)
             images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=0.0)
-            return StepRecord(name, ids, images, calib, 0.0, loss, None, None, curve)
+            return StepRecord(name, ids, images, calib + self.observed, 0.0, loss, None, None, curve)
         if index == 0:
             calib = self._initialise(ids, seed)
             return StepRecord(name, ids, 0, calib, 0.0, None, None, None)
@@ -272,7 +272,7 @@ class _Job:
             images, loss, curve = self._layerwise(name, seed)
             return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
         images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=c.kd_weight)
-        return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
+        return StepRecord(name, ids, images, self.observed, 0.0, loss, None, None, curve)
 
     def _initialise(self, ids: list[str], seed: int) -> int:
         """Initialise the rebirth layers of ``ids`` bottom-up, switching each on once it is initialised;
@@ -342,6 +342,7 @@ class _Job:
     def _end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
         c = self.config
         images = int(round(epochs * len(self.train_data)))
+        self.observed = 0
         if images == 0:
             return 0, None, []
         for switch in self.switches.values():  # parameters off the active path get no gradient
@@ -353,6 +354,7 @@ class _Job:
             with torch.no_grad():
                 for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=min(512, len(self.train_data))):
                     self.student(x)
+                    self.observed += len(x) * world()[1]  # forward only: reported with the calibration images
             norms.start()
         new = {id(p) for s in self.switches.values() if bool(s.active) for p in s.rebirth.parameters()}
         if norms is not None:
