@@ -80,7 +80,7 @@ def test_least_squares_reproduces_an_exactly_representable_region() -> None:
     model = ConvPool().eval()
     plan = _plan(model)
     assert [r.region.kind for r in plan.selected] == ["streamline"]
-    gm, report = rebirth(model, plan, _data(64), epochs=0, layerwise_epochs=0, calibration_images=64,
+    gm, report = rebirth(model, plan, _data(64), init="lstsq", epochs=0, layerwise_epochs=0, calibration_images=64,
                          ridge=1e-9, batch_size=16)
     x = torch.randn(8, 3, 12, 12)
     assert report.retraining_epochs == 0 and report.calibration_images == 64
@@ -105,7 +105,7 @@ def test_rebirth_does_not_touch_the_model_and_training_lowers_the_loss() -> None
     model = LRNNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = _plan(model)
-    gm, report = rebirth(model, plan, _data(256), test_data=_data(64, seed=1), **{**FAST, "epochs": 1.0})
+    gm, report = rebirth(model, plan, _data(256), test_data=_data(64, seed=1), init="lstsq", **{**FAST, "epochs": 1.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = [s.name for s in report.steps]
     assert names == ["init lstsq", "layer-wise distillation", "end-to-end distillation"]
