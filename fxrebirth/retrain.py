@@ -175,11 +175,11 @@ class _Job:
         if plan.model and plan.model != type(model).__name__:
             raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
         image, _ = _first(train_data, "train_data")
+        model = copy.deepcopy(model).eval().cpu()  # the user's model is never touched
         num_classes = self._num_classes(model, image)
         check_dataset(train_data, name="train_data", num_classes=num_classes)
         if test_data is not None:
             check_dataset(test_data, name="test_data", num_classes=num_classes, image_size=tuple(image.shape[1:]))
-        model = copy.deepcopy(model).eval().cpu()
         self.teacher = capture(model, (image[None],))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -214,7 +214,7 @@ class _Job:
     def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
         with torch.no_grad():
             try:
-                out = copy.deepcopy(model).eval()(image[None])
+                out = model(image[None])
             except Exception as exc:
                 raise DataError(f"the model does not accept the data's images {list(image.shape)}: "
                                 f"{type(exc).__name__}: {exc}") from None
