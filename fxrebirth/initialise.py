@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
@@ -74,8 +75,6 @@ class _Ridge:
 
     def all_reduce(self) -> None:
         if world()[1] > 1 and self.gram is not None:
-            import torch.distributed as dist
-
             dist.all_reduce(self.gram)
             dist.all_reduce(self.cross)
 
@@ -204,8 +203,6 @@ class Initialiser:
             if key[0] == region.id:
                 ridge.all_reduce()
         if world()[1] > 1:
-            import torch.distributed as dist
-
             for key, energy in self.energy.items():
                 if key[0] == region.id:
                     dist.all_reduce(energy)

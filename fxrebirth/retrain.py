@@ -58,7 +58,6 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn import functional as F
 
 from .capture import capture
 from .data import DataError, check_dataset
@@ -68,8 +67,8 @@ from .plan import Plan, PlannedRegion
 from .rebirth import build_rebirth, rebuild
 from .rebirth_report import RebirthReport, StepRecord
 from .regions import Region, RegionError
-from .train import (Meter, ProgressFn, batch_count, batches, evaluate, fingerprint, load_checkpoint,
-                    paired_difference, save_checkpoint, world)
+from .train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, evaluate, feature_loss, fingerprint,
+                    kd_loss, load_checkpoint, paired_difference, save_checkpoint, world)
 from .trainbn import TrainingBatchNorm
 
 __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
@@ -135,30 +134,6 @@ class RegionSwitch(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- training
-
-
-def _feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error relative to the teacher feature's mean square (over the global batch, so that a
-    data-parallel run optimises the same loss as one process)."""
-    scale = teacher.pow(2).mean().detach()
-    if world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(scale)
-        scale = scale / world()[1]
-    return F.mse_loss(student, teacher) / scale.clamp(min=1e-12)
-
-
-def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
-             kd_weight: float) -> torch.Tensor:
-    loss = torch.zeros((), dtype=student.dtype)
-    if kd_weight > 0:
-        kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
-                      reduction="batchmean", log_target=True)
-        loss = loss + kd_weight * temperature ** 2 * kl
-    if kd_weight < 1:
-        loss = loss + (1 - kd_weight) * F.cross_entropy(student, labels)
-    return loss
 
 
 class _Job:
@@ -328,10 +303,10 @@ class _Job:
         for x, _ in batches(self.train_data, c.batch_size, seed=seed, images=images):
             with torch.no_grad():
                 sources, wanted = inputs(x), targets(x)
-            loss = sum(_feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
+            loss = sum(feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            _all_reduce_grads(params)
+            all_reduce_grads(params)
             optimizer.step()
             schedule.step()
             loss_value = loss.item()
@@ -392,13 +367,13 @@ class _Job:
                 teacher = self.teacher(x) if kd_weight > 0 else None
                 wanted = feature_targets(x) if feature_targets is not None else ()
             captured.clear()
-            loss = _kd_loss(model(x), teacher, y, c.temperature, kd_weight)
+            loss = kd_loss(model(x), teacher, y, c.temperature, kd_weight)
             if wanted:
-                loss = loss + c.feature_weight * sum(_feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
+                loss = loss + c.feature_weight * sum(feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
-                _all_reduce_grads([p for _, bn, _ in norms.hooked for p in bn.parameters()])
+                all_reduce_grads([p for _, bn, _ in norms.hooked for p in bn.parameters()])
             optimizer.step()
             schedule.step()
             loss_value = loss.item()
@@ -440,18 +415,6 @@ class _Job:
 def _sample(curve: list, done: int, loss: float, total: int) -> None:
     if not curve or done - curve[-1][0] >= total / 50 or done >= total:
         curve.append((done, loss))
-
-
-def _all_reduce_grads(params: list[torch.Tensor]) -> None:
-    rank, size = world()
-    if size == 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(size)
 
 
 def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:

@@ -20,12 +20,14 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data import accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
-           "world", "fingerprint", "Meter", "batch_count"]
+           "world", "fingerprint", "Meter", "batch_count",
+           "kd_loss", "feature_loss", "all_reduce_grads"]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +202,38 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error relative to the teacher feature's mean square (over the global batch, so that a
+    data-parallel run optimises the same loss as one process)."""
+    scale = teacher.pow(2).mean().detach()
+    if world()[1] > 1:
+        dist.all_reduce(scale)
+        scale = scale / world()[1]
+    return F.mse_loss(student, teacher) / scale.clamp(min=1e-12)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
+            kd_weight: float) -> torch.Tensor:
+    """``kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - kd_weight) * CE(student, labels)``
+    (Hinton et al., 2015: the T^2 keeps the soft term's gradients on the scale of the hard term's)."""
+    loss = torch.zeros((), dtype=student.dtype)
+    if kd_weight > 0:
+        kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                      reduction="batchmean", log_target=True)
+        loss = loss + kd_weight * temperature ** 2 * kl
+    if kd_weight < 1:
+        loss = loss + (1 - kd_weight) * F.cross_entropy(student, labels)
+    return loss
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the ranks (what DDP does, for modules outside a DDP wrapper)."""
+    size = world()[1]
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
