@@ -327,7 +327,8 @@ class _Job:
         if c.train_batch_norm:
             norms = TrainingBatchNorm.add(self.student, [s.rebirth for s in self.switches.values() if bool(s.active)])
             with torch.no_grad():
-                for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=min(512, len(self.train_data))):
+                observe = min(512, len(self.train_data))
+                for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=observe):
                     self.student(x)
                     self.observed += len(x) * world()[1]  # forward only: reported with the calibration images
             norms.start()
@@ -470,7 +471,7 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         with torch.inference_mode():
             med = interleaved_medians({"original": lambda: original(latency_input),
                                        "reborn": lambda: reborn(latency_input)}, latency_rounds)
-        report.latency = {"input_shape": list(latency_input.shape), "original_ms": med["original"],
+        report.latency = {"input_shape": list(latency_input.shape), "runtime": "eager", "original_ms": med["original"],
                           "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"],
                           "planned_speedup": plan.estimated_speedup, "rounds": latency_rounds}
     return reborn, report

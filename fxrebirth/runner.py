@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import interleaved_medians
-from .capture import capture
 from .data import Shapes, image_folder
 from .plan import Plan, plan as make_plan
 from .retrain import RebirthConfig, RebirthReport, rebirth
@@ -85,8 +83,9 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
     reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
-                             checkpoint_dir=os.path.join(config.out, "checkpoints"), progress=progress)
-    latency = _latency(model, reborn, example, config.latency_rounds)
+                             checkpoint_dir=os.path.join(config.out, "checkpoints"), progress=progress,
+                             latency_input=example, latency_rounds=config.latency_rounds)
+    latency = report.latency
     batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
     program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),
                                   dynamic_shapes=({0: batch},))
@@ -95,15 +94,6 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
               "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency}
     write_report(config.out, result, plan, report)
     return result
-
-
-def _latency(model: nn.Module, reborn: torch.fx.GraphModule, example: torch.Tensor, rounds: int) -> dict[str, Any]:
-    """Original vs reborn, eager, batch 1 at the planning resolution, interleaved."""
-    original = capture(model, (example,))
-    with torch.inference_mode():
-        med = interleaved_medians({"original": lambda: original(example), "reborn": lambda: reborn(example)}, rounds)
-    return {"input_shape": list(example.shape), "runtime": "eager", "original_ms": med["original"],
-            "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"], "rounds": rounds}
 
 
 def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport) -> None:

@@ -123,7 +123,8 @@ def test_paper_schedule_merges_bottom_up_one_region_per_step() -> None:
                          init="xavier", epochs=0.5, batch_size=32, eval_images=32)
     assert [s.regions[0] for s in report.steps] == [r["id"] for r in report.regions]  # graph order
     assert report.steps[0].regions == ["streamline:conv1.conv"]
-    assert len(report.steps) == len(plan.selected) and report.retraining_epochs == pytest.approx(0.5 * len(plan.selected))
+    assert len(report.steps) == len(plan.selected)
+    assert report.retraining_epochs == pytest.approx(0.5 * len(plan.selected))
     assert not any(isinstance(m, (nn.LocalResponseNorm, nn.MaxPool2d)) for m in gm.modules())
     assert "local_response_norm" not in gm.code
     assert gm.code.count("max_pool2d(") == 2  # pool3 and pool4 stand alone between inception modules
