@@ -52,13 +52,14 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .bench import interleaved_medians
 from .capture import capture
 from .data import DataError, check_dataset
 from .errors import FxRebirthError
@@ -444,10 +445,10 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
     and the reborn model on it (interleaved). Returns the reborn GraphModule (eval mode) and a
     :class:`RebirthReport`.
     """
-    if config is None:
-        config = RebirthConfig(**options)
-    elif options:
-        config = RebirthConfig(**{**asdict(config), **options})
+    unknown = sorted(set(options) - {f.name for f in fields(RebirthConfig)})
+    if unknown:
+        raise FxRebirthError(f"unknown rebirth option(s) {unknown}; options: {[f.name for f in fields(RebirthConfig)]}")
+    config = RebirthConfig(**{**(asdict(config) if config is not None else {}), **options})
     job = _Job(model, plan, train_data, test_data, config, progress,
                os.fspath(checkpoint_dir) if checkpoint_dir is not None else None)
     job.run(resume)
@@ -465,8 +466,6 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         labels = torch.cat([y for _, y in batches(test_data, 1000)])
         report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
     if latency_input is not None:
-        from .bench import interleaved_medians
-
         original = capture(copy.deepcopy(model).eval(), (latency_input,))
         with torch.inference_mode():
             med = interleaved_medians({"original": lambda: original(latency_input),

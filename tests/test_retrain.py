@@ -259,6 +259,8 @@ def test_bad_inputs_get_clear_errors() -> None:
         rebirth(model, plan, Labelled(torch.randn(8, 1, 12, 12), torch.zeros(8, dtype=torch.long), 4))
     with pytest.raises(fxrebirth.FxRebirthError, match="init="):
         RebirthConfig(init="magic")
+    with pytest.raises(fxrebirth.FxRebirthError, match=r"unknown rebirth option\(s\) \['epoch'\]"):
+        rebirth(model, plan, _data(8), epoch=1)
 
 
 def test_extract_region_computes_what_the_region_computes() -> None:
