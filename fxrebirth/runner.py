@@ -147,12 +147,12 @@ def _figures(out: str, report: RebirthReport, result: dict[str, Any]) -> list[st
     steps = [s for s in report.steps if s.top1 is not None]
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(1, len(steps) + 1), [s.top1 * 100 for s in steps], "o-", label="reborn")
+        ax.plot(range(len(steps)), [s.top1 * 100 for s in steps], "o-", label="reborn")
         if report.teacher:
-            ax.axhline(report.teacher["top1"] * 100, color="grey", ls="--", label="teacher")
-        ax.set_xlabel("step")
+            ax.axhline(report.teacher["top1"] * 100, color="grey", ls="--", label="teacher (whole test set)")
+        ax.set_xticks(range(len(steps)), [s.name[:24] for s in steps], rotation=15, fontsize=7)
         ax.set_ylabel("top-1 (%)")
-        ax.set_title("held-out accuracy after each step")
+        ax.set_title(f"accuracy after each step (first {report.config['eval_images']} held-out images)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, "steps.png"), dpi=100)
