@@ -92,6 +92,19 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[f
     return graph, tracer
 
 
+def _has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
+    """Whether ``gm`` calls modules fx would trace into (``nn.Sequential``, user modules such as a rebirth
+    layer inserted by :func:`fxrebirth.rebirth.rebuild`): such a GraphModule is traced again, so that what
+    they compute becomes canonical nodes instead of opaque calls."""
+    tracer = fx.Tracer()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if not isinstance(module, tuple(leaf_modules)) and not tracer.is_leaf_module(module, node.target):
+                return True
+    return False
+
+
 def _lower_module_calls(graph: fx.Graph, root: nn.Module) -> None:
     """Replace ``call_module`` nodes of known layer types by canonical functional calls."""
     attr_nodes: dict[str, fx.Node] = {}
@@ -263,7 +276,7 @@ def capture(
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    if isinstance(model, fx.GraphModule):
+    if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
         graph = copy.deepcopy(model.graph)
         root = copy.deepcopy(model) if copy_model else model
         lower_aten(graph)  # torch.export programs: ATen operators become canonical calls

@@ -182,3 +182,21 @@ def test_cuda_model_stays_on_cuda():
     assert report.stats("bn_into_preceding").rewrites == 1
     assert {p.device.type for p in gm.parameters()} == {"cuda"}
     assert_equivalent(model, gm, x)
+
+
+def test_a_graph_module_calling_containers_is_traced_into() -> None:
+    """A GraphModule whose graph calls an nn.Sequential (as the reborn model calls its rebirth layers) is
+    captured with the container's layers as canonical nodes, not as an opaque call."""
+    import torch.fx as fx
+
+    root = nn.Module()
+    root.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("seq", (x,)))
+    gm = fx.GraphModule(root, graph)
+    inp = torch.randn(2, 3, 8, 8)
+    captured = capture(gm, (inp,))
+    assert not any(n.op == "call_module" for n in captured.graph.nodes)
+    assert [kind_of(n) for n in captured.graph.nodes if kind_of(n)] == ["conv", "relu"]
+    torch.testing.assert_close(captured(inp), gm(inp))

@@ -60,9 +60,7 @@ def table(batch: int, rounds: int) -> None:
         "reborn onnxruntime": _onnx(reborn, x, dynamo=False)[0],
     }
     med = interleaved_medians(runs, rounds)
-    # the reborn model's FLOPs from the plan (each rebirth layer's FLOPs were counted on its own capture)
-    saved = sum(r.flops_now - r.flops_rebirth for r in plan.selected) * batch
-    flops = {"original": graph_flops(original), "reborn": graph_flops(original) - saved}
+    flops = {"original": graph_flops(original), "reborn": graph_flops(capture(reborn, (x,)))}
     print(f"\nbatch {batch}, 224x224, fp32, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"ONNX Runtime intra-op threads = torch's, median of {rounds} shuffled rounds; "
           f"GFLOPs original {flops['original'] / 1e9:.2f}, reborn {flops['reborn'] / 1e9:.2f}")
