@@ -79,11 +79,19 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     model = model.eval()
     example = torch.randn(1, 3, config.plan_size, config.plan_size)
     plan_path = os.path.join(config.out, "plan.json")
-    plan = make_plan(model, example, repeats=config.plan_repeats)
-    with open(plan_path, "w") as f:
-        f.write(plan.to_json(indent=1))
+    checkpoint_dir = os.path.join(config.out, "checkpoints")
+    if os.path.exists(plan_path) and os.path.exists(os.path.join(checkpoint_dir, "rebirth.ckpt")):
+        # resuming: the plan the checkpoint was trained for (planning again could select other regions
+        # where timings are close)
+        with open(plan_path) as f:
+            plan = Plan.from_json(f.read())
+        log.info("run: resuming with %s", plan_path)
+    else:
+        plan = make_plan(model, example, repeats=config.plan_repeats)
+        with open(plan_path, "w") as f:
+            f.write(plan.to_json(indent=1))
     reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
-                             checkpoint_dir=os.path.join(config.out, "checkpoints"), progress=progress,
+                             checkpoint_dir=checkpoint_dir, progress=progress,
                              latency_input=example, latency_rounds=config.latency_rounds)
     latency = report.latency
     batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
