@@ -185,6 +185,7 @@ class _Job:
         self.report = RebirthReport(asdict(config), len(train_data))
         self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
         self.eval_reference: torch.Tensor | None = None
+        self.observed = 0  # forward-only images of the last end-to-end step's BatchNorm statistics
 
     @staticmethod
     def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
@@ -274,11 +275,15 @@ class _Job:
         """The student's value at the input of ``region``'s switch, when any region before it is merged."""
         if not any(bool(s.active) for s in self.switches.values()):
             return None
+        probe = probe_nodes(self.student, [self._switch_input(region)]).eval()
+        return lambda x: probe(x)[0]
+
+    def _switch_input(self, region: Region) -> str:
+        """The name of the student's node that feeds ``region``'s switch."""
         switch = self.switches[region.id]
         node = next(n for n in self.student.graph.nodes
                     if n.op == "call_module" and self.student.get_submodule(n.target) is switch)
-        probe = probe_nodes(self.student, [node.args[0].name]).eval()
-        return lambda x: probe(x)[0]
+        return node.args[0].name
 
     def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
         c = self.config
@@ -288,12 +293,7 @@ class _Job:
         # inputs from the student (every region merged), targets from the original: each layer learns to
         # correct what the layers below it got wrong, as its least-squares fit did
         targets = probe_nodes(self.teacher, [r.output for r in self.regions]).eval()
-        switch_inputs = []
-        for r in self.regions:
-            node = next(n for n in self.student.graph.nodes
-                        if n.op == "call_module" and self.student.get_submodule(n.target) is self.switches[r.id])
-            switch_inputs.append(node.args[0].name)
-        inputs = probe_nodes(self.student, switch_inputs).eval()
+        inputs = probe_nodes(self.student, [self._switch_input(r) for r in self.regions]).eval()
         rebirths = [self.switches[r.id].rebirth for r in self.regions]
         params = [p for m in rebirths for p in m.parameters()]
         optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
@@ -353,29 +353,30 @@ class _Job:
             model = nn.parallel.DistributedDataParallel(self.student)
         self.student.eval()  # dropout off (see the module docstring)
         if norms is not None:
-            for bn in norms._norms():
+            for bn in norms.modules():
                 bn.train()
         # feature (hint) loss: each merged region's output against the original's
         active = [r for r in self.regions if bool(self.switches[r.id].active)]
-        feature_targets = probe_nodes(self.teacher, [r.output for r in active]).eval() \
-            if c.feature_weight > 0 and kd_weight > 0 and active else None
+        features = c.feature_weight > 0 and kd_weight > 0 and bool(active)
+        # one teacher forward per batch gives the logits and, with the feature loss, the regions' outputs
+        logits = next(n for n in self.teacher.graph.nodes if n.op == "output").args[0].name
+        teacher = probe_nodes(self.teacher, [logits] + ([r.output for r in active] if features else [])).eval()
         captured: list[torch.Tensor] = []
         hooks = [self.switches[r.id].register_forward_hook(lambda m, i, o: captured.append(o)) for r in active] \
-            if feature_targets is not None else []
+            if features else []
         meter = Meter(self.progress, stage, images)
         curve, loss_value = [], None
         for x, y in batches(self.train_data, c.batch_size, seed=seed, images=images):
             with torch.no_grad():
-                teacher = self.teacher(x) if kd_weight > 0 else None
-                wanted = feature_targets(x) if feature_targets is not None else ()
+                soft, *wanted = teacher(x) if kd_weight > 0 else (None,)
             captured.clear()
-            loss = kd_loss(model(x), teacher, y, c.temperature, kd_weight)
+            loss = kd_loss(model(x), soft, y, c.temperature, kd_weight)
             if wanted:
                 loss = loss + c.feature_weight * sum(feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
-                all_reduce_grads([p for _, bn, _ in norms.hooked for p in bn.parameters()])
+                all_reduce_grads(norms.hooked_parameters())
             optimizer.step()
             schedule.step()
             loss_value = loss.item()

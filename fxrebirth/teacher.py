@@ -112,12 +112,11 @@ def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn
         return model.eval(), dict(cached["meta"], cached=True, path=path)
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
-    model, meta = train_teacher(config, train, checkpoint=os.path.join(directory, f"teacher-{key}.partial.pt"),
-                                progress=progress)
+    partial = os.path.join(directory, f"teacher-{key}.partial.pt")
+    model, meta = train_teacher(config, train, checkpoint=partial, progress=progress)
     result = evaluate(model, test)
     meta.update(top1=result.top1, top1_interval=list(result.top1_interval), test_images=result.images)
     save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
-    partial = os.path.join(directory, f"teacher-{key}.partial.pt")
     if os.path.exists(partial):
         os.remove(partial)
     log.info("teacher: trained in %.0f s, top-1 %.4f on %d held-out images", meta["wall_s"], result.top1,

@@ -76,15 +76,19 @@ class TrainingBatchNorm:
         return self
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for bn in self._norms() for p in bn.parameters()]
+        return [p for bn in self.modules() for p in bn.parameters()]
 
-    def _norms(self) -> list[_ObservingBatchNorm]:
+    def hooked_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the BatchNorms hooked onto module convolutions (not submodules of the model)."""
+        return [p for _, bn, _ in self.hooked for p in bn.parameters()]
+
+    def modules(self) -> list[_ObservingBatchNorm]:
         return [self.model.get_submodule(name) for _, _, name in self.graph_nodes] + [bn for _, bn, _ in self.hooked]
 
     def start(self) -> None:
         """End observation: each BatchNorm starts as the identity of the statistics it saw, then trains."""
         with torch.no_grad():
-            for bn in self._norms():
+            for bn in self.modules():
                 bn.weight.copy_(torch.sqrt(bn.running_var + bn.eps))
                 bn.bias.copy_(bn.running_mean)
                 bn.observing, bn.momentum = False, 0.1
