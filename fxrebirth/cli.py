@@ -16,6 +16,7 @@ from . import __version__
 from .api import default_rules, optimize
 from .cost import RooflineCost
 from .errors import FxRebirthError
+from .speed import RUNTIMES
 
 __all__ = ["main", "load_model"]
 
@@ -85,6 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+    bch = sub.add_parser("bench", help="the speed table: original, exact tier and reborn model under every runtime")
+    bch.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
+    bch.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
+    bch.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    bch.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    bch.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    bch.add_argument("--runtime", action="append", choices=RUNTIMES, default=None,
+                     help="runtimes to include (repeatable; default all)")
+    bch.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
+                     help="ONNX exporter (default auto: the faster of the two for the original model)")
+    bch.add_argument("--no-reborn", action="store_true", help="skip the reborn model (plan + untrained rebirth "
+                                                               "layers; latency does not depend on their values)")
+    bch.add_argument("--no-memory", action="store_true", help="skip size/peak-memory subprocesses")
+    bch.add_argument("--layers", action="store_true", help="also print eager time by layer kind, before/after")
+    bch.add_argument("--save", metavar="PATH", help="write the table as Markdown")
+    bch.add_argument("--json", action="store_true", help="print the table as JSON")
     run = sub.add_parser("run", help="the main job: teacher, plan, rebirth + retraining, evaluation, report")
     run.add_argument("model", nargs="?", default="googlenet_lrn",
                      help="default googlenet_lrn (trained once on the embedded data and cached); other models "
@@ -104,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-epochs", type=int, default=4)
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
+    run.add_argument("--bench", choices=("full", "fast", "none"), default="full",
+                     help="the speed table: every runtime (default), eager and ONNX Runtime only, or none")
+    run.add_argument("--bench-batch", type=int, nargs="+", default=[1, 8], help="speed table batch sizes")
+    run.add_argument("--no-memory", action="store_true", help="skip size/peak-memory subprocesses")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -127,6 +148,8 @@ class _Bars:
         self.bar.n = event.done
         if event.loss is not None:
             self.bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+        elif "message" in event.info:
+            self.bar.set_postfix_str(event.info["message"][:48], refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -154,7 +177,8 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
                        plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
                        teacher=TeacherConfig(epochs=args.teacher_epochs, width=args.width),
-                       rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds)
+                       rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
+                       bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory)
     bars = _Bars(not args.quiet and not args.json)
     try:
         result = run(config, progress=bars)
@@ -226,12 +250,56 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .plan import plan as make_plan
+    from .capture import capture
+    from .rebirth import rebuild
+    from .speed import DEFAULT_VARIANTS, layer_breakdown, speed_table
+
+    model = _load(args)
+    if any(b < 1 for b in args.batch) or args.input_size < 1 or args.rounds < 1:
+        raise FxRebirthError("--batch, --input-size and --rounds must be positive")
+    say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))
+    x = torch.randn(1, 3, args.input_size, args.input_size)
+    say("exact tier")
+    exact, _ = optimize(model, x)
+    reborn, planned = None, None
+    if not args.no_reborn:
+        say("planning the rebirth (timing every region)")
+        planned = make_plan(model, x, repeats=3)
+        if planned.selected:
+            reborn = rebuild(capture(model, (x,)), planned).eval()
+        else:
+            say("no region worth merging: the table has no reborn rows")
+    runtimes = args.runtime or RUNTIMES
+    variants = [(v, r) for v, r in DEFAULT_VARIANTS if r in runtimes or (v, r) == ("original", "eager")]
+    table = speed_table(model, exact=exact, reborn=reborn, image_size=args.input_size, batches=args.batch,
+                        rounds=args.rounds, variants=variants, exporter=args.exporter, memory=not args.no_memory,
+                        name=args.model, progress=say)
+    text = table.markdown()
+    if reborn is not None:
+        text += (f"\n\nreborn: {len(planned.selected)} regions replaced by freshly initialised rebirth layers "
+                 f"(planned {planned.estimated_speedup:.2f}x eager); retrain with `fxrebirth run` before deploying.")
+    data = table.to_dict()
+    if args.layers:
+        before = layer_breakdown(model, x)
+        after = layer_breakdown(reborn, x) if reborn is not None else {}
+        data["layers_ms"] = {"original": before, "reborn": after}
+        text += "\n\n| layer kind | original ms | reborn ms |\n|---|---|---|\n" + "\n".join(
+            f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after})
+    if args.save:
+        with open(args.save, "w") as f:
+            f.write(text + "\n")
+    print(json.dumps(data, indent=1, default=str) if args.json else text)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"plan": _plan, "optimize": _optimize, "run": _run}[args.command](args)
+        return {"plan": _plan, "optimize": _optimize, "bench": _bench, "run": _run}[args.command](args)
     except FxRebirthError as exc:
         print(f"fxrebirth: error: {exc}", file=sys.stderr)
         return 2

@@ -15,18 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .api import optimize
 from .data import Shapes, image_folder
 from .plan import Plan, plan as make_plan
 from .retrain import RebirthConfig, RebirthReport, rebirth
 from .teacher import TeacherConfig, default_teacher
-from .train import ProgressFn
+from .speed import DEFAULT_VARIANTS, SpeedTable, environment, layer_breakdown, speed_table
+from .train import Progress, ProgressFn, evaluate
 
 __all__ = ["RunConfig", "run", "write_report"]
 
@@ -50,11 +51,12 @@ class RunConfig:
     rebirth: RebirthConfig = field(default_factory=RebirthConfig)
     latency_rounds: int = 20
     plan_repeats: int = 3
-
-
-def _environment() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    bench: str = "full"
+    """The speed table's runtimes: ``full`` (every runtime of :mod:`fxrebirth.speed`), ``fast`` (eager and
+    ONNX Runtime: no compilation) or ``none``."""
+    bench_batches: tuple[int, ...] = (1, 8)
+    bench_memory: bool = True
+    """Size on disk and peak inference memory, each variant in a process of its own."""
 
 
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -98,17 +100,58 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),
                                   dynamic_shapes=({0: batch},))
     torch.export.save(program, os.path.join(config.out, "reborn.pt2"))
-    result = {"environment": _environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
-              "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency}
-    write_report(config.out, result, plan, report)
+    exact, _ = optimize(model, example)
+    result = {"environment": environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
+              "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency,
+              "accuracy": _accuracies(report, exact, test)}
+    table = _speed(config, model, exact, reborn, progress)
+    if table is not None:
+        result["speed"] = table.to_dict()
+    result["layers_ms"] = {"original": layer_breakdown(model, example), "reborn": layer_breakdown(reborn, example)}
+    write_report(config.out, result, plan, report, table)
     return result
 
 
-def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport) -> None:
+def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str, float | None]:
+    """Held-out top-1 of each model variant. The exact tier is evaluated (it must equal the teacher's);
+    runtimes run these same models, so a runtime's accuracy is its model's."""
+    teacher = report.teacher["top1"] if report.teacher else None
+    student = report.student["top1"] if report.student else None
+    try:
+        with torch.inference_mode():
+            exact_top1 = evaluate(exact, test).top1
+    except Exception as exc:  # the exact tier was optimised at the planning size; it may not run at another
+        log.warning("run: the exact tier was not evaluated at the training size: %s", exc)
+        exact_top1 = None
+    return {"original": teacher, "exact tier": exact_top1, "reborn": student}
+
+
+def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Module,
+           progress: ProgressFn | None) -> SpeedTable | None:
+    if config.bench == "none":
+        return None
+    if config.bench not in ("full", "fast"):
+        raise ValueError(f"bench={config.bench!r}: use full, fast or none")
+    variants = [v for v in DEFAULT_VARIANTS if config.bench == "full" or v[1] in ("eager", "onnxruntime")]
+    steps = iter(range(10**6))
+    total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
+
+    def say(message: str) -> None:
+        log.info("speed table: %s", message)
+        if progress is not None:
+            progress(Progress("speed table", min(next(steps), total), total, unit="step", info={"message": message}))
+
+    return speed_table(model, exact=exact, reborn=reborn, image_size=config.plan_size,
+                       batches=config.bench_batches, rounds=config.latency_rounds, variants=variants,
+                       memory=config.bench_memory, name=config.model_name, progress=say)
+
+
+def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport,
+                 table: SpeedTable | None = None) -> None:
     """``report.md``, ``report.json`` and the figures."""
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    figures = _figures(out, report, result)
+    figures = _figures(out, report, result) + _speed_figures(out, result)
     lat = result["latency"]
     env = result["environment"]
     lines = [
@@ -123,6 +166,22 @@ def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthRe
         f"| reborn | {lat['reborn_ms']:.2f} | {lat['speedup']:.2f}x |", "",
         f"The planner predicted {result['planned_speedup']:.2f}x; measured/predicted = "
         f"{lat['speedup'] / result['planned_speedup']:.2f}.", "",
+    ]
+    if table is not None:
+        lines += ["### Every runtime, side by side", "", table.markdown(), ""]
+    layers = result.get("layers_ms")
+    if layers:
+        before, after = layers["original"], layers["reborn"]
+        lines += ["### Time by layer kind (eager, batch 1, every node timed on its own)", "",
+                  "| layer kind | original ms | reborn ms |", "|---|---|---|"]
+        lines += [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
+        lines += [f"| total | {sum(before.values()):.2f} | {sum(after.values()):.2f} |", ""]
+    acc = result.get("accuracy", {})
+    lines += ["### Accuracy of each model variant", "",
+              "| model | held-out top-1 |", "|---|---|"]
+    lines += [f"| {k} | {v:.2%} |" if v is not None else f"| {k} | not evaluated |" for k, v in acc.items()]
+    lines += [
+        "",
         "## Plan (which layers each rebirth layer replaces)", "", "```", plan.table(), "```", "",
     ]
     lines += [f"![{name}]({name})" for name in figures]
@@ -166,4 +225,57 @@ def _figures(out: str, report: RebirthReport, result: dict[str, Any]) -> list[st
         fig.savefig(os.path.join(out, "steps.png"), dpi=100)
         plt.close(fig)
         names.append("steps.png")
+    return names
+
+
+def _speed_figures(out: str, result: dict[str, Any]) -> list[str]:
+    """``layers.png`` (eager time by layer kind, before/after) and ``tradeoff.png`` (accuracy against
+    speed-up over the original in eager, one point per model variant and runtime)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    layers = result.get("layers_ms")
+    if layers:
+        before, after = layers["original"], layers["reborn"]
+        kinds = list({**before, **after})[::-1]
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(kinds) + 1.2))
+        ys = range(len(kinds))
+        ax.barh([y + 0.2 for y in ys], [before.get(k, 0.0) for k in kinds], 0.4, label="original")
+        ax.barh([y - 0.2 for y in ys], [after.get(k, 0.0) for k in kinds], 0.4, label="reborn")
+        ax.set_yticks(list(ys), kinds, fontsize=8)
+        ax.set_xlabel("eager ms (batch 1, every node timed on its own)")
+        ax.set_title("time by layer kind")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "layers.png"), dpi=100)
+        plt.close(fig)
+        names.append("layers.png")
+    acc = result.get("accuracy", {})
+    points = []  # (label, speed-up over original eager, top-1)
+    speed = result.get("speed")
+    if speed:
+        base = next((r for r in speed["rows"] if r["variant"] == "original" and r["runtime"] == "eager"), None)
+        batch = speed["batches"][0]
+        for row in speed["rows"]:
+            if base and batch in row["ms"] and acc.get(row["variant"]) is not None:
+                points.append((f"{row['variant']}, {row['runtime']}", base["ms"][batch] / row["ms"][batch],
+                               acc[row["variant"]]))
+    elif acc.get("original") is not None and acc.get("reborn") is not None:
+        points = [("original, eager", 1.0, acc["original"]), ("reborn, eager", result["latency"]["speedup"],
+                                                                acc["reborn"])]
+    if points:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for label, x, y in points:
+            ax.scatter(x, y * 100, marker="s" if label.startswith("reborn") else "o")
+            ax.annotate(label, (x, y * 100), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set_xlabel("speed-up over the original in eager (batch 1)")
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.set_title("accuracy against speed-up (a runtime runs its model's accuracy)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "tradeoff.png"), dpi=100)
+        plt.close(fig)
+        names.append("tradeoff.png")
     return names

@@ -10,6 +10,7 @@ two values are well formed. ``graph_module.code`` is readable PyTorch for a fail
 from __future__ import annotations
 
 import operator
+import random
 from typing import Callable, Mapping
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["random_graphs", "GraphBuilder", "OpBuilder", "VOCABULARY"]
+__all__ = ["random_graphs", "GraphBuilder", "OpBuilder", "VOCABULARY", "synthetic_cnn"]
 
 class GraphBuilder:
     """What an op of the vocabulary may use to grow a random graph.
@@ -147,3 +148,53 @@ def random_graphs(draw: st.DrawFn, max_ops: int = 8, dtype: torch.dtype = torch.
     gm = builder.finish()
     gm.meta["in_channels"] = channels
     return gm
+
+
+def synthetic_cnn(nodes: int, *, seed: int = 0, channels: int = 4, dtype: torch.dtype = torch.float32
+                  ) -> fx.GraphModule:
+    """A deterministic CNN-shaped GraphModule of about ``nodes`` graph nodes (get_attr nodes included),
+    for measuring how the pipeline's time grows with graph size. It is a chain of blocks drawn with
+    ``random.Random(seed)``, every one of which gives the exact tier work: conv -> BatchNorm -> ReLU,
+    a RepVGG-style block (3x3 + BN and 1x1 + BN summed, ReLU), an inception-style pair of 1x1 convs
+    concatenated and reduced by a 1x1 conv, a constant scale and shift, and avg-pool -> conv. Input:
+    ``(N, channels, 6, 6)``."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    root, graph = nn.Module(), fx.Graph()
+    count = 0
+
+    def tensor(shape: tuple[int, ...], low: float = -1.0, high: float = 1.0) -> fx.Node:
+        nonlocal count
+        count += 1
+        root.register_buffer(f"t{count}", (torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low)
+                                           + low).to(dtype))
+        return graph.get_attr(f"t{count}")
+
+    def conv(x: fx.Node, cin: int, cout: int, k: int) -> fx.Node:
+        return graph.call_function(F.conv2d, (x, tensor((cout, cin, k, k), -0.5, 0.5), tensor((cout,)), 1, k // 2))
+
+    def bn(x: fx.Node, c: int) -> fx.Node:
+        args = (x, tensor((c,)), tensor((c,), 0.25, 2.0), tensor((c,), 0.5, 1.5), tensor((c,)), False, 0.1, 1e-5)
+        return graph.call_function(F.batch_norm, args)
+
+    def block(x: fx.Node) -> fx.Node:
+        c = channels
+        kind = rng.choice(("conv_bn_relu", "conv_bn_relu", "repvgg", "inception", "affine", "pool_conv"))
+        if kind == "conv_bn_relu":
+            return graph.call_function(F.relu, (bn(conv(x, c, c, 3), c),))
+        if kind == "repvgg":
+            total = graph.call_function(operator.add, (bn(conv(x, c, c, 3), c), bn(conv(x, c, c, 1), c)))
+            return graph.call_function(F.relu, (total,))
+        if kind == "inception":
+            both = graph.call_function(torch.cat, ([conv(x, c, c, 1), conv(x, c, c, 1)], 1))
+            return conv(graph.call_function(F.relu, (both,)), 2 * c, c, 1)
+        if kind == "affine":
+            scaled = graph.call_function(operator.mul, (x, tensor((c, 1, 1), 0.5, 1.5)))
+            return graph.call_function(operator.add, (scaled, tensor((c, 1, 1))))
+        return conv(graph.call_function(F.avg_pool2d, (x, 3, 1, 1)), c, c, 3)
+
+    x = graph.placeholder("x")
+    while len(graph.nodes) < nodes - 1:
+        x = block(x)
+    graph.output(x)
+    return fx.GraphModule(root, graph)

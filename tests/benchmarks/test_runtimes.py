@@ -15,12 +15,10 @@ times are the first call's.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -29,61 +27,36 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_latency import build, interleaved_medians  # noqa: E402  (same models as the exact-tier benchmark)
 
 import fxrebirth  # noqa: E402
+from fxrebirth.speed import compiled_runner, export_onnx, ort_runner  # noqa: E402
 
 
-def _timed_first_call(fn: Callable[[], object]) -> float:
+def _timed(build: Callable[[], Callable[[], object]]) -> tuple[Callable[[], object], float]:
+    """A runner and the seconds its construction took (the library's runners make their first call:
+    compilation, or export and session creation)."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _compiled(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[Callable[[], object], float]:
-    # Each variant compiles its own copy, so no variant can run code compiled for another.
-    compiled = torch.compile(copy.deepcopy(model), **kwargs)
-
-    def run() -> object:
-        with torch.no_grad():
-            return compiled(x)
-
-    return run, _timed_first_call(run)
-
-
-def _freezing(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], float]:
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(freezing=True):
-        compiled = torch.compile(copy.deepcopy(model))
-
-        def run() -> object:
-            with torch.no_grad():
-                return compiled(x)
-
-        seconds = _timed_first_call(run)
-    return run, seconds
-
-
-def _onnx(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple[Callable[[], object], float]:
-    import onnxruntime as ort
-
-    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=dynamo, opset_version=18 if dynamo else 17)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ORT's pool spins after each run by default, stealing the cores from whatever runs next in an
-    # interleaved round (measured: Inductor resnet50 at 1.46x eager beside spinning sessions).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    run = lambda: session.run(None, feed)  # noqa: E731
-    run()
+    run = build()
     return run, time.perf_counter() - start
 
 
-def compare(name: str, rounds: int) -> None:
+def _compiled(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> tuple[Callable[[], object], float]:
+    return _timed(lambda: compiled_runner(model, x, **kwargs))
+
+
+def _freezing(model: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], float]:
+    return _compiled(model, x, freezing=True)
+
+
+def _onnx(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple[Callable[[], object], float]:
+    def build() -> Callable[[], object]:
+        path = export_onnx(model, x, os.path.join(tempfile.mkdtemp(), "model.onnx"),
+                           "dynamo" if dynamo else "torchscript")
+        run = ort_runner(path, x)
+        run()
+        return run
+    return _timed(build)
+
+
+def compare(name: str, rounds: int, compile_only: bool = False) -> None:
     model, x = build(name, "eager")
     gm, report = fxrebirth.optimize(model, x)
     runs: dict[str, Callable[[], object]] = {}
@@ -97,16 +70,22 @@ def compare(name: str, rounds: int) -> None:
     runs["inductor"], setup["inductor"] = _compiled(model, x)
     runs["inductor_freezing"], setup["inductor_freezing"] = _freezing(model, x)
     runs["fxrebirth_backend"], setup["fxrebirth_backend"] = _compiled(model, x, backend="fxrebirth")
-    runs["ort_torchscript"], setup["ort_torchscript"] = _onnx(model, x, dynamo=False)
-    runs["ort_dynamo"], setup["ort_dynamo"] = _onnx(model, x, dynamo=True)
+    runs["fxrebirth_no_freezing"], setup["fxrebirth_no_freezing"] = _compiled(
+        model, x, backend="fxrebirth", options={"freezing": False})
+    if not compile_only:
+        runs["ort_torchscript"], setup["ort_torchscript"] = _onnx(model, x, dynamo=False)
+        runs["ort_dynamo"], setup["ort_dynamo"] = _onnx(model, x, dynamo=True)
     med = interleaved_medians(runs, rounds)
+    print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
+    for key in med:
+        print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
+    print(f"  fxrebirth backend / Inductor with freezing: {med['fxrebirth_backend'] / med['inductor_freezing']:.3f}")
+    if compile_only:
+        return
     best = "ort_torchscript" if med["ort_torchscript"] <= med["ort_dynamo"] else "ort_dynamo"
     runs["ort_fxrebirth"], setup["ort_fxrebirth"] = _onnx(gm, x, dynamo=best == "ort_dynamo")
     # a second pass: the optimised ONNX model against the baseline exporter, interleaved
     pair_med = interleaved_medians({"ort_original": runs[best], "ort_fxrebirth": runs["ort_fxrebirth"]}, rounds)
-    print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
-    for key in med:
-        print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
     print(f"  faster exporter for the original: {best}")
     print(f"  ONNX Runtime, interleaved: original {pair_med['ort_original']:.2f} ms, fxrebirth-optimised "
           f"{pair_med['ort_fxrebirth']:.2f} ms (ratio {pair_med['ort_fxrebirth'] / pair_med['ort_original']:.3f}); "
@@ -117,7 +96,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=["googlenet", "resnet50", "mobilenet_v2"])
+    parser.add_argument("--compile-only", action="store_true", help="torch.compile variants only (no ONNX)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32")
     for model_name in args.models:
-        compare(model_name, args.rounds)
+        compare(model_name, args.rounds, args.compile_only)
