@@ -56,8 +56,9 @@ def _onnx(model: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> tuple[Callab
     return _timed(build)
 
 
-def compare(name: str, rounds: int, compile_only: bool = False) -> None:
+def compare(name: str, rounds: int, compile_only: bool = False, batch: int = 1) -> None:
     model, x = build(name, "eager")
+    x = torch.randn(batch, *x.shape[1:])
     gm, report = fxrebirth.optimize(model, x)
     runs: dict[str, Callable[[], object]] = {}
     setup: dict[str, float] = {}
@@ -97,7 +98,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=["googlenet", "resnet50", "mobilenet_v2"])
     parser.add_argument("--compile-only", action="store_true", help="torch.compile variants only (no ONNX)")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 224x224, fp32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 224x224, fp32")
     for model_name in args.models:
-        compare(model_name, args.rounds, args.compile_only)
+        compare(model_name, args.rounds, args.compile_only, args.batch)
