@@ -94,9 +94,11 @@ class RulePass:
     def name(self) -> str:
         return self.rule.name
 
-    def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None, *,
+                 recompile: bool = True) -> PassResult:
         """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
-        holds the output nodes whose rewrite was undone, so they are not tried again."""
+        holds the output nodes whose rewrite was undone, so they are not tried again. ``recompile=False``
+        leaves regenerating ``gm``'s Python code to the caller (a pipeline does it once at the end)."""
         rolled_back = set() if rolled_back is None else rolled_back
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
@@ -112,7 +114,7 @@ class RulePass:
             if reason is not None:
                 stats.refuse(describe(match.output), reason)
                 continue
-            ctx.begin(_first(gm.graph, match.replaced))
+            ctx.begin(_first(match.replaced))
             try:
                 replacement = _as_mapping(match, self.rule.rewrite(match, ctx))
             except Exception:
@@ -143,7 +145,8 @@ class RulePass:
                 gm.graph.lint()
             except Exception as exc:
                 raise PipelineError(f"rule {self.rule.name!r} left an invalid graph: {exc}") from exc
-            gm.recompile()
+            if recompile:
+                gm.recompile()
         return PassResult(gm, modified)
 
     def _gate(self, match: Match, ctx: RuleContext, stats: RuleStats) -> str | None:
@@ -177,10 +180,11 @@ class RulePass:
         return None
 
 
-def _first(graph: fx.Graph, nodes: Sequence[fx.Node]) -> fx.Node:
-    """The earliest of ``nodes`` in graph order (new nodes go before it, so they precede every use)."""
-    wanted = set(nodes)
-    return next(n for n in graph.nodes if n in wanted)
+def _first(nodes: Sequence[fx.Node]) -> fx.Node:
+    """The earliest of ``nodes`` in graph order (new nodes go before it, so they precede every use).
+    Nodes of one graph compare by position (``Node.__lt__``); walking the graph instead made a pass
+    quadratic in graph size."""
+    return min(nodes)
 
 
 def _as_mapping(match: Match, result: fx.Node | Mapping[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
@@ -246,11 +250,13 @@ class Pipeline:
                 report.iterations += 1
                 modified = False
                 for rule_pass in active:
-                    modified |= rule_pass(gm, report, rolled_back[rule_pass.name]).modified
+                    modified |= rule_pass(gm, report, rolled_back[rule_pass.name], recompile=False).modified
                 modified_any |= modified
                 if not modified:
                     break
             else:
                 log.warning("pipeline did not reach a fixpoint in %d iterations", self.max_iterations)
+        if modified_any:
+            gm.recompile()
         report.passes_s += time.perf_counter() - start
         return PassResult(gm, modified_any), report

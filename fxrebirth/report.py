@@ -40,8 +40,14 @@ class RuleStats:
     decisions: list[Decision] = field(default_factory=list)
 
     def refuse(self, node: str, reason: str) -> None:
+        # a set beside the list (not a field: not in to_dict): a pass re-refuses the same nodes every
+        # iteration, and a list lookup made that quadratic in graph size
+        seen = self.__dict__.get("_seen")
+        if seen is None:
+            seen = self.__dict__["_seen"] = set(self.refusals)
         refusal = Refusal(node, reason)
-        if refusal not in self.refusals:
+        if refusal not in seen:
+            seen.add(refusal)
             self.refusals.append(refusal)
 
 

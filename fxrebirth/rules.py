@@ -242,6 +242,6 @@ def _delete_attr(gm: torch.nn.Module, target: str) -> None:
 
 
 def _tensor_meta(t: torch.Tensor) -> Any:
-    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+    from .capture import tensor_metadata
 
-    return _extract_tensor_metadata(t)
+    return tensor_metadata(t)

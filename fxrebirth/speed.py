@@ -40,7 +40,7 @@ from torch import nn
 
 from .bench import interleaved_medians
 
-__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "RUNTIMES"]
+__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES"]
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> No
         run = ort_runner(model_path, x)
     else:
         model = torch.load(model_path, weights_only=False).eval()  # written by inference_memory's caller
-        run = _variant_runner(model, runtime, x)
+        run = variant_runner(model, runtime, x)
     run()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -300,7 +300,7 @@ def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> No
                       "inference_mb": (peak - baseline) / 1024}))
 
 
-def _variant_runner(model: nn.Module, runtime: str, x: torch.Tensor) -> Callable[[], object]:
+def variant_runner(model: nn.Module, runtime: str, x: torch.Tensor) -> Callable[[], object]:
     if runtime == "eager":
         return eager_runner(model, x)
     if runtime == "fx fuse":
@@ -357,7 +357,7 @@ def speed_table(
                     path = export_onnx(models[key[0]], x, os.path.join(folder, f"{key[0]}-b{batch}.onnx"), chosen)
                     runs[key] = ort_runner(path, x)
                 else:
-                    runs[key] = _variant_runner(models[key[0]], key[1], x)
+                    runs[key] = variant_runner(models[key[0]], key[1], x)
                 runs[key]()
             except Exception as exc:  # one runtime failing must not lose the rest of the table
                 row.note = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
