@@ -238,7 +238,8 @@ class SpeedTable:
         lines += ["", "Inference memory: the peak resident memory while running inference at batch 1, above the "
                       "process's resident memory after importing the runtime and before loading the model "
                       "(weights and activations); in brackets the whole process's peak. Each variant runs in a "
-                      "process of its own."]
+                      "process of its own; a compiled variant's process also holds what the compiler leaves "
+                      "resident, so compare its memory with other compiled variants only."]
         return "\n".join(lines)
 
 

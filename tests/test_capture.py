@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,3 +202,25 @@ def test_a_graph_module_calling_containers_is_traced_into() -> None:
     assert not any(n.op == "call_module" for n in captured.graph.nodes)
     assert [kind_of(n) for n in captured.graph.nodes if kind_of(n)] == ["conv", "relu"]
     torch.testing.assert_close(captured(inp), gm(inp))
+
+
+@settings(max_examples=40)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=5), st.randoms(use_true_random=False),
+       st.sampled_from(["plain", "permuted", "sliced", "channels_last"]), st.booleans())
+def test_tensor_metadata_matches_torch(shape, rng, layout, grad):
+    """capture's fast tensor record equals torch.fx's own for any shape, layout and stride."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    from fxrebirth.capture import tensor_metadata
+
+    t = torch.randn(*shape) if shape else torch.tensor(1.0)
+    if layout == "permuted" and t.dim() > 1:
+        order = list(range(t.dim()))
+        rng.shuffle(order)
+        t = t.permute(*order)
+    elif layout == "sliced" and t.dim() > 0:
+        t = t[..., ::2]
+    elif layout == "channels_last" and t.dim() in (4, 5):
+        t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    t.requires_grad_(grad)
+    assert tensor_metadata(t) == _extract_tensor_metadata(t)

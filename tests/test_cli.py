@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,7 +68,8 @@ def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
 
 
 TINY_RUN = ["--image-size", "32", "--plan-size", "32", "--train-images", "64", "--test-images", "40",
-            "--teacher-epochs", "1", "--width", "0.125", "--epochs", "0.25", "--latency-rounds", "2"]
+            "--teacher-epochs", "1", "--width", "0.125", "--epochs", "0.25", "--latency-rounds", "2",
+            "--bench", "fast", "--bench-batch", "1", "2"]
 
 
 def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
@@ -75,7 +77,8 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
     assert main(["-q", "run", "--out", str(out), *TINY_RUN]) == 0
     printed = capsys.readouterr().out
-    for name in ("report.md", "report.json", "plan.json", "curves.png", "steps.png", "reborn.pt2"):
+    for name in ("report.md", "report.json", "plan.json", "curves.png", "steps.png", "layers.png", "tradeoff.png",
+                 "reborn.pt2"):
         assert (out / name).exists(), name
     data = json.loads((out / "report.json").read_text())
     rebirth, latency = data["rebirth"], data["latency"]
@@ -87,7 +90,21 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     assert rebirth["student"]["images"] == 40 and 0 <= rebirth["student"]["top1"] <= 1
     assert latency["speedup"] == latency["original_ms"] / latency["reborn_ms"]
     assert data["teacher"]["cached"] is False and list((tmp_path / "cache").glob("teacher-*.pt"))
-    assert "## Speed" in printed and f"{latency['speedup']:.2f}x" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "## Speed" in printed and f"{latency['speedup']:.2f}x" in report_md
+    # the speed table: eager and ONNX Runtime rows at both batch sizes, memory measured, ratios consistent
+    rows = {(r["variant"], r["runtime"]): r for r in data["speed"]["rows"]}
+    assert set(rows) == {("original", "eager"), ("original", "onnxruntime"), ("exact tier", "eager"),
+                         ("reborn", "eager"), ("reborn", "onnxruntime")}
+    for row in rows.values():
+        assert set(row["ms"]) == {"1", "2"} and row["memory"]["peak_mb"] >= row["memory"]["baseline_mb"]
+        base = rows[("original", row["runtime"])]["ms"]["2"]
+        assert row["speedup_same_runtime"]["2"] == pytest.approx(base / row["ms"]["2"])
+        assert f"| {row['variant']} | {row['runtime']} | {row['ms']['1']:.2f} |" in report_md
+    # the exact tier is evaluated and equals the teacher; each layer kind timed before and after
+    assert data["accuracy"]["exact tier"] == data["accuracy"]["original"] == rebirth["teacher"]["top1"]
+    assert "lrn" in data["layers_ms"]["original"] and "conv" in data["layers_ms"]["reborn"]
+    assert "max_pool" in data["layers_ms"]["original"]
     program = torch.export.load(out / "reborn.pt2")
     x = torch.randn(2, 3, 32, 32)
     assert program.module()(x).shape == (2, 10)
