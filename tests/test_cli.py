@@ -51,6 +51,26 @@ def test_factory_weights_and_save(tmp_path, capsys, monkeypatch):
         torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_optimize_torchvision_model_saves_a_program_that_matches(tmp_path, capsys):
+    """A torchvision model with trained-looking BatchNorm statistics (so folding changes the weights),
+    optimised and saved by the CLI, loads as a torch.export program and matches the original."""
+    import torchvision
+
+    from fxrebirth.testing import randomize_batchnorm
+
+    reference = randomize_batchnorm(torchvision.models.resnet18(weights=None)).eval()
+    weights, target = tmp_path / "resnet18.pt", tmp_path / "resnet18.pt2"
+    torch.save(reference.state_dict(), weights)
+    argv = ["optimize", "resnet18", "--weights", str(weights), "--input-size", "64", "--save", str(target)]
+    assert main(argv) == 0
+    assert "bn_into_preceding" in capsys.readouterr().out
+    program = torch.export.load(str(target))
+    assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
 def test_bad_factory_is_a_clear_error(capsys):
     assert main(["optimize", "no_such_package:factory"]) == 2
     assert "cannot load factory 'no_such_package:factory'" in capsys.readouterr().err
