@@ -28,7 +28,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .aten import lower_aten
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
 
 __all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
@@ -247,10 +247,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
             try:
                 result = fx.Interpreter.run_node(self, n)
             except Exception as exc:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CaptureError(
                     f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
-                    f"{type(exc).__name__}: {first_line}\nCheck that example_inputs have the shapes and "
+                    f"{type(exc).__name__}: {first_line(exc)}\nCheck that example_inputs have the shapes and "
                     "dtypes the model expects."
                 ) from None
             found = False

@@ -15,7 +15,7 @@ from torch import nn
 from . import __version__
 from .api import default_rules, optimize
 from .cost import RooflineCost
-from .errors import FxRebirthError
+from .errors import FxRebirthError, first_line
 from .speed import RUNTIMES
 
 __all__ = ["main", "load_model"]
@@ -204,15 +204,13 @@ def _load(args: argparse.Namespace) -> nn.Module:
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FxRebirthError(f"--weights {args.weights}: not a readable state_dict ({first[:200]})") from None
+            raise FxRebirthError(f"--weights {args.weights}: not a readable state_dict ({first_line(exc, 200)})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # fxrebirth's own checkpoints (the cached teacher)
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise FxRebirthError(f"--weights {args.weights} does not fit {args.model}: {first[:300]}") from None
+            raise FxRebirthError(f"--weights {args.weights} does not fit {args.model}: {first_line(exc)}") from None
     return model.eval()
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["FxRebirthError", "CaptureError", "PipelineError"]
+__all__ = ["FxRebirthError", "CaptureError", "PipelineError", "first_line"]
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name when
+    it has none: what a one-line error quotes of an error from inside torch."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 class FxRebirthError(Exception):

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .bench import interleaved_medians
+from .errors import first_line
 
 __all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES"]
 
@@ -334,11 +335,27 @@ def speed_table(
     skipped. ``exporter``: ``torchscript``, ``dynamo`` or ``auto`` (the faster for the original)."""
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter={exporter!r}: use auto, torchscript or dynamo")
-    models = {"original": model.eval(), "exact tier": exact, "reborn": reborn}
+    models = {"original": _in_eval(model), "exact tier": _in_eval(exact), "reborn": _in_eval(reborn)}
     wanted = [(v, r) for v, r in variants if models.get(v) is not None]
     say = progress or (lambda message: log.info("speed table: %s", message))
     rows = {(v, r): Row(v, r) for v, r in wanted}
-    folder = tempfile.mkdtemp(prefix="fxrebirth-speed-")
+    with tempfile.TemporaryDirectory(prefix="fxrebirth-speed-") as folder:
+        chosen, exporter_ms = _measure(models, rows, folder, image_size, batches, rounds, exporter, memory, say)
+    return SpeedTable(model=name, image_size=image_size, batches=list(batches), rounds=rounds,
+                      rows=list(rows.values()), environment=environment(), exporter=chosen, exporter_ms=exporter_ms)
+
+
+def _in_eval(model: nn.Module | None) -> nn.Module | None:
+    """``model`` in eval mode, copied first if it is training (the caller's module keeps its mode)."""
+    return copy.deepcopy(model).eval() if model is not None and model.training else model
+
+
+def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Row], folder: str, image_size: int,
+             batches: Sequence[int], rounds: int, exporter: str, memory: bool,
+             say: Callable[[str], None]) -> tuple[str, dict[str, float]]:
+    """Fill ``rows`` (latency per batch, setup, size, FLOPs, memory); return the exporter used and, when
+    ``exporter="auto"``, the original's latency under each exporter."""
+    model, wanted = models["original"], list(rows)
     exporter_ms: dict[str, float] = {}
     chosen = "torchscript" if exporter == "auto" else exporter
     for batch in batches:
@@ -361,14 +378,14 @@ def speed_table(
                     runs[key] = variant_runner(models[key[0]], key[1], x)
                 runs[key]()
             except Exception as exc:  # one runtime failing must not lose the rest of the table
-                row.note = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+                row.note = f"failed: {type(exc).__name__}: {first_line(exc, 120)}"
                 log.warning("speed table: %s %s", row.name, row.note)
                 runs.pop(key, None)
                 continue
             if row.setup_s is None:
                 row.setup_s = time.perf_counter() - start
         say(f"batch {batch}: timing {len(runs)} variants, {rounds} rounds")
-        for key, ms in interleaved_medians({k: v for k, v in runs.items()}, rounds).items():
+        for key, ms in interleaved_medians(runs, rounds).items():
             rows[key].ms[batch] = ms
         del runs
     _sizes_flops(models, rows, folder, image_size, chosen)
@@ -385,8 +402,7 @@ def speed_table(
                 row.memory = inference_memory(path, key[1], (1, 3, image_size, image_size))
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
                 log.warning("speed table: %s", exc)
-    return SpeedTable(model=name, image_size=image_size, batches=list(batches), rounds=rounds,
-                      rows=list(rows.values()), environment=environment(), exporter=chosen, exporter_ms=exporter_ms)
+    return chosen, exporter_ms
 
 
 def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int) -> tuple[str, dict[str, float]]:
