@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     pln.add_argument("--target-speedup", type=float, help="select regions until this estimated speed-up")
     pln.add_argument("--budget-ms", type=float, help="select regions until this estimated latency")
     pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
+    pln.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
     bch = sub.add_parser("bench", help="the speed table: original, exact tier and reborn model under every runtime")
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="ONNX exporter (default auto: the faster of the two for the original model)")
     bch.add_argument("--no-reborn", action="store_true", help="skip the reborn model (plan + untrained rebirth "
                                                                "layers; latency does not depend on their values)")
+    bch.add_argument("--all-regions", action="store_true",
+                     help="replace every marked region, not only those the plan measured a gain for")
     bch.add_argument("--no-memory", action="store_true", help="skip size/peak-memory subprocesses")
     bch.add_argument("--layers", action="store_true", help="also print eager time by layer kind, before/after")
     bch.add_argument("--save", metavar="PATH", help="write the table as Markdown")
@@ -121,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-epochs", type=int, default=4)
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
+    run.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
+                                                        "0.5; thinner is faster and costs more accuracy)")
     run.add_argument("--bench", choices=("full", "fast", "none"), default="full",
                      help="the speed table: every runtime (default), eager and ONNX Runtime only, or none")
     run.add_argument("--bench-batch", type=int, nargs="+", default=[1, 8], help="speed table batch sizes")
@@ -178,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
                        plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
                        teacher=TeacherConfig(epochs=args.teacher_epochs, width=args.width),
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
-                       bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory)
+                       bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
+                       reduce_ratio=args.reduce_ratio)
     bars = _Bars(not args.quiet and not args.json)
     try:
         result = run(config, progress=bars)
@@ -220,7 +226,8 @@ def _plan(args: argparse.Namespace) -> int:
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
     budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
-    result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats)
+    result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
+                  reduce_ratio=args.reduce_ratio)
     if args.save:
         with open(args.save, "w") as f:
             f.write(result.to_json(indent=1))
@@ -265,6 +272,9 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.no_reborn:
         say("planning the rebirth (timing every region)")
         planned = make_plan(model, x, repeats=3)
+        if args.all_regions:
+            for region in planned.regions:
+                region.selected = True
         if planned.selected:
             reborn = rebuild(capture(model, (x,)), planned).eval()
         else:
@@ -294,6 +304,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "reduce_ratio", None) is not None and not 0 < args.reduce_ratio <= 1:
+        print(f"fxrebirth: error: --reduce-ratio {args.reduce_ratio}: give a fraction in (0, 1]", file=sys.stderr)
+        return 2
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -232,6 +232,8 @@ def plan(
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs, leaf_modules=leaf_modules)
     kwargs = {"collapse_reduce": collapse_reduce}
+    if reduce_ratio is not None and not 0 < reduce_ratio <= 1:
+        raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
     if reduce_ratio is not None:
         kwargs["reduce_ratio"] = reduce_ratio
     regions = streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs)

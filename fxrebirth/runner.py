@@ -51,6 +51,9 @@ class RunConfig:
     rebirth: RebirthConfig = field(default_factory=RebirthConfig)
     latency_rounds: int = 20
     plan_repeats: int = 3
+    reduce_ratio: float | None = None
+    """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
+    thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
     bench: str = "full"
     """The speed table's runtimes: ``full`` (every runtime of :mod:`fxrebirth.speed`), ``fast`` (eager and
     ONNX Runtime: no compilation) or ``none``."""
@@ -89,7 +92,7 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
             plan = Plan.from_json(f.read())
         log.info("run: resuming with %s", plan_path)
     else:
-        plan = make_plan(model, example, repeats=config.plan_repeats)
+        plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio)
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))
     reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,

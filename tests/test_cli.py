@@ -144,6 +144,8 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["run", "resnet5O", "--weights", str(corrupt)], "unknown model 'resnet5O'"),
         (["run", "resnet18", "--weights", str(tmp_path / "missing.pt")], "no such file"),
         (["run", "resnet18", "--weights", str(corrupt)], "not a readable state_dict"),
+        (["run", "--reduce-ratio", "0"], "--reduce-ratio 0.0: give a fraction in (0, 1]"),
+        (["plan", "googlenet_lrn", "--reduce-ratio", "1.5"], "--reduce-ratio 1.5: give a fraction"),
         (["run", "resnet18"], "give --weights"),
     ]
     import torchvision
