@@ -171,7 +171,10 @@ def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthRe
         f"{lat['speedup'] / result['planned_speedup']:.2f}.", "",
     ]
     if table is not None:
-        lines += ["### Every runtime, side by side", "", table.markdown(), ""]
+        lines += ["### Every runtime, side by side", "",
+                  "The original and the reborn model in eager are measured again here, among all the rows; "
+                  "where the two measurements differ, the difference is the machine's noise.", "",
+                  table.markdown(), ""]
     layers = result.get("layers_ms")
     if layers:
         before, after = layers["original"], layers["reborn"]

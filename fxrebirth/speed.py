@@ -298,8 +298,9 @@ def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> No
         log.warning("cannot reset the peak (no /proc/self/clear_refs): loading counts in the peak")
     run()
     peak = _status_kb("VmHWM")
-    print(json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
-                      "inference_mb": (peak - baseline) / 1024}))
+    # the child's answer to inference_memory, on stdout (the protocol between the two processes)
+    sys.stdout.write(json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
+                                 "inference_mb": (peak - baseline) / 1024}) + "\n")
 
 
 def variant_runner(model: nn.Module, runtime: str, x: torch.Tensor) -> Callable[[], object]:
