@@ -389,7 +389,7 @@ def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Ro
         for key, ms in interleaved_medians(runs, rounds).items():
             rows[key].ms[batch] = ms
         del runs
-    _sizes_flops(models, rows, folder, image_size, chosen)
+    _sizes_flops(models, rows, folder, image_size, chosen, keep_modules=memory)
     if memory:
         for key, row in rows.items():
             if row.note.startswith("failed"):
@@ -420,7 +420,9 @@ def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int
 
 
 def _sizes_flops(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Row], folder: str,
-                 image_size: int, exporter: str) -> None:
+                 image_size: int, exporter: str, keep_modules: bool) -> None:
+    """Size on disk and FLOPs of every row; ``keep_modules`` also writes each model variant whole, for the
+    memory subprocesses to load."""
     from .capture import capture
     from .cost import graph_flops
 
@@ -428,7 +430,8 @@ def _sizes_flops(models: dict[str, nn.Module | None], rows: dict[tuple[str, str]
     for variant, model in models.items():
         if model is None or not any(v == variant for v, _ in rows):
             continue
-        torch.save(model, os.path.join(folder, f"{variant}.module.pt"))
+        if keep_modules:
+            torch.save(model, os.path.join(folder, f"{variant}.module.pt"))
         size = _state_dict_mb(model, folder, variant)
         try:
             gflops = graph_flops(capture(model, (x,))) / 1e9
