@@ -10,9 +10,9 @@ parameters and buffers as graph inputs (placeholders holding the real tensors); 
    (the same :func:`fxrebirth.capture` as every entry point) and runs the exact pipeline;
 3. hands the result to the inner compiler (TorchInductor by default, or ``"eager"``/``"aot_eager"``).
    Inductor runs with ``freezing`` on: the weights are constants of the graph by then (step 2), so
-   Inductor may fold them further and pre-pack convolution weights for oneDNN, as
-   ``torch.compile(options={"freezing": True})`` does for a plain model. Without it the backend measured
-   0.99x eager on resnet50 where Inductor with freezing measured 0.63x (docs/results.md);
+   Inductor may fold them further and pre-pack convolution weights for oneDNN, as Inductor's own
+   ``freezing`` setting does for a plain model. Without it the backend measured 0.99x eager on resnet50
+   where Inductor with freezing measured 0.67x (docs/results.md);
 4. guards the baked weights: every call compares the weights Dynamo passes in with those folded (object
    identity and the version counter that every in-place update bumps); if one changed, the graph is
    optimised again from the current weights before it runs, so stale weights are never used.
@@ -121,6 +121,13 @@ def _bake(gm: fx.GraphModule, inputs: Sequence[Any], weights: list[int]) -> fx.G
     return baked
 
 
+def _picker(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in indices)`` in C (``itemgetter`` returns a bare item for one index)."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    return lambda args: tuple(args[i] for i in indices)
+
+
 def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):
     """The Dynamo backend (see the module docstring)."""
     global _said_training
@@ -134,7 +141,8 @@ def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     inner = _inner(opts.compiler, opts.freezing)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = [i for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if _is_weight(n, v)]
-    others = [i for i in range(len(placeholders)) if i not in set(weights)]
+    weight_set = set(weights)
+    others = [i for i in range(len(placeholders)) if i not in weight_set]
 
     def build(inputs: Sequence[Any]) -> Callable[..., Any]:
         baked = _bake(gm, inputs, weights)
@@ -152,8 +160,7 @@ def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     version = operator.attrgetter("_version")
     folded = [example_inputs[i] for i in weights]
     versions = list(map(version, folded))
-    pick_weights = operator.itemgetter(*weights) if len(weights) > 1 else (lambda args: tuple(args[i] for i in weights))
-    pick_others = operator.itemgetter(*others) if len(others) > 1 else (lambda args: tuple(args[i] for i in others))
+    pick_weights, pick_others = _picker(weights), _picker(others)
 
     def run(*args: Any) -> Any:
         nonlocal compiled, folded, versions

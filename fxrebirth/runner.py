@@ -12,6 +12,7 @@ The report folder holds ``report.md`` (tables), ``report.json`` (every number), 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -136,7 +137,7 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
     if config.bench not in ("full", "fast"):
         raise ValueError(f"bench={config.bench!r}: use full, fast or none")
     variants = [v for v in DEFAULT_VARIANTS if config.bench == "full" or v[1] in ("eager", "onnxruntime")]
-    steps = iter(range(10**6))
+    steps = itertools.count()
     total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
 
     def say(message: str) -> None:
