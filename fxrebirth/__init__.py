@@ -9,7 +9,7 @@ them by retrained rebirth layers. See docs/ for the architecture and every ident
 
 from .api import default_rules, optimize, relative_error
 from .capture import capture
-from .errors import CaptureError, FxRebirthError, PipelineError
+from .errors import CaptureError, EquivalenceError, FxRebirthError, PipelineError, ShapeGuardError
 from .pipeline import PassResult, Pipeline, RulePass
 from .plan import Plan, PlannedRegion, plan
 from .regions import Region, RegionError
@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
+    "EquivalenceError",
+    "ShapeGuardError",
     "FxRebirthError",
     "Match",
     "PassResult",

@@ -12,6 +12,7 @@ from torch import nn
 
 from .capture import as_input_tuple, capture, propagate_shapes
 from .cost import CostModel, RooflineCost, graph_flops, stored_elements
+from .equivalence import relative_error
 from .errors import PipelineError
 from .pipeline import Pipeline
 from .report import Report
@@ -40,34 +41,6 @@ def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
         names = ", ".join(r.name for r in rules)
         raise PipelineError(f"unknown rule name(s) {sorted(unknown)} in disable=; known rules: {names}")
     return tuple(r for r in rules if r.name not in disable)
-
-
-def relative_error(reference: Any, candidate: Any) -> float:
-    """Norm-wise relative error ``max|a - b| / max|b|`` over (nested) tensor outputs.
-
-    Positions where both hold the same infinity, or both hold NaN, count as equal; the scale is taken
-    over the finite values of ``reference``. A shape mismatch is an infinite error.
-    """
-    if isinstance(reference, torch.Tensor):
-        if not isinstance(candidate, torch.Tensor) or candidate.shape != reference.shape:
-            return float("inf")
-        ref = reference.detach().double()
-        cand = candidate.detach().double().to(ref.device)
-        if ref.numel() == 0:
-            return 0.0
-        same = (ref == cand) | (torch.isnan(ref) & torch.isnan(cand))
-        diff = torch.where(same, torch.zeros_like(ref), (cand - ref).abs())
-        if torch.isnan(diff).any():
-            return float("inf")
-        finite = ref[torch.isfinite(ref)]
-        scale = finite.abs().max().item() if finite.numel() else 0.0
-        worst = diff.max().item()
-        return worst / scale if scale > 0 else worst
-    if isinstance(reference, dict):
-        return max((relative_error(reference[k], candidate[k]) for k in reference), default=0.0)
-    if isinstance(reference, (list, tuple)):
-        return max((relative_error(a, b) for a, b in zip(reference, candidate)), default=0.0)
-    return 0.0 if reference == candidate else float("inf")
 
 
 def optimize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxRebirthError", "CaptureError", "PipelineError", "first_line"]
+__all__ = ["FxRebirthError", "CaptureError", "PipelineError", "EquivalenceError", "ShapeGuardError", "first_line"]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -22,3 +22,13 @@ class CaptureError(FxRebirthError):
 
 class PipelineError(FxRebirthError):
     """A pipeline was configured or used wrongly (unknown rule name, a rule that broke the graph)."""
+
+
+class EquivalenceError(FxRebirthError):
+    """The optimised model does not match the original within the tolerance of
+    :mod:`fxrebirth.equivalence`; the message names the rewrite found responsible."""
+
+
+class ShapeGuardError(FxRebirthError):
+    """At run time: an input size at which a rewrite that depends on the size would be wrong. The
+    message names the rewrite and its condition; optimise again with an example of that size."""

@@ -19,10 +19,11 @@ from typing import Any, Mapping
 import torch
 import torch.fx as fx
 
+from .equivalence import LOCAL_TOLERANCE
+
 __all__ = ["local_error", "UnverifiableError", "DEFAULT_TOLERANCE"]
 
-DEFAULT_TOLERANCE = 1e-9
-"""Largest accepted float64 relative error of a rewrite (correct rewrites measure ~1e-15)."""
+DEFAULT_TOLERANCE = LOCAL_TOLERANCE  # the shared definition (fxrebirth.equivalence)
 
 
 class UnverifiableError(Exception):

@@ -14,29 +14,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxrebirth.api import relative_error
+from fxrebirth.equivalence import TOLERANCES, relative_error, tolerance
 from fxrebirth.capture import as_input_tuple
 from fxrebirth.ops import kind_of
 
 __all__ = ["TOLERANCES", "tolerance", "assert_equivalent", "count_kind", "randomize_batchnorm"]
-
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 4e-2,
-}
-"""Largest accepted norm-wise relative error of an exact rewrite, by the dtype the model computes in.
-
-float64 is tight enough to expose an algebra bug (correct folds measure ~1e-15); float32 allows the
-extra rounding of folded weights and a different summation order (measured ~3e-7 on torchvision
-models, bound 1e-5); half precisions are bounded by their 3 (bfloat16: 2) significant digits."""
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """The :data:`TOLERANCES` entry for ``dtype`` (float32's for anything not listed)."""
-    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-
 
 def _output_dtype(output: Any) -> torch.dtype:
     if isinstance(output, torch.Tensor):

@@ -1,0 +1,81 @@
+"""What "equivalent" means in fxrebirth: one definition, cited by the rules, the pipeline, the tests and
+the docs (docs/testing.md).
+
+* **Local checks** (one rewrite, float64, random activations): relative error <= :data:`LOCAL_TOLERANCE`
+  (1e-9; correct rewrites measure ~1e-15).
+* **Whole models**: the norm-wise relative error ``max|a - b| / max|b|`` (:func:`relative_error`) is at
+  most :func:`tolerance` of the dtype the model stores its weights in (:data:`TOLERANCES`): float32 1e-5,
+  float16 1e-2, bfloat16 4e-2 (their 3 and 2 significant digits), float64 1e-10.
+* **Inputs**: always at batch >= :data:`MIN_BATCH` (a batch-1 example cannot tell a rule that mixes
+  samples from a correct one), and, for rewrites whose exactness depends on the input size, at more than
+  one size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["LOCAL_TOLERANCE", "MIN_BATCH", "TOLERANCES", "tolerance", "relative_error"]
+
+LOCAL_TOLERANCE = 1e-9
+"""Largest accepted float64 relative error of one rewrite checked locally (correct ones measure ~1e-15)."""
+
+MIN_BATCH = 2
+"""Every check runs at a batch of at least this many samples, whatever the example's batch."""
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 4e-2,
+}
+"""Largest accepted norm-wise relative error of a whole model, by the dtype the model computes in.
+
+float64 is tight enough to expose an algebra bug (correct folds measure ~1e-15); float32 allows the
+extra rounding of folded weights and a different summation order (measured ~3e-7 on torchvision
+models, bound 1e-5); half precisions are bounded by their 3 (bfloat16: 2) significant digits."""
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The :data:`TOLERANCES` entry for ``dtype`` (float32's for anything not listed)."""
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def relative_error(reference: Any, candidate: Any) -> float:
+    """Norm-wise relative error ``max|a - b| / max|b|`` over (nested) tensor outputs.
+
+    Positions where both hold the same infinity, or both hold NaN, count as equal; the scale is taken
+    over the finite values of ``reference``. A shape or structure mismatch is an infinite error; so is a
+    floating-point result against an integer one.
+    """
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(candidate, torch.Tensor) or candidate.shape != reference.shape:
+            return float("inf")
+        if reference.is_floating_point() != candidate.is_floating_point():
+            return float("inf")
+        ref = reference.detach().double()
+        cand = candidate.detach().double().to(ref.device)
+        if ref.numel() == 0:
+            return 0.0
+        same = (ref == cand) | (torch.isnan(ref) & torch.isnan(cand))
+        diff = torch.where(same, torch.zeros_like(ref), (cand - ref).abs())
+        if torch.isnan(diff).any():
+            return float("inf")
+        finite = ref[torch.isfinite(ref)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
+        worst = diff.max().item()
+        return worst / scale if scale > 0 else worst
+    if isinstance(reference, dict):
+        if not isinstance(candidate, dict) or set(reference) != set(candidate):
+            return float("inf")
+        return max((relative_error(reference[k], candidate[k]) for k in reference), default=0.0)
+    if isinstance(reference, (list, tuple)):
+        if not isinstance(candidate, (list, tuple)) or len(reference) != len(candidate):
+            return float("inf")
+        return max((relative_error(a, b) for a, b in zip(reference, candidate)), default=0.0)
+    try:
+        return 0.0 if bool(reference == candidate) else float("inf")
+    except Exception:  # noqa: BLE001 - objects whose comparison is not a truth value
+        return float("inf")
