@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -29,6 +29,8 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .aten import lower_aten
 from .errors import CaptureError, first_line
+from .mutation import eliminate_dead_code, functionalize, mutated_input
+from .variants import record_variant_shapes
 from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
 
 __all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
@@ -51,6 +53,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
             return True
+        if has_hooks(m):
+            return True  # kept as a call of the (copied) module, so its hooks run at every call
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
@@ -63,6 +67,25 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self._fxr_modules.pop()
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Does ``module`` have forward hooks or pre-hooks (the old-style ``spectral_norm`` and
+    ``weight_norm`` are pre-hooks)? Such a module is kept as an opaque call: lowering it to a functional
+    call would drop its hooks, and tracing through it would run them once, at trace time."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _refuse_global_hooks() -> None:
+    from torch.nn.modules import module as module_mod
+
+    hooks = getattr(module_mod, "_global_forward_hooks", {}), getattr(module_mod, "_global_forward_pre_hooks", {})
+    if any(hooks):
+        raise CaptureError(
+            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+            "or register_module_forward_pre_hook): they run at every module call, which a rewritten graph "
+            "cannot keep. Remove them (handle.remove()) before optimizing and register them again afterwards."
+        )
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -123,17 +146,13 @@ def _lower_module_calls(graph: fx.Graph, root: nn.Module) -> None:
             continue
         module = root.get_submodule(node.target)
         lowering = MODULE_LOWERINGS.get(type(module))
-        if lowering is None or not lowering.applies(module):
+        if lowering is None or not lowering.applies(module) or has_hooks(module):
             node.meta[SOURCE_KEY] = node.target
             continue
         if len(node.args) + len(node.kwargs) != 1:
             node.meta[SOURCE_KEY] = node.target
             continue  # e.g. ConvTranspose2d(x, output_size=...): kept as a module call
         (x,) = tuple(node.args) + tuple(node.kwargs.values())
-        inplace = getattr(module, "inplace", False)
-        if inplace and isinstance(x, fx.Node) and len(x.users) > 1:
-            node.meta[SOURCE_KEY] = node.target
-            continue  # an in-place op whose input is read elsewhere: its aliasing is semantics
         kwargs: dict[str, Any] = {}
         for name in lowering.tensors:
             value = getattr(module, name)
@@ -235,47 +254,111 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
 
 
+class _Recorder(fx.Interpreter):
+    """Runs a graph and hands each node's result to ``record``; a failure names the node."""
+
+    def __init__(self, module: fx.GraphModule, record: Callable[[fx.Node, Any], None]) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # our error already names the node
+        self.record = record
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:
+            raise CaptureError(
+                f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
+                f"{type(exc).__name__}: {first_line(exc)}\nCheck that example_inputs have the shapes and "
+                "dtypes the model expects."
+            ) from None
+        self.record(n, result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Record shape and dtype of every node (``node.meta["tensor_meta"]``) by running ``inputs``."""
 
-    class _Recorder(fx.Interpreter):
-        def __init__(self, module: fx.GraphModule) -> None:
-            super().__init__(module)
-            self.extra_traceback = False  # our error already names the node
+    def record(n: fx.Node, result: Any) -> None:
+        found = False
 
-        def run_node(self, n: fx.Node) -> Any:
-            try:
-                result = fx.Interpreter.run_node(self, n)
-            except Exception as exc:
-                raise CaptureError(
-                    f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
-                    f"{type(exc).__name__}: {first_line(exc)}\nCheck that example_inputs have the shapes and "
-                    "dtypes the model expects."
-                ) from None
-            found = False
+        def meta_of(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return tensor_metadata(obj)
+            return obj
 
-            def record(obj: Any) -> Any:
-                nonlocal found
-                if isinstance(obj, torch.Tensor):
-                    found = True
-                    return tensor_metadata(obj)
-                return obj
+        meta = fx.node.map_aggregate(result, meta_of)
+        if found:
+            n.meta["tensor_meta"] = meta
 
-            meta = fx.node.map_aggregate(result, record)
-            if found:
-                n.meta["tensor_meta"] = meta
-            return result
+    with _no_side_effects(gm):
+        _Recorder(gm, record).run(*_copies(inputs))
 
-    # Eval mode for the run: a BatchNorm module left in training mode must not update its statistics
-    # (shapes do not depend on the mode).
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _Recorder(gm).run(*inputs)
-    finally:
-        for m, mode in modes.items():
+
+def _variant_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, tuple[int, ...]]:
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def record(n: fx.Node, result: Any) -> None:
+        if isinstance(result, torch.Tensor):
+            shapes[n] = tuple(result.shape)
+
+    with _no_side_effects(gm):
+        _Recorder(gm, record).run(*_copies(inputs))
+    return shapes
+
+
+def _copies(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Clones of the tensor inputs: a model that writes to its input (``x += y``) must not write to the
+    caller's example."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in inputs)
+
+
+class _no_side_effects:
+    """Run ``gm`` for its shapes only: in eval mode (a BatchNorm left in training mode must not update its
+    statistics), without gradients, and with every buffer and every parameter that a mutation in the
+    graph may write restored afterwards (a forward that increments a buffer must not have counted)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __enter__(self) -> None:
+        gm = self.gm
+        self.modes = {m: m.training for m in gm.modules()}
+        written = {n.target for n in _written_attributes(gm.graph)}
+        tensors = dict(gm.named_buffers())
+        tensors.update((name, p) for name, p in gm.named_parameters() if name in written)
+        self.saved = [(t, t._version, t.detach().clone()) for t in tensors.values()]
+        gm.eval()
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_grad_enabled(self.grad)
+        for m, mode in self.modes.items():
             m.training = mode
+        with torch.no_grad():
+            for t, version, value in self.saved:
+                if t._version != version:
+                    t.copy_(value)
+
+
+def _written_attributes(graph: fx.Graph) -> list[fx.Node]:
+    """``get_attr`` nodes a mutation in ``graph`` may write to (directly or through a view)."""
+    found = []
+    for node in graph.nodes:
+        stack = [mutated_input(node)]
+        seen: set[fx.Node] = set()
+        while stack:
+            value = stack.pop()
+            if not isinstance(value, fx.Node) or value in seen:
+                continue
+            seen.add(value)
+            if value.op == "get_attr":
+                found.append(value)
+            elif value.op in ("call_method", "call_function"):
+                stack += value.all_input_nodes
+    return found
 
 
 def capture(
@@ -284,17 +367,23 @@ def capture(
     *,
     leaf_modules: Sequence[type[nn.Module]] = (),
     copy_model: bool = True,
+    variants: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` into the canonical GraphModule and annotate it with shapes.
 
     ``model`` is deep-copied first (``copy_model=False`` shares its parameters instead: the caller then
     owns the consequences of in-place training). ``leaf_modules`` are module types kept as opaque calls.
+    Modules with forward hooks or pre-hooks stay opaque calls too, so their hooks run; global module hooks
+    are refused. In-place operations are made out of place where that is exact (:mod:`fxrebirth.mutation`)
+    and kept, as mutations no rewrite touches, where it is not. ``variants`` also records the shapes at
+    the variants of the example (batch >= 2, other sizes: :mod:`fxrebirth.variants`) for verification.
     Raises :class:`CaptureError` naming the module that cannot be traced, or the node at which the
     example inputs fail.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
+    _refuse_global_hooks()
     if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)
         root = copy.deepcopy(model) if copy_model else model
@@ -306,10 +395,17 @@ def capture(
     _lower_module_calls(graph, root)
     canonicalize(graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
-    changed = gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+    changed = eliminate_dead_code(gm.graph)
     if changed:
         gm.recompile()
     propagate_shapes(gm, inputs)
+    if functionalize(gm, owns_modules=copy_model):
+        eliminate_dead_code(gm.graph)
+        changed = True
+    gm.graph.lint()
+    if changed:
+        gm.recompile()
+    if variants:
+        record_variant_shapes(gm, inputs, _variant_shapes)
     log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return gm

@@ -329,8 +329,8 @@ def _build_module_lowerings() -> dict[type[nn.Module], ModuleLowering]:
         table[cls] = ModuleLowering(
             F.batch_norm, ("running_mean", "running_var", "weight", "bias"), _bn_options, _bn_applies
         )
-    table[nn.ReLU] = ModuleLowering(F.relu)
-    table[nn.ReLU6] = ModuleLowering(F.relu6)
+    table[nn.ReLU] = ModuleLowering(F.relu, options=lambda m: {"inplace": m.inplace})
+    table[nn.ReLU6] = ModuleLowering(F.relu6, options=lambda m: {"inplace": m.inplace})
     for cls, fn in ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d)):
         table[cls] = ModuleLowering(
             fn, options=_pool_options("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")

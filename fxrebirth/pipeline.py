@@ -23,8 +23,11 @@ import torch.fx as fx
 
 from .errors import PipelineError
 from .cost import CostModel, RooflineCost
+from .guards import check_size, is_guard
+from .mutation import eliminate_dead_code, is_impure, mutated_input, tainted
 from .report import Decision, Report, RuleStats
-from .rules import Match, Rule, RuleContext, describe
+from .rules import Match, Rule, RuleContext, RewriteRefused, describe, users_of
+from .variants import VARIANTS_KEY
 from .verify import DEFAULT_TOLERANCE, UnverifiableError, local_error
 
 __all__ = ["PassResult", "RulePass", "Pipeline", "prune_unused_attributes"]
@@ -69,7 +72,7 @@ def _erase_dead(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
     while pending and progress:
         progress = False
         for node in list(pending):
-            if not node.users and not node.is_impure() and node.op != "placeholder":
+            if not node.users and not is_impure(node):
                 graph.erase_node(node)
                 pending.remove(node)
                 progress = True
@@ -95,32 +98,50 @@ class RulePass:
         return self.rule.name
 
     def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None, *,
-                 recompile: bool = True) -> PassResult:
+                 recompile: bool = True, limit: int | None = None) -> PassResult:
         """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
         holds the output nodes whose rewrite was undone, so they are not tried again. ``recompile=False``
-        leaves regenerating ``gm``'s Python code to the caller (a pipeline does it once at the end)."""
+        leaves regenerating ``gm``'s Python code to the caller (a pipeline does it once at the end).
+        ``limit``: stop once the report holds that many applied rewrites (to replay a prefix of a run)."""
         rolled_back = set() if rolled_back is None else rolled_back
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
         modified = False
+        mutated = tainted(gm.graph)
+        watched = _watch(gm)
+        restored: set[str] = set()
         for node in list(gm.graph.nodes):
+            if limit is not None and len(report.applied) >= limit:
+                break
             if getattr(node, "_erased", False):
                 continue
             match = self.rule.pattern(node, ctx)
             if match is None or match.output in rolled_back:
                 continue
             reason = NOT_FROZEN if (self.rule.changes_parameters and not self.frozen) else None
-            reason = reason or self.rule.check(match, ctx)
+            reads = [a for n in match.nodes + match.replaced for a in n.all_input_nodes] + list(match.nodes)
+            reason = reason or _mutation_reason(reads + list(match.inputs), mutated) or self.rule.check(match, ctx)
             if reason is not None:
                 stats.refuse(describe(match.output), reason)
                 continue
-            ctx.begin(_first(match.replaced))
+            label = f"{self.rule.name!r} at {describe(match.output)}"
+            ctx.begin(_first(match.replaced), label, reads)
+            why = None
             try:
                 replacement = _as_mapping(match, self.rule.rewrite(match, ctx))
+            except RewriteRefused as exc:
+                replacement, why = {}, str(exc)
             except Exception:
+                restored.update(ctx.restore_edited())
                 ctx.rollback()
                 raise
-            why = self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats)
+            edited = ctx.restore_edited()
+            restored.update(edited)
+            if edited and why is None:
+                why = (f"the rule edited {', '.join(map(repr, edited))} in place (undone); rules must create new "
+                       "tensors with ctx.add_tensor")
+            why = why or self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats) \
+                or _move_guards(match, replacement)
             if why is not None:
                 ctx.rollback()
                 rolled_back.add(match.output)
@@ -136,10 +157,13 @@ class RulePass:
             _erase_dead(gm.graph, match.nodes + match.replaced)
             stats.rewrites += 1
             stats.rewritten.append(describe(match.output))
+            report.applied.append((self.rule.name, describe(match.output)))
+            report.guards += [f"{label}: {guard.describe()}" for _, guard in ctx.guards]
             log.debug("%s rewrote %s", self.rule.name, describe(match.output))
             modified = True
+        _check_untouched(watched, gm, restored, self.rule.name)
         if modified:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm.graph)
             prune_unused_attributes(gm)
             try:
                 gm.graph.lint()
@@ -154,7 +178,8 @@ class RulePass:
             return None
         removed = [n for n in match.nodes + match.replaced if n.op != "get_attr" and _dies(n, match)]
         before = sum(self.cost_model.node_cost(n) for n in dict.fromkeys(removed))
-        after = sum(self.cost_model.node_cost(n) for n in ctx.created_nodes if n.op != "get_attr")
+        after = sum(self.cost_model.node_cost(n) for n in ctx.created_nodes
+                    if n.op != "get_attr" and n.target is not check_size)
         accepted = self.forced or after < before
         stats.decisions.append(Decision(describe(match.output), before, after, accepted, self.forced))
         if accepted:
@@ -169,7 +194,8 @@ class RulePass:
             return None
         start = time.perf_counter()
         try:
-            error = max(local_error(gm, old, new, match.inputs, ctx.exact_values) for old, new in replacement.items())
+            error = max(local_error(gm, old, new, match.inputs, ctx.exact_values, guards=ctx.guards)
+                        for old, new in replacement.items())
         except UnverifiableError as exc:
             return f"cannot verify: {exc}"
         finally:
@@ -178,6 +204,39 @@ class RulePass:
             return f"verification failed: relative error {error:.2e} > {self.tolerance:.0e}"
         stats.max_error = max(stats.max_error, error)
         return None
+
+
+def _mutation_reason(touched: Sequence[fx.Node], mutated: frozenset[fx.Node]) -> str | None:
+    """Why a match must not be rewritten: it touches (computes, reads or replaces) a value written in place,
+    or an alias of one."""
+    if not mutated:
+        return None
+    for node in touched:
+        if node in mutated:
+            writers = [u for u in mutated if mutated_input(u) is not None]
+            writer = describe(min(writers)) if writers else "an in-place operation"
+            return (f"{describe(node)} is written in place (by {writer}, or through a value that aliases it); "
+                    "fxrebirth does not move computation across a mutation")
+    return None
+
+
+def _watch(gm: fx.GraphModule) -> list[tuple[str, object, int]]:
+    """Every parameter and buffer with its version counter, to catch a rule that edits one in place."""
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return [(name, t, t._version) for name, t in named]
+
+
+def _check_untouched(watched: list[tuple[str, object, int]], gm: fx.GraphModule, restored: set[str],
+                     rule: str) -> None:
+    current = dict(gm.named_parameters(remove_duplicate=False))
+    current.update(gm.named_buffers(remove_duplicate=False))
+    for name, tensor, version in watched:
+        if name in restored or name not in current:
+            continue
+        if current[name] is not tensor or tensor._version != version:
+            raise PipelineError(
+                f"rule {rule!r} changed the tensor {name!r} in place outside what it matched; rules must not "
+                "edit existing tensors (create new ones with ctx.add_tensor). The model is left unoptimised.")
 
 
 def _first(nodes: Sequence[fx.Node]) -> fx.Node:
@@ -197,7 +256,30 @@ def _as_mapping(match: Match, result: fx.Node | Mapping[fx.Node, fx.Node]) -> di
 def _dies(node: fx.Node, match: Match) -> bool:
     """Does ``node`` disappear once the match's replaced nodes are rewired (all users inside the match)?"""
     inside = set(match.nodes) | set(match.replaced)
-    return node in match.replaced or all(u in inside for u in node.users)
+    return node in match.replaced or all(u in inside for u in users_of(node))
+
+
+def _shapes(node: fx.Node) -> tuple:
+    return getattr(node.meta.get("tensor_meta"), "shape", None), tuple(node.meta.get(VARIANTS_KEY) or ())
+
+
+def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node]) -> str | None:
+    """Size guards read values that a rewrite may remove. On a replaced node they follow the new value;
+    on a matched node that dies they move to the replacement of the match's output when that has the same
+    shape at the example and at every variant, and otherwise the rewrite is refused (a guard is never lost)."""
+    new = replacement.get(match.output)
+    moves = []
+    for node in match.nodes:
+        guards = [u for u in node.users if is_guard(u)]
+        if not guards or node in replacement or not _dies(node, match):
+            continue
+        if new is None or _shapes(node) != _shapes(match.output) or _shapes(node)[0] is None:
+            return f"it would remove {describe(node)}, whose size a guard checks"
+        moves += [(g, node) for g in guards]
+    for guard, node in moves:
+        guard.replace_input_with(node, new)
+        new.append(guard)  # right after the value it now reads
+    return None
 
 
 @dataclass(frozen=True)
@@ -210,6 +292,8 @@ class Pipeline:
     ``max_iterations``: rounds before giving up on reaching a fixpoint (a warning, not an error).
     ``cost_model``: gates rules marked ``gated`` (merges that can make a layer slower); ``None`` turns
     the gate off. ``force``: names of gated rules applied whatever the cost model says.
+    ``max_rewrites``: stop after that many rewrites. The pipeline is deterministic, so this replays the
+    first rewrites of a full run (how :func:`fxrebirth.optimize` finds the rewrite that broke a model).
     """
 
     rules: tuple[Rule, ...]
@@ -219,6 +303,7 @@ class Pipeline:
     max_iterations: int = 20
     cost_model: CostModel | None = field(default_factory=lambda: RooflineCost())
     force: frozenset[str] = frozenset()
+    max_rewrites: int | None = None
     passes: tuple[RulePass, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -250,7 +335,8 @@ class Pipeline:
                 report.iterations += 1
                 modified = False
                 for rule_pass in active:
-                    modified |= rule_pass(gm, report, rolled_back[rule_pass.name], recompile=False).modified
+                    modified |= rule_pass(gm, report, rolled_back[rule_pass.name], recompile=False,
+                                          limit=self.max_rewrites).modified
                 modified_any |= modified
                 if not modified:
                     break

@@ -69,6 +69,9 @@ class Report:
     verify_s: float = 0.0
     verified: bool = True
     output_error: float | None = None
+    applied: list[tuple[str, str]] = field(default_factory=list)
+    guards: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
 
     def stats(self, rule: str) -> RuleStats:
         return self.rules.setdefault(rule, RuleStats())

@@ -17,7 +17,7 @@ Everything a rewrite needs travels in the Match; rules keep no state between cal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,13 @@ import torch.fx as fx
 from .capture import SOURCE_KEY
 from .ops import OPS, kind_of, normalize_kwargs
 
-__all__ = ["Match", "Rule", "RuleContext", "describe", "name_hint", "producer"]
+__all__ = ["Match", "Rule", "RuleContext", "RewriteRefused", "describe", "name_hint", "producer", "users_of"]
+
+
+class RewriteRefused(Exception):
+    """Raised inside ``rewrite`` (by the rule or by :class:`RuleContext`) when the replacement turns out not
+    to be exact after all, e.g. a folded weight that overflows the model's dtype. The pipeline undoes the
+    rewrite and reports the message as the refusal's reason."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,14 @@ def producer(node: fx.Node, *kinds: str) -> fx.Node | None:
     if isinstance(x, fx.Node) and kind_of(x) in kinds and isinstance(x.kwargs.get("input"), fx.Node):
         return x
     return None
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s value: its users, less size guards (which read only its shape and
+    move with the value when a rewrite replaces it)."""
+    from .guards import is_guard
+
+    return [u for u in node.users if not is_guard(u)]
 
 
 def name_hint(node: fx.Node) -> str:
@@ -122,8 +136,11 @@ class RuleContext:
         self.created_nodes: list[fx.Node] = []
         self.created_attrs: list[str] = []
         self.exact_values: dict[fx.Node, torch.Tensor] = {}
+        self.guards: list[tuple[fx.Node, Any]] = []
         self._counter = 0
         self._insert_before: fx.Node | None = None
+        self._label = ""
+        self._snapshots: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     # -- reading ---------------------------------------------------------------------------------
     def constant(self, value: Any) -> torch.Tensor | None:
@@ -157,9 +174,47 @@ class RuleContext:
         return getattr(meta, "shape", None)
 
     # -- writing ---------------------------------------------------------------------------------
-    def begin(self, anchor: fx.Node) -> None:
-        """Start a rewrite whose new nodes go before ``anchor`` (called by the pipeline)."""
+    def begin(self, anchor: fx.Node, label: str = "", reads: Sequence[fx.Node] = ()) -> None:
+        """Start a rewrite whose new nodes go before ``anchor`` (called by the pipeline). ``label`` names the
+        rewrite in guard messages; the tensors of the ``get_attr`` nodes in ``reads`` are snapshot, so an
+        edit made to them in place is undone (:meth:`restore_edited`)."""
         self.created_nodes, self.created_attrs, self._insert_before = [], [], anchor
+        self.guards, self._label = [], label
+        targets = dict.fromkeys(n.target for n in reads if n.op == "get_attr")
+        self._snapshots = []
+        for target in targets:
+            tensor = _fetch_attr(self.gm, target)
+            if isinstance(tensor, torch.Tensor):
+                self._snapshots.append((target, tensor, tensor.detach().clone()))
+
+    def restore_edited(self) -> list[str]:
+        """Put back every snapshot tensor a rewrite changed in place (or replaced); return their names."""
+        edited = []
+        for target, tensor, value in self._snapshots:
+            current = _fetch_attr(self.gm, target)
+            if current is not tensor:
+                _set_attr(self.gm, target, tensor)
+            elif torch.equal(current.detach(), value) or (bool(torch.isnan(value).any()) and torch.allclose(
+                    current.detach(), value, rtol=0, atol=0, equal_nan=True)):
+                continue
+            with torch.no_grad():
+                tensor.copy_(value)
+            edited.append(target)
+        return edited
+
+    def guard(self, x: fx.Node, guard: Any) -> fx.Node:
+        """Record that the rewrite is exact only where ``guard`` (a :class:`fxrebirth.guards.SizeGuard`)
+        holds for ``x``'s shape: a guard node that raises :class:`fxrebirth.ShapeGuardError` elsewhere."""
+        from .guards import check_size
+
+        message = f"the rewrite {self._label} is exact only where {guard.describe()}; optimise the model " \
+                  "again with an example of this size"
+        with self.gm.graph.inserting_before(self._insert_before):
+            node = self.gm.graph.call_function(check_size, (x, guard.as_data(), message))
+        node.meta[SOURCE_KEY] = x.meta.get(SOURCE_KEY, x.name)
+        self.created_nodes.append(node)
+        self.guards.append((x, guard))
+        return node
 
     def add_tensor(self, hint: str, exact: torch.Tensor, like: torch.Tensor) -> fx.Node:
         """A new ``get_attr`` node holding ``exact`` cast to ``like``'s dtype, device and memory format.
@@ -168,7 +223,9 @@ class RuleContext:
         parameter, a buffer otherwise.
         """
         stored = exact.detach().to(device=like.device, dtype=like.dtype)
-        if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        _check_representable(hint, exact, stored)
+        if stored.dim() == 4 and like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+                and not like.is_contiguous():
             stored = stored.contiguous(memory_format=torch.channels_last)
         else:
             stored = stored.contiguous()
@@ -215,7 +272,7 @@ class RuleContext:
             self.exact_values.pop(node, None)
         for name in self.created_attrs:
             _delete_attr(self.gm, name)
-        self.created_nodes, self.created_attrs = [], []
+        self.created_nodes, self.created_attrs, self.guards = [], [], []
 
     def _fresh_name(self, hint: str) -> str:
         base = "fxrebirth_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
@@ -231,6 +288,32 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _check_representable(hint: str, exact: torch.Tensor, stored: torch.Tensor) -> None:
+    """Refuse a folded tensor that is not finite, or that the model's dtype cannot hold: one that overflows
+    (float16 tops out at 65504) or loses more than the dtype's whole-model tolerance to rounding."""
+    from .equivalence import relative_error, tolerance
+
+    if not stored.is_floating_point():
+        return
+    if not bool(torch.isfinite(exact).all()):
+        raise RewriteRefused(f"the folded tensor for {hint!r} is not finite (a zero variance or a division by 0)")
+    if not bool(torch.isfinite(stored).all()):
+        raise RewriteRefused(
+            f"the folded tensor for {hint!r} overflows {stored.dtype} (largest magnitude "
+            f"{exact.abs().max().item():.3g})")
+    error = relative_error(exact, stored)
+    if error > tolerance(stored.dtype):
+        raise RewriteRefused(f"the folded tensor for {hint!r} loses {error:.1e} to {stored.dtype} rounding")
+
+
+def _set_attr(gm: torch.nn.Module, target: str, value: Any) -> None:
+    *path, last = target.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, last, value)
 
 
 def _delete_attr(gm: torch.nn.Module, target: str) -> None:

@@ -14,12 +14,13 @@ lands near 1e-15 whatever the model's dtype, a wrong one near 1.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from .equivalence import LOCAL_TOLERANCE
+from .variants import VARIANTS_KEY
 
 __all__ = ["local_error", "UnverifiableError", "DEFAULT_TOLERANCE"]
 
@@ -88,15 +89,33 @@ class _SliceEvaluator:
         raise UnverifiableError(f"cannot evaluate node '{node.name}' ({node.op})")
 
 
-def _random_input(node: fx.Node, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    if shape is None:
-        raise UnverifiableError(f"no recorded shape for input '{node.name}'")
-    dtype = getattr(meta, "dtype", torch.float32)
+def _random_input(node: fx.Node, shape: tuple[int, ...], generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
     if not dtype.is_floating_point:
         raise UnverifiableError(f"input '{node.name}' is not floating point ({dtype})")
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(device)
+
+
+def _shape_sets(inputs: tuple[fx.Node, ...], guards: Sequence[tuple[fx.Node, Any]]) -> list[tuple[tuple[int, ...], ...]]:
+    """The input shapes to verify at: every recorded variant (batch >= 2, other sizes) where all inputs
+    ran and every guard of the rewrite holds, and the example's own shapes when no variant covers them."""
+    for n in inputs:
+        if getattr(n.meta.get("tensor_meta"), "shape", None) is None:
+            raise UnverifiableError(f"no recorded shape for input '{n.name}'")
+    example = tuple(tuple(n.meta["tensor_meta"].shape) for n in inputs)
+    sets: list[tuple[tuple[int, ...], ...]] = []
+    variants = [n.meta.get(VARIANTS_KEY) for n in inputs]
+    count = min((len(v) for v in variants if v is not None), default=0) if all(v is not None for v in variants) else 0
+    for i in range(count):
+        shapes = tuple(v[i] for v in variants)
+        if any(s is None for s in shapes):
+            continue
+        guarded = [(x.meta.get(VARIANTS_KEY) or [None] * count)[i] for x, _ in guards]
+        if any(g is None or not guard.holds(g) for g, (_, guard) in zip(guarded, guards)):
+            continue
+        sets.append(tuple(tuple(s) for s in shapes))
+    return list(dict.fromkeys(sets)) or [example]  # no variant ran: the example's own shapes
 
 
 def local_error(
@@ -108,15 +127,29 @@ def local_error(
     *,
     seed: int = 0,
     device: torch.device | None = None,
+    guards: Sequence[tuple[fx.Node, Any]] = (),
 ) -> float:
-    """Float64 relative error between the values of ``old`` and ``new`` on random ``inputs``."""
+    """Float64 relative error between the values of ``old`` and ``new`` on random ``inputs``, the worst over
+    the example's shapes and its recorded variants (:mod:`fxrebirth.variants`: batch >= 2 and other
+    spatial sizes). ``guards`` (``(value, SizeGuard)`` pairs) exclude the variants where the rewrite
+    declares itself inexact; it raises :class:`fxrebirth.ShapeGuardError` there at run time."""
     if device is None:
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    feeds = {n: _random_input(n, generator, device) for n in inputs}
+    return max(_error_at(gm, old, new, inputs, shapes, exact, generator, device)
+               for shapes in _shape_sets(inputs, guards))
+
+
+def _error_at(gm: fx.GraphModule, old: fx.Node, new: fx.Node, inputs: tuple[fx.Node, ...],
+              shapes: tuple[tuple[int, ...], ...], exact: Mapping[fx.Node, torch.Tensor],
+              generator: torch.Generator, device: torch.device) -> float:
+    feeds = {n: _random_input(n, shape, generator, device) for n, shape in zip(inputs, shapes)}
     with torch.no_grad():
         reference = _SliceEvaluator(gm, {n: v.clone() for n, v in feeds.items()}, exact).value(old)
-        candidate = _SliceEvaluator(gm, {n: v.clone() for n, v in feeds.items()}, exact).value(new)
+        try:
+            candidate = _SliceEvaluator(gm, {n: v.clone() for n, v in feeds.items()}, exact).value(new)
+        except Exception:  # noqa: BLE001 - the replacement fails at shapes where the original runs
+            return float("inf")
     if not isinstance(reference, torch.Tensor) or not isinstance(candidate, torch.Tensor):
         raise UnverifiableError("the replaced value is not a tensor")
     if reference.shape != candidate.shape:

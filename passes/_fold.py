@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, users_of
 
 from ._kernel import layer_tensors
 
@@ -134,8 +134,8 @@ class FoldIntoPreceding(_AffineFold):
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         layer, node = match["layer"], match.output
-        if len(layer.users) > 1:
-            return f"the output of {describe(layer)} has {len(layer.users)} users; folding would change the others"
+        if len(users_of(layer)) > 1:
+            return f"the output of {describe(layer)} has {len(users_of(layer))} users; folding would change the others"
         operands = self._operands(node, layer, ctx)
         if isinstance(operands, str):
             return operands
@@ -173,7 +173,7 @@ class FoldIntoFollowing(_AffineFold):
         x = self.source.input_of(node)
         if not isinstance(x, fx.Node):
             return None
-        for user in node.users:
+        for user in users_of(node):
             if kind_of(user) in LAYER_KINDS and user.kwargs["input"] is node:
                 return Match(output=user, inputs=(x,), nodes=(node, user), bindings={"affine": node, "layer": user})
         return None
@@ -182,8 +182,8 @@ class FoldIntoFollowing(_AffineFold):
         node, layer = match["affine"], match["layer"]
         if kind_of(layer) == "conv_transpose":
             return f"folding a {self.what} into a following ConvTranspose ({describe(layer)}) is not supported"
-        if len(node.users) > 1:
-            return f"the output of {describe(node)} has {len(node.users)} users; folding would change the others"
+        if len(users_of(node)) > 1:
+            return f"the output of {describe(node)} has {len(users_of(node))} users; folding would change the others"
         operands = self._operands(node, layer, ctx)
         if isinstance(operands, str):
             return operands

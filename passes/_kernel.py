@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxrebirth.guards import Geometry, SizeGuard
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import RuleContext, describe
 
@@ -50,7 +51,12 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 @dataclass(frozen=True)
 class Kernel:
-    """One convolution's parameters in float64 (weight ``(C_out, C_in / groups, *k)``, bias ``(C_out,)``)."""
+    """One convolution's parameters in float64 (weight ``(C_out, C_in / groups, *k)``, bias ``(C_out,)``).
+
+    ``guards``: conditions on the input's spatial size under which the map is exact (an average pooling
+    in ceil mode is a convolution only where its last window is whole); they travel through every
+    operation and :func:`emit_conv` records them on the merged layer's input.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -58,6 +64,11 @@ class Kernel:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+    guards: tuple[SizeGuard, ...] = ()
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.size, self.stride, self.padding, self.dilation)
 
     @property
     def ndim(self) -> int:
@@ -174,15 +185,20 @@ def kernel_of_avg_pool(node: fx.Node, ctx: RuleContext) -> Kernel | str:
     if any(p != 0 for p in kw["padding"]) and not kw["count_include_pad"]:
         return f"{describe(node)} excludes its zero padding from the average (count_include_pad=False)"
     kernel, stride, padding = tuple(kw["kernel_size"]), tuple(kw["stride"]), tuple(kw["padding"])
-    in_shape, out_shape = RuleContext.shape(kw["input"]), RuleContext.shape(node)
-    floor = tuple(conv_output_size(n, k, s, p, 1) for n, k, s, p in zip(in_shape[2:], kernel, stride, padding))
-    if kw["ceil_mode"] and tuple(out_shape[2:]) != floor:
-        return f"{describe(node)} uses ceil_mode and its last window is partial"
+    in_shape = RuleContext.shape(kw["input"])
+    guards: tuple[SizeGuard, ...] = ()
+    if kw["ceil_mode"] and any(s > 1 for s in stride):
+        # ceil mode adds a partial last window at some sizes: exact only where it adds none
+        guard = SizeGuard(f"{describe(node)} uses ceil_mode: its last window must be whole",
+                          ceil_pool=Geometry(kernel, stride, padding, (1,) * rank))
+        if not guard.holds(in_shape):
+            return f"{describe(node)} uses ceil_mode and its last window is partial"
+        guards = (guard,)
     divisor = kw.get("divisor_override") or math.prod(kernel)
     device = ctx.device
     weight = torch.full((channels, 1) + kernel, 1.0 / divisor, dtype=torch.float64, device=device)
     return Kernel(weight, torch.zeros(channels, dtype=torch.float64, device=device), stride, padding, (1,) * rank,
-                  channels)
+                  channels, guards)
 
 
 def identity_kernel(channels: int, rank: int, device: torch.device | None = None) -> Kernel:
@@ -238,7 +254,13 @@ def sum_kernels(kernels: list[Kernel], in_size: tuple[int, ...], out_size: tuple
     if isinstance(aligned, str):
         return aligned
     aligned = _common_groups(aligned)
-    return replace(aligned[0], weight=sum(k.weight for k in aligned), bias=sum(k.bias for k in aligned))
+    return replace(aligned[0], weight=sum(k.weight for k in aligned), bias=sum(k.bias for k in aligned),
+                   guards=_union(aligned))
+
+
+def _union(kernels: list[Kernel]) -> tuple[SizeGuard, ...]:
+    """The guards of kernels that read the same input."""
+    return tuple(dict.fromkeys(g for k in kernels for g in k.guards))
 
 
 def stack_kernels(kernels: list[Kernel], in_size: tuple[int, ...], out_size: tuple[int, ...]) -> Kernel | str:
@@ -248,7 +270,8 @@ def stack_kernels(kernels: list[Kernel], in_size: tuple[int, ...], out_size: tup
         return aligned
     if len({k.groups for k in aligned}) > 1 or aligned[0].groups != 1:
         aligned = [k.dense() for k in aligned]
-    return replace(aligned[0], weight=torch.cat([k.weight for k in aligned]), bias=torch.cat([k.bias for k in aligned]))
+    return replace(aligned[0], weight=torch.cat([k.weight for k in aligned]), bias=torch.cat([k.bias for k in aligned]),
+                   guards=_union(aligned))
 
 
 def compose(first: Kernel, second: Kernel) -> Kernel | str:
@@ -277,7 +300,8 @@ def compose(first: Kernel, second: Kernel) -> Kernel | str:
     bias = second.bias + w2.sum(dim=tuple(range(2, w2.dim()))) @ first.bias
     padding = second.padding if pointwise_first else first.padding
     stride = tuple(a * b for a, b in zip(s1, second.stride))
-    result = Kernel(merged, bias, stride, padding, (1,) * len(size), 1)
+    guards = first.guards + tuple(g.after(first.geometry) for g in second.guards)
+    result = Kernel(merged, bias, stride, padding, (1,) * len(size), 1, guards)
     groups = math.gcd(first.groups, second.groups)
     return result.regroup(groups) or result
 
@@ -289,5 +313,7 @@ def emit_conv(ctx: RuleContext, kernel: Kernel, x: fx.Node, like: fx.Node, hint:
     stored = ctx.stored(like_weight)
     weight = ctx.add_tensor(f"{hint}_weight", kernel.weight, stored)
     bias = ctx.add_tensor(f"{hint}_bias", kernel.bias, stored)
+    for guard in kernel.guards:
+        ctx.guard(x, guard)
     return ctx.call(target, like=like, input=x, weight=weight, bias=bias, stride=kernel.stride,
                     padding=kernel.padding, dilation=kernel.dilation, groups=kernel.groups)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, users_of
 
 from ._kernel import (
     Kernel, affine_kernel, compose, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,
@@ -158,8 +158,8 @@ class MergeSummedBranches(Rule):
                 return f"the sum broadcasts {describe(operand)} to a larger shape"
         for chain in match["chains"]:
             for stage in chain:
-                if len(stage.users) > 1:
-                    return f"the branch {describe(stage)} has {len(stage.users)} users; merging would duplicate it"
+                if len(users_of(stage)) > 1:
+                    return f"the branch {describe(stage)} has {len(users_of(stage))} users; merging would duplicate it"
         merged = self._merged(match, ctx)
         return merged if isinstance(merged, str) else None
 
@@ -223,8 +223,8 @@ class MergeConcatBranches(Rule):
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         i, j = match["run"]
         for conv in match.output.kwargs["tensors"][i:j]:
-            if len(conv.users) > 1:
-                return f"the branch {describe(conv)} has {len(conv.users)} users; merging would duplicate it"
+            if len(users_of(conv)) > 1:
+                return f"the branch {describe(conv)} has {len(users_of(conv))} users; merging would duplicate it"
         merged = self._merged(match, ctx)
         return merged if isinstance(merged, str) else None
 
@@ -260,7 +260,7 @@ class MergeSiblingConvs(Rule):
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         groups: dict[tuple, list[fx.Node]] = {}
-        for user in node.users:
+        for user in users_of(node):
             if kind_of(user) == "conv" and user.kwargs["input"] is node:
                 geometry = _geometry(user, ctx)
                 if geometry is not None:

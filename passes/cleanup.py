@@ -3,12 +3,15 @@ r"""Cleanup: operations that compute their input unchanged.
     dropout(x, training=False) = x          Identity(x) = x
     flatten(x, a, b) = x        when dims a..b of x are one dimension (a == b after normalisation)
     reshape(x, shape) = x       when every entry of shape is x.size(i) for its own position i, or a
-                                literal equal to that size for i > 0, or -1 with all others matching
+                                literal equal to that size for i > 0, or -1 with all others matching;
+                                a literal holds only where x has that size: a size guard says so
 
     cat([y[:, a:b], y[:, b:c]], dim=1) = y[:, a:c]   (= y when the slices cover all of y's channels)
 
 The reshape identity holds for every batch size: the batch entry must be ``x.size(0)`` or ``-1``, never
-a literal that only matches the example input. Dead code is removed by the pipeline after every pass.
+a literal that only matches the example input. A literal in another position matches the example's
+size, not necessarily every size: the rewrite records a guard (:mod:`fxrebirth.guards`) that raises at
+sizes where the reshape would not be the identity. Dead code is removed by the pipeline after every pass.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxrebirth.guards import SizeGuard
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext
+from fxrebirth.rules import Match, Rule, RuleContext, describe
 
 __all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNoopReshape", "CollapseCatOfSlices", "rules"]
 
@@ -85,7 +89,18 @@ def _size_of(entry: object, x: fx.Node, dim: int) -> bool:
 
 class RemoveNoopReshape(_Passthrough):
     name = "remove_noop_reshape"
-    identity = "flatten/reshape that keeps the shape = identity, for every batch size"
+    identity = "flatten/reshape that keeps the shape = identity, for every batch size (literal sizes guarded)"
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        node, x = match.output, match["x"]
+        if kind_of(node) == "reshape":
+            shape = ctx.shape(x)
+            literal = [i for i, entry in enumerate(node.kwargs["shape"])
+                       if i > 0 and isinstance(entry, int) and entry != -1]
+            if literal:
+                ctx.guard(x, SizeGuard(f"{describe(node)} reshapes to literal sizes", equals_dims=tuple(literal),
+                                       equals=tuple(shape[i] for i in literal)))
+        return x
 
     def source(self, node: fx.Node, ctx: RuleContext) -> fx.Node | None:
         kind = kind_of(node)

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, producer
+from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, producer, users_of
 
 from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv, layer_tensors
 
@@ -39,8 +39,8 @@ def _kernel(node: fx.Node, ctx: RuleContext) -> Kernel | str:
 
 
 def _single_user(node: fx.Node) -> str | None:
-    if len(node.users) > 1:
-        return f"the output of {describe(node)} has {len(node.users)} users; merging would duplicate it"
+    if len(users_of(node)) > 1:
+        return f"the output of {describe(node)} has {len(users_of(node))} users; merging would duplicate it"
     return None
 
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, producer
+from fxrebirth.rules import Match, Rule, RuleContext, describe, producer, users_of
 
 __all__ = ["FoldPadIntoConv", "CommuteGlobalPool", "rules"]
 
@@ -42,8 +42,8 @@ class FoldPadIntoConv(Rule):
         kw = pad.kwargs
         if kw["mode"] != "constant" or (kw["value"] not in (None, 0, 0.0)):
             return f"{describe(pad)} pads with mode={kw['mode']!r}, value={kw['value']!r}, not zeros"
-        if len(pad.users) > 1:
-            return f"the output of {describe(pad)} has {len(pad.users)} users"
+        if len(users_of(pad)) > 1:
+            return f"the output of {describe(pad)} has {len(users_of(pad))} users"
         if isinstance(conv.kwargs["padding"], str):
             return f"{describe(conv)} has padding={conv.kwargs['padding']!r}"
         ndim = len(conv.kwargs["padding"])
@@ -89,8 +89,8 @@ class CommuteGlobalPool(Rule):
         if weight is None or any(k != 1 for k in weight[2:]) or any(s != 1 for s in kw["stride"]) \
                 or isinstance(kw["padding"], str) or any(p != 0 for p in kw["padding"]):
             return f"{describe(conv)} is not an unpadded stride-1 1x1 convolution"
-        if len(conv.users) > 1:
-            return f"the output of {describe(conv)} has {len(conv.users)} users"
+        if len(users_of(conv)) > 1:
+            return f"the output of {describe(conv)} has {len(users_of(conv))} users"
         return None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:

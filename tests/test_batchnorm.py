@@ -189,7 +189,7 @@ def test_training_mode_is_refused_and_statistics_untouched():
     gm, report = _optimize(model, torch.randn(2, 3, 8, 8))
     (refusal,) = report.stats("bn_into_preceding").refusals
     assert "is in training mode" in refusal.reason and "model.eval()" in refusal.reason
-    assert report.output_error is None  # a training-mode forward would have updated the statistics
+    assert report.output_error == 0.0  # checked on copies of the statistics, which a training forward updates
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert torch.equal(gm.get_submodule("1").running_mean, before["1.running_mean"])

@@ -50,11 +50,22 @@ def test_wrong_rewrite_is_rolled_back_logged_and_reported(caplog):
 
 
 def test_without_verification_a_wrong_rule_is_applied():
-    """The control for the test above: verification is what stops the wrong rewrite."""
+    """The control for the test above: verification is what stops the wrong rewrite (with both checks
+    off it is applied, and the report says what was skipped)."""
     model, x = _model(), torch.randn(2, 3, 6, 6)
-    gm, report = fxrebirth.optimize(model, x, rules=[_WrongReLU()], verify=False)
+    gm, report = fxrebirth.optimize(model, x, rules=[_WrongReLU()], verify=False, check_output=False)
     assert report.stats("wrong_relu").rewrites == 1 and report.verify_s == 0
-    assert report.output_error > 1e-3
+    assert fxrebirth.relative_error(model(x), gm(x)) > 1e-3
+    assert any("verify=False" in c for c in report.checks) and any("check_output=False" in c for c in report.checks)
+
+
+def test_without_local_verification_the_whole_model_check_names_the_wrong_rule():
+    model, x = _model(), torch.randn(2, 3, 6, 6)
+    with pytest.raises(fxrebirth.EquivalenceError, match="rule 'wrong_relu'"):
+        fxrebirth.optimize(model, x, rules=[_WrongReLU()], verify=False)
+    gm, report = fxrebirth.optimize(model, x, rules=[_WrongReLU()], verify=False, on_mismatch="fallback")
+    assert report.rewrites == 1 and any("fallback" in c for c in report.checks)
+    assert fxrebirth.relative_error(model(x), gm(x)) == 0.0
 
 
 def test_second_run_changes_nothing():
