@@ -88,6 +88,18 @@ def _refuse_global_hooks() -> None:
         )
 
 
+def copy_module(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. Tensors that are not graph leaves, which ``copy.deepcopy`` refuses (the
+    old-style ``weight_norm`` keeps its computed ``weight`` as one, recomputed by a pre-hook at every
+    call), are copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     """Accept a tensor or a sequence of inputs; always return a tuple."""
     if isinstance(example_inputs, torch.Tensor):
@@ -386,11 +398,11 @@ def capture(
     _refuse_global_hooks()
     if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)
-        root = copy.deepcopy(model) if copy_model else model
+        root = copy_module(model) if copy_model else model
         graph = root.graph if copy_model else copy.deepcopy(model.graph)
         lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
     else:
-        root = copy.deepcopy(model) if copy_model else model
+        root = copy_module(model) if copy_model else model
         graph, _ = _trace(root, leaf_modules)
     _lower_module_calls(graph, root)
     canonicalize(graph)

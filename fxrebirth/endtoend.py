@@ -19,7 +19,6 @@ exception of the optimised model is an infinite error.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .capture import copy_module
 from .equivalence import relative_error, tolerance
 from .errors import ShapeGuardError, first_line
 from .variants import variant_inputs
@@ -117,7 +117,7 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
     result = Comparison()
     sets = [tuple(example)] if exactly else check_inputs(example, seed)
     if _has_hooks(original):
-        original = copy.deepcopy(original)  # a hook may write to its module (spectral_norm sets .weight)
+        original = copy_module(original)  # a hook may write to its module (spectral_norm sets .weight)
     to64 = True
     usable: list[tuple[tuple[Any, ...], list[Any]]] = []
     for inputs in sets:

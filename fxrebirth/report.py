@@ -53,7 +53,12 @@ class RuleStats:
 
 @dataclass
 class Report:
-    """What an optimisation did. ``str(report)`` prints a table; :meth:`to_dict` gives the data."""
+    """What an optimisation did. ``str(report)`` prints a table; :meth:`to_dict` gives the data.
+
+    ``applied``: every rewrite in the order applied, as ``(rule, node)``; ``guards``: the size guards the
+    rewrites recorded (:mod:`fxrebirth.guards`); ``checks``: what the whole-model check compared and at
+    which inputs, or what was skipped (``verify=False``, ``check_output=False``) and any fallback.
+    """
 
     model: str = ""
     rules: dict[str, RuleStats] = field(default_factory=dict)
@@ -135,7 +140,16 @@ class Report:
         timing += f" (of which verification {self.verify_s:.2f} s)" if self.verified else " (verification off)"
         lines.append(timing + f", {self.iterations} iteration(s) to fixpoint")
         if self.output_error is not None:
-            lines.append(f"  whole-model relative error on the example inputs: {self.output_error:.1e}")
+            lines.append(f"  whole-model relative error (worst of the checked inputs): {self.output_error:.1e}")
+        if self.guards:
+            lines.append(f"  size guards ({len(self.guards)}; each raises ShapeGuardError at sizes where its rewrite "
+                         "would be wrong):")
+            lines += [f"    - {g}" for g in self.guards[:reasons]]
+            if len(self.guards) > reasons:
+                lines.append(f"    - ... {len(self.guards) - reasons} more (see report.guards)")
+        if self.checks:
+            lines.append("  checks:")
+            lines += [f"    - {c}" for c in self.checks]
         return "\n".join(lines)
 
     def __str__(self) -> str:

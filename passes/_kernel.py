@@ -232,6 +232,11 @@ def align(kernels: list[Kernel], in_size: tuple[int, ...], out_size: tuple[int, 
             offset.append((P - p) // d)
         offsets.append(tuple(offset))
     size = tuple(max(o[i] + k.size[i] for o, k in zip(offsets, kernels)) for i in range(kernels[0].ndim))
+    # n -> (n + c) // s + 1 with c = 2p - d(k - 1) - 1: the branches' output sizes agree at every input
+    # size only if they share c (same stride); otherwise they agree at some sizes and broadcast at others
+    reach = {tuple(2 * p - d * (n - 1) - 1 for p, d, n in zip(k.padding, k.dilation, k.size)) for k in kernels}
+    if len(reach) > 1:
+        return "the branches' output sizes agree at this input size only (different padding for their kernel size)"
     aligned = [k.embedded(size, o, padding) for k, o in zip(kernels, offsets)]
     if any(a.output_size(in_size) != tuple(out_size) for a in aligned):
         return "the branches do not read the same input windows (their centres or output sizes differ)"
