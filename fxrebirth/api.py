@@ -147,7 +147,10 @@ def _culprit(model: nn.Module, outcome: Any, limit: float, report: Report,
     def bad(k: int) -> bool:
         return compare_at(model, replay(k), worst) > limit
 
-    if bad(0):
+    if not report.applied or bad(0):
+        if "write to its inputs" in outcome.detail:
+            return ("the captured graph itself (no rewrite) does not write to the model's inputs as its forward "
+                    "does; make the forward work on a copy (x = x + y instead of x += y on an input)")
         return ("the captured graph itself (no rewrite) does not reproduce the model: it may update state in "
                 "forward (e.g. self.count += 1, which torch.fx cannot trace) or depend on Python values; keep the "
                 "module opaque with leaf_modules=[...] or make its forward traceable")

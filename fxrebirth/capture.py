@@ -41,6 +41,31 @@ SOURCE_KEY = "fxrebirth.source"
 """``node.meta`` key: qualified name of the module the node was lowered from."""
 
 
+_INPLACE_DUNDERS = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift, "__irshift__": operator.irshift, "__imatmul__": operator.imatmul,
+}
+
+
+class _Proxy(fx.Proxy):
+    """torch.fx's Proxy has no in-place operators, so Python runs ``x += y`` as ``x = x + y`` and the write
+    to ``x`` (and to every alias of it) is lost. This one records ``operator.iadd`` and friends, which
+    capture then treats as the mutations they are (:mod:`fxrebirth.mutation`)."""
+
+
+def _inplace_operator(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name, _op in _INPLACE_DUNDERS.items():
+    setattr(_Proxy, _name, _inplace_operator(_op))
+
+
 class _Tracer(fx.Tracer):
     """A tracer that remembers which module it is inside, so errors can name it."""
 
@@ -49,6 +74,9 @@ class _Tracer(fx.Tracer):
         self._extra_leaves = tuple(leaf_modules)
         self._fxr_modules: list[str] = []
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
@@ -217,7 +245,9 @@ def canonicalize(graph: fx.Graph) -> None:
                 shape = args[1:]
                 if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
                     shape = tuple(shape[0])
-                args, kwargs = (args[0], tuple(shape)), {}
+                elif len(shape) == 1 and isinstance(shape[0], fx.Node):
+                    shape = shape[0]  # x.view(y.size()): a whole torch.Size computed in the graph
+                args, kwargs = (args[0], shape if isinstance(shape, fx.Node) else tuple(shape)), {}
             else:
                 kwargs = dict(node.kwargs)
             try:
@@ -407,7 +437,7 @@ def capture(
     _lower_module_calls(graph, root)
     canonicalize(graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
-    changed = eliminate_dead_code(gm.graph)
+    changed = eliminate_dead_code(gm.graph, unknown_is_tensor=True)
     if changed:
         gm.recompile()
     propagate_shapes(gm, inputs)

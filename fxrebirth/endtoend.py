@@ -72,15 +72,15 @@ def _state(model: nn.Module, to64: bool) -> dict[str, torch.Tensor]:
     read), keyed as ``functional_call`` expects."""
     state: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        state[name] = p.detach().double() if to64 and p.is_floating_point() else p.detach()
+        state[name] = p.detach().to(torch.float64, copy=True) if to64 and p.is_floating_point() else p.detach()
     for name, b in model.named_buffers():
-        state[name] = b.detach().double() if to64 and b.is_floating_point() else b.detach().clone()
+        state[name] = b.detach().to(torch.float64, copy=True) if to64 and b.is_floating_point() else b.detach().clone()
     return state
 
 
 def _cast_inputs(inputs: Sequence[Any], to64: bool) -> tuple[Any, ...]:
-    return tuple(x.detach().double() if to64 and isinstance(x, torch.Tensor) and x.is_floating_point()
-                 else (x.clone() if isinstance(x, torch.Tensor) else x) for x in inputs)
+    return tuple(x.detach().to(torch.float64, copy=True) if to64 and isinstance(x, torch.Tensor) and
+                 x.is_floating_point() else (x.clone() if isinstance(x, torch.Tensor) else x) for x in inputs)
 
 
 def _run(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool, seed: int) -> Any:
@@ -151,7 +151,8 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
         else:
             error = relative_error([r[0] for r in reference], [a[0] for a in actual])
             written = relative_error([r[1] for r in reference], [a[1] for a in actual])
-            note = "" if written <= error or written == 0 else "the model writes to its inputs differently"
+            note = "" if written <= error or written == 0 else \
+                "the optimised model does not write to its inputs as the original does"
             error = max(error, written)
         error = float("inf") if error != error else error  # NaN
         result.checked.append(f"{where}: {error:.1e}" + (f" ({note})" if note else ""))

@@ -93,8 +93,10 @@ def _first_arg(node: fx.Node) -> Any:
     return next(iter(node.kwargs.values()), None)
 
 
-def mutated_input(node: fx.Node) -> fx.Node | None:
-    """The graph value ``node`` writes to in place, or ``None`` when it writes to none it can see."""
+def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node | None:
+    """The graph value ``node`` writes to in place, or ``None`` when it writes to none it can see.
+    ``x += y`` writes only when ``x`` is a tensor: known from the recorded shapes, or, before shapes are
+    recorded, assumed with ``unknown_is_tensor``."""
     if node.op == "call_method":
         name = node.target
         if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
@@ -108,7 +110,8 @@ def mutated_input(node: fx.Node) -> fx.Node | None:
         target = node.target
         if target in _INPLACE_OPERATORS or target is operator.setitem:
             first = _first_arg(node)
-            return first if isinstance(first, fx.Node) and _is_tensor_node(first) else None
+            tensor = _is_tensor_node(first) or (unknown_is_tensor and "tensor_meta" not in getattr(first, "meta", {}))
+            return first if isinstance(first, fx.Node) and tensor else None
         name = getattr(target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") and getattr(target, "__module__", "") and \
                 str(getattr(target, "__module__", "")).startswith("torch"):
@@ -142,19 +145,22 @@ def _module_is_impure(module: torch.nn.Module | None) -> bool:
     return module.training and isinstance(module, torch.nn.modules.batchnorm._NormBase)
 
 
-def is_impure(node: fx.Node) -> bool:
+def is_impure(node: fx.Node, *, unknown_is_tensor: bool = False) -> bool:
     """Whether dead-code elimination must keep ``node`` (see the module docstring)."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_module":
         owner = node.graph.owning_module
         return _module_is_impure(owner.get_submodule(node.target) if owner is not None else None)
-    return mutated_input(node) is not None or (node.op == "call_function" and node.is_impure())
+    return mutated_input(node, unknown_is_tensor=unknown_is_tensor) is not None or \
+        (node.op == "call_function" and node.is_impure())
 
 
-def eliminate_dead_code(graph: fx.Graph) -> bool:
-    """torch.fx's dead-code elimination with :func:`is_impure` (keeps mutations, module calls, guards)."""
-    return graph.eliminate_dead_code(is_impure_node=is_impure)
+def eliminate_dead_code(graph: fx.Graph, *, unknown_is_tensor: bool = False) -> bool:
+    """torch.fx's dead-code elimination with :func:`is_impure` (keeps mutations, module calls, guards);
+    ``unknown_is_tensor`` before shapes are recorded."""
+    return graph.eliminate_dead_code(
+        is_impure_node=lambda n: is_impure(n, unknown_is_tensor=unknown_is_tensor))
 
 
 def _fresh(node: Any) -> bool:
