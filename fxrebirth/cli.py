@@ -40,7 +40,12 @@ def load_model(spec: str) -> nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise FxRebirthError(f"cannot load factory {spec!r}: {exc}") from None
-        model = factory()
+        if not callable(factory):
+            raise FxRebirthError(f"factory {spec!r} is a {type(factory).__name__}, not a function that builds a model")
+        try:
+            model = factory()
+        except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
+            raise FxRebirthError(f"factory {spec!r} raised {type(exc).__name__}: {first_line(exc)}") from None
     else:
         import torchvision
 
@@ -207,9 +212,13 @@ def _load(args: argparse.Namespace) -> nn.Module:
 
         if not os.path.exists(args.weights):
             raise FxRebirthError(f"--weights {args.weights}: no such file")
+        if os.path.isdir(args.weights):
+            raise FxRebirthError(f"--weights {args.weights} is a directory; give the state_dict file (e.g. model.pt)")
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        except OSError as exc:
+            raise FxRebirthError(f"--weights {args.weights}: cannot read it ({first_line(exc, 200)})") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
             raise FxRebirthError(f"--weights {args.weights}: not a readable state_dict ({first_line(exc, 200)})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # fxrebirth's own checkpoints (the cached teacher)
@@ -229,8 +238,7 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
                   reduce_ratio=args.reduce_ratio)
     if args.save:
-        with open(args.save, "w") as f:
-            f.write(result.to_json(indent=1))
+        _write(args.save, result.to_json(indent=1))
     print(result.to_json(indent=1) if args.json else result.table())
     if args.save and not args.json:
         print(f"saved: {args.save}")
@@ -245,7 +253,10 @@ def _optimize(args: argparse.Namespace) -> int:
     report.model = args.model
     if args.save:
         program = torch.export.export(gm, (x,))
-        torch.export.save(program, args.save)
+        try:
+            torch.export.save(program, args.save)
+        except (OSError, RuntimeError) as exc:
+            raise FxRebirthError(f"--save {args.save}: cannot write it ({first_line(exc, 200)})") from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -262,8 +273,6 @@ def _bench(args: argparse.Namespace) -> int:
     from .speed import DEFAULT_VARIANTS, layer_breakdown, speed_table
 
     model = _load(args)
-    if any(b < 1 for b in args.batch) or args.input_size < 1 or args.rounds < 1:
-        raise FxRebirthError("--batch, --input-size and --rounds must be positive")
     say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))
     x = torch.randn(1, 3, args.input_size, args.input_size)
     say("exact tier")
@@ -296,24 +305,96 @@ def _bench(args: argparse.Namespace) -> int:
         text += "\n\n| layer kind | original ms | reborn ms |\n|---|---|---|\n" + "\n".join(
             f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after})
     if args.save:
-        with open(args.save, "w") as f:
-            f.write(text + "\n")
+        _write(args.save, text + "\n")
     print(json.dumps(data, indent=1, default=str) if args.json else text)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise FxRebirthError(f"--save {path}: cannot write it ({first_line(exc, 200)})") from None
+
+
+# options that must be positive (whole numbers >= 1, or numbers > 0), by their argparse destination
+_AT_LEAST_ONE = ("input_size", "image_size", "plan_size", "batch", "bench_batch", "rounds", "repeats",
+                 "latency_rounds", "train_images", "test_images", "teacher_epochs")
+_POSITIVE = ("target_speedup", "budget_ms", "width")
+_NOT_NEGATIVE = ("epochs",)  # 0 epochs: the initialised rebirth layers only
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Bad values the parser lets through, each a one-line :class:`FxRebirthError` (exit code 2)."""
+    import math
+    import os
+
+    for dest in _AT_LEAST_ONE:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < 1:
+                raise FxRebirthError(f"{_flag(dest)} {v}: give a whole number of at least 1")
+    for dest in _POSITIVE:
+        value = getattr(args, dest, None)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise FxRebirthError(f"{_flag(dest)} {value}: give a positive number")
+    for dest in _NOT_NEGATIVE:
+        value = getattr(args, dest, None)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise FxRebirthError(f"{_flag(dest)} {value}: give a number >= 0")
     if getattr(args, "reduce_ratio", None) is not None and not 0 < args.reduce_ratio <= 1:
-        print(f"fxrebirth: error: --reduce-ratio {args.reduce_ratio}: give a fraction in (0, 1]", file=sys.stderr)
-        return 2
+        raise FxRebirthError(f"--reduce-ratio {args.reduce_ratio}: give a fraction in (0, 1]")
+    weights = getattr(args, "weights", None)
+    if weights:
+        if not os.path.exists(weights):
+            raise FxRebirthError(f"--weights {weights}: no such file")
+        if os.path.isdir(weights):
+            raise FxRebirthError(f"--weights {weights} is a directory; give the state_dict file (e.g. model.pt)")
+        if not os.access(weights, os.R_OK):
+            raise FxRebirthError(f"--weights {weights}: the file is not readable (permission denied)")
+    save = getattr(args, "save", None)
+    if save:
+        folder = os.path.dirname(os.path.abspath(save))
+        if os.path.isdir(save):
+            raise FxRebirthError(f"--save {save} is a directory; give a file name (e.g. {os.path.join(save, 'out')})")
+        if not os.path.isdir(folder):
+            raise FxRebirthError(f"--save {save}: the folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise FxRebirthError(f"--save {save}: the folder {folder} is not writable")
+    out = getattr(args, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise FxRebirthError(f"--out {out} is a file; give a folder for the report")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code: 0, 2 for bad input, 1 for an unexpected failure
+    (one line; ``-vv`` logs its traceback), 130 when interrupted. Never prints a traceback otherwise."""
+    args = _parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_args(args)
         return {"plan": _plan, "optimize": _optimize, "bench": _bench, "run": _run}[args.command](args)
     except FxRebirthError as exc:
-        print(f"fxrebirth: error: {exc}", file=sys.stderr)
+        print(f"fxrebirth: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fxrebirth: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the command line
+        logging.getLogger(__name__).debug("traceback of the failure", exc_info=True)
+        print(f"fxrebirth: error: {type(exc).__name__}: {first_line(exc)} (this is a bug or an unsupported model; "
+              "-vv shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -169,3 +169,15 @@ def test_rules_option_replaces_the_rule_list(caplog):
         compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager", "rules": cleanup.rules()})
         assert_equivalent(model, compiled, x)
     assert "1 rewrites in a graph" in caplog.text  # only the dropout: no BatchNorm rule was given
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"compiler": "eager", "disable": "remove_dropout"}, r"disable='remove_dropout' is a string; pass a list"),
+    ({"compiler": "eager", "disable": ["no_such_rule"]}, r"unknown rule name\(s\) \['no_such_rule'\] in the backend option disable"),
+    ({"compiler": "eager", "freezing": "yes"}, r"freezing='yes' must be True or False"),
+    ({"compiler": "eager", "rules": [nn.ReLU]}, r"rules\[0\] is the class ReLU, not a fxrebirth Rule"),
+])
+def test_bad_option_values_are_clear_errors(options, message):
+    compiled = torch.compile(nn.Conv2d(3, 4, 3).eval(), backend="fxrebirth", options=options)
+    with pytest.raises(Exception, match=message), torch.no_grad():
+        compiled(torch.randn(1, 3, 8, 8))

@@ -162,3 +162,72 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fxrebirth: error:") and message in err and "Traceback" not in err, (argv, err)
         assert err.count("\n") == 1, err
+
+
+def raising_factory() -> nn.Module:
+    """A factory that fails (for the one-line error test)."""
+    raise ValueError("no weights here")
+
+
+def test_bad_inputs_are_one_line_errors_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    """Never a traceback: each bad input is one 'fxrebirth: error:' line and exit code 2, found before
+    any model is optimised."""
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    weights = tmp_path / "w.pt"
+    torch.save(small_net().state_dict(), weights)
+    cases = [
+        (["optimize", "resnet18", "--weights", str(tmp_path)], "is a directory"),
+        (["optimize", "test_cli:raising_factory"], "factory 'test_cli:raising_factory' raised ValueError: no weights"),
+        (["optimize", "test_cli:TINY_RUN"], "not a function"),
+        (["optimize", "test_cli:small_net", "--weights", str(weights), "--save", str(tmp_path / "no" / "m.pt2")],
+         "does not exist"),
+        (["optimize", "test_cli:small_net", "--save", str(tmp_path)], "is a directory"),
+        (["optimize", "resnet18", "--batch", "0"], "--batch 0: give a whole number of at least 1"),
+        (["optimize", "resnet18", "--batch", "-3"], "--batch -3"),
+        (["optimize", "resnet18", "--input-size", "-5"], "--input-size -5"),
+        (["optimize", "resnet18", "--input-size", "0"], "--input-size 0"),
+        (["bench", "resnet18", "--batch", "1", "0"], "--batch 0"),
+        (["bench", "resnet18", "--rounds", "0"], "--rounds 0"),
+        (["plan", "alexnet_lrn", "--repeats", "0"], "--repeats 0"),
+        (["plan", "alexnet_lrn", "--target-speedup", "-1"], "--target-speedup -1.0: give a positive number"),
+        (["plan", "alexnet_lrn", "--budget-ms", "nan"], "--budget-ms nan"),
+        (["plan", "alexnet_lrn", "--save", str(tmp_path / "no" / "plan.json")], "does not exist"),
+        (["bench", "resnet18", "--save", str(tmp_path / "no" / "t.md")], "does not exist"),
+        (["run", "--out", str(weights)], "is a file"),
+        (["run", "--epochs", "-1"], "--epochs -1.0: give a number >= 0"),
+        (["run", "--train-images", "0"], "--train-images 0"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxrebirth: error:") and message in err and "Traceback" not in err, (argv, err)
+        assert err.count("\n") == 1, err
+
+
+def test_unreadable_weights_file_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a file without read permission
+    assert main(["optimize", "test_cli:small_net", "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "not readable" in err and err.count("\n") == 1
+
+
+def test_unexpected_failure_is_one_line_without_traceback(capsys, monkeypatch):
+    import fxrebirth.cli
+
+    def broken(args):
+        raise TypeError("something inside broke")
+
+    monkeypatch.setattr(fxrebirth.cli, "_optimize", broken)
+    assert main(["optimize", "resnet18"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fxrebirth: error: TypeError: something inside broke") and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_multi_line_library_error_is_printed_on_one_line(capsys):
+    assert main(["optimize", "alexnet_lrn", "--input-size", "32"]) == 2  # too small: its pooling fails (two-line CaptureError)
+    err = capsys.readouterr().err
+    assert err.startswith("fxrebirth: error:") and err.count("\n") == 1 and "Traceback" not in err
