@@ -428,7 +428,7 @@ def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
                 optimized, report = optimize(
                     baked, tuple(_hint(v) for v in kept),
                     rules=opts.rules if opts.rules is not None else default_rules(),
-                    disable=opts.disable, force=opts.force, verify=opts.verify, check_output=False,
+                    disable=opts.disable, force=opts.force, verify=opts.verify, check_output=True,
                 )
         except Exception as exc:  # noqa: BLE001 - a compiler backend falls back rather than break the model
             log.warning("fxrebirth backend: the graph could not be optimised (%s: %s); it is compiled unchanged",
