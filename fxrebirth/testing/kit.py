@@ -2,12 +2,16 @@
 
 Give it your rule and a hypothesis strategy of ``(model, example_input)`` cases that contain the
 pattern. For every drawn case and dtype, the kit captures the model, applies ONLY your rule (plus the
-``before`` rules you name) with the pipeline's own numeric verification turned off and the cost gate
-off -- so it is the kit, not the safety net, that judges the rule -- and asserts
+``before`` rules you name) with the pipeline's own checks (local verification, the whole-model check)
+turned off and the cost gate off -- so it is the kit, not the safety net, that judges the rule -- and
+asserts
 
 * the expected number of rewrites (``expected_rewrites``: a number, or a function of the case),
 * the absence of nodes the rule must remove (``removes``: canonical kinds such as ``"batch_norm"``),
-* equivalence with the original, within the per-dtype tolerance of :data:`fxrebirth.testing.TOLERANCES`.
+* equivalence with the original, within the per-dtype tolerance of :data:`fxrebirth.testing.TOLERANCES`,
+  on the example and on its variants (:mod:`fxrebirth.variants`: batch >= 2, two larger sizes) wherever
+  the original runs; a size the result refuses with :class:`fxrebirth.ShapeGuardError` (a rule that
+  records a size guard) is not compared.
 
 On failure hypothesis shrinks the case to a minimal one and the report shows it as readable PyTorch:
 the captured graph's code before and after the rewrite.
@@ -23,8 +27,10 @@ from hypothesis import strategies as st
 
 from fxrebirth.api import optimize
 from fxrebirth.capture import capture
+from fxrebirth.errors import ShapeGuardError
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Rule
+from fxrebirth.variants import SPATIAL_OFFSETS, variant_inputs
 
 from . import assert_equivalent
 
@@ -56,8 +62,8 @@ def check_rule(
         model, x = case
         model, x = model.to(dtype).eval(), x.to(dtype)
         note(f"original (captured):\n{capture(model, x, leaf_modules=leaf_modules).code}")
-        gm, report = optimize(model, x, rules=list(before) + [rule], verify=False, cost_model=None,
-                              leaf_modules=leaf_modules)
+        gm, report = optimize(model, x, rules=list(before) + [rule], verify=False, check_output=False,
+                              cost_model=None, leaf_modules=leaf_modules)
         note(f"after {rule.name}:\n{gm.code}")
         stats = report.stats(rule.name)
         expected = expected_rewrites(model, x) if callable(expected_rewrites) else expected_rewrites
@@ -68,5 +74,18 @@ def check_rule(
         left = [n.name for n in gm.graph.nodes if kind_of(n) in removes]
         assert not left, f"{rule.name}: {left} should have been removed"
         assert_equivalent(model, gm, x, msg=f"{rule.name} in {dtype}")
+        for index in range(1 + len(SPATIAL_OFFSETS)):
+            variant = variant_inputs((x,), index)
+            if variant is None:
+                continue
+            try:
+                with torch.no_grad():
+                    model(*variant)
+            except Exception:  # noqa: BLE001 - the model itself does not run at this size
+                continue
+            try:
+                assert_equivalent(model, gm, variant, msg=f"{rule.name} in {dtype} at {tuple(variant[0].shape)}")
+            except ShapeGuardError:
+                continue
 
     prove()
