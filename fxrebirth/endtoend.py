@@ -68,13 +68,13 @@ def check_inputs(example: Sequence[Any], seed: int = 0) -> list[tuple[Any, ...]]
 
 
 def _state(model: nn.Module, to64: bool) -> dict[str, torch.Tensor]:
-    """Copies of every buffer, and of every parameter in float64 (shared otherwise: parameters are only
-    read), keyed as ``functional_call`` expects."""
+    """Copies of every parameter and buffer (float64 for floating ones with ``to64``), keyed as
+    ``functional_call`` expects; :func:`_calls` copies the buffers again before each use (a forward may
+    update them), parameters are shared between calls."""
     state: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        state[name] = p.detach().to(torch.float64, copy=True) if to64 and p.is_floating_point() else p.detach()
-    for name, b in model.named_buffers():
-        state[name] = b.detach().to(torch.float64, copy=True) if to64 and b.is_floating_point() else b.detach().clone()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        dtype = torch.float64 if to64 and t.is_floating_point() else t.dtype
+        state[name] = t.detach().to(dtype, copy=True)
     return state
 
 
@@ -96,11 +96,13 @@ def _calls(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[An
            count: int | None = None) -> list[Any]:
     """The results of calling ``model`` on ``inputs`` from a copy of ``state``: once, or twice when the first
     call changed the state (a stateful forward must update it alike), or ``count`` times."""
-    state = {k: v.clone() for k, v in state.items()}
-    before = {k: v.clone() for k, v in state.items()} if count is None else {}
+    buffers = {name for name, _ in model.named_buffers()}
+    state = {k: v.clone() if k in buffers else v for k, v in state.items()}
+    before = {k: (v.clone() if k in buffers else v._version) for k, v in state.items()}
     outputs = [_run(model, state, inputs, to64, seed)]
+    changed = any(not torch.equal(state[k], v) if k in buffers else state[k]._version != v for k, v in before.items())
     if count is None:
-        count = 2 if any(not torch.equal(state[k], v) for k, v in before.items()) else 1
+        count = 2 if changed else 1
     while len(outputs) < count:
         outputs.append(_run(model, state, inputs, to64, seed + len(outputs)))
     return outputs
@@ -120,13 +122,15 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
         original = copy_module(original)  # a hook may write to its module (spectral_norm sets .weight)
     to64 = True
     usable: list[tuple[tuple[Any, ...], list[Any]]] = []
+    state = _state(original, to64)
     for inputs in sets:
         try:
-            usable.append((inputs, _calls(original, _state(original, to64), inputs, to64, seed)))
+            usable.append((inputs, _calls(original, state, inputs, to64, seed)))
         except Exception as exc:  # noqa: BLE001 - float64 impossible, or the model does not accept this variant
             if to64 and not usable:
                 try:
-                    usable.append((inputs, _calls(original, _state(original, False), inputs, False, seed)))
+                    state = _state(original, False)
+                    usable.append((inputs, _calls(original, state, inputs, False, seed)))
                     to64 = False
                     result.precision = f"{storage_dtype(original)} (the original does not run in float64: " \
                                        f"{first_line(exc, 120)})"
@@ -136,8 +140,9 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
             log.debug("the original does not run at %s: %s", _shapes(inputs), exc)
     if not usable:  # a model that runs only at its example's batch: the example itself
         inputs = tuple(example)
-        usable.append((inputs, _calls(original, _state(original, to64), inputs, to64, seed)))
+        usable.append((inputs, _calls(original, state, inputs, to64, seed)))
         result.checked.append("note: the original does not run at batch >= 2 or another size; checked at the example")
+    del state  # the original's float64 copy is not needed beside the candidate's
     candidate_state = _state(candidate, to64)
     for inputs, reference in usable:
         where = _shapes(inputs)

@@ -98,16 +98,19 @@ class RulePass:
         return self.rule.name
 
     def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None, *,
-                 recompile: bool = True, limit: int | None = None) -> PassResult:
+                 recompile: bool = True, limit: int | None = None,
+                 mutated: frozenset[fx.Node] | None = None) -> PassResult:
         """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
         holds the output nodes whose rewrite was undone, so they are not tried again. ``recompile=False``
         leaves regenerating ``gm``'s Python code to the caller (a pipeline does it once at the end).
-        ``limit``: stop once the report holds that many applied rewrites (to replay a prefix of a run)."""
+        ``limit``: stop once the report holds that many applied rewrites (to replay a prefix of a run).
+        ``mutated``: the graph's tainted values (:func:`fxrebirth.mutation.tainted`), when the caller has
+        them: no rewrite touches them, so they stay the same for a whole pipeline run."""
         rolled_back = set() if rolled_back is None else rolled_back
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
         modified = False
-        mutated = tainted(gm.graph)
+        mutated = tainted(gm.graph) if mutated is None else mutated
         watched = _watch(gm)
         restored: set[str] = set()
         for node in list(gm.graph.nodes):
@@ -329,6 +332,7 @@ class Pipeline:
         start = time.perf_counter()
         modified_any = False
         rolled_back: dict[str, set[fx.Node]] = {rule.name: set() for rule in self.rules}
+        mutated = tainted(gm.graph)
         for phase in sorted({rule.phase for rule in self.rules}):
             active = [p for p in self.passes if p.rule.phase <= phase]
             for _ in range(self.max_iterations):
@@ -336,7 +340,7 @@ class Pipeline:
                 modified = False
                 for rule_pass in active:
                     modified |= rule_pass(gm, report, rolled_back[rule_pass.name], recompile=False,
-                                          limit=self.max_rewrites).modified
+                                          limit=self.max_rewrites, mutated=mutated).modified
                 modified_any |= modified
                 if not modified:
                     break
