@@ -12,7 +12,8 @@ could be dropped or moved:
   ``inplace=True``, training-mode statistics) and the guards of
   :mod:`fxrebirth.guards`;
 * :func:`functionalize` turns a mutation into the out-of-place op where that is exact: the written value
-  is a fresh tensor (computed by an op known to return new memory) that no other value aliases, and the
+  is a fresh tensor (computed by an op known to return new memory, possibly through ops that may return
+  their input itself, such as eval-mode dropout) that nothing else reads after the write, and the
   out-of-place op keeps its dtype. Then every later read of the value reads the op's result instead,
   which is what eager PyTorch computes, and the graph is pure there;
 * :func:`tainted` is what stays mutated after that (writes to inputs, parameters, buffers, views, or by
@@ -66,6 +67,15 @@ _FRESH_METHODS = frozenset({
     "clone", "mean", "sum", "softmax", "hardtanh", "leaky_relu", "matmul", "square",
 })
 """``Tensor`` methods that return new memory (the out-of-place twins of the in-place methods handled)."""
+
+
+_FRESH_MODULES = (
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.GELU,
+    torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.CELU, torch.nn.SELU,
+    torch.nn.Mish, torch.nn.Hardtanh, torch.nn.Softmax, torch.nn.LayerNorm, torch.nn.GroupNorm,
+    torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._NormBase,
+)
+"""Module types whose call returns new memory (activations with ``inplace=False``, layers)."""
 
 
 def _is_tensor_node(node: Any) -> bool:
@@ -174,6 +184,10 @@ def _fresh(node: Any) -> bool:
         return node.target in _FRESH_FUNCTIONS and mutated_input(node) is None
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        module = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(module, _FRESH_MODULES) and not getattr(module, "inplace", False) \
+            and not (module._forward_hooks or module._forward_pre_hooks)
     return False
 
 
@@ -236,11 +250,8 @@ def functionalize(gm: fx.GraphModule, *, owns_modules: bool = True) -> int:
             module_calls.setdefault(node.target, []).append(node)
     for node in list(graph.nodes):
         written = mutated_input(node)
-        if written is None or not _is_tensor_node(written) or not _fresh(written):
+        if written is None or not _is_tensor_node(written) or not _exclusive(written, node):
             continue
-        earlier = [u for u in written.users if u is not node and u < node]
-        if any(not _fresh(u) and u.op != "output" for u in earlier):
-            continue  # an earlier read may have kept a view of the value
         if node.op == "call_module":
             if not owns_modules or not all(_qualifies(n) for n in module_calls[node.target]):
                 continue
@@ -263,9 +274,33 @@ def functionalize(gm: fx.GraphModule, *, owns_modules: bool = True) -> int:
 
 def _qualifies(call: fx.Node) -> bool:
     written = mutated_input(call)
-    if written is None or not _is_tensor_node(written) or not _fresh(written):
-        return False
-    return all(_fresh(u) or u.op == "output" for u in written.users if u is not call and u < call)
+    return written is not None and _is_tensor_node(written) and _exclusive(written, call)
+
+
+def _exclusive(written: fx.Node, node: fx.Node) -> bool:
+    """May the write of ``node`` to ``written`` be made out of place? ``written`` must be new memory, or
+    reach new memory through a chain of single-input ops that may return their input itself (eval
+    dropout, torchvision's stochastic depth, ``.contiguous()``); nothing else may read any value of that
+    chain, except ops that return new memory and run before the write, and reads of ``written`` after it
+    (which are redirected to the op's result)."""
+    chain = [written]
+    while not _fresh(chain[-1]):
+        value = chain[-1]
+        sources = [a for a in value.all_input_nodes if _is_tensor_node(a)]
+        if value.op not in ("call_function", "call_method") or len(sources) != 1:
+            return False  # a graph input, a parameter, or a value of unknown aliasing
+        chain.append(sources[0])
+    members = set(chain)
+    for value in chain:
+        for user in value.users:
+            if user is node or user in members:
+                continue
+            if value is written and node < user:
+                continue  # a later read of the written value: redirected
+            if user < node and _fresh(user):
+                continue  # an earlier read that copied what it needed
+            return False
+    return True
 
 
 def _redirect_later_reads(written: fx.Node, node: fx.Node) -> None:
