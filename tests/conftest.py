@@ -31,3 +31,13 @@ def pytest_ignore_collect(collection_path, config):  # noqa: ANN001 - pytest hoo
     if "benchmarks" in collection_path.parts and not config.getoption("--benchmarks"):
         return True
     return None
+
+
+@pytest.fixture
+def reset_dynamo():
+    """A fresh Dynamo cache before and after a test (compiled code of one test must not serve another)."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -19,11 +19,7 @@ from fxrebirth.testing.graphs import random_graphs
 EAGER = {"compiler": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("reset_dynamo")
 
 
 def _tv(name: str) -> nn.Module:

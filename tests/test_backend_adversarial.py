@@ -19,24 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-try:
-    from fxrebirth.equivalence import relative_error, tolerance
-except ImportError:  # an older fxrebirth (counting the cases the old code got wrong): the same definitions
-    from fxrebirth.api import relative_error
-
-    def tolerance(dtype: torch.dtype) -> float:
-        return {torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 4e-2}.get(dtype, 1e-5)
+from fxrebirth.equivalence import relative_error, tolerance
 
 from fxrebirth.testing import randomize_batchnorm
 
 EAGER = {"compiler": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("reset_dynamo")
 
 
 def assert_close(reference, candidate, dtype=torch.float32):
