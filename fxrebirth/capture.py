@@ -66,8 +66,20 @@ for _name, _op in _INPLACE_DUNDERS.items():
     setattr(_Proxy, _name, _inplace_operator(_op))
 
 
+def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
+    """``y[i] = v`` recorded as the mutation it is (``operator.setitem``), not a trace error."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_Proxy.__setitem__ = _setitem  # type: ignore[method-assign]
+
+
 class _Tracer(fx.Tracer):
-    """A tracer that remembers which module it is inside, so errors can name it."""
+    """A tracer that remembers which module it is inside, so errors can name it. Buffers read in traced
+    code are graph values (``proxy_buffer_attributes``): otherwise ``self.count.add_(1)`` runs once, on
+    the real buffer, at trace time, and the graph never counts."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
         super().__init__()
@@ -102,6 +114,16 @@ def has_hooks(module: nn.Module) -> bool:
     ``weight_norm`` are pre-hooks)? Such a module is kept as an opaque call: lowering it to a functional
     call would drop its hooks, and tracing through it would run them once, at trace time."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
+    """The traced graph is the root's ``forward``; the root's own hooks run around it, so the GraphModule
+    carries them (each receives the GraphModule as its module: a hook that reads attributes the graph does
+    not use fails, and the whole-model check then refuses the model)."""
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if getattr(root, name, None):
+            getattr(gm, name).update(getattr(root, name))
 
 
 def _refuse_global_hooks() -> None:
@@ -437,6 +459,7 @@ def capture(
     _lower_module_calls(graph, root)
     canonicalize(graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
+    _keep_root_hooks(root, gm)
     changed = eliminate_dead_code(gm.graph, unknown_is_tensor=True)
     if changed:
         gm.recompile()

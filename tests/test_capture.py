@@ -227,3 +227,54 @@ def test_tensor_metadata_matches_torch(shape, rng, layout, grad):
         t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     t.requires_grad_(grad)
     assert tensor_metadata(t) == _extract_tensor_metadata(t)
+
+
+def test_item_assignment_is_a_mutation_that_is_kept():
+    import operator
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y[:, 0] = 0.0
+            return y * 2
+
+    model, x = M().eval(), torch.randn(2, 3, 6, 6)
+    gm, report = fxrebirth.optimize(model, x)
+    assert any(n.target is operator.setitem for n in gm.graph.nodes)
+    assert_equivalent(model, gm, x)
+
+
+def test_a_buffer_the_forward_increments_counts_in_the_result_and_not_in_the_model():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x):
+            self.count.add_(1)
+            return self.conv(x) * self.count
+
+    model, x = Counter().eval(), torch.randn(2, 3, 6, 6)
+    gm, _ = fxrebirth.optimize(model, x)
+    reference = copy.deepcopy(model)
+    for _ in range(3):
+        assert_equivalent(reference, gm, x)
+    assert model.count.item() == 0 and gm.count.item() == 3 and reference.count.item() == 3
+
+
+def test_hooks_of_the_root_module_run_around_the_result():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.register_forward_hook(lambda m, args, out: seen.append(out.shape) or out + 1)
+    x = torch.randn(2, 3, 6, 6)
+    gm, report = fxrebirth.optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    seen.clear()
+    assert_equivalent(model, gm, x)
+    assert len(seen) == 2  # once for the original, once for the result
