@@ -217,16 +217,19 @@ class RuleContext:
         return node
 
     def add_tensor(self, hint: str, exact: torch.Tensor, like: torch.Tensor) -> fx.Node:
-        """A new ``get_attr`` node holding ``exact`` cast to ``like``'s dtype, device and memory format.
+        """A new ``get_attr`` node holding ``exact`` cast to ``like``'s dtype, device and memory format
+        (channels_last and channels_last_3d kept for tensors of ``like``'s rank).
 
         The stored tensor is an ``nn.Parameter`` with ``like``'s ``requires_grad`` when ``like`` is a
         parameter, a buffer otherwise.
         """
         stored = exact.detach().to(device=like.device, dtype=like.dtype)
         _check_representable(hint, exact, stored)
-        if stored.dim() == 4 and like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
-                and not like.is_contiguous():
-            stored = stored.contiguous(memory_format=torch.channels_last)
+        formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+        layout = formats.get(like.dim())
+        if layout is not None and stored.dim() == like.dim() and not like.is_contiguous() \
+                and like.is_contiguous(memory_format=layout):
+            stored = stored.contiguous(memory_format=layout)
         else:
             stored = stored.contiguous()
         name = self._fresh_name(hint)

@@ -69,6 +69,8 @@ class BatchNormSource:
         rank = len(ctx.shape(node) or ())
         if rank < 2:
             return f"no recorded shape for BatchNorm {describe(node)}"
+        if isinstance(kw["eps"], bool) or not isinstance(kw["eps"], (int, float)):
+            return f"the eps of BatchNorm {describe(node)} is computed at run time, not a number"
         mean, var, weight, bias = (t.to(torch.float64) for t in (mean, var, weight, bias))
         scale = weight / torch.sqrt(var + kw["eps"])
         shift = bias - mean * scale

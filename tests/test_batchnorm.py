@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
@@ -250,3 +251,21 @@ def test_standalone_bn_to_affine_is_opt_in():
     assert report.stats("bn_to_affine").rewrites == 1
     assert count_kind(gm, "batch_norm") == 0
     assert_equivalent(model, gm, x)
+
+
+def test_eps_computed_at_run_time_is_refused_with_the_reason():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x, eps):
+            bn = self.bn
+            return F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, eps)
+
+    model, x = fxrebirth.testing.randomize_batchnorm(M()).eval(), torch.randn(2, 3, 6, 6)
+    gm, report = fxrebirth.optimize(model, (x, 1e-3))
+    (refusal,) = report.stats("bn_into_preceding").refusals
+    assert "eps" in refusal.reason and "computed at run time" in refusal.reason
+    assert fxrebirth.relative_error(model(x, 1e-3), gm(x, 1e-3)) <= 1e-5
