@@ -4,7 +4,8 @@
 the example's size at batch >= 2, and a larger spatial size) and returns the worst norm-wise relative
 error (:func:`fxrebirth.equivalence.relative_error`). Both run in float64 when the original can
 (parameters, buffers and floating-point inputs cast; the error left is then the rounding of the folded
-weights to their storage dtype); otherwise in the model's own dtype, which the result says. Neither model
+weights to their storage dtype) and its float64 weights fit in :data:`FLOAT64_LIMIT`; otherwise in the
+model's own dtype, which the result says. Neither model
 is modified: both run through ``torch.func.functional_call`` on copies of their buffers (and, in float64,
 of their parameters), under the same random seed, so state updated by the forward (a counter, training
 statistics) starts from the same values in both and leaks into neither; a model with hooks is checked on
@@ -108,6 +109,16 @@ def _calls(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[An
     return outputs
 
 
+FLOAT64_LIMIT = 2**31
+"""Bytes of float64 weights above which the check runs in the model's own dtype instead (a 644M-parameter
+model would need 5 GiB per float64 copy, one per model)."""
+
+
+def _float64_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return 8 * sum(t.numel() for t in tensors if t.is_floating_point())
+
+
 def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -121,6 +132,10 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
     if _has_hooks(original):
         original = copy_module(original)  # a hook may write to its module (spectral_norm sets .weight)
     to64 = True
+    size = _float64_bytes(original)
+    if size > FLOAT64_LIMIT:
+        to64 = False
+        result.precision = f"{storage_dtype(original)} (a float64 copy of the weights would take {size / 2**30:.1f} GiB)"
     usable: list[tuple[tuple[Any, ...], list[Any]]] = []
     state = _state(original, to64)
     for inputs in sets:

@@ -123,8 +123,8 @@ def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node 
             tensor = _is_tensor_node(first) or (unknown_is_tensor and "tensor_meta" not in getattr(first, "meta", {}))
             return first if isinstance(first, fx.Node) and tensor else None
         name = getattr(target, "__name__", "")
-        if name.endswith("_") and not name.startswith("_") and getattr(target, "__module__", "") and \
-                str(getattr(target, "__module__", "")).startswith("torch"):
+        if name.endswith("_") and not name.startswith("_") and \
+                str(getattr(target, "__module__", None) or "").startswith("torch"):  # torch.relu_, F.elu_
             first = _first_arg(node)
             return first if isinstance(first, fx.Node) else None
         if node.kwargs.get("inplace") is True:
