@@ -687,11 +687,10 @@ def _clamp0(ctx, match, value):
     return ctx.call(torch.clamp, like=match.output, input=value, min=0.0)
 
 
-class _FlipBatchRule(Rule):
-    """WRONG: relu(x) -> relu(flip(x, batch)): right only for batch <= 1."""
+class _WrongReLURule(Rule):
+    """Base of the deliberately wrong rules on ``relu(x)``: a subclass says what it puts in place of ``x``
+    (:meth:`wrong`); the result is clamped at 0 (see :func:`_clamp0`)."""
 
-    name = "adversarial_flip_batch"
-    identity = "relu(x) = relu(flip(x, 0))  (false for batch > 1)"
     changes_parameters = False
 
     def pattern(self, node, ctx):
@@ -699,42 +698,43 @@ class _FlipBatchRule(Rule):
             return Match(output=node, inputs=(node.kwargs["input"],), nodes=(node,))
         return None
 
+    def wrong(self, x, match, ctx):
+        raise NotImplementedError
+
     def rewrite(self, match, ctx):
-        flipped = ctx.call(torch.flip, like=match.output, input=match.inputs[0], dims=[0])
-        return _clamp0(ctx, match, flipped)
+        return _clamp0(ctx, match, self.wrong(match.inputs[0], match, ctx))
 
 
-class _BatchMeanRule(Rule):
+class _FlipBatchRule(_WrongReLURule):
+    """WRONG: relu(x) -> relu(flip(x, batch)): right only for batch <= 1."""
+
+    name = "adversarial_flip_batch"
+    identity = "relu(x) = relu(flip(x, 0))  (false for batch > 1)"
+
+    def wrong(self, x, match, ctx):
+        return ctx.call(torch.flip, like=match.output, input=x, dims=[0])
+
+
+class _BatchMeanRule(_WrongReLURule):
     """WRONG: relu(x) -> relu(mean over the batch of x, broadcast back): right only for batch <= 1."""
 
     name = "adversarial_batch_mean"
     identity = "relu(x) = relu(mean_batch(x) + 0 * x)  (false for batch > 1)"
-    changes_parameters = False
 
-    def pattern(self, node, ctx):
-        return _FlipBatchRule.pattern(self, node, ctx)
-
-    def rewrite(self, match, ctx):
-        x = match.inputs[0]
+    def wrong(self, x, match, ctx):
         mean = ctx.call(torch.mean, like=match.output, input=x, dim=(0,), keepdim=True)
         zeros = ctx.call(torch.mul, like=match.output, input=x, other=0.0)
-        spread = ctx.call(torch.add, like=match.output, input=zeros, other=mean)
-        return _clamp0(ctx, match, spread)
+        return ctx.call(torch.add, like=match.output, input=zeros, other=mean)
 
 
-class _NegateRule(Rule):
+class _NegateRule(_WrongReLURule):
     """WRONG for every input: relu(x) -> relu(-x)."""
 
     name = "adversarial_negate"
     identity = "relu(x) = relu(-x)  (false)"
-    changes_parameters = False
 
-    def pattern(self, node, ctx):
-        return _FlipBatchRule.pattern(self, node, ctx)
-
-    def rewrite(self, match, ctx):
-        neg = ctx.call(torch.neg, like=match.output, input=match.inputs[0])
-        return _clamp0(ctx, match, neg)
+    def wrong(self, x, match, ctx):
+        return ctx.call(torch.neg, like=match.output, input=x)
 
 
 class _SpatialSpecialisedRule(Rule):
