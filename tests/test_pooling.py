@@ -84,3 +84,23 @@ def test_global_pool_after_padded_or_strided_conv_is_refused():
         (refusal,) = report.stats("commute_global_pool").refusals
         assert "is not an unpadded stride-1 1x1 convolution" in refusal.reason
         assert_equivalent(model, gm, x)
+
+
+def test_ceil_mode_average_pool_merge_is_guarded_at_sizes_with_a_partial_window():
+    import io
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(2, ceil_mode=True),
+                                torch.nn.Conv2d(4, 4, 1)).eval()
+    gm, report = fxrebirth.optimize(model, torch.randn(1, 3, 18, 18), cost_model=None)
+    assert report.stats("merge_conv_chain").rewrites >= 1 and len(report.guards) == 1
+    assert "ceil-mode pooling" in report.guards[0]
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # a saved GraphModule is traced again on load
+    for module in (gm, loaded):
+        for size in (18, 20):  # whole windows: exact
+            x = torch.randn(2, 3, size, size)
+            assert fxrebirth.relative_error(model(x), module(x)) <= 1e-5
+        with pytest.raises(fxrebirth.ShapeGuardError, match="merge_conv_chain"):
+            module(torch.randn(2, 3, 19, 19))  # a partial last window: the merged conv would be wrong
