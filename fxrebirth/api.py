@@ -12,7 +12,7 @@ from torch import nn
 
 from .capture import as_input_tuple, capture, propagate_shapes
 from .cost import CostModel, RooflineCost, graph_flops, stored_elements
-from .endtoend import bound, compare
+from .endtoend import bound, compare, describe_inputs
 from .equivalence import relative_error
 from .errors import EquivalenceError, PipelineError
 from .pipeline import Pipeline
@@ -126,14 +126,14 @@ def optimize(
     if outcome.error > limit:
         culprit = _culprit(model, outcome, limit, report, lambda k: run(k, Report()))
         message = (f"the optimised {report.model} differs from the original: relative error {outcome.error:.2e} "
-                   f"> {limit:.0e} at input {_shapes(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
+                   f"> {limit:.0e} at input {describe_inputs(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
                    f"{culprit}")
         if on_mismatch == "raise":
             raise EquivalenceError(message + ". Pass on_mismatch='fallback' to get the model unoptimised instead.")
         log.warning("%s; returning the model captured with no rewrite (on_mismatch='fallback')", message)
         gm = run(0, Report())
         report.checks.append(f"fallback: {message}; the model is returned with no rewrite")
-    report.verify_s += time.perf_counter() - start
+    report.check_s = time.perf_counter() - start
     log.info("optimized %s: %d rewrites", report.model, report.rewrites)
     return gm, report
 
@@ -145,7 +145,7 @@ def _culprit(model: nn.Module, outcome: Any, limit: float, report: Report,
     worst = outcome.worst
 
     def bad(k: int) -> bool:
-        return compare_at(model, replay(k), worst) > limit
+        return compare(model, replay(k), worst, exactly=True).error > limit
 
     if not report.applied or bad(0):
         if "write to its inputs" in outcome.detail:
@@ -161,14 +161,3 @@ def _culprit(model: nn.Module, outcome: Any, limit: float, report: Report,
     rule, node = report.applied[high - 1]
     return (f"the first rewrite that makes it differ is #{high} of {len(report.applied)}: rule {rule!r} at {node} "
             f"(disable it with disable=[{rule!r}] and please report this model)")
-
-
-def compare_at(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any]) -> float:
-    """The whole-model error at one input (as :func:`fxrebirth.endtoend.compare` measures it)."""
-    outcome = compare(original, candidate, inputs, exactly=True)
-    return outcome.error
-
-
-def _shapes(inputs: Sequence[Any] | None) -> str:
-    shapes = [tuple(x.shape) for x in inputs or () if isinstance(x, torch.Tensor)]
-    return ", ".join(str(s) for s in shapes) or "(no tensor inputs)"

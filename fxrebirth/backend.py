@@ -70,6 +70,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .api import default_rules, optimize
+from .equivalence import identical
 from .errors import PipelineError, first_line
 from .mutation import mutated_input
 from .rules import Rule
@@ -255,14 +256,6 @@ def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if torch.equal(a, b):
-        return True
-    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-
-
 class _Probe(fx.Interpreter):
     """Runs a graph with copies of its attributes (the user's tensors under Dynamo's freezing)."""
 
@@ -299,9 +292,9 @@ def _mutated_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[set[int]
             log.debug("fxrebirth backend: the mutation probe failed: %s", first_line(exc))
             return None
         placeholders = {i for i, (c, v, o) in enumerate(zip(copies, versions, inputs)) if isinstance(c, torch.Tensor)
-                        and (c._version != v or not _same(c, o.detach()))}
+                        and (c._version != v or not identical(c, o.detach()))}
         attrs = {t for t, c in probe.copies.items() if isinstance(c, torch.Tensor)
-                 and (c._version != 0 or not _same(c, _fetch(gm, t).detach()))}
+                 and (c._version != 0 or not identical(c, _fetch(gm, t).detach()))}
     return placeholders, attrs
 
 

@@ -32,7 +32,7 @@ from .equivalence import relative_error, tolerance
 from .errors import ShapeGuardError, first_line
 from .variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound"]
+__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
                     continue
                 except Exception:  # noqa: BLE001 - not a dtype matter: this variant does not run
                     pass
-            log.debug("the original does not run at %s: %s", _shapes(inputs), exc)
+            log.debug("the original does not run at %s: %s", describe_inputs(inputs), exc)
     if not usable:  # a model that runs only at its example's batch: the example itself
         inputs = tuple(example)
         usable.append((inputs, _calls(original, state, inputs, to64, seed)))
@@ -160,7 +160,7 @@ def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *
     del state  # the original's float64 copy is not needed beside the candidate's
     candidate_state = _state(candidate, to64)
     for inputs, reference in usable:
-        where = _shapes(inputs)
+        where = describe_inputs(inputs)
         try:
             actual = _calls(candidate, candidate_state, inputs, to64, seed, len(reference))
         except ShapeGuardError:
@@ -186,6 +186,7 @@ def bound(model: nn.Module) -> float:
     return tolerance(storage_dtype(model))
 
 
-def _shapes(inputs: Sequence[Any]) -> str:
-    shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+def describe_inputs(inputs: Sequence[Any] | None) -> str:
+    """The shapes of the tensor inputs, for messages."""
+    shapes = [tuple(x.shape) for x in inputs or () if isinstance(x, torch.Tensor)]
     return ", ".join(str(s) for s in shapes) or "no tensor inputs"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LOCAL_TOLERANCE", "MIN_BATCH", "TOLERANCES", "tolerance", "relative_error"]
+__all__ = ["LOCAL_TOLERANCE", "MIN_BATCH", "TOLERANCES", "tolerance", "relative_error", "identical"]
 
 LOCAL_TOLERANCE = 1e-9
 """Largest accepted float64 relative error of one rewrite checked locally (correct ones measure ~1e-15)."""
@@ -79,3 +79,12 @@ def relative_error(reference: Any, candidate: Any) -> float:
         return 0.0 if bool(reference == candidate) else float("inf")
     except Exception:  # noqa: BLE001 - objects whose comparison is not a truth value
         return float("inf")
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape, dtype and values, NaN equal to NaN: whether a tensor was left unchanged."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())

@@ -262,7 +262,7 @@ def _dies(node: fx.Node, match: Match) -> bool:
     return node in match.replaced or all(u in inside for u in users_of(node))
 
 
-def _shapes(node: fx.Node) -> tuple:
+def _shape_record(node: fx.Node) -> tuple:
     return getattr(node.meta.get("tensor_meta"), "shape", None), tuple(node.meta.get(VARIANTS_KEY) or ())
 
 
@@ -276,7 +276,7 @@ def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node]) -> str | 
         guards = [u for u in node.users if is_guard(u)]
         if not guards or node in replacement or not _dies(node, match):
             continue
-        if new is None or _shapes(node) != _shapes(match.output) or _shapes(node)[0] is None:
+        if new is None or _shape_record(node) != _shape_record(match.output) or _shape_record(node)[0] is None:
             return f"it would remove {describe(node)}, whose size a guard checks"
         moves += [(g, node) for g in guards]
     for guard, node in moves:

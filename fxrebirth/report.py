@@ -72,6 +72,7 @@ class Report:
     capture_s: float = 0.0
     passes_s: float = 0.0
     verify_s: float = 0.0
+    check_s: float = 0.0
     verified: bool = True
     output_error: float | None = None
     applied: list[tuple[str, str]] = field(default_factory=list)
@@ -138,7 +139,8 @@ class Report:
         lines.append(row("FLOPs", self.flops_before, self.flops_after))
         timing = f"  time: capture {self.capture_s:.2f} s, passes {self.passes_s:.2f} s"
         timing += f" (of which verification {self.verify_s:.2f} s)" if self.verified else " (verification off)"
-        lines.append(timing + f", {self.iterations} iteration(s) to fixpoint")
+        timing += f", {self.iterations} iteration(s) to fixpoint"
+        lines.append(timing + (f", whole-model check {self.check_s:.2f} s" if self.check_s else ""))
         if self.output_error is not None:
             lines.append(f"  whole-model relative error (worst of the checked inputs): {self.output_error:.1e}")
         if self.guards:

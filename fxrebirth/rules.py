@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from .capture import SOURCE_KEY
+from .equivalence import identical
 from .ops import OPS, kind_of, normalize_kwargs
 
 __all__ = ["Match", "Rule", "RuleContext", "RewriteRefused", "describe", "name_hint", "producer", "users_of"]
@@ -194,8 +195,7 @@ class RuleContext:
             current = _fetch_attr(self.gm, target)
             if current is not tensor:
                 _set_attr(self.gm, target, tensor)
-            elif torch.equal(current.detach(), value) or (bool(torch.isnan(value).any()) and torch.allclose(
-                    current.detach(), value, rtol=0, atol=0, equal_nan=True)):
+            elif identical(current.detach(), value):
                 continue
             with torch.no_grad():
                 tensor.copy_(value)
