@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .aten import lower_aten
 from .errors import CaptureError, first_line
+from .metadata import resolve_metadata
 from .mutation import eliminate_dead_code, functionalize, mutated_input
 from .variants import record_variant_shapes
 from .ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
@@ -465,6 +466,9 @@ def capture(
         gm.recompile()
     propagate_shapes(gm, inputs)
     if functionalize(gm, owns_modules=copy_model):
+        eliminate_dead_code(gm.graph)
+        changed = True
+    if resolve_metadata(gm, inputs):
         eliminate_dead_code(gm.graph)
         changed = True
     gm.graph.lint()

@@ -280,14 +280,14 @@ def _qualifies(call: fx.Node) -> bool:
 def _exclusive(written: fx.Node, node: fx.Node) -> bool:
     """May the write of ``node`` to ``written`` be made out of place? ``written`` must be new memory, or
     reach new memory through a chain of single-input ops that may return their input itself (eval
-    dropout, torchvision's stochastic depth, ``.contiguous()``); nothing else may read any value of that
+    dropout, torchvision's stochastic depth, ``.contiguous()``, ``nn.Identity``); nothing else may read any value of that
     chain, except ops that return new memory and run before the write, and reads of ``written`` after it
     (which are redirected to the op's result)."""
     chain = [written]
     while not _fresh(chain[-1]):
         value = chain[-1]
         sources = [a for a in value.all_input_nodes if _is_tensor_node(a)]
-        if value.op not in ("call_function", "call_method") or len(sources) != 1:
+        if not (value.op in ("call_function", "call_method") or _passes_through(value)) or len(sources) != 1:
             return False  # a graph input, a parameter, or a value of unknown aliasing
         chain.append(sources[0])
     members = set(chain)
@@ -301,6 +301,15 @@ def _exclusive(written: fx.Node, node: fx.Node) -> bool:
                 continue  # an earlier read that copied what it needed
             return False
     return True
+
+
+def _passes_through(node: fx.Node) -> bool:
+    """A call of an ``nn.Identity`` without hooks (it returns its input itself)."""
+    owner = node.graph.owning_module
+    if node.op != "call_module" or owner is None:
+        return False
+    module = owner.get_submodule(node.target)
+    return type(module) is torch.nn.Identity and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _redirect_later_reads(written: fx.Node, node: fx.Node) -> None:

@@ -24,6 +24,7 @@ import torch.fx as fx
 from .errors import PipelineError
 from .cost import CostModel, RooflineCost
 from .guards import check_size, is_guard
+from .metadata import SYMBOLIC_KEY, reads_only_shape
 from .mutation import eliminate_dead_code, is_impure, mutated_input, tainted
 from .report import Decision, Report, RuleStats
 from .rules import Match, Rule, RuleContext, RewriteRefused, describe, users_of
@@ -263,25 +264,33 @@ def _dies(node: fx.Node, match: Match) -> bool:
 
 
 def _shape_record(node: fx.Node) -> tuple:
-    return getattr(node.meta.get("tensor_meta"), "shape", None), tuple(node.meta.get(VARIANTS_KEY) or ())
+    return (getattr(node.meta.get("tensor_meta"), "shape", None), tuple(node.meta.get(VARIANTS_KEY) or ()),
+            node.meta.get(SYMBOLIC_KEY))
 
 
 def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node]) -> str | None:
-    """Size guards read values that a rewrite may remove. On a replaced node they follow the new value;
-    on a matched node that dies they move to the replacement of the match's output when that has the same
-    shape at the example and at every variant, and otherwise the rewrite is refused (a guard is never lost)."""
+    """Shape readers (size guards, metadata queries: :func:`fxrebirth.metadata.reads_only_shape`) read
+    values that a rewrite may remove. On a replaced node they follow the new value; on a matched node that
+    dies they move to the replacement of the match's output when that has the same shape: the same
+    symbolic shape where capture recorded one (a proof), else the same shape at the example and at every
+    variant. Otherwise the rewrite is refused (a guard or a query is never lost)."""
     new = replacement.get(match.output)
     moves = []
     for node in match.nodes:
-        guards = [u for u in node.users if is_guard(u)]
-        if not guards or node in replacement or not _dies(node, match):
+        readers = [u for u in node.users if reads_only_shape(u)]
+        if not readers or node in replacement or not _dies(node, match):
             continue
-        if new is None or _shape_record(node) != _shape_record(match.output) or _shape_record(node)[0] is None:
-            return f"it would remove {describe(node)}, whose size a guard checks"
-        moves += [(g, node) for g in guards]
-    for guard, node in moves:
-        guard.replace_input_with(node, new)
-        new.append(guard)  # right after the value it now reads
+        record = _shape_record(node)
+        if new is None or record != _shape_record(match.output) or record[0] is None:
+            what = "a guard checks" if any(is_guard(r) for r in readers) else "the model reads"
+            return f"it would remove {describe(node)}, whose size {what}"
+        if any(not is_guard(r) and not r > new for r in readers):
+            return f"it would remove {describe(node)}, whose size is read before its replacement exists"
+        moves += [(r, node) for r in readers]
+    for reader, node in moves:
+        reader.replace_input_with(node, new)
+        if is_guard(reader):
+            new.append(reader)  # right after the value it now reads
     return None
 
 

@@ -78,11 +78,12 @@ def producer(node: fx.Node, *kinds: str) -> fx.Node | None:
 
 
 def users_of(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s value: its users, less size guards (which read only its shape and
-    move with the value when a rewrite replaces it)."""
-    from .guards import is_guard
+    """The nodes that read ``node``'s value: its users, less those that read only its shape (size guards
+    and metadata queries, :func:`fxrebirth.metadata.reads_only_shape`), which move with the value when a
+    rewrite replaces it."""
+    from .metadata import reads_only_shape
 
-    return [u for u in node.users if not is_guard(u)]
+    return [u for u in node.users if not reads_only_shape(u)]
 
 
 def name_hint(node: fx.Node) -> str:

@@ -86,6 +86,10 @@ class Kernel:
     def size(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
 
+    def negated(self) -> "Kernel":
+        """The kernel of ``-conv(x)``: ``conv(x; -W, -b)``."""
+        return replace(self, weight=-self.weight, bias=-self.bias)
+
     def output_size(self, in_size: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(
             conv_output_size(n, k, s, p, d)

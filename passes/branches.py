@@ -5,6 +5,7 @@ average poolings, per-channel affine maps such as eval BatchNorm) on the nearest
 input itself (each chain first becomes one kernel, see ``_kernel.compose``)::
 
     conv_a(x) + conv_b(x) = conv(x; pad(W_a) + pad(W_b), b_a + b_b)
+    conv_a(x) - conv_b(x) = conv(x; pad(W_a) - pad(W_b), b_a - b_b)     (FastViT's RepMixer)
 
 where ``pad`` places each kernel inside the common kernel so that the centres line up (a ``k`` kernel
 with padding ``p`` sits at offset ``(P - p) / d`` in a ``K`` kernel with padding ``P``); the identity is
@@ -124,11 +125,13 @@ def _first_conv(nodes: list[fx.Node]) -> fx.Node:
 
 class MergeSummedBranches(Rule):
     name = "merge_summed_branches"
-    identity = "conv_a(x) + conv_b(x) = conv(x; pad(W_a) + pad(W_b), b_a + b_b); x = conv(x; 1 at centre)"
+    identity = ("conv_a(x) +/- conv_b(x) = conv(x; pad(W_a) +/- pad(W_b), b_a +/- b_b); "
+                "x = conv(x; 1 at centre)")
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        if node.op != "call_function" or node.target is not operator.add or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_function" or node.target not in (operator.add, operator.sub) or len(node.args) != 2 \
+                or node.kwargs:
             return None
         if not all(isinstance(a, fx.Node) for a in node.args):
             return None
@@ -149,6 +152,8 @@ class MergeSummedBranches(Rule):
                 return k
         if len({k.ndim for k in kernels}) > 1:
             return "the branches have different dimensionality"
+        if node.target is operator.sub:
+            kernels[1] = kernels[1].negated()
         return sum_kernels(kernels, _spatial(x), _spatial(node))
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:

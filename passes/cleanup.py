@@ -1,6 +1,7 @@
 r"""Cleanup: operations that compute their input unchanged.
 
     dropout(x, training=False) = x          Identity(x) = x
+    x + 0 = 0 + x = x - 0 = x * 1 = 1 * x = x / 1 = x     (Python numbers; the result keeps x's dtype and shape)
     flatten(x, a, b) = x        when dims a..b of x are one dimension (a == b after normalisation)
     reshape(x, shape) = x       when every entry of shape is x.size(i) for its own position i, or a
                                 literal equal to that size for i > 0, or -1 with all others matching;
@@ -26,7 +27,8 @@ from fxrebirth.guards import SizeGuard
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext, describe
 
-__all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNoopReshape", "CollapseCatOfSlices", "rules"]
+__all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNeutralArithmetic", "RemoveNoopReshape", "CollapseCatOfSlices",
+           "rules"]
 
 
 class _Passthrough(Rule):
@@ -68,6 +70,39 @@ class RemoveIdentity(_Passthrough):
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
             if type(ctx.gm.get_submodule(node.target)) is nn.Identity:
                 return node.args[0]
+        return None
+
+
+_NEUTRAL = {operator.add: (0, 0), operator.sub: (0, None), operator.mul: (1, 1), operator.truediv: (1, None)}
+"""For each operator, the number that leaves a tensor unchanged on its right and on its left."""
+
+
+class RemoveNeutralArithmetic(_Passthrough):
+    """``x + 0``, ``x * 1`` and friends, as models write them (MobileOne's ``0 + identity(x)`` when a block
+    has no scale branch). Exact: ``x + 0`` equals ``x`` for every float (``-0.0 + 0`` is ``+0.0``, the same
+    number), and the check that the result keeps ``x``'s recorded dtype and shape rules out promotion
+    (``int_tensor + 0.0``) and broadcasting."""
+
+    name = "remove_neutral_arithmetic"
+    identity = "x + 0 = 0 + x = x - 0 = x * 1 = 1 * x = x / 1 = x"
+
+    def source(self, node: fx.Node, ctx: RuleContext) -> fx.Node | None:
+        if node.op != "call_function" or node.target not in _NEUTRAL or len(node.args) != 2 or node.kwargs:
+            return None
+        right, left = _NEUTRAL[node.target]
+        a, b = node.args
+        for x, number, neutral in ((a, b, right), (b, a, left)):
+            if isinstance(x, fx.Node) and neutral is not None and type(number) in (int, float) and number == neutral:
+                return x
+        return None
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        node, x = match.output, match["x"]
+        mine, theirs = node.meta.get("tensor_meta"), x.meta.get("tensor_meta")
+        if mine is None or theirs is None or not hasattr(mine, "shape") or not hasattr(theirs, "shape"):
+            return f"no shape recorded for {describe(x)}"
+        if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
+            return f"the result's dtype or shape differs from {describe(x)}'s (type promotion or broadcasting)"
         return None
 
 
@@ -188,4 +223,4 @@ class CollapseCatOfSlices(Rule):
 
 def rules() -> list[Rule]:
     """The cleanup rules, in the order they should run."""
-    return [RemoveDropout(), RemoveIdentity(), RemoveNoopReshape(), CollapseCatOfSlices()]
+    return [RemoveDropout(), RemoveIdentity(), RemoveNeutralArithmetic(), RemoveNoopReshape(), CollapseCatOfSlices()]

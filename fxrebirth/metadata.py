@@ -1,0 +1,219 @@
+"""Metadata is not data: queries of a tensor's shape, rank, dtype or device.
+
+A node such as ``x.ndim``, ``x.shape``, ``x.size(1)``, ``x.dim()``, ``x.dtype`` or ``aten.sym_size.int(x, 2)``
+reads no element of ``x``. Models are full of them: timm's ``BatchNormAct2d`` asserts ``x.ndim == 4``
+before its batch norm, torchvision's channel shuffle reads ``x.size()``. Counted as users of ``x``, they
+would block every rewrite that needs ``x`` to have one user. fxrebirth handles them in two steps, one rule
+for every entry point (an ``nn.Module``, a Dynamo graph, a ``torch.export`` program):
+
+1. **Resolve what is static at capture** (:func:`resolve_metadata`). The graph is run once on symbolic
+   inputs (torch's fake tensors with a ``ShapeEnv``): every input dimension is a symbol, so a query's value
+   is a plain constant only where the graph itself forces it (a convolution fixes its input's channels;
+   an ``ndim`` is fixed by the input's rank, which an fx graph cannot vary). Such queries, the Python
+   arithmetic and comparisons on them, and the ``torch._assert``/``torch._check`` calls that then read
+   ``True`` are folded away. What may vary (the batch, spatial sizes) stays a query in the graph.
+2. **Remaining queries read only the shape** (:func:`reads_only_shape`): :func:`fxrebirth.rules.users_of`
+   does not count them as users, and when a rewrite removes the value they read, the pipeline moves them
+   to a value of the same shape, proven by the symbolic shapes recorded here (``node.meta[SYMBOLIC_KEY]``),
+   or refuses the rewrite. Size guards (:mod:`fxrebirth.guards`) are handled the same way.
+
+Queries whose answer a rewrite may change without changing the values (strides, contiguity, memory
+format, ``requires_grad``) are not metadata here: they are real users, and block rewrites as any read does.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .guards import is_guard
+from .variants import batch_of, variant_inputs
+
+__all__ = ["SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
+
+log = logging.getLogger(__name__)
+
+SYMBOLIC_KEY = "fxrebirth.symbolic_shape"
+"""``node.meta`` key: the node's shape as symbolic expressions of the input sizes (strings), where known."""
+
+_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized",
+                         "is_meta"})
+_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
+                      "get_device", "element_size"})
+_FUNCTIONS = frozenset({torch.numel, torch.is_floating_point, torch.is_complex})
+_ATEN = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default, torch.ops.aten.sym_numel.default,
+                   torch.ops.aten.dim.default})
+_CHECKS = frozenset({torch._assert, torch._check, torch.ops.aten._assert_scalar.default})
+"""Assertions: removed once their condition folds to ``True``."""
+
+_PURE_PYTHON = frozenset({
+    operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
+    operator.not_, operator.and_, operator.or_, len, int, float, bool, max, min,
+    torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not,
+})
+"""Python-level operations that may be folded when every argument is a constant (never tensors)."""
+
+
+def _tensor_arg(node: fx.Node) -> Any:
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return first if isinstance(first, fx.Node) else None
+
+
+def is_metadata_query(node: object) -> bool:
+    """Does ``node`` read only the metadata (shape, rank, dtype, device) of its first argument?"""
+    if not isinstance(node, fx.Node) or _tensor_arg(node) is None:
+        return False
+    if node.op == "call_method":
+        return node.target in _METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) >= 2 and node.args[1] in _ATTRIBUTES
+    try:
+        return node.target in _FUNCTIONS or node.target in _ATEN
+    except TypeError:  # an unhashable target
+        return False
+
+
+def reads_only_shape(node: object) -> bool:
+    """A reader of a value's shape, never of its elements: a metadata query or a size guard."""
+    return is_guard(node) or is_metadata_query(node)
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_constant(value: Any) -> bool:
+    """A plain Python value (no symbols, no tensors) that a graph's generated code can spell."""
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout)):
+        return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+    if isinstance(value, (tuple, list)):  # torch.Size is a tuple
+        return all(_is_constant(v) for v in value)
+    return False
+
+
+def _spell(value: Any) -> Any:
+    return tuple(value) if isinstance(value, torch.Size) else value
+
+
+class _SymbolicRun(fx.Interpreter):
+    """Runs the graph on fake tensors with symbolic sizes, keeping every node's value; assertions are not
+    run (asserting a symbolic condition would make the shape environment specialise on it)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and _hashable(n.target) and n.target in _CHECKS:
+            return None
+        return super().run_node(n)
+
+
+def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any] | None:
+    """Every node's value with all input sizes symbolic, or ``None`` when the graph cannot run on fake
+    tensors (an op without a meta kernel, a data-dependent size)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from .capture import _no_side_effects
+
+    # a batch >= 2 example: a size-1 dim would be specialised by the shape environment's 0/1 rule
+    example = variant_inputs(inputs, 0) if batch_of(inputs) is not None else tuple(inputs)
+    env = ShapeEnv(duck_shape=False, specialize_zero_one=False)  # equal sizes are not assumed equal
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    runner = _SymbolicRun(gm)
+    try:
+        with _no_side_effects(gm), mode:
+            fakes = [mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(
+                        dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
+                     if isinstance(x, torch.Tensor) else x for x in example]
+            runner.run(*fakes)
+    except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove
+        log.debug("symbolic shape run failed, only ranks, dtypes and devices are resolved: %s", exc)
+        return None
+    return dict(runner.env)
+
+
+def _recorded_value(node: fx.Node) -> tuple[bool, Any]:
+    """The value of a rank, dtype or device query from the recorded example shapes (static whatever the
+    input sizes): ``(True, value)``, or ``(False, None)`` for any other query."""
+    subject = _tensor_arg(node)
+    meta = subject.meta.get("tensor_meta") if subject is not None else None
+    if meta is None or not hasattr(meta, "shape"):
+        return False, None
+    name = node.args[1] if node.target is getattr else node.target
+    if name in ("ndim", "dim", "ndimension") or node.target is torch.ops.aten.dim.default:
+        return True, len(meta.shape)
+    if name == "dtype":
+        return True, meta.dtype
+    if name in ("is_floating_point", torch.is_floating_point):
+        return True, meta.dtype.is_floating_point
+    if name in ("is_complex", torch.is_complex):
+        return True, meta.dtype.is_complex
+    return False, None
+
+
+def _foldable(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
+    if is_metadata_query(node):
+        return True
+    if node.op != "call_function" or not _hashable(node.target) or node.target not in _PURE_PYTHON:
+        return False
+    return all(a in folded for a in node.all_input_nodes)
+
+
+def _substitute(node: fx.Node, value: Any) -> None:
+    for user in list(node.users):
+        user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+
+
+def resolve_metadata(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
+    """Fold the metadata queries whose value is static, the Python arithmetic on them and the assertions
+    they make true (see the module docstring); record symbolic shapes. Needs recorded shapes
+    (``tensor_meta``); returns how many nodes were removed."""
+    graph = gm.graph
+    if not any(is_metadata_query(n) for n in graph.nodes):
+        return 0
+    values = _symbolic_values(gm, inputs)
+    if values is not None:
+        for node, value in values.items():
+            if isinstance(value, torch.Tensor):
+                node.meta[SYMBOLIC_KEY] = tuple(str(d) for d in value.shape)
+    folded: dict[fx.Node, Any] = {}
+    for node in graph.nodes:
+        if not _foldable(node, folded):
+            continue
+        if values is not None:
+            value = values.get(node)
+            static = node in values and _is_constant(value)
+        else:
+            static, value = _recorded_value(node) if is_metadata_query(node) else (False, None)
+        if static:
+            folded[node] = _spell(value)
+    removed = 0
+    for node, value in folded.items():
+        _substitute(node, value)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and _hashable(node.target) and node.target in _CHECKS:
+            condition = node.args[0] if node.args else node.kwargs.get("cond", node.kwargs.get("condition"))
+            if condition is True:
+                graph.erase_node(node)
+                removed += 1
+    for node in reversed(list(folded)):
+        if not node.users:
+            graph.erase_node(node)
+            removed += 1
+    if removed:
+        log.debug("resolved %d static metadata queries and assertions", removed)
+    return removed
