@@ -466,6 +466,7 @@ def capture(
         gm.recompile()
     propagate_shapes(gm, inputs)
     if functionalize(gm, owns_modules=copy_model):
+        lower_aten(gm.graph)  # aten.add_ made out of place is aten.add: canonical operator.add
         eliminate_dead_code(gm.graph)
         changed = True
     if resolve_metadata(gm, inputs):

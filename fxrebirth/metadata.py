@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from .guards import is_guard
-from .variants import batch_of, variant_inputs
+from .variants import batch_of, variant_inputs, varying_dims
 
 __all__ = ["SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
 
@@ -108,16 +108,27 @@ def _spell(value: Any) -> Any:
 
 class _SymbolicRun(fx.Interpreter):
     """Runs the graph on fake tensors with symbolic sizes, keeping every node's value; assertions are not
-    run (asserting a symbolic condition would make the shape environment specialise on it)."""
+    run (asserting a symbolic condition would make the shape environment specialise on it). A node that
+    cannot run on symbolic sizes (``F.interpolate`` to a symbolic size has no symbolic kernel) gets a
+    tensor of fresh symbols: what follows from it is static only if it is static whatever its size."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, fresh: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.extra_traceback = False
+        self.fresh = fresh
+        self.opaque: list[fx.Node] = []
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_function" and _hashable(n.target) and n.target in _CHECKS:
             return None
-        return super().run_node(n)
+        try:
+            return super().run_node(n)
+        except Exception:
+            meta = n.meta.get("tensor_meta")
+            if meta is None or not hasattr(meta, "shape") or n.op in ("placeholder", "output"):
+                raise
+            self.opaque.append(n)
+            return self.fresh(meta.shape, meta.dtype)
 
 
 def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any] | None:
@@ -132,16 +143,34 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
     example = variant_inputs(inputs, 0) if batch_of(inputs) is not None else tuple(inputs)
     env = ShapeEnv(duck_shape=False, specialize_zero_one=False)  # equal sizes are not assumed equal
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
-    runner = _SymbolicRun(gm)
+
+    device = next((x.device for x in example if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+    def symbolic(x: torch.Tensor) -> torch.Tensor:
+        return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
+
+    def fresh(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            template = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return symbolic(template)
+
+    runner = _SymbolicRun(gm, fresh)
     try:
         with _no_side_effects(gm), mode:
-            fakes = [mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(
-                        dynamic_sizes=[DimDynamic.DYNAMIC] * x.dim()))
-                     if isinstance(x, torch.Tensor) else x for x in example]
+            fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
             runner.run(*fakes)
     except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove
         log.debug("symbolic shape run failed, only ranks, dtypes and devices are resolved: %s", exc)
         return None
+    if runner.opaque:
+        log.debug("sizes after %s taken as free symbols (no symbolic kernel)", [n.name for n in runner.opaque])
+    # the model runs at other batches and spatial sizes (its variants): if the run fixed one of those to a
+    # constant, something in it specialised where the model does not, and nothing it says is trusted
+    for x, fake in zip(inputs, fakes):
+        if isinstance(x, torch.Tensor) and any(_is_constant(fake.shape[d]) for d in varying_dims(x, batch_of(inputs))):
+            log.debug("symbolic shape run fixed a size the model varies; only ranks, dtypes and devices resolved")
+            return None
     return dict(runner.env)
 
 

@@ -7,7 +7,9 @@ could be dropped or moved:
 
 * :func:`mutated_input` names the value a node writes to: in-place methods (``y.add_(1)``), in-place
   functions (``torch.relu_``, ``operator.iadd`` from ``y += 1``, ``operator.setitem`` from ``y[0] = 0``),
-  ``inplace=True`` arguments and modules, ``out=`` arguments;
+  ``inplace=True`` arguments and modules, ``out=`` arguments, and the arguments an ATen overload's
+  schema marks written (``aten.add_.Tensor(Tensor(a!) self, ...)`` in exported programs; the schema
+  also says which overloads return new memory and which alias an argument);
 * :func:`is_impure` is torch.fx's purity plus every mutation, module calls with effects (hooks,
   ``inplace=True``, training-mode statistics) and the guards of
   :mod:`fxrebirth.guards`;
@@ -118,6 +120,8 @@ def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node 
         if isinstance(out, fx.Node):
             return out
         target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return _written_by_schema(node, target)
         if target in _INPLACE_OPERATORS or target is operator.setitem:
             first = _first_arg(node)
             tensor = _is_tensor_node(first) or (unknown_is_tensor and "tensor_meta" not in getattr(first, "meta", {}))
@@ -143,6 +147,33 @@ def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node 
             first = _first_arg(node)
             return first if isinstance(first, fx.Node) else None
     return None
+
+
+def _written_by_schema(node: fx.Node, op: torch._ops.OpOverload) -> fx.Node | None:
+    """The argument an ATen overload writes to, as its schema declares (``Tensor(a!) self``): exported
+    programs keep ``aten.add_.Tensor`` and friends, whose Python names do not end in ``_``."""
+    for position, argument in enumerate(op._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
+def _schema_fresh(op: torch._ops.OpOverload) -> bool:
+    """Does the ATen overload return new memory? Its schema says so: no argument written, no result that
+    aliases an argument (views are ``Tensor(a)``)."""
+    schema = op._schema
+    return not schema.is_mutable and bool(schema.returns) and all(r.alias_info is None for r in schema.returns)
+
+
+def _schema_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.add.Tensor`` for ``aten.add_.Tensor``: the out-of-place overload of an in-place one."""
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    twin = getattr(packet, op._overloadname, None) if packet is not None else None
+    return twin if isinstance(twin, torch._ops.OpOverload) and _schema_fresh(twin) else None
 
 
 def _module_is_impure(module: torch.nn.Module | None) -> bool:
@@ -178,6 +209,8 @@ def _fresh(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return False
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return _schema_fresh(node.target)
         spec = OPS.get(node.target) if _hashable(node.target) else None
         if spec is not None:
             return spec.kind in _FRESH_KINDS and not node.kwargs.get("inplace", False)
@@ -208,6 +241,9 @@ def _out_of_place(node: fx.Node) -> tuple[str, Any, tuple[Any, ...], dict[str, A
         return ("call_method", name, node.args, dict(node.kwargs)) if name in _FRESH_METHODS else None
     if node.op == "call_function":
         target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            twin = _schema_twin(target)
+            return ("call_function", twin, node.args, dict(node.kwargs)) if twin is not None else None
         if target in _INPLACE_OPERATORS:
             return "call_function", _INPLACE_OPERATORS[target], node.args, dict(node.kwargs)
         if node.kwargs.get("inplace") is True:

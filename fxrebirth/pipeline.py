@@ -145,7 +145,7 @@ class RulePass:
                 why = (f"the rule edited {', '.join(map(repr, edited))} in place (undone); rules must create new "
                        "tensors with ctx.add_tensor")
             why = why or self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats) \
-                or _move_guards(match, replacement)
+                or _move_guards(match, replacement, ctx.created_nodes)
             if why is not None:
                 ctx.rollback()
                 rolled_back.add(match.output)
@@ -268,7 +268,28 @@ def _shape_record(node: fx.Node) -> tuple:
             node.meta.get(SYMBOLIC_KEY))
 
 
-def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node]) -> str | None:
+def _hoist(new: fx.Node, before: fx.Node, created: Sequence[fx.Node]) -> bool:
+    """Move ``new`` and the nodes the rewrite created for it up to just before ``before`` (a shape reader
+    that precedes it), when everything else they read already exists there; return whether it moved."""
+    fresh = set(created)
+    needed, stack = set(), [new]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        for arg in node.all_input_nodes:
+            if arg in fresh:
+                stack.append(arg)
+            elif not arg < before:
+                return False
+    for node in sorted(needed):
+        if not node < before:
+            before.prepend(node)
+    return True
+
+
+def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node], created: Sequence[fx.Node]) -> str | None:
     """Shape readers (size guards, metadata queries: :func:`fxrebirth.metadata.reads_only_shape`) read
     values that a rewrite may remove. On a replaced node they follow the new value; on a matched node that
     dies they move to the replacement of the match's output when that has the same shape: the same
@@ -284,8 +305,9 @@ def _move_guards(match: Match, replacement: Mapping[fx.Node, fx.Node]) -> str | 
         if new is None or record != _shape_record(match.output) or record[0] is None:
             what = "a guard checks" if any(is_guard(r) for r in readers) else "the model reads"
             return f"it would remove {describe(node)}, whose size {what}"
-        if any(not is_guard(r) and not r > new for r in readers):
-            return f"it would remove {describe(node)}, whose size is read before its replacement exists"
+        early = [r for r in readers if not is_guard(r) and not r > new]
+        if early and not _hoist(new, min(early), created):
+            return f"it would remove {describe(node)}, whose size is read before its replacement can exist"
         moves += [(r, node) for r in readers]
     for reader, node in moves:
         reader.replace_input_with(node, new)

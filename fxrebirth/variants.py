@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from .equivalence import MIN_BATCH
 
-__all__ = ["SPATIAL_OFFSETS", "VARIANTS_KEY", "variant_inputs", "record_variant_shapes", "batch_of"]
+__all__ = ["SPATIAL_OFFSETS", "VARIANTS_KEY", "variant_inputs", "varying_dims", "record_variant_shapes", "batch_of"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,15 @@ def _like(x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -
     return out
 
 
+def varying_dims(x: torch.Tensor, batch: int | None) -> tuple[int, ...]:
+    """The dims of input ``x`` that the variants change: the batch (dim 0 when it has the batch's size)
+    and, for floating-point inputs of rank >= 3, every spatial dim (2..)."""
+    dims = (0,) if batch is not None and x.dim() >= 1 and x.shape[0] == batch else ()
+    if x.dim() >= 3 and x.is_floating_point():
+        dims += tuple(range(2, x.dim()))
+    return dims
+
+
 def variant_inputs(inputs: Sequence[Any], index: int, seed: int = 0) -> tuple[Any, ...] | None:
     """Variant ``index`` of ``inputs`` (see the module docstring); ``None`` when it would not differ from
     what the example already covers (a spatial variant of inputs without spatial dimensions)."""
@@ -78,11 +87,12 @@ def variant_inputs(inputs: Sequence[Any], index: int, seed: int = 0) -> tuple[An
             out.append(x)
             continue
         shape = list(x.shape)
-        if batch is not None and x.dim() >= 1 and shape[0] == batch:
-            shape[0] = max(batch, MIN_BATCH)
-        if grow and x.dim() >= 3 and x.is_floating_point():
-            shape[2:] = [n + grow for n in shape[2:]]
-            grew = True
+        for d in varying_dims(x, batch):
+            if d == 0:
+                shape[0] = max(batch, MIN_BATCH)
+            elif grow:
+                shape[d] += grow
+                grew = True
         out.append(_like(x, tuple(shape), generator))
     if index > 0 and not grew:
         return None

@@ -119,30 +119,36 @@ def summed_branches(draw):
 
 
 class Summed(nn.Module):
-    def __init__(self, branches, extra, c):
+    """Branches combined by ``+`` or ``-`` (``signs[i]`` combines branch ``i + 1``, ``signs[-1]`` the extra
+    branch): sums and differences (FastViT's ``mixer(x) - norm(x)``) obey the same identity."""
+
+    def __init__(self, branches, extra, c, signs=None):
         super().__init__()
         self.branches = nn.ModuleList(branches)
         self.extra = extra
+        self.signs = list(signs) if signs is not None else [operator.add] * len(branches)
         self.bn = nn.BatchNorm2d(c)
         self.avg = nn.AvgPool2d(3, 1, 1)
 
     def forward(self, x):
         out = self.branches[0](x)
-        for b in self.branches[1:]:
-            out = out + b(x)
+        for combine, b in zip(self.signs, self.branches[1:]):
+            out = combine(out, b(x))
+        combine = self.signs[-1]
         if self.extra == "identity":
-            out = out + x
+            out = combine(out, x)
         elif self.extra == "bn":
-            out = out + self.bn(x)
+            out = combine(out, self.bn(x))
         elif self.extra == "avg":
-            out = self.avg(x) + out
+            out = combine(self.avg(x), out)
         return out
 
 
 @st.composite
 def summed_cases(draw):
     c, branches, extra = draw(summed_branches())
-    return randomize_batchnorm(Summed(branches, extra, c)), torch.randn(2, c, 9, 9)
+    signs = draw(st.lists(st.sampled_from([operator.add, operator.sub]), min_size=len(branches), max_size=len(branches)))
+    return randomize_batchnorm(Summed(branches, extra, c, signs)), torch.randn(2, c, 9, 9)
 
 
 @pytest.mark.fxrebirth_rule
