@@ -9,16 +9,19 @@ loads with ``torch.export.save/load`` and feeds ExecuTorch or the ONNX exporter 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .api import optimize
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 from .report import Report
 
 __all__ = ["optimize_exported"]
+
+log = logging.getLogger(__name__)
 
 
 def optimize_exported(
@@ -42,7 +45,36 @@ def optimize_exported(
     module = program.module()
     _drop_guards(module)
     optimized, report = optimize(module, inputs, **kwargs)
-    return torch.export.export(optimized, inputs), report
+    dynamic = _dynamic_shapes(program)
+    if dynamic is None:
+        return torch.export.export(optimized, inputs), report
+    try:
+        return torch.export.export(optimized, inputs, dynamic_shapes=dynamic), report
+    except Exception as exc:  # noqa: BLE001 - a program that became size-specific is still a valid program
+        log.warning("the optimised program could not keep the input program's dynamic sizes (%s: %s); it is "
+                    "exported at the example's sizes", type(exc).__name__, first_line(exc))
+        report.checks.append("exported at the example's sizes: the dynamic sizes of the input program could not "
+                            f"be kept ({type(exc).__name__})")
+        return torch.export.export(optimized, inputs), report
+
+
+def _dynamic_shapes(program: torch.export.ExportedProgram) -> tuple | None:
+    """The input program's dynamic dims as a ``dynamic_shapes`` spec (``Dim.DYNAMIC`` where the exported
+    input's size is symbolic), so that the optimised program accepts the sizes the original did; ``None``
+    when every size is static."""
+    names = set(program.graph_signature.user_inputs)
+    spec, dynamic = [], False
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            spec.append(None)
+            continue
+        dims = {d: torch.export.Dim.DYNAMIC for d, n in enumerate(value.shape) if isinstance(n, torch.SymInt)}
+        dynamic |= bool(dims)
+        spec.append(dims or None)
+    return tuple(spec) if dynamic else None
 
 
 def _drop_guards(module: fx.GraphModule) -> None:

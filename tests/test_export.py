@@ -101,3 +101,64 @@ def test_random_graphs_export_to_onnx(gm, tmp_path_factory):
     assert len(outputs) == len(expected)
     for out, ref in zip(outputs, expected):
         _close(out, ref)
+
+
+# -- in-place ATen overloads: exported programs keep aten.add_ / aten.relu_ / aten.hardtanh_ --------
+
+class _InPlaceSum(torch.nn.Module):
+    """GhostNetV3's and timm's residual spelling: ``out = bn(x); out += conv(x)`` and in-place activations,
+    which torch.export keeps as ``aten.add_.Tensor`` / ``aten.relu_.default``."""
+
+    def __init__(self, write_input: bool = False):
+        super().__init__()
+        nn = torch.nn
+        self.write_input = write_input
+        self.bn = nn.BatchNorm2d(6)
+        self.a = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+        self.b = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.act = nn.ReLU6(inplace=True)
+        self.head = nn.Sequential(nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if self.write_input:
+            x.mul_(0.5)  # a write to the program's input: kept, and nothing moves across it
+        out = self.bn(x)
+        out += self.a(x)
+        out += self.b(x)
+        y = self.act(out)
+        z = self.head(y)
+        z.relu_()
+        return z, y
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_in_place_aten_ops_fold_when_exact(decomposed):
+    model = randomize_batchnorm(_InPlaceSum()).eval()
+    x = torch.randn(2, 6, 10, 10)
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": dims})
+    if decomposed:
+        program = program.run_decompositions()
+    assert any(str(n.target).startswith(("aten.add_", "aten.relu_", "aten.hardtanh_")) for n in program.graph.nodes) \
+        or decomposed  # (decompositions functionalise them already)
+    optimized, report = optimize_exported(program)
+    targets = [str(n.target) for n in optimized.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in targets), targets
+    assert sum("conv" in t for t in targets) == 2  # the three branches are one conv, the head another
+    for batch, size in ((2, 10), (3, 13), (2, 7)):  # the dynamic sizes of the input program are kept
+        x = torch.randn(batch, 6, size, size)
+        with torch.no_grad():
+            for got, want in zip(optimized.module()(x.clone()), model(x.clone())):
+                _close(got, want)
+
+
+def test_a_write_to_the_programs_input_is_kept():
+    model = randomize_batchnorm(_InPlaceSum(write_input=True)).eval()
+    x = torch.randn(2, 6, 10, 10)
+    program = torch.export.export(model, (x.clone(),))
+    optimized, report = optimize_exported(program)
+    mine, theirs = x.clone(), x.clone()
+    with torch.no_grad():
+        for got, want in zip(optimized.module()(mine), model(theirs)):
+            _close(got, want)
+    assert torch.equal(mine, theirs)  # the input was written the same way
