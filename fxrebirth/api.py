@@ -14,6 +14,7 @@ from .capture import as_input_tuple, capture, propagate_shapes
 from .cost import CostModel, RooflineCost, graph_flops, stored_elements
 from .endtoend import bound, compare, describe_inputs
 from .equivalence import relative_error
+from .metadata import GUARDS_KEY
 from .errors import EquivalenceError, PipelineError
 from .pipeline import Pipeline
 from .report import Report
@@ -96,6 +97,7 @@ def optimize(
     gm = capture(model, inputs, leaf_modules=leaf_modules)
     report = Report(model=type(model).__name__)
     report.capture_s = time.perf_counter() - start
+    report.guards += gm.meta.get(GUARDS_KEY, [])
     report.nodes_before = len(gm.graph.nodes)
     report.params_before = stored_elements(gm)
     report.flops_before = graph_flops(gm)

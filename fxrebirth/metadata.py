@@ -8,10 +8,13 @@ for every entry point (an ``nn.Module``, a Dynamo graph, a ``torch.export`` prog
 
 1. **Resolve what is static at capture** (:func:`resolve_metadata`). The graph is run once on symbolic
    inputs (torch's fake tensors with a ``ShapeEnv``): every input dimension is a symbol, so a query's value
-   is a plain constant only where the graph itself forces it (a convolution fixes its input's channels;
-   an ``ndim`` is fixed by the input's rank, which an fx graph cannot vary). Such queries, the Python
-   arithmetic and comparisons on them, and the ``torch._assert``/``torch._check`` calls that then read
-   ``True`` are folded away. What may vary (the batch, spatial sizes) stays a query in the graph.
+   is a plain constant only where the run fixed it: a convolution fixes its input's channels, an ``ndim``
+   is fixed by the input's rank (which an fx graph cannot vary). Such queries, the Python arithmetic and
+   comparisons on them, and the ``torch._assert``/``torch._check`` calls that then read ``True`` are
+   folded away. What may vary (the batch, spatial sizes) stays a query in the graph. Shape functions
+   may fix more than the model needs (``reshape(-1, 8)`` is taken to need 8 columns), so every input
+   size the run fixed gets a size guard (:mod:`fxrebirth.guards`, in the report); a run that fixed a size
+   the variants vary (batch, spatial) is not trusted at all: then only ranks, dtypes and devices fold.
 2. **Remaining queries read only the shape** (:func:`reads_only_shape`): :func:`fxrebirth.rules.users_of`
    does not count them as users, and when a rewrite removes the value they read, the pipeline moves them
    to a value of the same shape, proven by the symbolic shapes recorded here (``node.meta[SYMBOLIC_KEY]``),
@@ -33,9 +36,12 @@ import torch.fx as fx
 from .guards import is_guard
 from .variants import batch_of, variant_inputs, varying_dims
 
-__all__ = ["SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
+__all__ = ["GUARDS_KEY", "SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
 
 log = logging.getLogger(__name__)
+
+GUARDS_KEY = "fxrebirth.capture_guards"
+"""``GraphModule.meta`` key: descriptions of the size guards capture placed on the inputs."""
 
 SYMBOLIC_KEY = "fxrebirth.symbolic_shape"
 """``node.meta`` key: the node's shape as symbolic expressions of the input sizes (strings), where known."""
@@ -93,17 +99,36 @@ def _hashable(target: Any) -> bool:
     return True
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _number(value: Any) -> Any:
+    """A symbolic number whose expression the shape environment has reduced to a constant (directly or by
+    a later replacement, ``s1 -> 18``), as that constant; anything else unchanged."""
+    if isinstance(value, _SYMBOLIC):
+        expr = value.node.expr
+        if expr.is_number:
+            kind = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(value)]
+            return kind(expr)
+    return value
+
+
 def _is_constant(value: Any) -> bool:
-    """A plain Python value (no symbols, no tensors) that a graph's generated code can spell."""
+    """A plain Python value (no free symbols, no tensors) that a graph's generated code can spell."""
+    value = _number(value)
+    if isinstance(value, _SYMBOLIC):
+        return False
     if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout)):
-        return not isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+        return True
     if isinstance(value, (tuple, list)):  # torch.Size is a tuple
         return all(_is_constant(v) for v in value)
     return False
 
 
 def _spell(value: Any) -> Any:
-    return tuple(value) if isinstance(value, torch.Size) else value
+    if isinstance(value, (tuple, list)):
+        return tuple(_number(v) for v in value)
+    return _number(value)
 
 
 class _SymbolicRun(fx.Interpreter):
@@ -174,6 +199,34 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
     return dict(runner.env)
 
 
+def _fixed_input_dims(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[tuple[fx.Node, tuple[int, ...], tuple[int, ...]]]:
+    """``(placeholder, dims, sizes)``: the input dims the symbolic run fixed to a constant. Some are fixed by
+    the model itself (a convolution's input channels), some only by the path the shape functions took on
+    the example (a ``reshape(-1, 8)`` taken to need 8 columns): the folds rely on both, so both are guarded."""
+    fixed = []
+    for node in gm.graph.nodes:
+        value = values.get(node) if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            dims = tuple(d for d in range(1, value.dim()) if _is_constant(value.shape[d]))
+            if dims:
+                fixed.append((node, dims, tuple(_number(value.shape[d]) for d in dims)))
+    return fixed
+
+
+def _guard_inputs(gm: fx.GraphModule, fixed: list[tuple[fx.Node, tuple[int, ...], tuple[int, ...]]]) -> list[str]:
+    from .guards import SizeGuard, check_size
+
+    described = []
+    for placeholder, dims, sizes in fixed:
+        guard = SizeGuard(f"capture resolved the model's shape queries with input '{placeholder.name}' at these sizes",
+                          equals_dims=dims, equals=sizes)
+        anchor = max((n for n in gm.graph.nodes if n.op == "placeholder"))
+        with gm.graph.inserting_after(anchor):
+            gm.graph.call_function(check_size, (placeholder, guard.as_data(), guard.describe()))
+        described.append(f"capture at input '{placeholder.name}': {guard.describe()}")
+    return described
+
+
 def _recorded_value(node: fx.Node) -> tuple[bool, Any]:
     """The value of a rank, dtype or device query from the recorded example shapes (static whatever the
     input sizes): ``(True, value)``, or ``(False, None)`` for any other query."""
@@ -223,13 +276,16 @@ def resolve_metadata(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
     for node in graph.nodes:
         if not _foldable(node, folded):
             continue
-        if values is not None:
+        recorded, value = _recorded_value(node) if is_metadata_query(node) else (False, None)
+        if values is not None and not recorded:
             value = values.get(node)
             static = node in values and _is_constant(value)
         else:
-            static, value = _recorded_value(node) if is_metadata_query(node) else (False, None)
+            static = recorded
         if static:
             folded[node] = _spell(value)
+    if values is not None:  # the folds and the recorded symbolic shapes hold where these guards do
+        gm.meta[GUARDS_KEY] = _guard_inputs(gm, _fixed_input_dims(gm, values))
     removed = 0
     for node, value in folded.items():
         _substitute(node, value)

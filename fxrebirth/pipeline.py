@@ -218,7 +218,8 @@ def _mutation_reason(touched: Sequence[fx.Node], mutated: frozenset[fx.Node]) ->
     for node in touched:
         if node in mutated:
             writers = [u for u in mutated if mutated_input(u) is not None]
-            writer = describe(min(writers)) if writers else "an in-place operation"
+            direct = [u for u in writers if u is node or mutated_input(u) is node or node in u.users]
+            writer = describe(min(direct or writers)) if writers else "an in-place operation"
             return (f"{describe(node)} is written in place (by {writer}, or through a value that aliases it); "
                     "fxrebirth does not move computation across a mutation")
     return None

@@ -6,6 +6,7 @@ r"""Cleanup: operations that compute their input unchanged.
     reshape(x, shape) = x       when every entry of shape is x.size(i) for its own position i, or a
                                 literal equal to that size for i > 0, or -1 with all others matching;
                                 a literal holds only where x has that size: a size guard says so
+                                (none where capture proved that size static, fxrebirth.metadata)
 
     cat([y[:, a:b], y[:, b:c]], dim=1) = y[:, a:c]   (= y when the slices cover all of y's channels)
 
@@ -24,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.guards import SizeGuard
+from fxrebirth.metadata import SYMBOLIC_KEY
 from fxrebirth.ops import kind_of
 from fxrebirth.rules import Match, Rule, RuleContext, describe
 
@@ -110,7 +112,7 @@ def _size_of(entry: object, x: fx.Node, dim: int) -> bool:
     """Is ``entry`` the graph value ``x.size(dim)`` (or ``x.shape[dim]``)?"""
     if not isinstance(entry, fx.Node):
         return False
-    if entry.op == "call_method" and entry.target == "size":
+    if (entry.op == "call_method" and entry.target == "size") or entry.target is torch.ops.aten.sym_size.int:
         args = tuple(entry.args) + tuple(entry.kwargs.values())
         return len(args) == 2 and args[0] is x and args[1] == dim
     if entry.op == "call_function" and entry.target is operator.getitem:
@@ -130,8 +132,10 @@ class RemoveNoopReshape(_Passthrough):
         node, x = match.output, match["x"]
         if kind_of(node) == "reshape":
             shape = ctx.shape(x)
+            symbolic = x.meta.get(SYMBOLIC_KEY)  # a size capture proved static needs no guard
             literal = [i for i, entry in enumerate(node.kwargs["shape"])
-                       if i > 0 and isinstance(entry, int) and entry != -1]
+                       if i > 0 and isinstance(entry, int) and entry != -1
+                       and not (symbolic is not None and symbolic[i] == str(entry))]
             if literal:
                 ctx.guard(x, SizeGuard(f"{describe(node)} reshapes to literal sizes", equals_dims=tuple(literal),
                                        equals=tuple(shape[i] for i in literal)))
