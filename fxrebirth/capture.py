@@ -28,6 +28,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .aten import lower_aten
+from .equivalence import flush_denormals
 from .errors import CaptureError, first_line
 from .metadata import resolve_metadata
 from .mutation import eliminate_dead_code, functionalize, mutated_input
@@ -397,8 +398,11 @@ class _no_side_effects:
         gm.eval()
         self.grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
+        self.denormals = flush_denormals()  # shapes only: no reason to pay for denormal arithmetic
+        self.denormals.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        self.denormals.__exit__(None, None, None)
         torch.set_grad_enabled(self.grad)
         for m, mode in self.modes.items():
             m.training = mode

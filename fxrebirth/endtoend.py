@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .capture import copy_module
-from .equivalence import relative_error, tolerance
+from .equivalence import flush_denormals, relative_error, tolerance
 from .errors import ShapeGuardError, first_line
 from .variants import variant_inputs
 
@@ -126,7 +126,14 @@ def _has_hooks(model: nn.Module) -> bool:
 def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *, seed: int = 0,
             exactly: bool = False) -> Comparison:
     """Worst error of ``candidate`` against ``original`` over :func:`check_inputs` (see the module
-    docstring); with ``exactly``, at ``example`` itself only (to probe one input that failed)."""
+    docstring); with ``exactly``, at ``example`` itself only (to probe one input that failed). Both run
+    with denormals flushed (:func:`fxrebirth.equivalence.flush_denormals`)."""
+    with flush_denormals():
+        return _compare(original, candidate, example, seed, exactly)
+
+
+def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], seed: int,
+             exactly: bool) -> Comparison:
     result = Comparison()
     sets = [tuple(example)] if exactly else check_inputs(example, seed)
     if _has_hooks(original):

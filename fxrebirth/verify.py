@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .equivalence import LOCAL_TOLERANCE
+from .equivalence import LOCAL_TOLERANCE, flush_denormals
 from .variants import VARIANTS_KEY
 
 __all__ = ["local_error", "UnverifiableError", "DEFAULT_TOLERANCE"]
@@ -136,8 +136,9 @@ def local_error(
     if device is None:
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
-    return max(_error_at(gm, old, new, inputs, shapes, exact, generator, device)
-               for shapes in _shape_sets(inputs, guards))
+    with flush_denormals():
+        return max(_error_at(gm, old, new, inputs, shapes, exact, generator, device)
+                   for shapes in _shape_sets(inputs, guards))
 
 
 def _error_at(gm: fx.GraphModule, old: fx.Node, new: fx.Node, inputs: tuple[fx.Node, ...],
