@@ -103,8 +103,11 @@ def flush_denormals() -> Iterator[None]:
 
     Freshly initialised models are full of tiny values (timm's layer scales start at 1e-5; products of
     them reach the denormal range in float64 and float32), and CPU arithmetic on denormals is one to two
-    orders of magnitude slower: measured, optimising timm's fastvit_t8 at 96x96 took 539 s with them and
-    35 s flushed. A flushed denormal changes a value by less than 2.3e-308 (float64) or 1.2e-38 (float32),
+    orders of magnitude slower: measured (with another job on the machine), optimising an untrained timm
+    fastvit_t8 at 96x96 took 539 s, 35 s with flushing set before torch started its worker threads. The
+    flag is per thread and workers keep the one they started with, so inside a process that already ran
+    parallel ops this context only helps the calling thread (280 s in the same conditions); setting
+    ``torch.set_flush_denormal(True)`` at the start of a script helps everywhere. A flushed denormal changes a value by less than 2.3e-308 (float64) or 1.2e-38 (float32),
     far below every tolerance here; the model the user gets back runs with the caller's setting.
     """
     before = _flushing()

@@ -3,7 +3,8 @@
 Each model is built with random weights (nothing is downloaded), its BatchNorm statistics and affine
 parameters randomised (the defaults make folding nearly the identity), optimised, and compared with the
 original in float32: norm-wise relative error <= 1e-5, and no BatchNorm left that a layer next to it
-could have absorbed (checked structurally here, independently of the rules' own code).
+could have absorbed (checked structurally by ``fxrebirth.testing.zoo.foldable_batchnorms``,
+independently of the rules' own code).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torchvision
 import fxrebirth
 from fxrebirth.ops import kind_of
 from fxrebirth.testing import randomize_batchnorm
+from fxrebirth.testing.zoo import foldable_batchnorms
 
 NAMES = torchvision.models.list_models(module=torchvision.models)
 FIXED_224 = ("vit_", "swin_", "maxvit_")  # position embeddings / window sizes need 224x224
@@ -27,29 +29,6 @@ def _input_size(name: str) -> int:
     if name.startswith(FIXED_224):
         return 224
     return LARGE.get(name, 64)
-
-
-def foldable_batchnorms(gm: torch.fx.GraphModule) -> list[str]:
-    """Eval-mode BatchNorms with a single-user conv/linear before them, or a lone conv (no padding) or
-    linear consumer after them: what an exact fold could still remove."""
-    found = []
-    for node in gm.graph.nodes:
-        if kind_of(node) != "batch_norm" or node.kwargs["training"]:
-            continue
-        producer = node.kwargs["input"]
-        rank = len(node.meta["tensor_meta"].shape)
-        if kind_of(producer) in ("conv", "conv_transpose") and len(producer.users) == 1:
-            found.append(node.name)
-        elif kind_of(producer) == "linear" and len(producer.users) == 1 and rank == 2:
-            found.append(node.name)
-        users = list(node.users)
-        if len(users) == 1 and users[0].kwargs.get("input") is node:
-            consumer = users[0]
-            if kind_of(consumer) == "linear" and rank == 2:
-                found.append(node.name)
-            elif kind_of(consumer) == "conv" and all(p == 0 for p in consumer.kwargs["padding"]):
-                found.append(node.name)
-    return found
 
 
 @pytest.mark.parametrize("name", NAMES)
