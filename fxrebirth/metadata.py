@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Sequence
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -148,12 +151,44 @@ class _SymbolicRun(fx.Interpreter):
             return None
         try:
             return super().run_node(n)
+        except _OutOfTime:
+            raise
         except Exception:
             meta = n.meta.get("tensor_meta")
             if meta is None or not hasattr(meta, "shape") or n.op in ("placeholder", "output"):
                 raise
             self.opaque.append(n)
             return self.fresh(meta.shape, meta.dtype)
+
+
+SYMBOLIC_BUDGET_S = 10.0
+"""Seconds the symbolic run may take. Shape algebra on some graphs (hundreds of floor divisions in a
+vision transformer's window partitions) sends sympy's simplifier into minutes; past the budget the run
+is abandoned and only ranks, dtypes and devices fold."""
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[bool]:
+    """Raise :class:`_OutOfTime` inside the block after ``seconds`` (a SIGALRM timer: main thread, Unix);
+    yields whether the block is bounded (when it cannot be, the caller skips the work)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield False
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _OutOfTime(f"over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any] | None:
@@ -182,9 +217,13 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
 
     runner = _SymbolicRun(gm, fresh)
     try:
-        with _no_side_effects(gm), mode:
-            fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
-            runner.run(*fakes)
+        with _deadline(SYMBOLIC_BUDGET_S) as bounded:
+            if not bounded:
+                log.debug("symbolic shape run skipped outside the main thread (it cannot be time-bounded)")
+                return None
+            with _no_side_effects(gm), mode:
+                fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
+                runner.run(*fakes)
     except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove
         log.debug("symbolic shape run failed, only ranks, dtypes and devices are resolved: %s", exc)
         return None

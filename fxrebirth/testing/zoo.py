@@ -464,6 +464,8 @@ def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float
     if handler.folded == 0:
         entry["status"] = "not captured"
         entry["reason"] = handler.reasons[0][:300] if handler.reasons else "no graph was optimised"
+    elif handler.reasons:  # some graphs folded, others compiled unchanged: why, for the record
+        entry["unfolded_reasons"] = [r[:300] for r in handler.reasons[:3]]
     _judge(entry, reference, output, bound)
     return entry
 

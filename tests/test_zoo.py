@@ -1,0 +1,61 @@
+"""The CI sample of the model zoo (fxrebirth.testing.zoo; the whole zoo: tests/benchmarks/zoo_sweep.py).
+
+Small models of the re-parameterisable timm families and of a dozen other CNN families, built with
+random weights and randomised BatchNorm, through each entry point (``fxrebirth.optimize``, the
+``torch.compile`` backend, ``torch.export`` + ``optimize_exported``) at a small input: float32
+norm-wise relative error against the original at batch 2 within ``tolerance(torch.float32)``; for
+``optimize`` (and export) no BatchNorm left that a neighbouring layer could absorb; and for the
+re-parameterisable families no more convolutions than timm's own ``reparameterize_model`` leaves.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("timm")
+
+import torch  # noqa: E402 - after the skip
+
+from fxrebirth.equivalence import tolerance  # noqa: E402
+from fxrebirth.testing import zoo  # noqa: E402
+
+REPARAMETERISABLE = [("timm", n, 64) for n in (
+    "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "repghostnet_050", "ghostnetv3_050")]
+OTHERS = [
+    ("torchvision", "resnet18", 64),
+    ("torchvision", "mnasnet0_5", 64),
+    ("torchvision", "shufflenet_v2_x0_5", 64),
+    ("timm", "regnetx_002", 64),
+    ("timm", "efficientnet_b0", 64),
+    ("timm", "mobilenetv3_small_050", 64),
+    ("timm", "ghostnet_050", 64),
+    ("timm", "dla46_c", 64),
+    ("timm", "ese_vovnet19b_slim_dw", 64),
+    ("timm", "cs3darknet_s", 64),
+    ("timm", "dpn48b", 64),
+    ("timm", "rexnet_100", 64),
+    ("timm", "hrnet_w18_small", 64),
+    ("timm", "lcnet_050", 64),
+]
+MODELS = REPARAMETERISABLE + OTHERS
+
+
+@pytest.mark.parametrize("point", zoo.ENTRY_POINTS)
+@pytest.mark.parametrize(("source", "name", "size"), MODELS, ids=[f"{s}:{n}" for s, n, _ in MODELS])
+def test_zoo_model_is_equivalent_and_folded(source, name, size, point, reset_dynamo):
+    row = zoo.sweep_one(source, name, entry_points=(point,), size=size)
+    assert row["built"], row.get("reason")
+    entry = row[point]
+    problems = []
+    if entry["status"] != "ok":
+        problems.append(f"{entry['status']}: {entry.get('reason')}")
+    if isinstance(entry.get("error"), float) and not entry["error"] <= tolerance(torch.float32):
+        problems.append(f"float32 relative error {entry['error']:.3e} > {tolerance(torch.float32):.0e}")
+    if point in ("optimize", "export") and entry.get("foldable_left"):
+        problems.append(f"{entry['foldable_left']} foldable BatchNorm(s) left")
+    if point == "optimize" and row["reparameterisable"] and entry.get("convs_after") is not None:
+        timm_convs = entry.get("convs_timm_reparam")
+        assert isinstance(timm_convs, int), f"timm's reparameterize_model failed: {timm_convs}"
+        if entry["convs_after"] > timm_convs:
+            problems.append(f"{entry['convs_after']} convolutions left, timm's reparameterize_model leaves {timm_convs}")
+    assert not problems, f"{source}:{name} through {point}: " + "; ".join(problems)
