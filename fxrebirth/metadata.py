@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from .guards import is_guard
+from .mutation import _hashable
 from .variants import batch_of, variant_inputs, varying_dims
 
 __all__ = ["GUARDS_KEY", "SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
@@ -92,14 +93,6 @@ def is_metadata_query(node: object) -> bool:
 def reads_only_shape(node: object) -> bool:
     """A reader of a value's shape, never of its elements: a metadata query or a size guard."""
     return is_guard(node) or is_metadata_query(node)
-
-
-def _hashable(target: Any) -> bool:
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
 
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
