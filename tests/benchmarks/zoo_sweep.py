@@ -104,10 +104,11 @@ def select_members(population: list[list[str]], shard: str | None, only: list[st
 class Worker:
     """A child process that sweeps one model per request (protocol: one JSON line each way)."""
 
-    def __init__(self, log: Path, entry_points: list[str]) -> None:
+    def __init__(self, log: Path, entry_points: list[str], statistics: str, threads: int | None) -> None:
         self.log = open(log, "a")  # noqa: SIM115 - lives as long as the worker
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--entry-points", *entry_points],
+            [sys.executable, __file__, "--worker", "--statistics", statistics, "--entry-points", *entry_points,
+             *(["--threads", str(threads)] if threads else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
             start_new_session=True, cwd=ROOT,
         )
@@ -141,7 +142,7 @@ class Worker:
         self.log.close()
 
 
-def worker_main(entry_points: list[str]) -> int:
+def worker_main(entry_points: list[str], statistics: str) -> int:
     """Read ``[source, name]`` lines, answer each with the row as one JSON line."""
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever a model prints goes to the log, not into the protocol
@@ -153,7 +154,7 @@ def worker_main(entry_points: list[str]) -> int:
         source, name = json.loads(line)
         print(f"--- {source}:{name}", file=sys.stderr, flush=True)
         try:
-            row = zoo.sweep_one(source, name, entry_points=entry_points)
+            row = zoo.sweep_one(source, name, entry_points=entry_points, statistics=statistics)
         except Exception as exc:  # noqa: BLE001 - sweep_one catches per entry point; this is a last resort
             row = {"source": source, "name": name, "built": False, "reason": f"harness: {type(exc).__name__}: {exc}"}
         torch._dynamo.reset()
@@ -167,7 +168,7 @@ def sweep(args: argparse.Namespace) -> int:
     data = load_population(cache, again=args.survey)
     members = select_members(data["population"], args.shard, args.only, args.limit)
     family = {(c["source"], c["name"]): c["family"] for c in data["candidates"]}
-    todo = [m for m in members if args.force or not row_path(cache, *m).exists()]
+    todo = [m for m in members if args.force or _stale(row_path(cache, *m), args.statistics)]
     print(f"{len(members)} selected, {len(members) - len(todo)} already in {cache}, {len(todo)} to run",
           file=sys.stderr)
     worker: Worker | None = None
@@ -178,7 +179,7 @@ def sweep(args: argparse.Namespace) -> int:
             if worker is None or worker.served >= RECYCLE:
                 if worker is not None:
                     worker.stop()
-                worker = Worker(cache / "worker.log", args.entry_points)
+                worker = Worker(cache / "worker.log", args.entry_points, args.statistics, args.threads)
             start = time.perf_counter()
             answer = worker.ask(source, name, args.timeout)
             if isinstance(answer, str):
@@ -200,6 +201,16 @@ def sweep(args: argparse.Namespace) -> int:
             worker.stop(kill=True)
     print(", ".join(f"{n} {s}" for s, n in counts.most_common()) or "nothing to run", file=sys.stderr)
     return 0
+
+
+def _stale(path: Path, statistics: str) -> bool:
+    """Whether the model must run (again): no row yet, or one swept with other BatchNorm statistics."""
+    if not path.exists():
+        return True
+    try:
+        return json.loads(path.read_text()).get("statistics", "uniform") != statistics
+    except (OSError, ValueError):
+        return True
 
 
 def summarise(row: dict[str, Any]) -> str:
@@ -253,16 +264,20 @@ def table(cache: Path, doc: Path) -> str:
     built = [r for r in rows if r.get("built")]
     sized = [r for r in built if r.get("size") is not None]
 
+    kinds = Counter(r.get("batchnorm_statistics", "uniform") for r in sized)
+    statistics = ", ".join(f"{k} in {n} models" for k, n in kinds.most_common()) or "none run"
     out = ["# The model zoo", ""]
     out += [
         "Every attention-free image-classification model of torchvision and timm with at most 50M parameters,",
-        "built with random weights and randomised BatchNorm (running mean and variance, gamma and beta), through",
-        "the three entry points: `fxrebirth.optimize`, `torch.compile(backend=\"fxrebirth\")` (inner compiler",
-        "`eager`) and `torch.export` + `optimize_exported`. Each is compared with the original model in float32",
-        "at batch 2 at the smallest square input size (64, 96, ..., 320) the model runs at; *equivalent* means a",
-        "norm-wise relative error <= 1e-5 (`fxrebirth.equivalence.tolerance(torch.float32)`), *fully folded*",
-        "that no BatchNorm is left that a neighbouring convolution or linear layer could absorb",
-        "(`fxrebirth.testing.zoo.foldable_batchnorms`).",
+        "built with random weights and random BatchNorm gamma, beta, running mean and variance",
+        f"(`fxrebirth.testing.zoo.build`; statistics: {statistics}), through the three entry points: `fxrebirth.optimize`,",
+        "`torch.compile(backend=\"fxrebirth\")` (inner compiler `eager`) and `torch.export` + `optimize_exported`.",
+        "Each is compared with the original model in float32 at batch 2 at the smallest square input size (64,",
+        "96, ..., 320) the model runs at; *equivalent* means a norm-wise relative error <= 1e-5",
+        "(`fxrebirth.equivalence.tolerance(torch.float32)`), *fully folded* that no BatchNorm is left that a",
+        "neighbouring convolution or linear layer could absorb (`fxrebirth.testing.zoo.foldable_batchnorms`).",
+        "A mismatch's reason gives the original's own float32 rounding (its float32 output against its float64",
+        "copy's) and the error with both models in float64.",
         "",
         "**Population** (`fxrebirth.testing.zoo.population`): `torchvision.models.list_models(module=torchvision.models)`",
         "and `timm.list_models()`, surveyed on the meta device, less the models with an attention block (a",
@@ -294,6 +309,10 @@ def table(cache: Path, doc: Path) -> str:
     out.append(f"| fully folded (optimize) | {sum(fully_folded(r) for r in sized)} |")
     mismatches = [(r, p) for r in sized for p in ENTRY_POINTS if r.get(p, {}).get("status") == "mismatch"]
     out.append(f"| **mismatches** (an optimised model above 1e-5) | **{len(mismatches)}** |")
+    within64 = sum(1 for r, p in mismatches if isinstance(r[p].get("error64"), float) and r[p]["error64"] <= 1e-5)
+    out.append(f"| mismatches within 1e-5 in float64 | {within64} |")
+    noisy = sum(1 for r in sized if isinstance(r.get("noise32"), float) and r["noise32"] > 1e-5)
+    out.append(f"| models whose own float32 rounding exceeds 1e-5 | {noisy} |")
     out.append("")
 
     out += ["## By family", "",
@@ -385,12 +404,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="run selected models again even if cached")
     parser.add_argument("--survey", action="store_true", help="survey the population again (population.json)")
     parser.add_argument("--entry-points", nargs="+", default=list(ENTRY_POINTS), choices=ENTRY_POINTS)
+    parser.add_argument("--statistics", default="calibrated", choices=("uniform", "calibrated"),
+                        help="BatchNorm running statistics (fxrebirth.testing.zoo.build; default calibrated: "
+                             "uniform ones make deep models ill-conditioned in float32); a cached row swept "
+                             "with the other choice runs again")
+    parser.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default torch's)")
     parser.add_argument("--table", action="store_true", help="only write docs/zoo.md from the cache")
     parser.add_argument("--doc", default=str(DOC), help="where --table writes (default docs/zoo.md)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker_main(args.entry_points)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return worker_main(args.entry_points, args.statistics)
     if args.table:
         path = Path(args.cache) / "population.json"
         if not path.exists():
