@@ -7,17 +7,20 @@ non-linear regions, ``gm, report = fxrebirth.rebirth(model, plan, train_data, te
 them by retrained rebirth layers. See docs/ for the architecture and every identity.
 """
 
-from .api import default_rules, optimize, relative_error
-from .capture import capture
-from .errors import CaptureError, EquivalenceError, FxRebirthError, PipelineError, ShapeGuardError
-from .pipeline import PassResult, Pipeline, RulePass
-from .plan import Plan, PlannedRegion, plan
-from .regions import Region, RegionError
-from .retrain import RebirthConfig, RebirthReport, rebirth
-from .report import Refusal, Report, RuleStats
-from .rules import Match, Rule, RuleContext
+from fxrebirth import _moved
+from fxrebirth.errors import CaptureError, EquivalenceError, FxRebirthError, PipelineError, ShapeGuardError
+from fxrebirth.frontends.library import default_rules, optimize, relative_error
+from fxrebirth.graph.capture import capture
+from fxrebirth.graph.regions import Region, RegionError
+from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
+from fxrebirth.retraining.planning import Plan, PlannedRegion, plan
+from fxrebirth.rewrite.pipeline import PassResult, Pipeline, RulePass
+from fxrebirth.rewrite.report import Refusal, Report, RuleStats
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext
 
-__version__ = "0.1.0"
+_moved.install()  # the 0.1 module paths (fxrebirth.cost, fxrebirth.export, ...) for one more release
+
+__version__ = "0.2.0"
 
 __all__ = [
     "CaptureError",

@@ -12,11 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import __version__
-from .api import default_rules, optimize
-from .cost import RooflineCost
-from .errors import FxRebirthError, first_line
-from .speed import RUNTIMES
+from fxrebirth import __version__
+from fxrebirth.frontends.library import default_rules, optimize
+from fxrebirth.rewrite.cost import RooflineCost
+from fxrebirth.errors import FxRebirthError, first_line
+from fxrebirth.measure.speed import RUNTIMES
 
 __all__ = ["main", "load_model"]
 
@@ -31,7 +31,7 @@ def load_model(spec: str) -> nn.Module:
     torchvision models are built with ``weights=None``: nothing is downloaded.
     """
     if spec in PAPER_MODELS:
-        from . import models
+        from fxrebirth import models
 
         return getattr(models, spec)()
     if ":" in spec:
@@ -169,9 +169,9 @@ class _Bars:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .retrain import RebirthConfig
-    from .runner import RunConfig, run
-    from .teacher import TeacherConfig
+    from fxrebirth.retraining.engine import RebirthConfig
+    from fxrebirth.paper.runner import RunConfig, run
+    from fxrebirth.paper.teacher import TeacherConfig
 
     model = None
     if args.model != "googlenet_lrn" or args.weights or args.data:
@@ -230,7 +230,7 @@ def _load(args: argparse.Namespace) -> nn.Module:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from fxrebirth.retraining.planning import plan
 
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
@@ -267,10 +267,10 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .plan import plan as make_plan
-    from .capture import capture
-    from .rebirth import rebuild
-    from .speed import DEFAULT_VARIANTS, layer_breakdown, speed_table
+    from fxrebirth.retraining.planning import plan as make_plan
+    from fxrebirth.graph.capture import capture
+    from fxrebirth.retraining.layers import rebuild
+    from fxrebirth.measure.speed import DEFAULT_VARIANTS, layer_breakdown, speed_table
 
     model = _load(args)
     say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))

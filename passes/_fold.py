@@ -27,8 +27,8 @@ from typing import Protocol
 import torch
 import torch.fx as fx
 
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, users_of
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint, users_of
 
 from ._kernel import layer_tensors
 

@@ -35,9 +35,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxrebirth.guards import Geometry, SizeGuard
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import RuleContext, describe
+from fxrebirth.graph.guards import Geometry, SizeGuard
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import RuleContext, describe
 
 __all__ = [
     "Kernel", "layer_tensors", "kernel_of_conv", "kernel_of_avg_pool", "identity_kernel", "affine_kernel", "align",

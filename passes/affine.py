@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxrebirth.rules import Rule, RuleContext, describe
+from fxrebirth.rewrite.rules import Rule, RuleContext, describe
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 

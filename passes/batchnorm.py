@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 

@@ -31,8 +31,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, users_of
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint, users_of
 
 from ._kernel import (
     Kernel, affine_kernel, compose, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,

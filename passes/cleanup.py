@@ -12,7 +12,7 @@ r"""Cleanup: operations that compute their input unchanged.
 
 The reshape identity holds for every batch size: the batch entry must be ``x.size(0)`` or ``-1``, never
 a literal that only matches the example input. A literal in another position matches the example's
-size, not necessarily every size: the rewrite records a guard (:mod:`fxrebirth.guards`) that raises at
+size, not necessarily every size: the rewrite records a guard (:mod:`fxrebirth.graph.guards`) that raises at
 sizes where the reshape would not be the identity. Dead code is removed by the pipeline after every pass.
 """
 
@@ -24,10 +24,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.guards import SizeGuard
-from fxrebirth.metadata import SYMBOLIC_KEY
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe
+from fxrebirth.graph.guards import SizeGuard
+from fxrebirth.graph.metadata import SYMBOLIC_KEY
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe
 
 __all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNeutralArithmetic", "RemoveNoopReshape", "CollapseCatOfSlices",
            "rules"]

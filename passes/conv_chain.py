@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, name_hint, producer, users_of
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint, producer, users_of
 
 from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv, layer_tensors
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule, RuleContext, describe, producer, users_of
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, producer, users_of
 
 __all__ = ["FoldPadIntoConv", "CommuteGlobalPool", "rules"]
 

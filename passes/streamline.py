@@ -20,9 +20,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from fxrebirth.capture import SOURCE_KEY
-from fxrebirth.ops import kind_of
-from fxrebirth.regions import Region, record
+from fxrebirth.graph.capture import SOURCE_KEY
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.graph.regions import Region, record
 
 __all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv"]
 

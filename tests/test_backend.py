@@ -89,7 +89,7 @@ class _WithBreak(nn.Module):
 def test_graph_breaks_give_several_optimised_subgraphs(caplog):
     model = randomize_batchnorm(_WithBreak()).eval()
     compiled = torch.compile(model, backend="fxrebirth", options=EAGER)
-    with caplog.at_level("INFO", logger="fxrebirth.backend"), torch.no_grad():
+    with caplog.at_level("INFO", logger="fxrebirth.frontends.backend"), torch.no_grad():
         assert_equivalent(model, compiled, torch.randn(2, 3, 8, 8))
     assert caplog.text.count("rewrites in a graph") >= 2
 
@@ -153,7 +153,7 @@ def test_public_backend_function_is_the_entry_point():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "fxrebirth"]
-    assert ep.load() is fxrebirth.backend.fxrebirth_backend
+    assert ep.load() is fxrebirth.frontends.backend.fxrebirth_backend
 
 
 def test_rules_option_replaces_the_rule_list(caplog):
@@ -161,7 +161,7 @@ def test_rules_option_replaces_the_rule_list(caplog):
     x = torch.randn(1, 3, 8, 8)
     from fxrebirth.passes import cleanup
 
-    with caplog.at_level("INFO", logger="fxrebirth.backend"), torch.no_grad():
+    with caplog.at_level("INFO", logger="fxrebirth.frontends.backend"), torch.no_grad():
         compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager", "rules": cleanup.rules()})
         assert_equivalent(model, compiled, x)
     assert "1 rewrites in a graph" in caplog.text  # only the dropout: no BatchNorm rule was given

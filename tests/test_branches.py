@@ -74,7 +74,7 @@ def test_repvgg_collapses_to_one_3x3_conv_and_relu_per_block(dtype):
     model = _prepare(nn.Sequential(RepVGGBlock(8), RepVGGBlock(8, stride=2), RepVGGBlock(8)), dtype)
     x = torch.randn(2, 8, 16, 16, dtype=dtype)
     gm, report = fxrebirth.optimize(model, x)
-    convs = [n for n in gm.graph.nodes if fxrebirth.ops.kind_of(n) == "conv"]
+    convs = [n for n in gm.graph.nodes if fxrebirth.graph.ops.kind_of(n) == "conv"]
     assert len(convs) == 3 and count_kind(gm, "batch_norm") == 0 and count_kind(gm, "relu") == 3
     assert all(tuple(gm.get_parameter(c.kwargs["weight"].target).shape[2:]) == (3, 3) for c in convs)
     assert sum(1 for n in gm.graph.nodes if n.target is operator.add) == 0

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxrebirth
 from fxrebirth import CaptureError, capture
-from fxrebirth.ops import kind_of
+from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import assert_equivalent
 
 
@@ -138,7 +138,7 @@ def test_inplace_relu_read_elsewhere_becomes_out_of_place_with_later_reads_redir
             z = self.relu(y)
             return y + z  # y was modified in place: the result is 2 * relu(x)
 
-    from fxrebirth.mutation import mutated_input
+    from fxrebirth.graph.mutation import mutated_input
 
     model, x = M(), torch.randn(2, 5)
     gm = capture(model, x)
@@ -214,7 +214,7 @@ def test_tensor_metadata_matches_torch(shape, rng, layout, grad):
     """capture's fast tensor record equals torch.fx's own for any shape, layout and stride."""
     from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-    from fxrebirth.capture import tensor_metadata
+    from fxrebirth.graph.capture import tensor_metadata
 
     t = torch.randn(*shape) if shape else torch.tensor(1.0)
     if layout == "permuted" and t.dim() > 1:

@@ -32,7 +32,7 @@ def test_eval_mode_cleanup_removes_everything_removable():
     assert report.stats("remove_identity").rewrites == 1
     assert report.stats("remove_noop_reshape").rewrites == 3
     # only the linear, and the guard of x.reshape(-1, 8): its literal 8 holds where dim 1 is 8
-    from fxrebirth.guards import is_guard
+    from fxrebirth.graph.guards import is_guard
 
     assert [n.op for n in gm.graph.nodes if not is_guard(n)].count("call_function") == 1
     assert len(report.guards) == 1 and "size(dim 1) == 8" in report.guards[0]

@@ -158,7 +158,7 @@ def test_flattened_full_size_conv_merges_into_the_linear():
 
 
 def test_measured_and_table_cost_models_drive_the_gate():
-    from fxrebirth.cost import MeasuredCost, TableCost, measure_latency, node_signature
+    from fxrebirth.rewrite.cost import MeasuredCost, TableCost, measure_latency, node_signature
 
     model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.Conv2d(64, 8, 1)).eval()
     x = torch.randn(1, 8, 20, 20)
@@ -168,7 +168,7 @@ def test_measured_and_table_cost_models_drive_the_gate():
     assert_equivalent(model, gm, x)
     captured = fxrebirth.capture(model, x)
     table = measure_latency(captured, (x,), repeats=2)
-    convs = [n for n in captured.graph.nodes if fxrebirth.ops.kind_of(n) == "conv"]
+    convs = [n for n in captured.graph.nodes if fxrebirth.graph.ops.kind_of(n) == "conv"]
     assert {node_signature(n) for n in convs} <= set(table)
     # A table claiming the two layers are nearly free makes any merged layer look slower: refused.
     cheap = {node_signature(n): 1e-9 for n in convs}

@@ -11,7 +11,7 @@ import torchvision
 from hypothesis import given, note, settings
 
 import fxrebirth
-from fxrebirth.export import optimize_exported
+from fxrebirth.frontends.export import optimize_exported
 from fxrebirth.testing import randomize_batchnorm, tolerance
 from fxrebirth.testing.graphs import random_graphs
 

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
-from fxrebirth.models import MIN_INPUT, alexnet_lrn, googlenet_lrn
+from fxrebirth.paper.models import MIN_INPUT, alexnet_lrn, googlenet_lrn
 from fxrebirth.passes.inception import mark_inception
 from fxrebirth.passes.streamline import mark_streamline
-from fxrebirth.rebirth import build_rebirth
-from fxrebirth.regions import REGION_KEY, REGIONS_KEY, Region, RegionError, check_regions
+from fxrebirth.retraining.layers import build_rebirth
+from fxrebirth.graph.regions import REGION_KEY, REGIONS_KEY, Region, RegionError, check_regions
 
 
 def _marked(model: nn.Module, size: int):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxrebirth
-from fxrebirth.capture import capture
-from fxrebirth.metadata import SYMBOLIC_KEY, is_metadata_query
+from fxrebirth.graph.capture import capture
+from fxrebirth.graph.metadata import SYMBOLIC_KEY, is_metadata_query
 from fxrebirth.testing import assert_equivalent, count_kind, randomize_batchnorm
 
 
@@ -146,7 +146,7 @@ def test_a_size_query_moves_to_the_value_that_replaces_its_subject(dtype):
 
 def test_symbolic_shapes_are_recorded_and_prove_equal_shapes():
     gm = capture(_model(InterpolateToShape()), torch.randn(2, 3, 12, 12))
-    (bn,) = (n for n in gm.graph.nodes if fxrebirth.ops.kind_of(n) == "batch_norm")
+    (bn,) = (n for n in gm.graph.nodes if fxrebirth.graph.ops.kind_of(n) == "batch_norm")
     conv = bn.kwargs["input"]
     assert conv.meta[SYMBOLIC_KEY] == bn.meta[SYMBOLIC_KEY]
     assert conv.meta[SYMBOLIC_KEY][1] == "8" and not conv.meta[SYMBOLIC_KEY][2].isdigit()
@@ -198,7 +198,7 @@ def test_every_entry_point_folds_through_rank_asserts(entry, reset_dynamo):
     model = _model(ConvNormAct(3, 8), ConvNormAct(8, 8))
     x = torch.randn(2, 3, 12, 12)
     if entry == "export":
-        from fxrebirth.export import optimize_exported
+        from fxrebirth.frontends.export import optimize_exported
 
         program, report = optimize_exported(torch.export.export(model, (x,)))
         optimized = program.module()

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxrebirth
 from fxrebirth import Match, Pipeline, PipelineError, Rule
-from fxrebirth.ops import kind_of
+from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import assert_equivalent
 
 

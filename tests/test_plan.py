@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fxrebirth
-from fxrebirth.models import googlenet_lrn
-from fxrebirth.regions import RegionError
+from fxrebirth.paper.models import googlenet_lrn
+from fxrebirth.graph.regions import RegionError
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_drop_and_targets(small_plan):
         assert len(edited.selected) == len(plan.selected) - 1
     with pytest.raises(KeyError, match="no region 'nope'"):
         edited.drop("nope")
-    from fxrebirth.cost import measure_latency
+    from fxrebirth.rewrite.cost import measure_latency
 
     table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)  # fixed costs: no timing noise
     roomy = fxrebirth.plan(model, x, latency_table=table, budget_s=1e9)
@@ -86,7 +86,7 @@ def test_drop_and_targets(small_plan):
 
 
 def test_latency_table_from_another_device(small_plan):
-    from fxrebirth.cost import measure_latency
+    from fxrebirth.rewrite.cost import measure_latency
 
     model, x, _ = small_plan
     table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)
@@ -96,7 +96,7 @@ def test_latency_table_from_another_device(small_plan):
 
 
 def test_rebuild_replaces_selected_regions_and_keeps_shapes(small_plan):
-    from fxrebirth.rebirth import rebuild
+    from fxrebirth.retraining.layers import rebuild
 
     model, x, plan = small_plan
     edited = fxrebirth.Plan.from_json(plan.to_json())
@@ -104,8 +104,8 @@ def test_rebuild_replaces_selected_regions_and_keeps_shapes(small_plan):
         r.selected = True
     gm = fxrebirth.capture(model, x)
     reborn = rebuild(gm, edited)
-    kinds = {fxrebirth.ops.kind_of(n) for n in reborn.graph.nodes}
-    assert "lrn" not in kinds and "max_pool" not in {fxrebirth.ops.kind_of(n) for n in reborn.graph.nodes
+    kinds = {fxrebirth.graph.ops.kind_of(n) for n in reborn.graph.nodes}
+    assert "lrn" not in kinds and "max_pool" not in {fxrebirth.graph.ops.kind_of(n) for n in reborn.graph.nodes
                                                       if n.meta.get("fxrebirth.region")}
     assert sum(n.op == "call_module" and n.target.startswith("rebirth_") for n in reborn.graph.nodes) == 11
     with torch.no_grad():

@@ -31,7 +31,7 @@ def test_symmetric_zero_padding_folds_into_the_conv():
 def test_folded_padding_adds_up():
     model = nn.Sequential(nn.ZeroPad2d((2, 2, 1, 1)), nn.Conv2d(2, 3, 3, padding=1)).eval()
     gm, _ = fxrebirth.optimize(model, torch.randn(1, 2, 6, 6))
-    (conv,) = [n for n in gm.graph.nodes if fxrebirth.ops.kind_of(n) == "conv"]
+    (conv,) = [n for n in gm.graph.nodes if fxrebirth.graph.ops.kind_of(n) == "conv"]
     assert conv.kwargs["padding"] == (2, 3)
 
 

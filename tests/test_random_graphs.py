@@ -42,7 +42,7 @@ def test_pipeline_preserves_random_graphs_float64(gm, gated, data):
     note(gm.code)
     x = torch.randn(2, gm.meta["in_channels"], 6, 6, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
-    cost = fxrebirth.cost.RooflineCost() if gated else None
+    cost = fxrebirth.rewrite.cost.RooflineCost() if gated else None
     optimized, report = fxrebirth.optimize(gm, x, cost_model=cost)
     optimized.graph.lint()
     note(optimized.code)

@@ -15,11 +15,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fxrebirth
-from fxrebirth.data import DataError, Shapes, accuracy_interval, check_dataset
-from fxrebirth.models import googlenet_lrn
-from fxrebirth.regions import RegionError
-from fxrebirth.retrain import RebirthConfig, extract_region, rebirth
-from fxrebirth.capture import capture
+from fxrebirth.paper.data import DataError, Shapes, accuracy_interval, check_dataset
+from fxrebirth.paper.models import googlenet_lrn
+from fxrebirth.graph.regions import RegionError
+from fxrebirth.retraining.engine import RebirthConfig, extract_region, rebirth
+from fxrebirth.graph.capture import capture
 
 FAST = {"epochs": 0.25, "layerwise_epochs": 0.25, "calibration_images": 128, "batch_size": 32, "eval_images": 64}
 
@@ -164,7 +164,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_retrain import LRNNet, _data, _plan, FAST
-    from fxrebirth.retrain import rebirth
+    from fxrebirth.retraining.engine import rebirth
     torch.manual_seed(0)
     model = LRNNet().eval()
     plan = _plan(model)
@@ -206,7 +206,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from test_retrain import LRNNet, _data, _plan, FAST
-    from fxrebirth.retrain import rebirth
+    from fxrebirth.retraining.engine import rebirth
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
     if distributed:
@@ -288,7 +288,7 @@ def test_shapes_is_deterministic_balanced_and_splits_differ() -> None:
 
 @pytest.mark.parametrize("images", [None, 300, 1000, 77, 1])
 def test_batch_count_matches_what_batches_yields(images) -> None:
-    from fxrebirth.train import batch_count, batches
+    from fxrebirth.retraining.train import batch_count, batches
 
     data = Shapes("train", 300, 8)
     assert sum(1 for _ in batches(data, 128, seed=0, images=images)) == batch_count(300, 128, images)
@@ -308,7 +308,7 @@ def test_auto_init_relays_streamline_regions_and_fits_branch_regions() -> None:
 def test_image_folder_and_cifar10_loaders(tmp_path) -> None:
     from PIL import Image
 
-    from fxrebirth.data import cifar10, image_folder
+    from fxrebirth.paper.data import cifar10, image_folder
 
     for label in ("cat", "dog"):
         (tmp_path / "imgs" / label).mkdir(parents=True)

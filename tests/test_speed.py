@@ -11,9 +11,9 @@ from torch import nn
 
 import fxrebirth
 from fxrebirth import speed
-from fxrebirth.capture import capture
+from fxrebirth.graph.capture import capture
 from fxrebirth.cli import main
-from fxrebirth.rebirth import rebuild
+from fxrebirth.retraining.layers import rebuild
 
 
 def tiny_cnn() -> nn.Module:

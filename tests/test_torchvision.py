@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import fxrebirth
-from fxrebirth.ops import kind_of
+from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import randomize_batchnorm
 from fxrebirth.testing.zoo import foldable_batchnorms
 

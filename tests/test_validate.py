@@ -6,10 +6,10 @@ import pytest
 from torch import nn
 
 import fxrebirth
-from fxrebirth.cost import RooflineCost, TableCost
+from fxrebirth.rewrite.cost import RooflineCost, TableCost
 from fxrebirth.errors import PipelineError
 from fxrebirth.passes import cleanup
-from fxrebirth.validate import validate_options
+from fxrebirth.rewrite.validate import validate_options
 
 
 def _rule_class():

@@ -5,6 +5,8 @@
 * :func:`count_kind` counts canonical nodes of a kind in a GraphModule;
 * :mod:`fxrebirth.testing.strategies` (needs ``hypothesis``: ``pip install fxrebirth[testing]``) draws
   layer hyper-parameters and the modules built from them.
+
+May import: fxrebirth.errors, fxrebirth.equivalence, fxrebirth.graph, fxrebirth.rewrite, fxrebirth.passes, fxrebirth.measure, fxrebirth.frontends.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.equivalence import TOLERANCES, relative_error, tolerance
-from fxrebirth.capture import as_input_tuple
-from fxrebirth.ops import kind_of
+from fxrebirth.graph.capture import as_input_tuple
+from fxrebirth.graph.ops import kind_of
 
 __all__ = ["TOLERANCES", "tolerance", "assert_equivalent", "count_kind", "randomize_batchnorm"]
 

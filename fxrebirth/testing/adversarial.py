@@ -34,14 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fxrebirth
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Match, Rule
+from fxrebirth.frontends.library import default_rules as _default_rules
+from fxrebirth.frontends.library import optimize as _optimize
+from fxrebirth.graph.capture import capture as _capture
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Match, Rule
 
 try:  # the shared definition of "equivalent"
     from fxrebirth.equivalence import relative_error, tolerance
 except ImportError:  # older fxrebirth (before fxrebirth.equivalence)
-    from fxrebirth.api import relative_error
+    from fxrebirth.frontends.library import relative_error
 
     _FALLBACK_TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 
@@ -811,7 +813,7 @@ class _WrongShapeRule(_EditWeightRule):
 
 
 def _rules_then_defaults(*rules: Rule) -> list:
-    return list(rules) + list(fxrebirth.default_rules())
+    return list(rules) + list(_default_rules())
 
 
 class _ReluNet(nn.Module):
@@ -1066,8 +1068,8 @@ def _bn_train_build() -> nn.Module:
 def _copy_model_false(model: nn.Module, inputs: tuple, options: dict) -> nn.Module:
     """``copy_model=False`` where the entry point has it: optimize, else capture."""
     if "copy_model" in inspect.signature(fxrebirth.optimize).parameters:
-        return fxrebirth.optimize(model, inputs, copy_model=False, **options)[0]
-    return fxrebirth.capture(model, inputs, copy_model=False)
+        return _optimize(model, inputs, copy_model=False, **options)[0]
+    return _capture(model, inputs, copy_model=False)
 
 
 class _ConvTBN(nn.Module):
@@ -1592,7 +1594,7 @@ def _run(case: Case) -> Outcome:
         if case.entry is not None:
             result = case.entry(model, example, options)
         else:
-            result, _report = fxrebirth.optimize(model, example, **options)
+            result, _report = _optimize(model, example, **options)
     except FxRebirthError as exc:
         failure = ("refused", _describe_exc(exc))
     except Exception as exc:  # noqa: BLE001 - anything but a clear error is a crash

@@ -9,7 +9,7 @@ asserts
 * the expected number of rewrites (``expected_rewrites``: a number, or a function of the case),
 * the absence of nodes the rule must remove (``removes``: canonical kinds such as ``"batch_norm"``),
 * equivalence with the original, within the per-dtype tolerance of :data:`fxrebirth.testing.TOLERANCES`,
-  on the example and on its variants (:mod:`fxrebirth.variants`: batch >= 2, two larger sizes) wherever
+  on the example and on its variants (:mod:`fxrebirth.graph.variants`: batch >= 2, two larger sizes) wherever
   the original runs; a size the result refuses with :class:`fxrebirth.ShapeGuardError` (a rule that
   records a size guard) is not compared.
 
@@ -25,14 +25,14 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from fxrebirth.api import optimize
-from fxrebirth.capture import capture
+from fxrebirth.frontends.library import optimize
+from fxrebirth.graph.capture import capture
 from fxrebirth.errors import ShapeGuardError
-from fxrebirth.ops import kind_of
-from fxrebirth.rules import Rule
-from fxrebirth.variants import SPATIAL_OFFSETS, variant_inputs
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.rules import Rule
+from fxrebirth.graph.variants import SPATIAL_OFFSETS, variant_inputs
 
-from . import assert_equivalent
+from fxrebirth.testing import assert_equivalent
 
 __all__ = ["check_rule"]
 

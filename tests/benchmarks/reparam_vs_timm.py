@@ -4,7 +4,7 @@ timm ships model-specific code for these families (``timm.utils.model.reparamete
 block's ``reparameterize()``); fxrebirth has none: it finds the same merges in the traced graph. For each
 model: convolutions and BatchNorms left by each, float32 norm-wise error against the original, and eager
 latency at batch 1 of the original, timm's model and fxrebirth's, interleaved round by round in this one
-process (:func:`fxrebirth.bench.interleaved_times`). The headline is the per-round ratio
+process (:func:`fxrebirth.measure.timing.interleaved_times`). The headline is the per-round ratio
 ``t(timm) / t(fxrebirth)`` (>= 1: fxrebirth at least as fast), its median and interquartile range.
 
     python tests/benchmarks/reparam_vs_timm.py [--rounds 30] [--size 224] [--models repvgg_a0 ...]
@@ -29,9 +29,9 @@ import warnings
 import torch
 
 import fxrebirth
-from fxrebirth.bench import interleaved_times, ratio_spread
+from fxrebirth.measure.timing import interleaved_times, ratio_spread
 from fxrebirth.equivalence import relative_error, tolerance
-from fxrebirth.ops import kind_of
+from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import randomize_batchnorm
 
 MODELS = ["repvgg_a0", "repvgg_b0", "mobileone_s0", "mobileone_s1", "fastvit_t8", "fastvit_t12", "repvit_m0_9",

@@ -21,7 +21,7 @@ import torchvision
 from torch.fx.experimental.optimization import fuse
 
 import fxrebirth
-from fxrebirth.bench import interleaved_medians
+from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.testing import randomize_batchnorm
 
 MODELS = ["googlenet", "resnet50", "mobilenet_v2", "repvgg"]

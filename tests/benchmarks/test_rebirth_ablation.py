@@ -21,9 +21,9 @@ import time
 import torch
 
 import fxrebirth
-from fxrebirth.data import Shapes
-from fxrebirth.retrain import INITS, RebirthConfig, rebirth
-from fxrebirth.teacher import TeacherConfig, default_teacher
+from fxrebirth.paper.data import Shapes
+from fxrebirth.retraining.engine import INITS, RebirthConfig, rebirth
+from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 
 
 def main(epochs: float, out: str | None, inits: list[str], schedules: list[str]) -> None:

@@ -22,9 +22,9 @@ import time
 import torch
 
 import fxrebirth
-from fxrebirth.models import googlenet_lrn
-from fxrebirth.bench import interleaved_medians
-from fxrebirth.rebirth import rebuild
+from fxrebirth.paper.models import googlenet_lrn
+from fxrebirth.measure.timing import interleaved_medians
+from fxrebirth.retraining.layers import rebuild
 
 
 

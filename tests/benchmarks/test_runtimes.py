@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_latency import build, interleaved_medians  # noqa: E402  (same models as the exact-tier benchmark)
 
 import fxrebirth  # noqa: E402
-from fxrebirth.speed import compiled_runner, export_onnx, ort_runner  # noqa: E402
+from fxrebirth.measure.speed import compiled_runner, export_onnx, ort_runner  # noqa: E402
 
 
 def _timed(build: Callable[[], Callable[[], object]]) -> tuple[Callable[[], object], float]:

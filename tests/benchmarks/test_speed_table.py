@@ -23,10 +23,10 @@ import sys
 import torch
 
 import fxrebirth
-from fxrebirth.capture import capture
-from fxrebirth.models import googlenet_lrn
-from fxrebirth.rebirth import rebuild
-from fxrebirth.speed import DEFAULT_VARIANTS, variant_runner, export_onnx, ort_runner
+from fxrebirth.graph.capture import capture
+from fxrebirth.paper.models import googlenet_lrn
+from fxrebirth.retraining.layers import rebuild
+from fxrebirth.measure.speed import DEFAULT_VARIANTS, variant_runner, export_onnx, ort_runner
 
 try:
     import pytest

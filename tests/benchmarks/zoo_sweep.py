@@ -238,12 +238,12 @@ def load_rows(cache: Path, population: list[list[str]]) -> list[dict[str, Any]]:
 
 def fully_folded(row: dict[str, Any]) -> bool:
     entry = row.get("optimize", {})
-    return entry.get("status") == "ok" and entry.get("foldable_left") == 0
+    return entry.get("status") in ("ok", "rounding") and entry.get("foldable_left") == 0
 
 
 def captured(row: dict[str, Any], point: str) -> bool:
     entry = row.get(point)
-    return bool(entry) and entry["status"] in ("ok", "mismatch")
+    return bool(entry) and entry["status"] in ("ok", "rounding", "mismatch")
 
 
 def equivalent(row: dict[str, Any], point: str) -> bool:
@@ -251,11 +251,22 @@ def equivalent(row: dict[str, Any], point: str) -> bool:
     return bool(entry) and entry["status"] == "ok"
 
 
+def _reclassify(row: dict[str, Any]) -> None:
+    """Rows swept before the ``"rounding"`` status existed: a mismatch whose float64 error is within
+    1e-5 is float32 rounding (``fxrebirth.testing.zoo`` does this for new rows)."""
+    for point in ENTRY_POINTS:
+        entry = row.get(point) or {}
+        if entry.get("status") == "mismatch" and isinstance(entry.get("error64"), float) and entry["error64"] <= 1e-5:
+            entry["status"] = "rounding"
+
+
 def table(cache: Path, doc: Path) -> str:
     data = json.loads((cache / "population.json").read_text())
     population = data["population"]
     candidates = data["candidates"]
     rows = load_rows(cache, population)
+    for r in rows:
+        _reclassify(r)
     by_source = Counter(s for s, _ in population)
     excluded_attention = sum(1 for c in candidates if c["attention"] is not None)
     excluded_size = sum(1 for c in candidates if c["attention"] is None and c["params"] is not None
@@ -276,8 +287,10 @@ def table(cache: Path, doc: Path) -> str:
         "96, ..., 320) the model runs at; *equivalent* means a norm-wise relative error <= 1e-5",
         "(`fxrebirth.equivalence.tolerance(torch.float32)`), *fully folded* that no BatchNorm is left that a",
         "neighbouring convolution or linear layer could absorb (`fxrebirth.testing.zoo.foldable_batchnorms`).",
-        "A mismatch's reason gives the original's own float32 rounding (its float32 output against its float64",
-        "copy's) and the error with both models in float64.",
+        "A result above 1e-5 in float32 is run again with both models in float64: within 1e-5 there, it is",
+        "*float32 rounding* (the rewrites are equivalent; random weights give small logits, so float32's own",
+        "rounding of the original, its float32 output against its float64 copy's, is itself near 1e-5 in deep",
+        "models), otherwise a *mismatch*.",
         "",
         "**Population** (`fxrebirth.testing.zoo.population`): `torchvision.models.list_models(module=torchvision.models)`",
         "and `timm.list_models()`, surveyed on the meta device, less the models with an attention block (a",
@@ -309,8 +322,8 @@ def table(cache: Path, doc: Path) -> str:
     out.append(f"| fully folded (optimize) | {sum(fully_folded(r) for r in sized)} |")
     mismatches = [(r, p) for r in sized for p in ENTRY_POINTS if r.get(p, {}).get("status") == "mismatch"]
     out.append(f"| **mismatches** (an optimised model above 1e-5) | **{len(mismatches)}** |")
-    within64 = sum(1 for r, p in mismatches if isinstance(r[p].get("error64"), float) and r[p]["error64"] <= 1e-5)
-    out.append(f"| mismatches within 1e-5 in float64 | {within64} |")
+    rounding = sum(1 for r in sized for p in ENTRY_POINTS if r.get(p, {}).get("status") == "rounding")
+    out.append(f"| float32 rounding (above 1e-5 in float32, within it in float64) | {rounding} |")
     noisy = sum(1 for r in sized if isinstance(r.get("noise32"), float) and r["noise32"] > 1e-5)
     out.append(f"| models whose own float32 rounding exceeds 1e-5 | {noisy} |")
     out.append("")
@@ -363,7 +376,7 @@ def table(cache: Path, doc: Path) -> str:
             "| model | entry point | status | reason |", "|---|---|---|---|"]
     failures = []
     order = {"mismatch": 0, "error": 1, "not captured": 2, "timeout": 3, "crashed": 3, "not built": 4,
-             "no input size": 4, "not fully folded": 5}
+             "no input size": 4, "not fully folded": 5, "rounding": 6}
     for r in rows:
         model = f"{r['source']}:{r['name']}"
         if r.get("failure"):
@@ -380,7 +393,7 @@ def table(cache: Path, doc: Path) -> str:
             if entry and entry["status"] != "ok":
                 failures.append((order.get(entry["status"], 1), model, p, entry["status"], entry.get("reason", "")))
         o = r.get("optimize", {})
-        if o.get("status") == "ok" and o.get("foldable_left"):
+        if o.get("status") in ("ok", "rounding") and o.get("foldable_left"):
             failures.append((5, model, "optimize", "not fully folded", f"{o['foldable_left']} foldable BatchNorm(s) left"))
     for _, model, point, status, reason in sorted(failures, key=lambda f: (f[0], f[1], f[2])):
         reason = reason.replace("|", "\\|").replace("\n", " ")

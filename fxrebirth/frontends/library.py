@@ -1,0 +1,165 @@
+"""The library entry point: :func:`optimize` and the default rule list."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxrebirth.graph.capture import as_input_tuple, capture, propagate_shapes
+from fxrebirth.rewrite.cost import CostModel, RooflineCost, graph_flops, stored_elements
+from fxrebirth.rewrite.endtoend import bound, compare, describe_inputs
+from fxrebirth.equivalence import relative_error
+from fxrebirth.graph.metadata import GUARDS_KEY
+from fxrebirth.errors import EquivalenceError, PipelineError
+from fxrebirth.rewrite.pipeline import Pipeline
+from fxrebirth.rewrite.report import Report
+from fxrebirth.rewrite.rules import Rule
+from fxrebirth.rewrite.validate import validate_options
+
+__all__ = ["default_rules", "optimize", "relative_error"]
+
+log = logging.getLogger(__name__)
+
+
+def default_rules() -> list[Rule]:
+    """The exact tier's rules in their default order: cleanup; folds into the preceding layer (always
+    exact), then into the following layer (exact under conditions); padding and pooling; then the
+    cost-gated merges: chains of linear layers, summed, concatenated and sibling branches."""
+    from fxrebirth.passes import affine, batchnorm, branches, cleanup, conv_chain, pooling
+
+    bn, aff = batchnorm.rules(), affine.rules()
+    return (cleanup.rules() + [bn[0], aff[0], bn[1], aff[1]] + pooling.rules() + conv_chain.rules()
+            + branches.rules())
+
+
+def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
+    disable = set(disable)
+    unknown = disable - {r.name for r in rules}
+    if unknown:
+        names = ", ".join(r.name for r in rules)
+        raise PipelineError(f"unknown rule name(s) {sorted(unknown)} in disable=; known rules: {names}")
+    return tuple(r for r in rules if r.name not in disable)
+
+
+ON_MISMATCH = ("raise", "fallback")
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    rules: Sequence[Rule] | None = None,
+    disable: Iterable[str] = (),
+    verify: bool = True,
+    frozen: bool = True,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    check_output: bool = True,
+    cost_model: CostModel | None = RooflineCost(),
+    force: Iterable[str] = (),
+    on_mismatch: str = "raise",
+) -> tuple[fx.GraphModule, Report]:
+    """Apply the exact tier to ``model`` and return ``(graph_module, report)``.
+
+    The model and the example inputs are never modified (the model is copied; every run uses copies of the
+    inputs); the result keeps the model's device and dtype. ``rules`` replaces the default rule list,
+    ``disable`` drops rules by name; ``frozen=False`` leaves parameters untouched (only cleanup runs);
+    ``leaf_modules`` are module types kept as opaque calls; ``cost_model`` gates the merges that can make
+    a layer slower (default: the deterministic :class:`~fxrebirth.rewrite.cost.RooflineCost`; a
+    :class:`~fxrebirth.rewrite.cost.TableCost` of measured latencies; ``None`` accepts every exact merge);
+    ``force`` names gated rules to apply regardless of cost.
+
+    Two checks, each of which can be turned off (the report then says so):
+
+    * ``verify``: every rewrite is checked locally in float64 on random activations, at the example's
+      shapes and at its variants (batch >= 2, other spatial sizes; :mod:`fxrebirth.graph.variants`), and rolled
+      back if it does not match (:data:`fxrebirth.equivalence.LOCAL_TOLERANCE`);
+    * ``check_output``: the whole result is compared with the original on two random inputs (batch >= 2,
+      the example's size and a larger one; float64 where the model can be cast,
+      :func:`fxrebirth.rewrite.endtoend.compare`). Above the tolerance of the model's dtype
+      (:data:`fxrebirth.equivalence.TOLERANCES`), ``on_mismatch="raise"`` (default) raises
+      :class:`~fxrebirth.errors.EquivalenceError` naming the first rewrite that makes the model differ
+      (found by replaying a prefix of the rewrites, bisecting); ``on_mismatch="fallback"`` returns the
+      model captured with no rewrite, with a warning and the reason in the report.
+    """
+    validate_options(rules=rules, disable=disable, force=force, cost_model=cost_model, leaf_modules=leaf_modules,
+                     verify=verify, frozen=frozen, check_output=check_output)
+    if on_mismatch not in ON_MISMATCH:
+        raise PipelineError(f"on_mismatch={on_mismatch!r}: use 'raise' or 'fallback'")
+    inputs = as_input_tuple(example_inputs)
+    disable, force = tuple(disable), frozenset(force)
+    selected = _select(default_rules() if rules is None else list(rules), disable)
+    start = time.perf_counter()
+    gm = capture(model, inputs, leaf_modules=leaf_modules)
+    report = Report(model=type(model).__name__)
+    report.capture_s = time.perf_counter() - start
+    report.guards += gm.meta.get(GUARDS_KEY, [])
+    report.nodes_before = len(gm.graph.nodes)
+    report.params_before = stored_elements(gm)
+    report.flops_before = graph_flops(gm)
+
+    def run(limit: int | None, into: Report) -> fx.GraphModule:
+        """The pipeline on a fresh capture, stopping after ``limit`` rewrites (deterministic: a prefix)."""
+        fresh = gm if limit is None else capture(model, inputs, leaf_modules=leaf_modules)
+        Pipeline(selected, verify=verify, frozen=frozen, cost_model=cost_model, force=force,
+                 max_rewrites=limit).run(fresh, into)
+        return fresh
+
+    run(None, report)
+    propagate_shapes(gm, inputs)
+    report.nodes_after = len(gm.graph.nodes)
+    report.params_after = stored_elements(gm)
+    report.flops_after = graph_flops(gm)
+    if not verify:
+        report.checks.append("verify=False: rewrites were not checked one by one")
+    if not check_output:
+        report.checks.append("check_output=False: the whole result was not compared with the original")
+        log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+        return gm, report
+    start = time.perf_counter()
+    outcome = compare(model, gm, inputs)
+    report.output_error = outcome.error
+    report.checks += [f"whole model vs original ({outcome.precision}) at {c}" for c in outcome.checked]
+    limit = bound(model)
+    if outcome.error > limit:
+        culprit = _culprit(model, outcome, limit, report, lambda k: run(k, Report()))
+        message = (f"the optimised {report.model} differs from the original: relative error {outcome.error:.2e} "
+                   f"> {limit:.0e} at input {describe_inputs(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
+                   f"{culprit}")
+        if on_mismatch == "raise":
+            raise EquivalenceError(message + ". Pass on_mismatch='fallback' to get the model unoptimised instead.")
+        log.warning("%s; returning the model captured with no rewrite (on_mismatch='fallback')", message)
+        gm = run(0, Report())
+        report.checks.append(f"fallback: {message}; the model is returned with no rewrite")
+    report.check_s = time.perf_counter() - start
+    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+    return gm, report
+
+
+def _culprit(model: nn.Module, outcome: Any, limit: float, report: Report,
+             replay: Callable[[int], fx.GraphModule]) -> str:
+    """Which rewrite first makes the model differ: the smallest prefix of the applied rewrites whose result
+    fails the check at the failing input (bisection; each probe captures and rewrites again)."""
+    worst = outcome.worst
+
+    def bad(k: int) -> bool:
+        return compare(model, replay(k), worst, exactly=True).error > limit
+
+    if not report.applied or bad(0):
+        if "write to its inputs" in outcome.detail:
+            return ("the captured graph itself (no rewrite) does not write to the model's inputs as its forward "
+                    "does; make the forward work on a copy (x = x + y instead of x += y on an input)")
+        return ("the captured graph itself (no rewrite) does not reproduce the model: it may update state in "
+                "forward (e.g. self.count += 1, which torch.fx cannot trace) or depend on Python values; keep the "
+                "module opaque with leaf_modules=[...] or make its forward traceable")
+    low, high = 0, len(report.applied)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if bad(middle) else (middle, high)
+    rule, node = report.applied[high - 1]
+    return (f"the first rewrite that makes it differ is #{high} of {len(report.applied)}: rule {rule!r} at {node} "
+            f"(disable it with disable=[{rule!r}] and please report this model)")

@@ -1,0 +1,485 @@
+"""Capture: an ``nn.Module`` and example inputs become ONE canonical ``GraphModule``.
+
+The canonical form (see :mod:`fxrebirth.graph.ops`) is what every pass reads:
+
+* known layers are functional calls (``F.conv2d``, ``F.batch_norm``, ...) with every argument a
+  keyword and every default filled in; their weights and statistics are ``get_attr`` nodes, one per
+  tensor, so a module called twice shares its weight nodes instead of hiding behind one module name;
+* binary arithmetic is ``operator.add/sub/mul/truediv`` whatever way it was written;
+* every node carries ``node.meta["tensor_meta"]`` (shape, dtype) from running the example inputs;
+* ``node.meta["fxrebirth.source"]`` names the module a node came from, for reports and errors.
+
+Weights stay ``nn.Parameter`` objects (copies: the user's model is never touched), so the same form
+serves inference rewrites and, later, retraining. Whether parameters may be treated as constants is a
+choice of the pipeline (``frozen``), not of the form.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+from fxrebirth.graph.aten import lower_aten
+from fxrebirth.equivalence import flush_denormals
+from fxrebirth.errors import CaptureError, first_line
+from fxrebirth.graph.metadata import resolve_metadata
+from fxrebirth.graph.mutation import eliminate_dead_code, functionalize, mutated_input
+from fxrebirth.graph.variants import record_variant_shapes
+from fxrebirth.graph.ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
+
+__all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KEY = "fxrebirth.source"
+"""``node.meta`` key: qualified name of the module the node was lowered from."""
+
+
+_INPLACE_DUNDERS = {
+    "__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+    "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+    "__ipow__": operator.ipow, "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor,
+    "__ilshift__": operator.ilshift, "__irshift__": operator.irshift, "__imatmul__": operator.imatmul,
+}
+
+
+class _Proxy(fx.Proxy):
+    """torch.fx's Proxy has no in-place operators, so Python runs ``x += y`` as ``x = x + y`` and the write
+    to ``x`` (and to every alias of it) is lost. This one records ``operator.iadd`` and friends, which
+    capture then treats as the mutations they are (:mod:`fxrebirth.graph.mutation`)."""
+
+
+def _inplace_operator(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name, _op in _INPLACE_DUNDERS.items():
+    setattr(_Proxy, _name, _inplace_operator(_op))
+
+
+def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
+    """``y[i] = v`` recorded as the mutation it is (``operator.setitem``), not a trace error."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_Proxy.__setitem__ = _setitem  # type: ignore[method-assign]
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that remembers which module it is inside, so errors can name it. Buffers read in traced
+    code are graph values (``proxy_buffer_attributes``): otherwise ``self.count.add_(1)`` runs once, on
+    the real buffer, at trace time, and the graph never counts."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
+        super().__init__()
+        self._extra_leaves = tuple(leaf_modules)
+        self._fxr_modules: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        if has_hooks(m):
+            return True  # kept as a call of the (copied) module, so its hooks run at every call
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self._fxr_modules.append(self.path_of_module(m) if self.root is not m else "")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self._fxr_modules[-1]
+            raise
+        finally:
+            self._fxr_modules.pop()
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Does ``module`` have forward hooks or pre-hooks (the old-style ``spectral_norm`` and
+    ``weight_norm`` are pre-hooks)? Such a module is kept as an opaque call: lowering it to a functional
+    call would drop its hooks, and tracing through it would run them once, at trace time."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
+    """The traced graph is the root's ``forward``; the root's own hooks run around it, so the GraphModule
+    carries them (each receives the GraphModule as its module: a hook that reads attributes the graph does
+    not use fails, and the whole-model check then refuses the model)."""
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if getattr(root, name, None):
+            getattr(gm, name).update(getattr(root, name))
+
+
+def _refuse_global_hooks() -> None:
+    from torch.nn.modules import module as module_mod
+
+    hooks = getattr(module_mod, "_global_forward_hooks", {}), getattr(module_mod, "_global_forward_pre_hooks", {})
+    if any(hooks):
+        raise CaptureError(
+            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+            "or register_module_forward_pre_hook): they run at every module call, which a rewritten graph "
+            "cannot keep. Remove them (handle.remove()) before optimizing and register them again afterwards."
+        )
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. Tensors that are not graph leaves, which ``copy.deepcopy`` refuses (the
+    old-style ``weight_norm`` keeps its computed ``weight`` as one, recomputed by a pre-hook at every
+    call), are copied detached."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Accept a tensor or a sequence of inputs; always return a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise CaptureError(
+        f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.Graph, _Tracer]:
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
+        where = tracer.failed_in or "<root>"
+        sub = model.get_submodule(where) if where != "<root>" else model
+        raise CaptureError(
+            f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
+            "fxrebirth needs a static graph. Fixes: pass leaf_modules=[" + type(sub).__name__ + "] so this "
+            "module is kept as an opaque call (it is then never rewritten), or make its control flow "
+            "independent of tensor values."
+        ) from None
+    return graph, tracer
+
+
+def _has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
+    """Whether ``gm`` calls modules fx would trace into (``nn.Sequential``, user modules such as a rebirth
+    layer inserted by :func:`fxrebirth.retraining.layers.rebuild`): such a GraphModule is traced again, so that what
+    they compute becomes canonical nodes instead of opaque calls."""
+    tracer = fx.Tracer()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if not isinstance(module, tuple(leaf_modules)) and not tracer.is_leaf_module(module, node.target):
+                return True
+    return False
+
+
+def _lower_module_calls(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace ``call_module`` nodes of known layer types by canonical functional calls."""
+    attr_nodes: dict[str, fx.Node] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+
+    def get_attr(path: str) -> fx.Node:
+        if path not in attr_nodes:
+            ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before()
+            with ctx:
+                attr_nodes[path] = graph.get_attr(path)
+        return attr_nodes[path]
+
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        lowering = MODULE_LOWERINGS.get(type(module))
+        if lowering is None or not lowering.applies(module) or has_hooks(module):
+            node.meta[SOURCE_KEY] = node.target
+            continue
+        if len(node.args) + len(node.kwargs) != 1:
+            node.meta[SOURCE_KEY] = node.target
+            continue  # e.g. ConvTranspose2d(x, output_size=...): kept as a module call
+        (x,) = tuple(node.args) + tuple(node.kwargs.values())
+        kwargs: dict[str, Any] = {}
+        for name in lowering.tensors:
+            value = getattr(module, name)
+            kwargs[name] = get_attr(f"{node.target}.{name}") if value is not None else None
+        kwargs.update(lowering.options(module))
+        with graph.inserting_before(node):
+            if getattr(module, "padding_mode", "zeros") != "zeros" and lowering.target in OPS \
+                    and OPS[lowering.target].kind == "conv":
+                pad = {"pad": tuple(module._reversed_padding_repeated_twice), "mode": module.padding_mode}
+                x = graph.call_function(torch.nn.functional.pad, (), normalize_kwargs(OPS[F.pad], (x,), pad))
+                x.meta[SOURCE_KEY] = node.target
+            new = graph.call_function(lowering.target, (), normalize_kwargs(OPS[lowering.target], (x,), kwargs))
+        new.meta[SOURCE_KEY] = node.target
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _canonical_binary(node: fx.Node) -> Any:
+    key = node.target
+    if node.op == "call_method" and isinstance(key, str):
+        return BINARY_ALIASES.get(key)
+    if node.op == "call_function":
+        if node.target in (operator.add, operator.sub, operator.mul, operator.truediv):
+            return node.target
+        try:
+            return BINARY_ALIASES.get(key)
+        except TypeError:
+            return None
+    return None
+
+
+def canonicalize(graph: fx.Graph) -> None:
+    """Normalise call arguments of every known op in ``graph`` (in place).
+
+    Known functional ops get keyword-only, default-filled arguments; binary arithmetic written as a
+    ``Tensor`` method or ``torch.add``-style function becomes the ``operator`` function; ``Tensor``
+    methods with a functional twin (``x.flatten(1)``, ``x.view(n, -1)``) become that function.
+    Calls whose arguments the table cannot bind are left exactly as they were.
+    """
+    for node in list(graph.nodes):
+        binary = _canonical_binary(node)
+        if binary is not None:
+            if len(node.args) == 2 and not node.kwargs:
+                node.op, node.target = "call_function", binary
+            continue
+        if node.op == "call_method" and node.target in METHOD_ALIASES:
+            fn = METHOD_ALIASES[node.target]
+            args = node.args
+            if fn is torch.reshape and not node.kwargs:
+                shape = args[1:]
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                    shape = tuple(shape[0])
+                elif len(shape) == 1 and isinstance(shape[0], fx.Node):
+                    shape = shape[0]  # x.view(y.size()): a whole torch.Size computed in the graph
+                args, kwargs = (args[0], shape if isinstance(shape, fx.Node) else tuple(shape)), {}
+            else:
+                kwargs = dict(node.kwargs)
+            try:
+                node.kwargs = normalize_kwargs(OPS[fn], tuple(args), kwargs)
+            except (TypeError, ValueError):
+                continue
+            node.op, node.target, node.args = "call_function", fn, ()
+            continue
+        if node.op == "call_function":
+            try:
+                spec = OPS.get(node.target)
+            except TypeError:
+                spec = None
+            if spec is None:
+                continue
+            try:
+                kwargs = normalize_kwargs(spec, tuple(node.args), dict(node.kwargs))
+            except (TypeError, ValueError):
+                continue
+            node.args, node.kwargs = (), kwargs
+
+
+def _describe_node(node: fx.Node) -> str:
+    source = node.meta.get(SOURCE_KEY)
+    where = f" (module '{source}')" if source else ""
+    return f"node '{node.name}'{where}"
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """``torch.fx.passes.shape_prop``'s record of a tensor, computed with the tensor's own (C++) checks.
+
+    torch's ``_extract_tensor_metadata`` decides the memory format through Python reference checks
+    that took about 0.1 ms a tensor: half of capture's time on a 10k-node graph. Quantized tensors,
+    whose record carries quantisation parameters, still go through it.
+    """
+    if t.is_quantized:
+        return _extract_tensor_metadata(t)
+    if t.is_contiguous():
+        memory_format = torch.contiguous_format
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        memory_format = torch.channels_last
+    elif t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        memory_format = torch.channels_last_3d
+    else:
+        memory_format = None
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and hands each node's result to ``record``; a failure names the node."""
+
+    def __init__(self, module: fx.GraphModule, record: Callable[[fx.Node, Any], None]) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # our error already names the node
+        self.record = record
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:
+            raise CaptureError(
+                f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
+                f"{type(exc).__name__}: {first_line(exc)}\nCheck that example_inputs have the shapes and "
+                "dtypes the model expects."
+            ) from None
+        self.record(n, result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Record shape and dtype of every node (``node.meta["tensor_meta"]``) by running ``inputs``."""
+
+    def record(n: fx.Node, result: Any) -> None:
+        found = False
+
+        def meta_of(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return tensor_metadata(obj)
+            return obj
+
+        meta = fx.node.map_aggregate(result, meta_of)
+        if found:
+            n.meta["tensor_meta"] = meta
+
+    with _no_side_effects(gm):
+        _Recorder(gm, record).run(*_copies(inputs))
+
+
+def _variant_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, tuple[int, ...]]:
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def record(n: fx.Node, result: Any) -> None:
+        if isinstance(result, torch.Tensor):
+            shapes[n] = tuple(result.shape)
+
+    with _no_side_effects(gm):
+        _Recorder(gm, record).run(*_copies(inputs))
+    return shapes
+
+
+def _copies(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Clones of the tensor inputs: a model that writes to its input (``x += y``) must not write to the
+    caller's example."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in inputs)
+
+
+class _no_side_effects:
+    """Run ``gm`` for its shapes only: in eval mode (a BatchNorm left in training mode must not update its
+    statistics), without gradients, and with every buffer and every parameter that a mutation in the
+    graph may write restored afterwards (a forward that increments a buffer must not have counted)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __enter__(self) -> None:
+        gm = self.gm
+        self.modes = {m: m.training for m in gm.modules()}
+        written = {n.target for n in _written_attributes(gm.graph)}
+        tensors = dict(gm.named_buffers())
+        tensors.update((name, p) for name, p in gm.named_parameters() if name in written)
+        self.saved = [(t, t._version, t.detach().clone()) for t in tensors.values()]
+        gm.eval()
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        self.denormals = flush_denormals()  # shapes only: no reason to pay for denormal arithmetic
+        self.denormals.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.denormals.__exit__(None, None, None)
+        torch.set_grad_enabled(self.grad)
+        for m, mode in self.modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for t, version, value in self.saved:
+                if t._version != version:
+                    t.copy_(value)
+
+
+def _written_attributes(graph: fx.Graph) -> list[fx.Node]:
+    """``get_attr`` nodes a mutation in ``graph`` may write to (directly or through a view)."""
+    found = []
+    for node in graph.nodes:
+        stack = [mutated_input(node)]
+        seen: set[fx.Node] = set()
+        while stack:
+            value = stack.pop()
+            if not isinstance(value, fx.Node) or value in seen:
+                continue
+            seen.add(value)
+            if value.op == "get_attr":
+                found.append(value)
+            elif value.op in ("call_method", "call_function"):
+                stack += value.all_input_nodes
+    return found
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    copy_model: bool = True,
+    variants: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` into the canonical GraphModule and annotate it with shapes.
+
+    ``model`` is deep-copied first (``copy_model=False`` shares its parameters instead: the caller then
+    owns the consequences of in-place training). ``leaf_modules`` are module types kept as opaque calls.
+    Modules with forward hooks or pre-hooks stay opaque calls too, so their hooks run; global module hooks
+    are refused. In-place operations are made out of place where that is exact (:mod:`fxrebirth.graph.mutation`)
+    and kept, as mutations no rewrite touches, where it is not. ``variants`` also records the shapes at
+    the variants of the example (batch >= 2, other sizes: :mod:`fxrebirth.graph.variants`) for verification.
+    Raises :class:`CaptureError` naming the module that cannot be traced, or the node at which the
+    example inputs fail.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    _refuse_global_hooks()
+    if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
+        # the copy's graph is already a copy (and the copy is only an attribute source from here on)
+        root = copy_module(model) if copy_model else model
+        graph = root.graph if copy_model else copy.deepcopy(model.graph)
+        lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
+    else:
+        root = copy_module(model) if copy_model else model
+        graph, _ = _trace(root, leaf_modules)
+    _lower_module_calls(graph, root)
+    canonicalize(graph)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
+    _keep_root_hooks(root, gm)
+    changed = eliminate_dead_code(gm.graph, unknown_is_tensor=True)
+    if changed:
+        gm.recompile()
+    propagate_shapes(gm, inputs)
+    if functionalize(gm, owns_modules=copy_model):
+        lower_aten(gm.graph)  # aten.add_ made out of place is aten.add: canonical operator.add
+        eliminate_dead_code(gm.graph)
+        changed = True
+    if resolve_metadata(gm, inputs):
+        eliminate_dead_code(gm.graph)
+        changed = True
+    gm.graph.lint()
+    if changed:
+        gm.recompile()
+    if variants:
+        record_variant_shapes(gm, inputs, _variant_shapes)
+    log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return gm

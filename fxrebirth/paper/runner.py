@@ -1,0 +1,290 @@
+"""The main job, end to end: teacher -> plan -> rebirth and retraining -> evaluation -> latency -> report.
+
+:func:`run` is what ``fxrebirth run`` calls. Defaults reproduce DeepRebirth's experiment on this machine:
+the Caffe-style GoogLeNet, trained once on the embedded :class:`~fxrebirth.paper.data.Shapes` set at 32x32 and
+cached, planned at 224x224 (the resolution whose latency matters), retrained at 32x32, and timed at
+224x224. Every stage reports progress through ``progress``; the retraining checkpoints after each step
+under ``out/checkpoints`` so an interrupted run resumes.
+
+The report folder holds ``report.md`` (tables), ``report.json`` (every number), ``plan.json``, PNG figures
+(matplotlib), and the reborn model as a torch.export program (``reborn.pt2``, loads without unpickling).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxrebirth.frontends.library import optimize
+from fxrebirth.paper.data import Shapes, image_folder
+from fxrebirth.retraining.planning import Plan, plan as make_plan
+from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
+from fxrebirth.paper.teacher import TeacherConfig, default_teacher
+from fxrebirth.measure.speed import DEFAULT_VARIANTS, SpeedTable, environment, layer_breakdown, speed_table
+from fxrebirth.retraining.train import Progress, ProgressFn, evaluate
+
+__all__ = ["RunConfig", "run", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Settings of the main job (``fxrebirth run``)."""
+
+    out: str = "fxrebirth-report"
+    data: str | None = None
+    """An ImageFolder path (the user's data; needs ``model`` and ``weights``); None: the embedded set."""
+    model: nn.Module | None = None
+    model_name: str = "googlenet_lrn"
+    image_size: int = 32
+    plan_size: int = 224
+    train_images: int = 20000
+    test_images: int = 10000
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rebirth: RebirthConfig = field(default_factory=RebirthConfig)
+    latency_rounds: int = 20
+    plan_repeats: int = 3
+    reduce_ratio: float | None = None
+    """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
+    thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
+    bench: str = "full"
+    """The speed table's runtimes: ``full`` (every runtime of :mod:`fxrebirth.measure.speed`), ``fast`` (eager and
+    ONNX Runtime: no compilation) or ``none``."""
+    bench_batches: tuple[int, ...] = (1, 8)
+    bench_memory: bool = True
+    """Size on disk and peak inference memory, each variant in a process of its own."""
+
+
+def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run the main job and write its report folder; return the report as a dict."""
+    os.makedirs(config.out, exist_ok=True)
+    if config.data is None:
+        teacher_config = TeacherConfig(**{**config.teacher.__dict__, "image_size": config.image_size,
+                                          "train_images": config.train_images, "test_images": config.test_images})
+        model, teacher_meta = (config.model, {"source": "given"}) if config.model is not None else \
+            default_teacher(teacher_config, progress=progress)
+        train = Shapes("train", config.train_images, config.image_size, seed=teacher_config.seed)
+        test = Shapes("test", config.test_images, config.image_size, seed=teacher_config.seed)
+    else:
+        if config.model is None:
+            raise ValueError("--data needs a model trained on it (MODEL and --weights)")
+        model, teacher_meta = config.model, {"source": "given"}
+        folder = image_folder(config.data, config.image_size)
+        n_test = max(1, len(folder) // 5)
+        generator = torch.Generator().manual_seed(0)
+        train, test = torch.utils.data.random_split(folder, [len(folder) - n_test, n_test], generator=generator)
+        train.classes = test.classes = folder.classes
+    model = model.eval()
+    example = torch.randn(1, 3, config.plan_size, config.plan_size)
+    plan_path = os.path.join(config.out, "plan.json")
+    checkpoint_dir = os.path.join(config.out, "checkpoints")
+    if os.path.exists(plan_path) and os.path.exists(os.path.join(checkpoint_dir, "rebirth.ckpt")):
+        # resuming: the plan the checkpoint was trained for (planning again could select other regions
+        # where timings are close)
+        with open(plan_path) as f:
+            plan = Plan.from_json(f.read())
+        log.info("run: resuming with %s", plan_path)
+    else:
+        plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio)
+        with open(plan_path, "w") as f:
+            f.write(plan.to_json(indent=1))
+    reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
+                             checkpoint_dir=checkpoint_dir, progress=progress,
+                             latency_input=example, latency_rounds=config.latency_rounds)
+    latency = report.latency
+    batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
+    program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),
+                                  dynamic_shapes=({0: batch},))
+    torch.export.save(program, os.path.join(config.out, "reborn.pt2"))
+    exact, _ = optimize(model, example)
+    result = {"environment": environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
+              "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency,
+              "accuracy": _accuracies(report, exact, test)}
+    table = _speed(config, model, exact, reborn, progress)
+    if table is not None:
+        result["speed"] = table.to_dict()
+    result["layers_ms"] = {"original": layer_breakdown(model, example), "reborn": layer_breakdown(reborn, example)}
+    write_report(config.out, result, plan, report, table)
+    return result
+
+
+def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str, float | None]:
+    """Held-out top-1 of each model variant. The exact tier is evaluated (it must equal the teacher's);
+    runtimes run these same models, so a runtime's accuracy is its model's."""
+    teacher = report.teacher["top1"] if report.teacher else None
+    student = report.student["top1"] if report.student else None
+    try:
+        with torch.inference_mode():
+            exact_top1 = evaluate(exact, test).top1
+    except Exception as exc:  # the exact tier was optimised at the planning size; it may not run at another
+        log.warning("run: the exact tier was not evaluated at the training size: %s", exc)
+        exact_top1 = None
+    return {"original": teacher, "exact tier": exact_top1, "reborn": student}
+
+
+def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Module,
+           progress: ProgressFn | None) -> SpeedTable | None:
+    if config.bench == "none":
+        return None
+    if config.bench not in ("full", "fast"):
+        raise ValueError(f"bench={config.bench!r}: use full, fast or none")
+    variants = [v for v in DEFAULT_VARIANTS if config.bench == "full" or v[1] in ("eager", "onnxruntime")]
+    steps = itertools.count()
+    total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
+
+    def say(message: str) -> None:
+        log.info("speed table: %s", message)
+        if progress is not None:
+            progress(Progress("speed table", min(next(steps), total), total, unit="step", info={"message": message}))
+
+    return speed_table(model, exact=exact, reborn=reborn, image_size=config.plan_size,
+                       batches=config.bench_batches, rounds=config.latency_rounds, variants=variants,
+                       memory=config.bench_memory, name=config.model_name, progress=say)
+
+
+def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport,
+                 table: SpeedTable | None = None) -> None:
+    """``report.md``, ``report.json`` and the figures."""
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    figures = _figures(out, report, result) + _speed_figures(out, result)
+    lat = result["latency"]
+    env = result["environment"]
+    lines = [
+        "# fxrebirth report", "",
+        f"Environment: {env['cpu']}, {env['cpu_count']} CPUs, torch {env['torch']} with {env['torch_threads']} "
+        f"threads, Python {env['python']}.", "",
+        "## Accuracy and retraining", "", "```", report.table(), "```", "",
+        "## Speed", "",
+        f"| model | latency (ms, batch 1, {lat['input_shape'][2]}x{lat['input_shape'][3]}, eager) | speed-up |",
+        "|---|---|---|",
+        f"| original | {lat['original_ms']:.2f} | 1.00x |",
+        f"| reborn | {lat['reborn_ms']:.2f} | {lat['speedup']:.2f}x |", "",
+        f"The planner predicted {result['planned_speedup']:.2f}x; measured/predicted = "
+        f"{lat['speedup'] / result['planned_speedup']:.2f}.", "",
+    ]
+    if table is not None:
+        lines += ["### Every runtime, side by side", "",
+                  "The original and the reborn model in eager are measured again here, among all the rows; "
+                  "where the two measurements differ, the difference is the machine's noise.", "",
+                  table.markdown(), ""]
+    layers = result.get("layers_ms")
+    if layers:
+        before, after = layers["original"], layers["reborn"]
+        lines += ["### Time by layer kind (eager, batch 1, every node timed on its own)", "",
+                  "| layer kind | original ms | reborn ms |", "|---|---|---|"]
+        lines += [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
+        lines += [f"| total | {sum(before.values()):.2f} | {sum(after.values()):.2f} |", ""]
+    acc = result.get("accuracy", {})
+    lines += ["### Accuracy of each model variant", "",
+              "| model | held-out top-1 |", "|---|---|"]
+    lines += [f"| {k} | {v:.2%} |" if v is not None else f"| {k} | not evaluated |" for k, v in acc.items()]
+    lines += [
+        "",
+        "## Plan (which layers each rebirth layer replaces)", "", "```", plan.table(), "```", "",
+    ]
+    lines += [f"![{name}]({name})" for name in figures]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _figures(out: str, report: RebirthReport, result: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    offset = 0
+    for step in report.steps:
+        if step.curve:
+            ax.plot([offset + d for d, _ in step.curve], [loss for _, loss in step.curve], label=step.name[:30])
+            offset += step.trained_images
+    ax.set_xlabel("images trained (forward + backward)")
+    ax.set_ylabel("loss")
+    ax.set_title("retraining curves")
+    if offset:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+    names.append("curves.png")
+    steps = [s for s in report.steps if s.top1 is not None]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(len(steps)), [s.top1 * 100 for s in steps], "o-", label="reborn")
+        if report.teacher:
+            ax.axhline(report.teacher["top1"] * 100, color="grey", ls="--", label="teacher (whole test set)")
+        ax.set_xticks(range(len(steps)), [s.name[:24] for s in steps], rotation=15, fontsize=7)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"accuracy after each step (first {report.config['eval_images']} held-out images)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "steps.png"), dpi=100)
+        plt.close(fig)
+        names.append("steps.png")
+    return names
+
+
+def _speed_figures(out: str, result: dict[str, Any]) -> list[str]:
+    """``layers.png`` (eager time by layer kind, before/after) and ``tradeoff.png`` (accuracy against
+    speed-up over the original in eager, one point per model variant and runtime)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    layers = result.get("layers_ms")
+    if layers:
+        before, after = layers["original"], layers["reborn"]
+        kinds = list({**before, **after})[::-1]
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(kinds) + 1.2))
+        ys = range(len(kinds))
+        ax.barh([y + 0.2 for y in ys], [before.get(k, 0.0) for k in kinds], 0.4, label="original")
+        ax.barh([y - 0.2 for y in ys], [after.get(k, 0.0) for k in kinds], 0.4, label="reborn")
+        ax.set_yticks(list(ys), kinds, fontsize=8)
+        ax.set_xlabel("eager ms (batch 1, every node timed on its own)")
+        ax.set_title("time by layer kind")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "layers.png"), dpi=100)
+        plt.close(fig)
+        names.append("layers.png")
+    acc = result.get("accuracy", {})
+    points = []  # (label, speed-up over original eager, top-1)
+    speed = result.get("speed")
+    if speed:
+        base = next((r for r in speed["rows"] if r["variant"] == "original" and r["runtime"] == "eager"), None)
+        batch = speed["batches"][0]
+        for row in speed["rows"]:
+            if base and batch in row["ms"] and acc.get(row["variant"]) is not None:
+                points.append((f"{row['variant']}, {row['runtime']}", base["ms"][batch] / row["ms"][batch],
+                               acc[row["variant"]]))
+    elif acc.get("original") is not None and acc.get("reborn") is not None:
+        points = [("original, eager", 1.0, acc["original"]), ("reborn, eager", result["latency"]["speedup"],
+                                                                acc["reborn"])]
+    if points:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        markers = {"original": "o", "exact tier": "^", "reborn": "s"}
+        for label, x, y in points:
+            ax.scatter(x, y * 100, marker=markers.get(label.split(",")[0], "o"), s=40, label=label)
+        ax.set_xlabel("speed-up over the original in eager (batch 1)")
+        ax.set_ylabel("held-out top-1 (%)")
+        ax.set_title("accuracy against speed-up (a runtime keeps its model's accuracy)", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "tradeoff.png"), dpi=100)
+        plt.close(fig)
+        names.append("tradeoff.png")
+    return names

@@ -1,0 +1,479 @@
+r"""The retraining engine: replace every planned region by its rebirth layer and win the accuracy back.
+
+``gm, report = fxrebirth.rebirth(model, plan, train_data, test_data=...)``
+
+1. **Rebuild.** The model is captured at the data's image size and the plan checked against it. The
+   student is the captured graph with each selected region behind a :class:`RegionSwitch` (the original
+   region and its rebirth layer); the returned model holds the rebirth layers only.
+2. **Initialise** each rebirth layer (``init=``, :mod:`fxrebirth.retraining.initialise`):
+
+   * ``"original"`` (default): the original weights re-laid: a streamline convolution's kernel placed inside
+     the larger kernel where the pooling window's centre reads; inception branches copied with the first
+     channels of each thinned reduce layer; the absorbed pool-projection channels Glorot-initialised.
+     Measured best after training (docs/results.md).
+   * ``"lstsq"``: a closed-form ridge-regression fit on calibration images. A streamline region's
+     convolution ``W`` minimises ``||[unfold(x) 1] W - y||^2 + lambda ||W||^2`` over the region's inputs
+     ``x`` (unfolded into the rebirth kernel's patches) and outputs ``y``. In an inception region the 1x1
+     branch is the original layer, the thinned reduce layers keep the channels that carry the most output
+     energy (``E[r_c^2] * ||W_2[:, c]||^2``), and each branch's last convolution is fitted from the kept
+     channels to the original pre-activation (plus, in the absorbing branch, the pool projection's).
+     Regions are fitted bottom-up, each reading its input from the student (regions below merged) and its
+     targets from the original. The best start before training; not after it, on the default GoogLeNet.
+   * ``"auto"``: ``original`` for streamline regions, ``lstsq`` for branch regions.
+   * ``"xavier"``: Glorot-uniform weights, zero biases (the paper's).
+
+3. **Train** (``schedule=``):
+
+   * ``"distill"`` (default): optional layer-wise distillation (each rebirth layer regresses its region's
+     output in the original from its input in the student; ``layerwise_epochs``, off by default), then
+     end-to-end knowledge distillation with the original as teacher: ``kd_weight * T^2 KL(p_T(teacher) ||
+     p_T(student)) + (1 - kd_weight) * CE(student, labels) + feature_weight * mean_r relMSE(region r)`` for
+     ``epochs`` epochs, with a BatchNorm after every convolution during training, folded away afterwards
+     (:mod:`fxrebirth.retraining.batchnorm`).
+   * ``"paper"``: DeepRebirth's schedule: bottom-up, one region per step, ``epochs`` epochs per step of
+     end-to-end training on labels, the new layer at ``new_layer_lr_mult`` times the learning rate.
+
+   The student trains with dropout off (distillation is its regulariser, and data-parallel runs then match a
+   single process). Under ``torchrun`` the end-to-end training is data-parallel (DDP); every rank must call
+   :func:`rebirth` with the same arguments.
+
+4. **Checkpoint** after every step (``checkpoint_dir``): a crash, even ``kill -9``, loses at most the step in
+   progress, and ``resume=True`` continues from the last finished step with the same result as an
+   uninterrupted run (every step is seeded from ``seed`` and its index).
+
+Retraining cost is counted as the paper counts epochs: images passed forward *and backward* through any
+training, summed over all steps, divided by the training-set size (layer-wise distillation included, though
+its backward pass only reaches the rebirth layers); forward-only calibration images are reported apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxrebirth.measure.timing import interleaved_medians
+from fxrebirth.graph.capture import capture
+from fxrebirth.retraining.data import DataError, check_dataset
+from fxrebirth.errors import FxRebirthError
+from fxrebirth.retraining.initialise import Initialiser, extract_region, probe_nodes
+from fxrebirth.retraining.planning import Plan, PlannedRegion
+from fxrebirth.retraining.layers import build_rebirth, rebuild
+from fxrebirth.retraining.report import RebirthReport, StepRecord
+from fxrebirth.graph.regions import Region, RegionError
+from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, evaluate, feature_loss, fingerprint,
+                    kd_loss, load_checkpoint, paired_difference, save_checkpoint, world)
+from fxrebirth.retraining.batchnorm import TrainingBatchNorm
+
+__all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
+
+log = logging.getLogger(__name__)
+
+INITS = ("auto", "lstsq", "xavier", "original")
+SCHEDULES = ("distill", "paper")
+
+
+@dataclass
+class RebirthConfig:
+    """Options of :func:`rebirth` (see the module docstring)."""
+
+    init: str = "original"
+    schedule: str = "distill"
+    epochs: float = 4.0
+    """End-to-end epochs: in all (``distill``) or per merging step (``paper``). The default run measured
+    -0.81 pt against its teacher after 3 epochs and +0.01 pt after 4 (docs/results.md)."""
+    layerwise_epochs: float = 0.0
+    calibration_images: int = 2048
+    ridge: float = 1e-3
+    batch_size: int = 128
+    lr: float = 2e-3
+    new_layer_lr_mult: float = 1.0
+    layerwise_lr: float = 1e-4
+    temperature: float = 2.0
+    kd_weight: float = 0.9
+    feature_weight: float = 1.0
+    """Weight of the feature loss in end-to-end distillation: each merged region's output against the
+    original region's (relative mean squared error, averaged over regions)."""
+    warmup: float = 0.1
+    """Share of the end-to-end steps spent warming the learning rate up."""
+    train_batch_norm: bool = True
+    """Train end to end with a BatchNorm after every convolution, folded away afterwards
+    (:mod:`fxrebirth.retraining.batchnorm`)."""
+    eval_images: int = 2000
+    """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise FxRebirthError(f"init={self.init!r}: choose one of {INITS}")
+        if self.schedule not in SCHEDULES:
+            raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
+            raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
+
+
+# --------------------------------------------------------------------------------------------------- student
+
+
+class RegionSwitch(nn.Module):
+    """A region in the student: the original region's subgraph and its rebirth layer; ``active`` picks."""
+
+    def __init__(self, original: nn.Module, rebirth: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.rebirth = rebirth
+        self.register_buffer("active", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rebirth(x) if bool(self.active) else self.original(x)
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+class _Job:
+    """One rebirth run: the student, its steps, and the checkpoint that records the finished ones."""
+
+    def __init__(self, model: nn.Module, plan: Plan, train_data: Any, test_data: Any, config: RebirthConfig,
+                 progress: ProgressFn | None, checkpoint_dir: str | None) -> None:
+        self.config, self.progress, self.train_data, self.test_data = config, progress, train_data, test_data
+        if not isinstance(plan, Plan):
+            raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
+                                 "fxrebirth.plan(model, example_inputs)")
+        if not plan.selected:
+            raise FxRebirthError("the plan selects no region: nothing to rebuild")
+        if plan.model and plan.model != type(model).__name__:
+            raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
+        image, _ = _first(train_data, "train_data")
+        model = copy.deepcopy(model).eval().cpu()  # the user's model is never touched
+        num_classes = self._num_classes(model, image)
+        check_dataset(train_data, name="train_data", num_classes=num_classes)
+        if test_data is not None:
+            check_dataset(test_data, name="test_data", num_classes=num_classes, image_size=tuple(image.shape[1:]))
+        self.teacher = capture(model, (image[None],))
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        try:
+            plan.validate(self.teacher)
+        except RegionError as exc:
+            raise RegionError(f"the plan does not fit this model at the data's image size "
+                              f"{list(image.shape)}: {exc}") from None
+        position = {n.name: i for i, n in enumerate(self.teacher.graph.nodes)}
+        self.planned: list[PlannedRegion] = sorted(plan.selected, key=lambda r: position[r.region.output])
+        self.regions = [p.region for p in self.planned]
+        torch.manual_seed(config.seed)
+        self.switches = {r.id: RegionSwitch(copy.deepcopy(extract_region(self.teacher, r)),
+                                            build_rebirth(r.proposal)) for r in self.regions}
+        self.student = rebuild(self.teacher, plan, modules=self.switches)
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        if config.schedule == "paper":
+            self.steps = [("merge " + r.id, [r.id]) for r in self.regions]
+        else:
+            self.steps = [("init " + config.init, [r.id for r in self.regions]),
+                          ("layer-wise distillation", [r.id for r in self.regions]),
+                          ("end-to-end distillation", [r.id for r in self.regions])]
+        self.key = fingerprint(asdict(config), [r.region.to_dict() for r in self.planned], len(train_data),
+                               model.state_dict())  # the plan's regions, not its timings
+        self.path = os.path.join(checkpoint_dir, "rebirth.ckpt") if checkpoint_dir else None
+        self.report = RebirthReport(asdict(config), len(train_data))
+        self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
+        self.eval_reference: torch.Tensor | None = None
+        self.observed = 0  # forward-only images of the last end-to-end step's BatchNorm statistics
+
+    @staticmethod
+    def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
+        with torch.no_grad():
+            try:
+                out = model(image[None])
+            except Exception as exc:
+                raise DataError(f"the model does not accept the data's images {list(image.shape)}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        if out.dim() != 2:
+            raise FxRebirthError(f"the model must return logits [batch, classes]; it returned {list(out.shape)}")
+        return out.shape[1]
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def resume(self) -> int:
+        state = load_checkpoint(self.path) if self.path else None
+        if state is None:
+            return 0
+        if state.get("key") != self.key:
+            raise FxRebirthError(f"{self.path} belongs to another rebirth job (other model, plan, data or "
+                                 "options); use another checkpoint_dir, or delete it to start over")
+        self.student.load_state_dict(state["student"])
+        self.report.steps = [StepRecord(**s) for s in state["steps"]]
+        self.region_facts = state["regions"]
+        self.report.resumed_from = self.path
+        log.info("rebirth: resuming after step %d of %d (%s)", state["done"], len(self.steps), self.path)
+        return int(state["done"])
+
+    def save(self, done: int) -> None:
+        if self.path:
+            save_checkpoint(self.path, {"key": self.key, "done": done, "student": self.student.state_dict(),
+                                        "steps": [asdict(s) for s in self.report.steps],
+                                        "regions": self.region_facts})
+
+    # --------------------------------------------------------------------------------------------- steps
+    def run(self, resume: bool) -> None:
+        start = self.resume() if resume else 0
+        for index in range(start, len(self.steps)):
+            name, ids = self.steps[index]
+            torch.manual_seed(self.config.seed * 7919 + index)
+            began = time.perf_counter()
+            record = self._step(index, name, ids)
+            record.wall_s = time.perf_counter() - began
+            self._evaluate_step(record)
+            self.report.steps.append(record)
+            self.save(index + 1)
+            log.info("rebirth: %s done in %.1f s", name, record.wall_s)
+
+    def _step(self, index: int, name: str, ids: list[str]) -> StepRecord:
+        c = self.config
+        seed = c.seed * 7919 + index
+        if c.schedule == "paper":
+            (rid,) = ids
+            calib = self._initialise([rid], seed)
+            images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=0.0)
+            return StepRecord(name, ids, images, calib + self.observed, 0.0, loss, None, None, curve)
+        if index == 0:
+            calib = self._initialise(ids, seed)
+            return StepRecord(name, ids, 0, calib, 0.0, None, None, None)
+        if index == 1:
+            images, loss, curve = self._layerwise(name, seed)
+            return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
+        images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=c.kd_weight)
+        return StepRecord(name, ids, images, self.observed, 0.0, loss, None, None, curve)
+
+    def _initialise(self, ids: list[str], seed: int) -> int:
+        """Initialise the rebirth layers of ``ids`` bottom-up, switching each on once it is initialised;
+        return the forward-only calibration images used. Each least-squares fit reads its region's input
+        from the student (the regions below already merged) and its targets from the original model, also
+        in the paper schedule, where the layers below have been fine-tuned by then."""
+        regions = [r for r in self.regions if r.id in ids]
+        init = Initialiser(self.teacher, regions, self.config.init, self.config.ridge)
+        per_region = min(self.config.calibration_images, len(self.train_data))
+        fitted = [r for r in regions if init.method(r) == "lstsq"]
+        meter = Meter(self.progress, "calibration", per_region * len(fitted))
+        used = 0
+        for region in regions:
+            switch = self.switches[region.id]
+            used += init.calibrate(region, switch.rebirth, self.train_data, per_region, self.config.batch_size,
+                                   seed, meter, student_input=self._student_input(region))
+            facts = init.apply(region, switch.rebirth)
+            self.region_facts[region.id].update(init=init.method(region), **facts)
+            switch.active.fill_(True)
+        return used
+
+    def _student_input(self, region: Region) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The student's value at the input of ``region``'s switch, when any region before it is merged."""
+        if not any(bool(s.active) for s in self.switches.values()):
+            return None
+        probe = probe_nodes(self.student, [self._switch_input(region)]).eval()
+        return lambda x: probe(x)[0]
+
+    def _switch_input(self, region: Region) -> str:
+        """The name of the student's node that feeds ``region``'s switch."""
+        switch = self.switches[region.id]
+        node = next(n for n in self.student.graph.nodes
+                    if n.op == "call_module" and self.student.get_submodule(n.target) is switch)
+        return node.args[0].name
+
+    def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
+        c = self.config
+        images = int(round(c.layerwise_epochs * len(self.train_data)))
+        if images == 0:
+            return 0, None, []
+        # inputs from the student (every region merged), targets from the original: each layer learns to
+        # correct what the layers below it got wrong, as its least-squares fit did
+        targets = probe_nodes(self.teacher, [r.output for r in self.regions]).eval()
+        inputs = probe_nodes(self.student, [self._switch_input(r) for r in self.regions]).eval()
+        rebirths = [self.switches[r.id].rebirth for r in self.regions]
+        params = [p for m in rebirths for p in m.parameters()]
+        optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
+        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        meter = Meter(self.progress, stage, images)
+        curve, loss_value = [], None
+        for x, _ in batches(self.train_data, c.batch_size, seed=seed, images=images):
+            with torch.no_grad():
+                sources, wanted = inputs(x), targets(x)
+            loss = sum(feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_grads(params)
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+            meter.update(len(x) * world()[1], loss_value)
+            _sample(curve, meter.done, loss_value, images)
+        return meter.done, loss_value, curve
+
+    def _end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
+        c = self.config
+        images = int(round(epochs * len(self.train_data)))
+        self.observed = 0
+        if images == 0:
+            return 0, None, []
+        for switch in self.switches.values():  # parameters off the active path get no gradient
+            switch.original.requires_grad_(not bool(switch.active))
+            switch.rebirth.requires_grad_(bool(switch.active))
+        norms = None
+        if c.train_batch_norm:
+            norms = TrainingBatchNorm.add(self.student, [s.rebirth for s in self.switches.values() if bool(s.active)])
+            with torch.no_grad():
+                observe = min(512, len(self.train_data))
+                for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=observe):
+                    self.student(x)
+                    self.observed += len(x) * world()[1]  # forward only: reported with the calibration images
+            norms.start()
+        new = {id(p) for s in self.switches.values() if bool(s.active) for p in s.rebirth.parameters()}
+        if norms is not None:
+            new |= {id(p) for p in norms.parameters()}
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if norms is not None:
+            params += [p for p in norms.parameters() if id(p) not in {id(q) for q in params}]
+        groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
+                  {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.Adam(groups)
+        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
+        # a short warm-up (Adam's first steps, before its moment estimates settle, kicked a trained network
+        # off its minimum here), then cosine decay
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                       pct_start=c.warmup, div_factor=25, final_div_factor=100)
+        model: nn.Module = self.student
+        if world()[1] > 1:
+            model = nn.parallel.DistributedDataParallel(self.student)
+        self.student.eval()  # dropout off (see the module docstring)
+        if norms is not None:
+            for bn in norms.modules():
+                bn.train()
+        # feature (hint) loss: each merged region's output against the original's
+        active = [r for r in self.regions if bool(self.switches[r.id].active)]
+        features = c.feature_weight > 0 and kd_weight > 0 and bool(active)
+        # one teacher forward per batch gives the logits and, with the feature loss, the regions' outputs
+        logits = next(n for n in self.teacher.graph.nodes if n.op == "output").args[0].name
+        teacher = probe_nodes(self.teacher, [logits] + ([r.output for r in active] if features else [])).eval()
+        captured: list[torch.Tensor] = []
+        hooks = [self.switches[r.id].register_forward_hook(lambda m, i, o: captured.append(o)) for r in active] \
+            if features else []
+        meter = Meter(self.progress, stage, images)
+        curve, loss_value = [], None
+        for x, y in batches(self.train_data, c.batch_size, seed=seed, images=images):
+            with torch.no_grad():
+                soft, *wanted = teacher(x) if kd_weight > 0 else (None,)
+            captured.clear()
+            loss = kd_loss(model(x), soft, y, c.temperature, kd_weight)
+            if wanted:
+                loss = loss + c.feature_weight * sum(feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
+                all_reduce_grads(norms.hooked_parameters())
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+            meter.update(len(x) * world()[1], loss_value)
+            _sample(curve, meter.done, loss_value, images)
+        for hook in hooks:
+            hook.remove()
+        if norms is not None:
+            norms.fold()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        return meter.done, loss_value, curve
+
+    def _evaluate_step(self, record: StepRecord) -> None:
+        if self.test_data is None or self.config.eval_images == 0:
+            return
+        subset = torch.utils.data.Subset(self.test_data, range(min(self.config.eval_images, len(self.test_data))))
+        if self.eval_reference is None:
+            self.eval_reference = evaluate(self.teacher, subset).predictions
+        result = evaluate(self.student, subset, reference=self.eval_reference)
+        record.top1, record.agreement = result.top1, result.agreement
+
+    def result(self) -> fx.GraphModule:
+        """The reborn model: the student with each switch replaced by its rebirth layer."""
+        reborn = copy.deepcopy(self.student)
+        for node in reborn.graph.nodes:
+            if node.op == "call_module" and isinstance(reborn.get_submodule(node.target), RegionSwitch):
+                switch = reborn.get_submodule(node.target)
+                if not bool(switch.active):
+                    raise FxRebirthError(f"region at {node.target} was never merged")
+                reborn.add_submodule(node.target, switch.rebirth)
+        reborn.delete_all_unused_submodules()
+        reborn.recompile()
+        for p in reborn.parameters():
+            p.requires_grad_(False)
+        return reborn.eval()
+
+
+def _sample(curve: list, done: int, loss: float, total: int) -> None:
+    if not curve or done - curve[-1][0] >= total / 50 or done >= total:
+        curve.append((done, loss))
+
+
+def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:
+    try:
+        if len(data) == 0:
+            raise DataError(f"{name}: the dataset is empty")
+        item = data[0]
+    except TypeError:
+        raise DataError(f"{name}: a map-style dataset of (image, label) is needed") from None
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)
+            and item[0].dim() == 3):
+        raise DataError(f"{name}: items must be (image tensor [C, H, W], label)")
+    return item[0], item[1]
+
+
+def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = None,
+            config: RebirthConfig | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = True, progress: ProgressFn | None = None,
+            latency_input: torch.Tensor | None = None, latency_rounds: int = 20, **options: Any,
+            ) -> tuple[fx.GraphModule, RebirthReport]:
+    """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring).
+
+    ``model`` is not modified. ``train_data``/``test_data``: map-style datasets of ``(image [3, H, W], label)``
+    (:class:`fxrebirth.paper.data.Shapes`, :func:`~fxrebirth.paper.data.image_folder`, ...). Options are the fields of
+    :class:`RebirthConfig`, as ``config=`` or keywords. ``latency_input``: measure the latency of the original
+    and the reborn model on it (interleaved). Returns the reborn GraphModule (eval mode) and a
+    :class:`RebirthReport`.
+    """
+    unknown = sorted(set(options) - {f.name for f in fields(RebirthConfig)})
+    if unknown:
+        raise FxRebirthError(f"unknown rebirth option(s) {unknown}; options: {[f.name for f in fields(RebirthConfig)]}")
+    config = RebirthConfig(**{**(asdict(config) if config is not None else {}), **options})
+    job = _Job(model, plan, train_data, test_data, config, progress,
+               os.fspath(checkpoint_dir) if checkpoint_dir is not None else None)
+    job.run(resume)
+    reborn = job.result()
+    report = job.report
+    for planned in job.planned:
+        facts = job.region_facts.get(planned.region.id, {})
+        report.regions.append({"id": planned.region.id, "replaces": list(planned.region.replaces),
+                               "planned_gain_s": planned.gain_s, **{k: v for k, v in facts.items()
+                                                                    if k != "kept_reduce_channels"}})
+    if test_data is not None:
+        teacher_eval = evaluate(job.teacher, test_data)
+        student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
+        report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
+        labels = torch.cat([y for _, y in batches(test_data, 1000)])
+        report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
+    if latency_input is not None:
+        original = capture(copy.deepcopy(model).eval(), (latency_input,))
+        with torch.inference_mode():
+            med = interleaved_medians({"original": lambda: original(latency_input),
+                                       "reborn": lambda: reborn(latency_input)}, latency_rounds)
+        report.latency = {"input_shape": list(latency_input.shape), "runtime": "eager", "original_ms": med["original"],
+                          "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"],
+                          "planned_speedup": plan.estimated_speedup, "rounds": latency_rounds}
+    return reborn, report
+

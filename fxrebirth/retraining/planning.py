@@ -1,0 +1,268 @@
+"""Rebirth planning: mark the non-linear regions, measure what they cost, choose which to merge.
+
+``fxrebirth.plan(model, example_inputs)`` captures the model, runs the marking passes (streamline and
+branch), measures every node's latency on this machine (or reads a latency table measured elsewhere,
+e.g. on a phone), estimates each region's rebirth layer the same way, and returns a :class:`Plan`: per
+region, which original layers it replaces, its cost now, the estimated cost of its rebirth layer, the
+gain, and whether it is selected. The gain is known before any training.
+
+Selection: every region whose rebirth layer is faster (``select="all"``), or the biggest gains first
+until a ``target_speedup`` or a latency ``budget_s`` is met. Regions whose rebirth layer would be slower
+are never selected. A Plan is plain data: JSON in and out, editable (drop a region, change a width);
+:meth:`Plan.validate` rejects an edited plan that would not fit the model, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxrebirth.graph.capture import as_input_tuple, capture
+from fxrebirth.rewrite.cost import TableCost, graph_flops, node_bytes, node_flops, profile_nodes
+from fxrebirth.graph.ops import kind_of
+from fxrebirth.retraining.layers import build_rebirth
+from fxrebirth.graph.regions import Region, RegionError, check_regions
+
+__all__ = ["plan", "Plan", "PlannedRegion"]
+
+
+def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    samples = []
+    with torch.inference_mode():
+        module(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(x)
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _depth(gm: fx.GraphModule, region: Region) -> int:
+    """Weighted layers (convolutions) on the longest path through the region."""
+    members = set(region.nodes)
+    best: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.name not in members:
+            continue
+        here = 1 if kind_of(node) == "conv" else 0
+        best[node.name] = here + max((best.get(a.name, 0) for a in node.all_input_nodes), default=0)
+    return best.get(region.output, 0)
+
+
+def _rebirth_depth(proposal: dict[str, Any]) -> int:
+    if proposal["type"] == "inception":
+        return max(len(b["layers"]) for b in proposal["branches"])
+    return 1
+
+
+@dataclass
+class PlannedRegion:
+    """A region with its measured cost, its rebirth layer's estimated cost, and the decision."""
+
+    region: Region
+    cost_now_s: float
+    cost_rebirth_s: float
+    depth_now: int
+    depth_rebirth: int
+    flops_now: int = 0
+    flops_rebirth: int = 0
+    bytes_now: int = 0
+    bytes_rebirth: int = 0
+    selected: bool = False
+
+    @property
+    def gain_s(self) -> float:
+        return self.cost_now_s - self.cost_rebirth_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"region": self.region.to_dict(), "cost_now_s": self.cost_now_s,
+                "cost_rebirth_s": self.cost_rebirth_s, "depth_now": self.depth_now,
+                "depth_rebirth": self.depth_rebirth, "flops_now": self.flops_now,
+                "flops_rebirth": self.flops_rebirth, "bytes_now": self.bytes_now,
+                "bytes_rebirth": self.bytes_rebirth, "selected": self.selected}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PlannedRegion":
+        data = dict(data)
+        data["region"] = Region.from_dict(data["region"])
+        return cls(**data)
+
+
+@dataclass
+class Plan:
+    """Which regions to replace by rebirth layers, and what that is expected to gain."""
+
+    model: str
+    input_shape: list[int]
+    latency_s: float
+    source: str
+    regions: list[PlannedRegion] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[PlannedRegion]:
+        return [r for r in self.regions if r.selected]
+
+    @property
+    def estimated_latency_s(self) -> float:
+        return self.latency_s - sum(r.gain_s for r in self.selected)
+
+    @property
+    def estimated_speedup(self) -> float:
+        return self.latency_s / self.estimated_latency_s if self.estimated_latency_s > 0 else float("inf")
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps({"model": self.model, "input_shape": self.input_shape, "latency_s": self.latency_s,
+                           "source": self.source, "regions": [r.to_dict() for r in self.regions]}, **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        data["regions"] = [PlannedRegion.from_dict(r) for r in data["regions"]]
+        return cls(**data)
+
+    def drop(self, region_id: str) -> None:
+        """Deselect a region by id (``KeyError`` naming the known ids if there is none)."""
+        self._get(region_id).selected = False
+
+    def _get(self, region_id: str) -> PlannedRegion:
+        for r in self.regions:
+            if r.region.id == region_id:
+                return r
+        raise KeyError(f"no region {region_id!r}; regions: {[r.region.id for r in self.regions]}")
+
+    def validate(self, gm: fx.GraphModule) -> None:
+        """Raise :class:`RegionError` unless the selected regions fit ``gm`` (the captured model):
+        valid, non-overlapping regions whose rebirth layers read and produce the regions' shapes."""
+        regions = [r.region for r in self.selected]
+        check_regions(gm.graph, regions)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for region in regions:
+            x, out = nodes[region.input], nodes[region.output]
+            in_shape, out_shape = tuple(x.meta["tensor_meta"].shape), tuple(out.meta["tensor_meta"].shape)
+            try:
+                module = build_rebirth(region.proposal)
+                with torch.no_grad():
+                    got = tuple(module(torch.zeros(in_shape)).shape)
+            except RegionError:
+                raise
+            except Exception as exc:
+                raise RegionError(f"region {region.id!r}: its rebirth layer does not fit: {exc}") from None
+            if got != out_shape:
+                raise RegionError(
+                    f"region {region.id!r}: its rebirth layer produces {list(got)}, the region {list(out_shape)}"
+                )
+
+    def table(self) -> str:
+        """Which layers each rebirth layer replaces, the depth lost, and the measured/estimated costs."""
+        lines = [f"rebirth plan: {self.model}, input {self.input_shape}, latency {self.latency_s * 1e3:.2f} ms "
+                 f"({self.source})",
+                 f"  {'region':<32} {'depth':>7} {'now ms':>8} {'rebirth':>8} {'gain':>7} {'share':>6} "
+                 f"{'MFLOPs':>15}  sel  replaces"]
+        for r in self.regions:
+            share = r.cost_now_s / self.latency_s if self.latency_s else 0.0
+            replaces = _summary(r.region)
+            lines.append(
+                f"  {r.region.id:<32} {r.depth_now:>3}->{r.depth_rebirth:<3} {r.cost_now_s * 1e3:>8.2f} "
+                f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%} "
+                f"{r.flops_now / 1e6:>7.0f}->{r.flops_rebirth / 1e6:<7.0f}  {'yes' if r.selected else ' no'}  "
+                f"{replaces[:90]}{'...' if len(replaces) > 90 else ''}"
+            )
+        lines.append(f"  selected {len(self.selected)} of {len(self.regions)} regions; estimated latency "
+                     f"{self.estimated_latency_s * 1e3:.2f} ms ({self.estimated_speedup:.2f}x), before retraining")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _summary(region: Region) -> str:
+    """What a region replaces, in one line: its layers, or for a branch region what the proposal does."""
+    if region.kind != "branch":
+        return ", ".join(region.replaces)
+    branches = region.proposal["branches"]
+    into = next((i for i, b in enumerate(branches) if b.get("absorbs")), None)
+    text = f"{len(region.replaces)} layers; pool branch absorbed into branch {into + 1}" if into is not None \
+        else f"{len(region.replaces)} layers"
+    return text + f", reduce layers x{region.proposal['reduce_ratio']}"
+
+
+def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
+            budget_s: float | None) -> None:
+    candidates = sorted((r for r in planned if r.gain_s > 0), key=lambda r: -r.gain_s)
+    if target_speedup is None and budget_s is None:
+        if select != "all":
+            raise ValueError(f"select={select!r}: use 'all', or give target_speedup= or budget_s=")
+        for r in candidates:
+            r.selected = True
+        return
+    goal = budget_s if budget_s is not None else latency_s / target_speedup
+    current = latency_s
+    for r in candidates:
+        if current <= goal:
+            break
+        r.selected = True
+        current -= r.gain_s
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    select: str = "all",
+    target_speedup: float | None = None,
+    budget_s: float | None = None,
+    latency_table: dict[str, float] | None = None,
+    reduce_ratio: float | None = None,
+    collapse_reduce: bool = False,
+    repeats: int = 5,
+    leaf_modules: tuple = (),
+) -> Plan:
+    """Mark, measure and plan (see the module docstring). ``latency_table`` (``node_signature`` ->
+    seconds, measured on the target) replaces profiling here; rebirth layers missing from it are
+    estimated by the roofline model."""
+    from fxrebirth.passes import inception, streamline
+
+    inputs = as_input_tuple(example_inputs)
+    gm = capture(model, inputs, leaf_modules=leaf_modules)
+    kwargs = {"collapse_reduce": collapse_reduce}
+    if reduce_ratio is not None and not 0 < reduce_ratio <= 1:
+        raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
+    if reduce_ratio is not None:
+        kwargs["reduce_ratio"] = reduce_ratio
+    regions = streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if latency_table is None:
+        costs = profile_nodes(gm, inputs, repeats=repeats)
+        source = f"measured here, eager, median of {repeats}"
+    else:
+        table = TableCost(latency_table)
+        costs = {n.name: table.node_cost(n) for n in gm.graph.nodes}
+        source = "latency table"
+    latency = sum(costs.values())
+    planned = []
+    for region in regions:
+        now = sum(costs.get(name, 0.0) for name in region.nodes)
+        module = build_rebirth(region.proposal)
+        x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
+        rebirth_gm = capture(module, x)
+        if latency_table is None:
+            rebirth = _time_module(module, x, repeats)
+        else:
+            rebirth = sum(table.node_cost(n) for n in rebirth_gm.graph.nodes)
+        members = [nodes[name] for name in region.nodes]
+        planned.append(PlannedRegion(
+            region, now, rebirth, _depth(gm, region), _rebirth_depth(region.proposal),
+            flops_now=sum(node_flops(n) for n in members), flops_rebirth=graph_flops(rebirth_gm),
+            bytes_now=sum(node_bytes(n) for n in members),
+            bytes_rebirth=sum(node_bytes(n) for n in rebirth_gm.graph.nodes if n.op == "call_function"),
+        ))
+    _select(planned, latency, select, target_speedup, budget_s)
+    shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
+    return Plan(type(model).__name__, shape, latency, source, planned)

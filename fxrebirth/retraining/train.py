@@ -1,0 +1,239 @@
+"""Training plumbing shared by the teacher and the retraining engine: batches, evaluation, progress,
+checkpoints and torch.distributed.
+
+Progress goes to a callback (``progress(event)``, a :class:`Progress`); library code never prints. The CLI
+turns events into progress bars. Checkpoints are written atomically (a temporary file, then ``os.replace``)
+and hold tensors and plain data only, so they load with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from fxrebirth.retraining.data import accuracy_interval
+
+__all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
+           "world", "fingerprint", "Meter", "batch_count",
+           "kd_loss", "feature_loss", "all_reduce_grads"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """One progress event: ``stage`` (e.g. ``"teacher"``, ``"kd"``), ``done`` of ``total`` units
+    (``unit``: ``"img"`` or ``"step"``), the latest loss, and the estimated seconds left in the stage."""
+
+    stage: str
+    done: int
+    total: int
+    unit: str = "img"
+    loss: float | None = None
+    eta_s: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class Meter:
+    """Emits :class:`Progress` for a stage of ``total`` units, with an ETA from the elapsed rate."""
+
+    def __init__(self, progress: ProgressFn | None, stage: str, total: int, unit: str = "img") -> None:
+        self.progress, self.stage, self.total, self.unit = progress, stage, total, unit
+        self.start, self.done = time.perf_counter(), 0
+
+    def update(self, n: int, loss: float | None = None, **info: Any) -> None:
+        self.done += n
+        if self.progress is None or not world()[0] == 0:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        self.progress(Progress(self.stage, min(self.done, self.total), self.total, self.unit, loss, eta, info))
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of torch.distributed, ``(0, 1)`` when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    fast = getattr(data, "tensors", None)
+    return fast() if callable(fast) else None
+
+
+def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: int | None = None,
+            augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches: shuffled with ``seed`` (None: in order), ``images`` in all (default one pass; more
+    than the dataset wraps around with a new permutation), horizontally flipped at random when ``augment``.
+
+    Under torch.distributed each rank gets its share of every global batch (rows ``rank::world``), so a
+    data-parallel run sees the same global batches as a single process."""
+    rank, size = world()
+    total = len(data) if images is None else images
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    fast = _tensors(data)
+    loader_iter: Iterator | None = None
+    done, epoch = 0, 0
+    while done < total:
+        if fast is not None:
+            order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
+        else:
+            loader_iter = iter(DataLoader(data, batch_size=batch_size, shuffle=generator is not None,
+                                          generator=generator, num_workers=0))
+        for start in range(0, len(data), batch_size):
+            n = min(batch_size, total - done, len(data) - start)
+            if n <= 0:
+                break
+            if fast is not None:
+                idx = order[start:start + n]
+                x, y = fast[0][idx], fast[1][idx]
+            else:
+                x, y = next(loader_iter)
+                x, y = x[:n], torch.as_tensor(y)[:n]
+            if augment:
+                flip = torch.rand(n, generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            done += n
+            yield x[rank::size], y[rank::size]
+        epoch += 1
+
+
+def batch_count(length: int, batch_size: int, images: int | None = None) -> int:
+    """How many batches :func:`batches` yields (a pass over the data ends with a short batch)."""
+    images = length if images is None else images
+    full, rest = divmod(images, length)
+    return full * -(-length // batch_size) + -(-rest // batch_size)
+
+
+@dataclass
+class Evaluation:
+    """Accuracy on a labelled set: top-1 (with its 95% Wilson interval), top-5 when there are more than 10
+    classes, and, with a reference model, the agreement of the top-1 predictions."""
+
+    images: int
+    top1: float
+    top1_interval: tuple[float, float]
+    top5: float | None = None
+    agreement: float | None = None
+    predictions: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "top1": self.top1, "top1_interval": list(self.top1_interval),
+                "top5": self.top5, "agreement": self.agreement}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 500, reference: torch.Tensor | None = None,
+             device: torch.device | str = "cpu") -> Evaluation:
+    """Evaluate ``model`` (in eval mode) on every item of ``data``; ``reference``: another model's top-1
+    predictions on the same data, for the agreement."""
+    was_training = model.training
+    model.eval()
+    preds, top5_hits, labels = [], 0, []
+    for x, y in batches(data, batch_size):
+        logits = model(x.to(device)).float().cpu()
+        preds.append(logits.argmax(1))
+        labels.append(y)
+        if logits.shape[1] > 10:
+            top5_hits += int((logits.topk(5, 1).indices == y[:, None]).any(1).sum())
+    model.train(was_training)
+    pred, label = torch.cat(preds), torch.cat(labels)
+    correct = int((pred == label).sum())
+    n = label.numel()
+    agreement = float((pred == reference).float().mean()) if reference is not None else None
+    return Evaluation(n, correct / n, accuracy_interval(correct, n), top5_hits / n if len(preds) and
+                      logits.shape[1] > 10 else None, agreement, pred)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of ``acc(a) - acc(b)`` for two models' predictions on the same images (paired: the
+    variance comes only from the images where exactly one of them is right)."""
+    da = (a == labels).double() - (b == labels).double()
+    n = da.numel()
+    mean = float(da.mean())
+    half = z * float(da.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    return (mean - half, mean + half)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of plain data and tensors (to tell whether a checkpoint belongs to this job)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict) and part and all(isinstance(v, torch.Tensor) for v in part.values()):
+            for key in sorted(part):
+                h.update(key.encode())
+                h.update(part[key].detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors and plain data) atomically: a crash leaves the previous checkpoint intact."""
+    if world()[0] != 0:
+        return
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (loaded with ``weights_only=True``), or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error relative to the teacher feature's mean square (over the global batch, so that a
+    data-parallel run optimises the same loss as one process)."""
+    scale = teacher.pow(2).mean().detach()
+    if world()[1] > 1:
+        dist.all_reduce(scale)
+        scale = scale / world()[1]
+    return F.mse_loss(student, teacher) / scale.clamp(min=1e-12)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
+            kd_weight: float) -> torch.Tensor:
+    """``kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - kd_weight) * CE(student, labels)``
+    (Hinton et al., 2015: the T^2 keeps the soft term's gradients on the scale of the hard term's)."""
+    loss = torch.zeros((), dtype=student.dtype)
+    if kd_weight > 0:
+        kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                      reduction="batchmean", log_target=True)
+        loss = loss + kd_weight * temperature ** 2 * kl
+    if kd_weight < 1:
+        loss = loss + (1 - kd_weight) * F.cross_entropy(student, labels)
+    return loss
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the ranks (what DDP does, for modules outside a DDP wrapper)."""
+    size = world()[1]
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)

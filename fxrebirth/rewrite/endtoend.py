@@ -1,0 +1,199 @@
+"""The whole-model check: the optimised model against the original, on inputs the example did not fix.
+
+:func:`compare` runs both models on two random inputs derived from the example (:mod:`fxrebirth.graph.variants`:
+the example's size at batch >= 2, and a larger spatial size) and returns the worst norm-wise relative
+error (:func:`fxrebirth.equivalence.relative_error`). Both run in float64 when the original can
+(parameters, buffers and floating-point inputs cast; the error left is then the rounding of the folded
+weights to their storage dtype) and its float64 weights fit in :data:`FLOAT64_LIMIT`; otherwise in the
+model's own dtype, which the result says. Neither model
+is modified: both run through ``torch.func.functional_call`` on copies of their buffers (and, in float64,
+of their parameters), under the same random seed, so state updated by the forward (a counter, training
+statistics) starts from the same values in both and leaks into neither; a model with hooks is checked on
+a copy (a hook may write to its module), whose hooks run. A forward that changes its state is called
+twice, so that the second call sees the update, and a forward that writes to its inputs must leave them
+as the original does.
+
+A variant at which the original raises is skipped (the model does not accept it); one at which the
+optimised model raises :class:`~fxrebirth.errors.ShapeGuardError` is recorded as guarded; any other
+exception of the optimised model is an infinite error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fxrebirth.graph.capture import copy_module
+from fxrebirth.equivalence import flush_denormals, relative_error, tolerance
+from fxrebirth.errors import ShapeGuardError, first_line
+from fxrebirth.graph.variants import variant_inputs
+
+__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Comparison:
+    """The outcome of :func:`compare`: the worst error, where it was measured, and what was checked."""
+
+    error: float = 0.0
+    worst: tuple[Any, ...] | None = None
+    precision: str = "float64"
+    checked: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.checked)
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model stores its floating-point weights in (float32 for a model without any)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def check_inputs(example: Sequence[Any], seed: int = 0) -> list[tuple[Any, ...]]:
+    """The two inputs of the check: the example's size at batch >= 2, and the first larger spatial size
+    (the first at another seed when the inputs have no spatial dimensions)."""
+    first = variant_inputs(example, 0, seed)
+    other = variant_inputs(example, 1, seed) or variant_inputs(example, 0, seed + 1)
+    return [first, other]
+
+
+def _state(model: nn.Module, to64: bool) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer (float64 for floating ones with ``to64``), keyed as
+    ``functional_call`` expects; :func:`_calls` copies the buffers again before each use (a forward may
+    update them), parameters are shared between calls."""
+    state: dict[str, torch.Tensor] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        dtype = torch.float64 if to64 and t.is_floating_point() else t.dtype
+        state[name] = t.detach().to(dtype, copy=True)
+    return state
+
+
+def _cast_inputs(inputs: Sequence[Any], to64: bool) -> tuple[Any, ...]:
+    return tuple(x.detach().to(torch.float64, copy=True) if to64 and isinstance(x, torch.Tensor) and
+                 x.is_floating_point() else (x.clone() if isinstance(x, torch.Tensor) else x) for x in inputs)
+
+
+def _run(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool, seed: int) -> Any:
+    """One call on copies of ``inputs``: the output, and the inputs as the call left them (a model that
+    writes to its input must be matched in that too)."""
+    inputs = _cast_inputs(inputs, to64)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return torch.func.functional_call(model, state, inputs, strict=False), inputs
+
+
+def _calls(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool, seed: int,
+           count: int | None = None) -> list[Any]:
+    """The results of calling ``model`` on ``inputs`` from a copy of ``state``: once, or twice when the first
+    call changed the state (a stateful forward must update it alike), or ``count`` times."""
+    buffers = {name for name, _ in model.named_buffers()}
+    state = {k: v.clone() if k in buffers else v for k, v in state.items()}
+    before = {k: (v.clone() if k in buffers else v._version) for k, v in state.items()}
+    outputs = [_run(model, state, inputs, to64, seed)]
+    changed = any(not torch.equal(state[k], v) if k in buffers else state[k]._version != v for k, v in before.items())
+    if count is None:
+        count = 2 if changed else 1
+    while len(outputs) < count:
+        outputs.append(_run(model, state, inputs, to64, seed + len(outputs)))
+    return outputs
+
+
+FLOAT64_LIMIT = 2**31
+"""Bytes of float64 weights above which the check runs in the model's own dtype instead (a 644M-parameter
+model would need 5 GiB per float64 copy, one per model)."""
+
+
+def _float64_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return 8 * sum(t.numel() for t in tensors if t.is_floating_point())
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *, seed: int = 0,
+            exactly: bool = False) -> Comparison:
+    """Worst error of ``candidate`` against ``original`` over :func:`check_inputs` (see the module
+    docstring); with ``exactly``, at ``example`` itself only (to probe one input that failed). Both run
+    with denormals flushed (:func:`fxrebirth.equivalence.flush_denormals`)."""
+    with flush_denormals():
+        return _compare(original, candidate, example, seed, exactly)
+
+
+def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], seed: int,
+             exactly: bool) -> Comparison:
+    result = Comparison()
+    sets = [tuple(example)] if exactly else check_inputs(example, seed)
+    if _has_hooks(original):
+        original = copy_module(original)  # a hook may write to its module (spectral_norm sets .weight)
+    to64 = True
+    size = _float64_bytes(original)
+    if size > FLOAT64_LIMIT:
+        to64 = False
+        result.precision = f"{storage_dtype(original)} (a float64 copy of the weights would take {size / 2**30:.1f} GiB)"
+    usable: list[tuple[tuple[Any, ...], list[Any]]] = []
+    state = _state(original, to64)
+    for inputs in sets:
+        try:
+            usable.append((inputs, _calls(original, state, inputs, to64, seed)))
+        except Exception as exc:  # noqa: BLE001 - float64 impossible, or the model does not accept this variant
+            if to64 and not usable:
+                try:
+                    state = _state(original, False)
+                    usable.append((inputs, _calls(original, state, inputs, False, seed)))
+                    to64 = False
+                    result.precision = f"{storage_dtype(original)} (the original does not run in float64: " \
+                                       f"{first_line(exc, 120)})"
+                    continue
+                except Exception:  # noqa: BLE001 - not a dtype matter: this variant does not run
+                    pass
+            log.debug("the original does not run at %s: %s", describe_inputs(inputs), exc)
+    if not usable:  # a model that runs only at its example's batch: the example itself
+        inputs = tuple(example)
+        usable.append((inputs, _calls(original, state, inputs, to64, seed)))
+        result.checked.append("note: the original does not run at batch >= 2 or another size; checked at the example")
+    del state  # the original's float64 copy is not needed beside the candidate's
+    candidate_state = _state(candidate, to64)
+    for inputs, reference in usable:
+        where = describe_inputs(inputs)
+        try:
+            actual = _calls(candidate, candidate_state, inputs, to64, seed, len(reference))
+        except ShapeGuardError:
+            result.checked.append(f"{where}: guarded (a size guard refuses this size)")
+            continue
+        except Exception as exc:  # noqa: BLE001 - the optimised model fails where the original runs
+            error, note = float("inf"), f"raised {type(exc).__name__}: {first_line(exc, 200)}"
+        else:
+            error = relative_error([r[0] for r in reference], [a[0] for a in actual])
+            written = relative_error([r[1] for r in reference], [a[1] for a in actual])
+            note = "" if written <= error or written == 0 else \
+                "the optimised model does not write to its inputs as the original does"
+            error = max(error, written)
+        error = float("inf") if error != error else error  # NaN
+        result.checked.append(f"{where}: {error:.1e}" + (f" ({note})" if note else ""))
+        if error > result.error or result.worst is None:
+            result.error, result.worst, result.detail = error, inputs, note
+    return result
+
+
+def bound(model: nn.Module) -> float:
+    """The whole-model tolerance for ``model`` (that of its storage dtype)."""
+    return tolerance(storage_dtype(model))
+
+
+def describe_inputs(inputs: Sequence[Any] | None) -> str:
+    """The shapes of the tensor inputs, for messages."""
+    shapes = [tuple(x.shape) for x in inputs or () if isinstance(x, torch.Tensor)]
+    return ", ".join(str(s) for s in shapes) or "no tensor inputs"
