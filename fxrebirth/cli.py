@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -17,50 +16,9 @@ from fxrebirth.frontends.library import default_rules, optimize
 from fxrebirth.rewrite.cost import RooflineCost
 from fxrebirth.errors import FxRebirthError, first_line
 from fxrebirth.measure.speed import RUNTIMES
+from fxrebirth.paper.loading import PAPER_MODELS, load_model  # noqa: F401 - re-exported
 
 __all__ = ["main", "load_model"]
-
-
-PAPER_MODELS = ("googlenet_lrn", "alexnet_lrn")
-
-
-def load_model(spec: str) -> nn.Module:
-    """A model from the paper's networks (``googlenet_lrn``, ``alexnet_lrn``), a torchvision name
-    (``resnet50``) or a factory path (``package.module:factory``).
-
-    torchvision models are built with ``weights=None``: nothing is downloaded.
-    """
-    if spec in PAPER_MODELS:
-        from fxrebirth import models
-
-        return getattr(models, spec)()
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise FxRebirthError(f"cannot load factory {spec!r}: {exc}") from None
-        if not callable(factory):
-            raise FxRebirthError(f"factory {spec!r} is a {type(factory).__name__}, not a function that builds a model")
-        try:
-            model = factory()
-        except Exception as exc:  # noqa: BLE001 - the user's code: report it in one line
-            raise FxRebirthError(f"factory {spec!r} raised {type(exc).__name__}: {first_line(exc)}") from None
-    else:
-        import torchvision
-
-        names = torchvision.models.list_models(module=torchvision.models)
-        if spec not in names:
-            raise FxRebirthError(
-                f"unknown model {spec!r}: give one of the paper's networks ({', '.join(PAPER_MODELS)}), a "
-                f"torchvision classification model name (e.g. {', '.join(names[:4])}, ...) or a factory as "
-                "package.module:function"
-            )
-        kwargs = {"init_weights": False} if spec in ("googlenet", "inception_v3") else {}
-        model = torchvision.models.get_model(spec, weights=None, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise FxRebirthError(f"{spec!r} did not produce a torch.nn.Module (got {type(model).__name__})")
-    return model
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_optimize_parser, _plan_parser, _bench_parser, _run_parser):
+        add(sub)
+    return parser
+
+
+def _optimize_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``optimize`` sub-command: the exact tier."""
     opt = sub.add_parser("optimize", help="apply the exact tier (no retraining) and print the report")
     opt.add_argument("model", help="torchvision model name, or package.module:factory")
     opt.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
@@ -82,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="the runtime the cost gate optimises for (default eager PyTorch on CPU)")
     opt.add_argument("--save", metavar="PATH", help="save the optimised model as a torch.export program (.pt2)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``plan`` sub-command: the rebirth plan."""
     pln = sub.add_parser("plan", help="mark non-linear regions, measure them, and print the rebirth plan")
     pln.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
     pln.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
@@ -92,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     pln.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``bench`` sub-command: the speed table."""
     bch = sub.add_parser("bench", help="the speed table: original, exact tier and reborn model under every runtime")
     bch.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
     bch.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
@@ -110,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     bch.add_argument("--layers", action="store_true", help="also print eager time by layer kind, before/after")
     bch.add_argument("--save", metavar="PATH", help="write the table as Markdown")
     bch.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``run`` sub-command: the main job."""
     run = sub.add_parser("run", help="the main job: teacher, plan, rebirth + retraining, evaluation, report")
     run.add_argument("model", nargs="?", default="googlenet_lrn",
                      help="default googlenet_lrn (trained once on the embedded data and cached); other models "
@@ -136,7 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--bench-batch", type=int, nargs="+", default=[1, 8], help="speed table batch sizes")
     run.add_argument("--no-memory", action="store_true", help="skip size/peak-memory subprocesses")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
-    return parser
 
 
 class _Bars:

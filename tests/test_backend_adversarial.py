@@ -1,7 +1,7 @@
 """torch.compile(backend="fxrebirth") tried as an adversarial user would (issue 13): the user's own
 Inductor freezing setting, dynamic=True, channels_last, inference-mode tensors, graphs that mutate their
 inputs (buffers, BatchNorm statistics, user inputs), and the weight-update contract of the module
-docstring of fxrebirth/backend.py (what the per-call guard sees, and what it documents it cannot).
+docstring of fxrebirth/frontends/backend.py (what the per-call guard sees, and what it documents it cannot).
 
 Every case compares the compiled model with the eager original under the project's norm-wise bound
 (fxrebirth.equivalence), under torch.no_grad() unless stated.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxrebirth
-from fxrebirth import speed
+from fxrebirth.measure import speed
 from fxrebirth.graph.capture import capture
 from fxrebirth.cli import main
 from fxrebirth.retraining.layers import rebuild

@@ -44,6 +44,9 @@ r"""The retraining engine: replace every planned region by its rebirth layer and
 Retraining cost is counted as the paper counts epochs: images passed forward *and backward* through any
 training, summed over all steps, divided by the training-set size (layer-wise distillation included, though
 its backward pass only reaches the rebirth layers); forward-only calibration images are reported apart.
+
+The options are :class:`~fxrebirth.retraining.config.RebirthConfig` (re-exported here); the gradient steps
+(layer-wise and end-to-end training) are in :mod:`fxrebirth.retraining.steps`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from typing import Any, Callable
 
 import torch
@@ -68,55 +71,14 @@ from fxrebirth.retraining.planning import Plan, PlannedRegion
 from fxrebirth.retraining.layers import build_rebirth, rebuild
 from fxrebirth.retraining.report import RebirthReport, StepRecord
 from fxrebirth.graph.regions import Region, RegionError
-from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, evaluate, feature_loss, fingerprint,
-                    kd_loss, load_checkpoint, paired_difference, save_checkpoint, world)
-from fxrebirth.retraining.batchnorm import TrainingBatchNorm
+from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
+                                        paired_difference, save_checkpoint)
+from fxrebirth.retraining.config import INITS, SCHEDULES, RebirthConfig
+from fxrebirth.retraining.steps import end_to_end, layerwise
 
 __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
 
 log = logging.getLogger(__name__)
-
-INITS = ("auto", "lstsq", "xavier", "original")
-SCHEDULES = ("distill", "paper")
-
-
-@dataclass
-class RebirthConfig:
-    """Options of :func:`rebirth` (see the module docstring)."""
-
-    init: str = "original"
-    schedule: str = "distill"
-    epochs: float = 4.0
-    """End-to-end epochs: in all (``distill``) or per merging step (``paper``). The default run measured
-    -0.81 pt against its teacher after 3 epochs and +0.01 pt after 4 (docs/results.md)."""
-    layerwise_epochs: float = 0.0
-    calibration_images: int = 2048
-    ridge: float = 1e-3
-    batch_size: int = 128
-    lr: float = 2e-3
-    new_layer_lr_mult: float = 1.0
-    layerwise_lr: float = 1e-4
-    temperature: float = 2.0
-    kd_weight: float = 0.9
-    feature_weight: float = 1.0
-    """Weight of the feature loss in end-to-end distillation: each merged region's output against the
-    original region's (relative mean squared error, averaged over regions)."""
-    warmup: float = 0.1
-    """Share of the end-to-end steps spent warming the learning rate up."""
-    train_batch_norm: bool = True
-    """Train end to end with a BatchNorm after every convolution, folded away afterwards
-    (:mod:`fxrebirth.retraining.batchnorm`)."""
-    eval_images: int = 2000
-    """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise FxRebirthError(f"init={self.init!r}: choose one of {INITS}")
-        if self.schedule not in SCHEDULES:
-            raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
-        if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
-            raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
 
 
 # --------------------------------------------------------------------------------------------------- student
@@ -287,8 +249,7 @@ class _Job:
         return node.args[0].name
 
     def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
-        c = self.config
-        images = int(round(c.layerwise_epochs * len(self.train_data)))
+        images = int(round(self.config.layerwise_epochs * len(self.train_data)))
         if images == 0:
             return 0, None, []
         # inputs from the student (every region merged), targets from the original: each layer learns to
@@ -296,100 +257,17 @@ class _Job:
         targets = probe_nodes(self.teacher, [r.output for r in self.regions]).eval()
         inputs = probe_nodes(self.student, [self._switch_input(r) for r in self.regions]).eval()
         rebirths = [self.switches[r.id].rebirth for r in self.regions]
-        params = [p for m in rebirths for p in m.parameters()]
-        optimizer = torch.optim.Adam(params, lr=c.layerwise_lr)
-        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-        meter = Meter(self.progress, stage, images)
-        curve, loss_value = [], None
-        for x, _ in batches(self.train_data, c.batch_size, seed=seed, images=images):
-            with torch.no_grad():
-                sources, wanted = inputs(x), targets(x)
-            loss = sum(feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_grads(params)
-            optimizer.step()
-            schedule.step()
-            loss_value = loss.item()
-            meter.update(len(x) * world()[1], loss_value)
-            _sample(curve, meter.done, loss_value, images)
-        return meter.done, loss_value, curve
+        return layerwise(rebirths, inputs, targets, self.train_data, self.config, images, seed, self.progress, stage)
 
     def _end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
-        c = self.config
         images = int(round(epochs * len(self.train_data)))
         self.observed = 0
         if images == 0:
             return 0, None, []
-        for switch in self.switches.values():  # parameters off the active path get no gradient
-            switch.original.requires_grad_(not bool(switch.active))
-            switch.rebirth.requires_grad_(bool(switch.active))
-        norms = None
-        if c.train_batch_norm:
-            norms = TrainingBatchNorm.add(self.student, [s.rebirth for s in self.switches.values() if bool(s.active)])
-            with torch.no_grad():
-                observe = min(512, len(self.train_data))
-                for x, _ in batches(self.train_data, c.batch_size, seed=seed + 1, images=observe):
-                    self.student(x)
-                    self.observed += len(x) * world()[1]  # forward only: reported with the calibration images
-            norms.start()
-        new = {id(p) for s in self.switches.values() if bool(s.active) for p in s.rebirth.parameters()}
-        if norms is not None:
-            new |= {id(p) for p in norms.parameters()}
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if norms is not None:
-            params += [p for p in norms.parameters() if id(p) not in {id(q) for q in params}]
-        groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
-                  {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
-        groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.Adam(groups)
-        steps = max(1, batch_count(len(self.train_data), c.batch_size, images))
-        # a short warm-up (Adam's first steps, before its moment estimates settle, kicked a trained network
-        # off its minimum here), then cosine decay
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
-                                                       pct_start=c.warmup, div_factor=25, final_div_factor=100)
-        model: nn.Module = self.student
-        if world()[1] > 1:
-            model = nn.parallel.DistributedDataParallel(self.student)
-        self.student.eval()  # dropout off (see the module docstring)
-        if norms is not None:
-            for bn in norms.modules():
-                bn.train()
-        # feature (hint) loss: each merged region's output against the original's
-        active = [r for r in self.regions if bool(self.switches[r.id].active)]
-        features = c.feature_weight > 0 and kd_weight > 0 and bool(active)
-        # one teacher forward per batch gives the logits and, with the feature loss, the regions' outputs
-        logits = next(n for n in self.teacher.graph.nodes if n.op == "output").args[0].name
-        teacher = probe_nodes(self.teacher, [logits] + ([r.output for r in active] if features else [])).eval()
-        captured: list[torch.Tensor] = []
-        hooks = [self.switches[r.id].register_forward_hook(lambda m, i, o: captured.append(o)) for r in active] \
-            if features else []
-        meter = Meter(self.progress, stage, images)
-        curve, loss_value = [], None
-        for x, y in batches(self.train_data, c.batch_size, seed=seed, images=images):
-            with torch.no_grad():
-                soft, *wanted = teacher(x) if kd_weight > 0 else (None,)
-            captured.clear()
-            loss = kd_loss(model(x), soft, y, c.temperature, kd_weight)
-            if wanted:
-                loss = loss + c.feature_weight * sum(feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
-                all_reduce_grads(norms.hooked_parameters())
-            optimizer.step()
-            schedule.step()
-            loss_value = loss.item()
-            meter.update(len(x) * world()[1], loss_value)
-            _sample(curve, meter.done, loss_value, images)
-        for hook in hooks:
-            hook.remove()
-        if norms is not None:
-            norms.fold()
-        for p in self.student.parameters():
-            p.requires_grad_(True)
-        return meter.done, loss_value, curve
+        done, loss, curve, self.observed = end_to_end(self.student, self.teacher, self.switches, self.regions,
+                                                      self.train_data, self.config, images, seed, kd_weight,
+                                                      self.progress, stage)
+        return done, loss, curve
 
     def _evaluate_step(self, record: StepRecord) -> None:
         if self.test_data is None or self.config.eval_images == 0:
@@ -414,11 +292,6 @@ class _Job:
         for p in reborn.parameters():
             p.requires_grad_(False)
         return reborn.eval()
-
-
-def _sample(curve: list, done: int, loss: float, total: int) -> None:
-    if not curve or done - curve[-1][0] >= total / 50 or done >= total:
-        curve.append((done, loss))
 
 
 def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:

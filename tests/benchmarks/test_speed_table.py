@@ -6,7 +6,7 @@ Not collected by the plain test command. Run::
     python tests/benchmarks/test_speed_table.py [--rounds 20] [--batch 1 8] [--model googlenet_lrn]
     pytest --benchmarks tests/benchmarks/test_speed_table.py
 
-The script is ``fxrebirth bench`` (fxrebirth/speed.py does the work): the original under eager,
+The script is ``fxrebirth bench`` (fxrebirth/measure/speed.py does the work): the original under eager,
 ``torch.fx.experimental.optimization.fuse``, Inductor with freezing, ``torch.compile(backend="fxrebirth")``
 and ONNX Runtime (the faster exporter); the exact tier; the reborn model (every planned region replaced by
 a freshly initialised rebirth layer: latency does not depend on the weights' values) under eager, the

@@ -1,0 +1,106 @@
+"""The speed table's rows and its rendering: :class:`Row` (one model variant under one runtime: latency per
+batch size, setup time, size, memory, FLOPs) and :class:`SpeedTable` (the rows with their environment,
+the speed-ups between them, as a dict for JSON reports and as Markdown). Measuring them is
+:func:`fxrebirth.measure.speed.speed_table`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Row", "SpeedTable"]
+
+# the original's row each runtime is compared with ("vs original, same runtime")
+_BASELINE = {"eager": "eager", "fx fuse": "eager", "inductor+freezing": "inductor+freezing",
+             "compile(fxrebirth)": "inductor+freezing", "onnxruntime": "onnxruntime"}
+
+
+@dataclass
+class Row:
+    """One (model variant, runtime) of the table."""
+
+    variant: str
+    runtime: str
+    ms: dict[int, float] = field(default_factory=dict)
+    """Median latency per batch size."""
+    setup_s: float | None = None
+    """First call at the first batch size: compilation, or export and session creation."""
+    size_mb: float | None = None
+    memory: dict[str, float] | None = None
+    """:func:`~fxrebirth.measure.memory.inference_memory` at batch 1 (MB)."""
+    gflops: float | None = None
+    """Per image, counted on the variant's graph (runtimes do not change it)."""
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}, {self.runtime}"
+
+
+@dataclass
+class SpeedTable:
+    """Rows measured side by side, with the environment they were measured in."""
+
+    model: str
+    image_size: int
+    batches: list[int]
+    rounds: int
+    rows: list[Row]
+    environment: dict[str, Any]
+    exporter: str = "torchscript"
+    exporter_ms: dict[str, float] = field(default_factory=dict)
+    """Original model under ONNX Runtime by exporter, when ``exporter="auto"`` compared them."""
+
+    def row(self, variant: str, runtime: str) -> Row | None:
+        return next((r for r in self.rows if r.variant == variant and r.runtime == runtime), None)
+
+    def ratio(self, row: Row, batch: int, runtime: str | None = None) -> float | None:
+        """Speed-up of ``row`` over the original under ``runtime`` (default: the row's own runtime's
+        baseline, see ``_BASELINE``)."""
+        base = self.row("original", runtime or _BASELINE[row.runtime])
+        if base is None or batch not in base.ms or batch not in row.ms:
+            return None
+        return base.ms[batch] / row.ms[batch]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row, out in zip(self.rows, data["rows"]):
+            out["speedup_same_runtime"] = {b: self.ratio(row, b) for b in row.ms}
+            out["speedup_vs_original_onnxruntime"] = {b: self.ratio(row, b, "onnxruntime") for b in row.ms}
+        return data
+
+    def markdown(self) -> str:
+        env = self.environment
+        lines = [
+            f"{self.model}, {self.image_size}x{self.image_size}, fp32, median of {self.rounds} shuffled interleaved "
+            f"rounds in one process. {env['cpu']} ({env['cpu_count']} CPUs), torch {env['torch']} with "
+            f"{env['torch_threads']} threads ({env['torch_interop_threads']} inter-op), ONNX Runtime "
+            f"{env.get('onnxruntime')} with {env.get('onnxruntime_intra_op_threads')} intra-op threads "
+            f"(spinning off, all graph optimisations, {self.exporter} exporter"
+            + (", the faster for the original: " + ", ".join(f"{k} {v:.2f} ms" for k, v in self.exporter_ms.items())
+               if self.exporter_ms else "") + f"), Python {env['python']}.", "",
+        ]
+        head = ["variant", "runtime"]
+        for b in self.batches:
+            head += [f"batch {b} ms", "vs original, same runtime", "vs original under ORT"]
+        head += ["size on disk MB", "inference memory MB (process peak)", "GFLOPs/image"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.rows:
+            cells = [row.variant, row.runtime + (f" ({row.note})" if row.note else "")]
+            for b in self.batches:
+                ms = row.ms.get(b)
+                same, ort = self.ratio(row, b), self.ratio(row, b, "onnxruntime")
+                cells += [f"{ms:.2f}" if ms is not None else "-", f"{same:.2f}x" if same else "-",
+                          f"{ort:.2f}x" if ort else "-"]
+            mem = row.memory
+            cells += [f"{row.size_mb:.1f}" if row.size_mb is not None else "-",
+                      f"{mem['inference_mb']:.1f} ({mem['peak_mb']:.0f})" if mem else "-",
+                      f"{row.gflops:.2f}" if row.gflops is not None else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Inference memory: the peak resident memory while running inference at batch 1, above the "
+                      "process's resident memory after importing the runtime and before loading the model "
+                      "(weights and activations); in brackets the whole process's peak. Each variant runs in a "
+                      "process of its own; a compiled variant's process also holds what the compiler leaves "
+                      "resident, so compare its memory with other compiled variants only."]
+        return "\n".join(lines)

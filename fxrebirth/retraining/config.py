@@ -1,0 +1,54 @@
+"""The options of a rebirth run: :class:`RebirthConfig`, its validation, and the initialisations and
+schedules it may name (:data:`INITS`, :data:`SCHEDULES`). What each option does is told in
+:mod:`fxrebirth.retraining.engine`, which runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxrebirth.errors import FxRebirthError
+
+__all__ = ["RebirthConfig", "INITS", "SCHEDULES"]
+
+INITS = ("auto", "lstsq", "xavier", "original")
+SCHEDULES = ("distill", "paper")
+
+
+@dataclass
+class RebirthConfig:
+    """Options of :func:`~fxrebirth.retraining.engine.rebirth` (see :mod:`fxrebirth.retraining.engine`)."""
+
+    init: str = "original"
+    schedule: str = "distill"
+    epochs: float = 4.0
+    """End-to-end epochs: in all (``distill``) or per merging step (``paper``). The default run measured
+    -0.81 pt against its teacher after 3 epochs and +0.01 pt after 4 (docs/results.md)."""
+    layerwise_epochs: float = 0.0
+    calibration_images: int = 2048
+    ridge: float = 1e-3
+    batch_size: int = 128
+    lr: float = 2e-3
+    new_layer_lr_mult: float = 1.0
+    layerwise_lr: float = 1e-4
+    temperature: float = 2.0
+    kd_weight: float = 0.9
+    feature_weight: float = 1.0
+    """Weight of the feature loss in end-to-end distillation: each merged region's output against the
+    original region's (relative mean squared error, averaged over regions)."""
+    warmup: float = 0.1
+    """Share of the end-to-end steps spent warming the learning rate up."""
+    train_batch_norm: bool = True
+    """Train end to end with a BatchNorm after every convolution, folded away afterwards
+    (:mod:`fxrebirth.retraining.batchnorm`)."""
+    eval_images: int = 2000
+    """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise FxRebirthError(f"init={self.init!r}: choose one of {INITS}")
+        if self.schedule not in SCHEDULES:
+            raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
+            raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")

@@ -1,0 +1,161 @@
+"""The gradient steps of a rebirth run: layer-wise distillation (each rebirth layer against its region in
+the original) and end-to-end training (knowledge distillation, or labels only in the paper's schedule),
+with their optimisers, learning-rate schedules, training BatchNorms and loss curves.
+
+:mod:`fxrebirth.retraining.engine` decides which regions are merged and when each step runs; the steps
+here train what they are handed and report ``(images trained on, last loss, loss curve)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxrebirth.graph.regions import Region
+from fxrebirth.retraining.batchnorm import TrainingBatchNorm
+from fxrebirth.retraining.config import RebirthConfig
+from fxrebirth.retraining.initialise import probe_nodes
+from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, feature_loss,
+                                        kd_loss, world)
+
+__all__ = ["layerwise", "end_to_end"]
+
+
+def layerwise(rebirths: list[nn.Module], inputs: fx.GraphModule, targets: fx.GraphModule, data: Any,
+              config: RebirthConfig, images: int, seed: int, progress: ProgressFn | None,
+              stage: str) -> tuple[int, float | None, list]:
+    """Layer-wise distillation on ``images`` images: each of ``rebirths`` regresses the value ``targets``
+    returns for it (its region's output in the original) from the one ``inputs`` returns for it (its
+    input in the student), the feature loss averaged over the layers."""
+    params = [p for m in rebirths for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.layerwise_lr)
+    steps = max(1, batch_count(len(data), config.batch_size, images))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    meter = Meter(progress, stage, images)
+
+    def loss_of(x: torch.Tensor, y: Any) -> torch.Tensor:
+        with torch.no_grad():
+            sources, wanted = inputs(x), targets(x)
+        return sum(feature_loss(m(a), t) for m, a, t in zip(rebirths, sources, wanted)) / len(rebirths)
+
+    loss_value, curve = _train(loss_of, optimizer, schedule, lambda: all_reduce_grads(params), data, config,
+                               images, seed, meter)
+    return meter.done, loss_value, curve
+
+
+def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[str, nn.Module],
+               regions: list[Region], data: Any, config: RebirthConfig, images: int, seed: int, kd_weight: float,
+               progress: ProgressFn | None, stage: str) -> tuple[int, float | None, list, int]:
+    """End-to-end training of ``student`` on ``images`` images: labels and, with ``kd_weight > 0``, the
+    ``teacher``'s logits and merged regions' outputs; only the active side of each switch learns. Returns
+    the images trained on, the last loss, the loss curve and the forward-only images the training
+    BatchNorms observed first."""
+    c = config
+    for switch in switches.values():  # parameters off the active path get no gradient
+        switch.original.requires_grad_(not bool(switch.active))
+        switch.rebirth.requires_grad_(bool(switch.active))
+    norms, observed = _training_norms(student, switches, data, c, seed) if c.train_batch_norm else (None, 0)
+    optimizer, schedule = _optimizer(student, switches, norms, c, max(1, batch_count(len(data), c.batch_size, images)))
+    model: nn.Module = student
+    if world()[1] > 1:
+        model = nn.parallel.DistributedDataParallel(student)
+    student.eval()  # dropout off (see the engine's module docstring)
+    if norms is not None:
+        for bn in norms.modules():
+            bn.train()
+    # feature (hint) loss: each merged region's output against the original's
+    active = [r for r in regions if bool(switches[r.id].active)]
+    features = c.feature_weight > 0 and kd_weight > 0 and bool(active)
+    # one teacher forward per batch gives the logits and, with the feature loss, the regions' outputs
+    logits = next(n for n in teacher.graph.nodes if n.op == "output").args[0].name
+    probe = probe_nodes(teacher, [logits] + ([r.output for r in active] if features else [])).eval()
+    captured: list[torch.Tensor] = []
+    hooks = [switches[r.id].register_forward_hook(lambda m, i, o: captured.append(o)) for r in active] \
+        if features else []
+    meter = Meter(progress, stage, images)
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft, *wanted = probe(x) if kd_weight > 0 else (None,)
+        captured.clear()
+        loss = kd_loss(model(x), soft, y, c.temperature, kd_weight)
+        if wanted:
+            loss = loss + c.feature_weight * sum(feature_loss(a, t) for a, t in zip(captured, wanted)) / len(wanted)
+        return loss
+
+    def reduce() -> None:
+        if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
+            all_reduce_grads(norms.hooked_parameters())
+
+    loss_value, curve = _train(loss_of, optimizer, schedule, reduce, data, c, images, seed, meter)
+    for hook in hooks:
+        hook.remove()
+    if norms is not None:
+        norms.fold()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return meter.done, loss_value, curve, observed
+
+
+def _training_norms(student: fx.GraphModule, switches: dict[str, nn.Module], data: Any, config: RebirthConfig,
+                    seed: int) -> tuple[TrainingBatchNorm, int]:
+    """A BatchNorm after every convolution of the active rebirth layers, its statistics first observed on
+    up to 512 training images (forward only); returns them and the images observed."""
+    norms = TrainingBatchNorm.add(student, [s.rebirth for s in switches.values() if bool(s.active)])
+    observed = 0
+    with torch.no_grad():
+        observe = min(512, len(data))
+        for x, _ in batches(data, config.batch_size, seed=seed + 1, images=observe):
+            student(x)
+            observed += len(x) * world()[1]  # forward only: reported with the calibration images
+    norms.start()
+    return norms, observed
+
+
+def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: TrainingBatchNorm | None,
+               config: RebirthConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam over the student's trainable parameters (and the training BatchNorms'), the new layers at
+    ``new_layer_lr_mult`` times the learning rate, and its one-cycle schedule over ``steps`` steps."""
+    c = config
+    new = {id(p) for s in switches.values() if bool(s.active) for p in s.rebirth.parameters()}
+    if norms is not None:
+        new |= {id(p) for p in norms.parameters()}
+    params = [p for p in student.parameters() if p.requires_grad]
+    if norms is not None:
+        params += [p for p in norms.parameters() if id(p) not in {id(q) for q in params}]
+    groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
+              {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.Adam(groups)
+    # a short warm-up (Adam's first steps, before its moment estimates settle, kicked a trained network
+    # off its minimum here), then cosine decay
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                   pct_start=c.warmup, div_factor=25, final_div_factor=100)
+    return optimizer, schedule
+
+
+def _train(loss_of: Callable[[torch.Tensor, Any], torch.Tensor], optimizer: torch.optim.Optimizer, schedule: Any,
+           reduce: Callable[[], None], data: Any, config: RebirthConfig, images: int, seed: int,
+           meter: Meter) -> tuple[float | None, list]:
+    """The loop both steps share: ``images`` images in batches seeded by ``seed``, the gradients averaged
+    over the ranks by ``reduce`` before each optimiser step; returns the last loss and the loss curve."""
+    curve, loss_value = [], None
+    for x, y in batches(data, config.batch_size, seed=seed, images=images):
+        loss = loss_of(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        reduce()
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+        meter.update(len(x) * world()[1], loss_value)
+        _sample(curve, meter.done, loss_value, images)
+    return loss_value, curve
+
+
+def _sample(curve: list, done: int, loss: float, total: int) -> None:
+    if not curve or done - curve[-1][0] >= total / 50 or done >= total:
+        curve.append((done, loss))
