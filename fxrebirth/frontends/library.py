@@ -93,6 +93,23 @@ def optimize(
     inputs = as_input_tuple(example_inputs)
     disable, force = tuple(disable), frozenset(force)
     selected = _select(default_rules() if rules is None else list(rules), disable)
+    gm, report = _captured(model, inputs, leaf_modules)
+    run = _replayer(model, inputs, gm, selected, leaf_modules=leaf_modules, verify=verify, frozen=frozen,
+                    cost_model=cost_model, force=force)
+    run(None, report)
+    _record_after(gm, inputs, report)
+    _note_skipped_checks(report, verify, check_output)
+    if not check_output:
+        log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+        return gm, report
+    gm = _check_output(model, gm, inputs, report, run, on_mismatch)
+    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+    return gm, report
+
+
+def _captured(model: nn.Module, inputs: tuple[Any, ...],
+              leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.GraphModule, Report]:
+    """The canonical capture of ``model`` and a report that holds its size before any rewrite."""
     start = time.perf_counter()
     gm = capture(model, inputs, leaf_modules=leaf_modules)
     report = Report(model=type(model).__name__)
@@ -101,6 +118,13 @@ def optimize(
     report.nodes_before = len(gm.graph.nodes)
     report.params_before = stored_elements(gm)
     report.flops_before = graph_flops(gm)
+    return gm, report
+
+
+def _replayer(model: nn.Module, inputs: tuple[Any, ...], gm: fx.GraphModule, selected: tuple[Rule, ...], *,
+              leaf_modules: Sequence[type[nn.Module]], verify: bool, frozen: bool, cost_model: CostModel | None,
+              force: frozenset[str]) -> Callable[[int | None, Report], fx.GraphModule]:
+    """``run(limit, into)``: the pipeline on ``gm`` (``limit=None``) or on a fresh capture."""
 
     def run(limit: int | None, into: Report) -> fx.GraphModule:
         """The pipeline on a fresh capture, stopping after ``limit`` rewrites (deterministic: a prefix)."""
@@ -109,17 +133,28 @@ def optimize(
                  max_rewrites=limit).run(fresh, into)
         return fresh
 
-    run(None, report)
+    return run
+
+
+def _record_after(gm: fx.GraphModule, inputs: tuple[Any, ...], report: Report) -> None:
+    """Shapes of the rewritten graph, and its size in the report."""
     propagate_shapes(gm, inputs)
     report.nodes_after = len(gm.graph.nodes)
     report.params_after = stored_elements(gm)
     report.flops_after = graph_flops(gm)
+
+
+def _note_skipped_checks(report: Report, verify: bool, check_output: bool) -> None:
     if not verify:
         report.checks.append("verify=False: rewrites were not checked one by one")
     if not check_output:
         report.checks.append("check_output=False: the whole result was not compared with the original")
-        log.info("optimized %s: %d rewrites", report.model, report.rewrites)
-        return gm, report
+
+
+def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], report: Report,
+                  run: Callable[[int | None, Report], fx.GraphModule], on_mismatch: str) -> fx.GraphModule:
+    """The whole-model check of :func:`optimize`: ``gm``, or on a mismatch the model captured with no rewrite
+    (``on_mismatch="fallback"``); raises :class:`~fxrebirth.errors.EquivalenceError` (``"raise"``)."""
     start = time.perf_counter()
     outcome = compare(model, gm, inputs)
     report.output_error = outcome.error
@@ -136,8 +171,7 @@ def optimize(
         gm = run(0, Report())
         report.checks.append(f"fallback: {message}; the model is returned with no rewrite")
     report.check_s = time.perf_counter() - start
-    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
-    return gm, report
+    return gm
 
 
 def _culprit(model: nn.Module, outcome: Any, limit: float, report: Report,

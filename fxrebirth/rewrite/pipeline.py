@@ -122,60 +122,75 @@ class RulePass:
             match = self.rule.pattern(node, ctx)
             if match is None or match.output in rolled_back:
                 continue
-            reason = NOT_FROZEN if (self.rule.changes_parameters and not self.frozen) else None
-            reads = [a for n in match.nodes + match.replaced for a in n.all_input_nodes] + list(match.nodes)
-            reason = reason or _mutation_reason(reads + list(match.inputs), mutated) or self.rule.check(match, ctx)
-            if reason is not None:
-                stats.refuse(describe(match.output), reason)
-                continue
-            label = f"{self.rule.name!r} at {describe(match.output)}"
-            ctx.begin(_first(match.replaced), label, reads)
-            why = None
-            try:
-                replacement = _as_mapping(match, self.rule.rewrite(match, ctx))
-            except RewriteRefused as exc:
-                replacement, why = {}, str(exc)
-            except Exception:
-                restored.update(ctx.restore_edited())
-                ctx.rollback()
-                raise
-            edited = ctx.restore_edited()
-            restored.update(edited)
-            if edited and why is None:
-                why = (f"the rule edited {', '.join(map(repr, edited))} in place (undone); rules must create new "
-                       "tensors with ctx.add_tensor")
-            why = why or self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats) \
-                or _move_guards(match, replacement, ctx.created_nodes)
-            if why is not None:
-                ctx.rollback()
-                rolled_back.add(match.output)
-                stats.rolled_back += 1
-                stats.refuse(describe(match.output), why)
-                log.log(logging.DEBUG if why.startswith("cost") else logging.WARNING,
-                        "%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
-                continue
-            for old, new in replacement.items():
-                for key, value in old.meta.items():
-                    new.meta.setdefault(key, value)
-                old.replace_all_uses_with(new)
-            _erase_dead(gm.graph, match.nodes + match.replaced)
-            stats.rewrites += 1
-            stats.rewritten.append(describe(match.output))
-            report.applied.append((self.rule.name, describe(match.output)))
-            report.guards += [f"{label}: {guard.describe()}" for _, guard in ctx.guards]
-            log.debug("%s rewrote %s", self.rule.name, describe(match.output))
-            modified = True
+            if self._attempt(gm, match, ctx, report, stats, rolled_back, mutated, restored):
+                modified = True
         _check_untouched(watched, gm, restored, self.rule.name)
         if modified:
-            eliminate_dead_code(gm.graph)
-            prune_unused_attributes(gm)
-            try:
-                gm.graph.lint()
-            except Exception as exc:
-                raise PipelineError(f"rule {self.rule.name!r} left an invalid graph: {exc}") from exc
-            if recompile:
-                gm.recompile()
+            self._tidy(gm, recompile)
         return PassResult(gm, modified)
+
+    def _attempt(self, gm: fx.GraphModule, match: Match, ctx: RuleContext, report: Report, stats: RuleStats,
+                 rolled_back: set[fx.Node], mutated: frozenset[fx.Node], restored: set[str]) -> bool:
+        """One match: refused, rewritten and rolled back, or rewritten and applied (True)."""
+        reason = NOT_FROZEN if (self.rule.changes_parameters and not self.frozen) else None
+        reads = [a for n in match.nodes + match.replaced for a in n.all_input_nodes] + list(match.nodes)
+        reason = reason or _mutation_reason(reads + list(match.inputs), mutated) or self.rule.check(match, ctx)
+        if reason is not None:
+            stats.refuse(describe(match.output), reason)
+            return False
+        label = f"{self.rule.name!r} at {describe(match.output)}"
+        ctx.begin(_first(match.replaced), label, reads)
+        why = None
+        try:
+            replacement = _as_mapping(match, self.rule.rewrite(match, ctx))
+        except RewriteRefused as exc:
+            replacement, why = {}, str(exc)
+        except Exception:
+            restored.update(ctx.restore_edited())
+            ctx.rollback()
+            raise
+        edited = ctx.restore_edited()
+        restored.update(edited)
+        if edited and why is None:
+            why = (f"the rule edited {', '.join(map(repr, edited))} in place (undone); rules must create new "
+                   "tensors with ctx.add_tensor")
+        why = why or self._gate(match, ctx, stats) or self._verify(gm, match, replacement, ctx, report, stats) \
+            or _move_guards(match, replacement, ctx.created_nodes)
+        if why is not None:
+            ctx.rollback()
+            rolled_back.add(match.output)
+            stats.rolled_back += 1
+            stats.refuse(describe(match.output), why)
+            log.log(logging.DEBUG if why.startswith("cost") else logging.WARNING,
+                    "%s at %s rolled back: %s", self.rule.name, describe(match.output), why)
+            return False
+        self._apply(gm, match, replacement, ctx, report, stats, label)
+        return True
+
+    def _apply(self, gm: fx.GraphModule, match: Match, replacement: dict[fx.Node, fx.Node], ctx: RuleContext,
+               report: Report, stats: RuleStats, label: str) -> None:
+        """Swap the replacement in for the matched nodes and record the rewrite."""
+        for old, new in replacement.items():
+            for key, value in old.meta.items():
+                new.meta.setdefault(key, value)
+            old.replace_all_uses_with(new)
+        _erase_dead(gm.graph, match.nodes + match.replaced)
+        stats.rewrites += 1
+        stats.rewritten.append(describe(match.output))
+        report.applied.append((self.rule.name, describe(match.output)))
+        report.guards += [f"{label}: {guard.describe()}" for _, guard in ctx.guards]
+        log.debug("%s rewrote %s", self.rule.name, describe(match.output))
+
+    def _tidy(self, gm: fx.GraphModule, recompile: bool) -> None:
+        """After a pass that changed ``gm``: dead code and unused attributes removed, the graph linted."""
+        eliminate_dead_code(gm.graph)
+        prune_unused_attributes(gm)
+        try:
+            gm.graph.lint()
+        except Exception as exc:
+            raise PipelineError(f"rule {self.rule.name!r} left an invalid graph: {exc}") from exc
+        if recompile:
+            gm.recompile()
 
     def _gate(self, match: Match, ctx: RuleContext, stats: RuleStats) -> str | None:
         if not self.rule.gated or self.cost_model is None:

@@ -12,30 +12,28 @@ every entry point of fxrebirth.
 timm is a development dependency, never a runtime one: it is imported inside the functions that need
 it. ``tests/benchmarks/zoo_sweep.py`` runs the whole zoo and writes ``docs/zoo.md``;
 ``tests/test_zoo.py`` is the CI sample.
+
+This module owns the population and the building of models; the sweep (:func:`sweep_one`, the
+entry-point runners, :data:`ENTRY_POINTS`) lives in :mod:`fxrebirth.testing._zoo_sweep` and the
+structural checks in :mod:`fxrebirth.testing._zoo_checks`, both re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-import time
 import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxrebirth.equivalence import MIN_BATCH, relative_error, tolerance
-from fxrebirth.errors import CaptureError, first_line
-from fxrebirth.frontends.library import optimize as _optimize
-from fxrebirth.graph.capture import capture as _capture
-from fxrebirth.graph.ops import kind_of
+from fxrebirth.errors import first_line
 from fxrebirth.testing import randomize_batchnorm
+from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
+from fxrebirth.testing._zoo_sweep import ENTRY_POINTS, sweep_one
 
 __all__ = [
     "SOURCES", "SIZES", "ENTRY_POINTS", "REPARAMETERISABLE", "Candidate", "survey", "population",
@@ -46,7 +44,6 @@ __all__ = [
 SOURCES = ("torchvision", "timm")
 SIZES = tuple(range(64, 321, 32))
 """Square input sizes :func:`smallest_input` tries, smallest first: 64, 96, ..., 320."""
-ENTRY_POINTS = ("optimize", "backend", "export")
 REPARAMETERISABLE = (
     ("byobnet", ("repvgg", "mobileone")), ("fastvit", ()), ("repvit", ()), ("repghost", ()),
     ("ghostnet", ("ghostnetv3",)),
@@ -345,351 +342,7 @@ def smallest_input(model: nn.Module, sizes: Sequence[int] = SIZES) -> int | tupl
     return None
 
 
-def foldable_batchnorms(gm: fx.GraphModule) -> list[str]:
-    """Eval-mode BatchNorms with a single-user conv/linear before them, or a lone conv (no padding) or
-    linear consumer after them: what an exact fold could still remove."""
-    found = []
-    for node in gm.graph.nodes:
-        if kind_of(node) != "batch_norm" or node.kwargs["training"]:
-            continue
-        producer = node.kwargs["input"]
-        rank = len(node.meta["tensor_meta"].shape)
-        if kind_of(producer) in ("conv", "conv_transpose") and len(producer.users) == 1:
-            found.append(node.name)
-        elif kind_of(producer) == "linear" and len(producer.users) == 1 and rank == 2:
-            found.append(node.name)
-        users = list(node.users)
-        if len(users) == 1 and users[0].kwargs.get("input") is node:
-            consumer = users[0]
-            if kind_of(consumer) == "linear" and rank == 2:
-                found.append(node.name)
-            elif kind_of(consumer) == "conv" and all(p == 0 for p in consumer.kwargs["padding"]):
-                found.append(node.name)
-    return found
-
-
-_ATEN_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-               "conv_transpose2d", "conv_transpose3d"}
-_ATEN_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
-                     "_native_batch_norm_legit_no_training", "_batch_norm_with_update", "_batch_norm_no_update"}
-
-
-def _aten_name(node: fx.Node) -> str | None:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    namespace, _, rest = str(node.target).partition(".")
-    return rest.split(".")[0] if namespace == "aten" else None
-
-
-def count_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """Convolutions (transposed included) and BatchNorms in a graph: canonical ``call_function`` nodes,
-    ATen operators (a ``torch.export`` program's module) and any remaining ``call_module`` calls of
-    ``nn.Conv*`` / BatchNorm modules."""
-    counts = {"conv": 0, "batch_norm": 0}
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        kind = kind_of(node)
-        aten_name = _aten_name(node)
-        if kind in ("conv", "conv_transpose") or aten_name in _ATEN_CONVS:
-            counts["conv"] += 1
-        elif kind == "batch_norm" or aten_name in _ATEN_BATCH_NORMS:
-            counts["batch_norm"] += 1
-        elif node.op == "call_module":
-            module = modules.get(node.target)
-            if isinstance(module, nn.modules.conv._ConvNd):
-                counts["conv"] += 1
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                counts["batch_norm"] += 1
-    return counts
-
-
 def is_reparameterisable(source: str, family: str, name: str) -> bool:
     """Whether the model belongs to one of the :data:`REPARAMETERISABLE` timm families."""
     return source == "timm" and any(family == f and (not prefixes or name.startswith(prefixes))
                                     for f, prefixes in REPARAMETERISABLE)
-
-
-def _rules_summary(report_dict: dict[str, Any]) -> dict[str, Any]:
-    summary = {}
-    for rule, stats in report_dict.get("rules", {}).items():
-        refusals = stats.get("refusals", [])
-        if not (stats.get("rewrites") or refusals or stats.get("rolled_back")):
-            continue
-        entry: dict[str, Any] = {"rewrites": stats.get("rewrites", 0), "refusals": len(refusals)}
-        if stats.get("rolled_back"):
-            entry["rolled_back"] = stats["rolled_back"]
-        if refusals:
-            entry["first_refusal"] = refusals[0]["reason"][:200]
-        summary[rule] = entry
-    return summary
-
-
-def _outcome(exc: BaseException, exporting: bool = False) -> dict[str, Any]:
-    """An exception as a status: capture failures (fxrebirth's, or torch.export's) are "not captured"."""
-    status = "not captured" if exporting or isinstance(exc, CaptureError) else "error"
-    return {"status": status, "reason": f"{'torch.export: ' if exporting else ''}{type(exc).__name__}: {first_line(exc)}"}
-
-
-def _judge(entry: dict[str, Any], reference: Any, output: Any, bound: float) -> None:
-    error = relative_error(reference, output)
-    entry["error"] = _finite(error)
-    if not error <= bound:
-        entry["status"] = "mismatch"
-        entry["reason"] = f"float32 relative error {error:.3e} > {bound:.0e}"
-    else:
-        entry.setdefault("status", "ok")
-
-
-def _explain(entry: dict[str, Any], row: dict[str, Any], bound: float) -> None:
-    """A float32 mismatch whose float64 error is within ``bound`` becomes ``"rounding"``: the rewrites are
-    equivalent and only float32 evaluation order differs (the original's own rounding, ``noise32``, is in
-    the reason); without a float64 verdict it stays a mismatch."""
-    error64 = entry.get("error64")
-    noise = row.get("noise32")
-    if isinstance(noise, float):
-        entry["reason"] += f" (the original's own float32 rounding: {noise:.2e})"
-    if isinstance(error64, float) and error64 <= bound:
-        entry["status"] = "rounding"
-        entry["reason"] += f"; in float64 {error64:.2e} <= {bound:.0e}"
-    elif isinstance(error64, float):
-        entry["reason"] += f"; in float64 {error64:.2e}"
-
-
-def _finite(error: float) -> float | str:
-    return error if error != float("inf") else "inf"
-
-
-def _in_float64(module: nn.Module, x: torch.Tensor) -> Any:
-    """The output of a float64 copy of ``module`` on ``x`` in float64, or None where it cannot be cast."""
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return copy.deepcopy(module).double()(x.double())
-    except Exception:  # noqa: BLE001 - float32-only code (a dtype written into the model)
-        return None
-
-
-def _judge64(entry: dict[str, Any], optimized: nn.Module, x: torch.Tensor, reference64: Any) -> None:
-    """``error64``: the optimised model against the original, both cast to float64 (the whole-model
-    check of :func:`fxrebirth.optimize`): what is left is the folded weights' rounding to float32."""
-    if reference64 is None:
-        return
-    output64 = _in_float64(optimized, x)
-    if output64 is not None:
-        entry["error64"] = _finite(relative_error(reference64, output64))
-
-
-def _run_optimize(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, row: dict[str, Any],
-                  reference64: Any) -> dict:
-    entry: dict[str, Any] = {}
-    try:
-        before = count_ops(_capture(model, (x,)))
-    except Exception as exc:  # noqa: BLE001 - recorded per entry point
-        return _outcome(exc)
-    entry["convs_before"], entry["bns_before"] = before["conv"], before["batch_norm"]
-    try:
-        gm, report = _optimize(model, x)
-    except Exception as exc:  # noqa: BLE001
-        entry.update(_outcome(exc))
-        return entry
-    after = count_ops(gm)
-    entry["convs_after"], entry["bns_after"] = after["conv"], after["batch_norm"]
-    entry["foldable_left"] = len(foldable_batchnorms(gm))
-    data = report.to_dict()
-    entry["rules"] = _rules_summary(data)
-    entry["library_error"] = data.get("output_error")
-    with torch.no_grad():
-        output = gm(x)
-    _judge(entry, reference, output, bound)
-    _judge64(entry, gm, x, reference64)
-    if row["source"] == "timm":
-        entry["convs_timm_reparam"] = _timm_reparam_convs(model, x)
-    return entry
-
-
-def _timm_reparam_convs(model: nn.Module, x: torch.Tensor) -> int | str:
-    from timm.utils.model import reparameterize_model
-
-    try:
-        fused = reparameterize_model(copy.deepcopy(model)).eval()
-        return count_ops(_capture(fused, (x,)))["conv"]
-    except Exception as exc:  # noqa: BLE001 - timm's own fusion failing is data, not a sweep failure
-        return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-class _BackendLog(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.folded = 0
-        self.reasons: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "rewrites in a graph of" in message:
-            self.folded += 1
-        elif record.levelno >= logging.INFO and "optimising again" not in message:
-            self.reasons.append(message.removeprefix("fxrebirth backend: "))
-
-
-def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, reference64: Any) -> dict:
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    import fxrebirth.frontends.backend as backend
-
-    logger = logging.getLogger(backend.__name__)
-    handler, level = _BackendLog(), logger.level
-    said = getattr(backend, "_said", None)
-    if isinstance(said, set):
-        said.clear()  # the backend logs each reason once per process; this sweep wants it per model
-    torch._dynamo.reset()
-    counters.clear()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    entry: dict[str, Any] = {}
-    try:
-        compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager"})
-        with torch.no_grad():
-            output = compiled(x)
-    except Exception as exc:  # noqa: BLE001
-        entry.update(_outcome(exc))
-        return entry
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        entry["graphs"] = int(counters["stats"].get("unique_graphs", 0))
-        entry["graph_breaks"] = int(sum(counters["graph_break"].values()))
-        torch._dynamo.reset()
-    entry["folded_graphs"] = handler.folded
-    if handler.folded == 0:
-        entry["status"] = "not captured"
-        entry["reason"] = handler.reasons[0][:300] if handler.reasons else "no graph was optimised"
-    elif handler.reasons:  # some graphs folded, others compiled unchanged: why, for the record
-        entry["unfolded_reasons"] = [r[:300] for r in handler.reasons[:3]]
-    _judge(entry, reference, output, bound)
-    if entry["status"] == "mismatch" and reference64 is not None:  # is it the rewrites or float32?
-        _backend64(entry, model, x, reference64)
-    return entry
-
-
-def _backend64(entry: dict[str, Any], model: nn.Module, x: torch.Tensor, reference64: Any) -> None:
-    """``error64`` for the backend: a float64 copy of ``model`` compiled and run in float64."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(copy.deepcopy(model).double(), backend="fxrebirth", options={"compiler": "eager"})
-        with torch.no_grad():
-            entry["error64"] = _finite(relative_error(reference64, compiled(x.double())))
-    except Exception:  # noqa: BLE001 - float32-only code: the float32 verdict stands
-        pass
-    finally:
-        torch._dynamo.reset()
-
-
-def _run_export(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, reference64: Any) -> dict:
-    from fxrebirth.frontends.export import optimize_exported
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(model, (x,))
-    except Exception as exc:  # noqa: BLE001
-        return _outcome(exc, exporting=True)
-    entry: dict[str, Any] = {}
-    try:
-        optimized, report = optimize_exported(program)
-        with torch.no_grad():
-            output = optimized.module()(x)
-    except Exception as exc:  # noqa: BLE001
-        entry.update(_outcome(exc))
-        return entry
-    entry["rewrites"] = report.rewrites
-    _judge(entry, reference, output, bound)
-    _judge64(entry, optimized.module(), x, reference64)
-    try:  # counted on the canonical form of the re-exported program, as for ``optimize``
-        canonical = _capture(optimized.module(), (x,))
-        after = count_ops(canonical)
-        entry["convs_after"], entry["bns_after"] = after["conv"], after["batch_norm"]
-        entry["foldable_left"] = len(foldable_batchnorms(canonical))
-    except Exception as exc:  # noqa: BLE001 - the counts are extra information, not the outcome
-        entry["count_error"] = f"{type(exc).__name__}: {first_line(exc)}"
-    return entry
-
-
-def sweep_one(source: str, name: str, entry_points: Sequence[str] = ENTRY_POINTS,
-              size: int | tuple[int, int] | None = None, seed: int = 0,
-              statistics: str = "uniform") -> dict[str, Any]:
-    """One model through each entry point; a JSON-serialisable row.
-
-    Keys: ``source``, ``name``, ``family``, ``params``, ``built`` (and ``reason`` when not), ``size``
-    (the input size: ``size`` or :func:`smallest_input`), ``reparameterisable``, ``seconds``, and one
-    dict per entry point with ``status`` ("ok", "not captured", "mismatch", "error"), ``reason`` (the
-    first line of the exception, or the measured error for a mismatch), ``error`` (float32 norm-wise
-    relative error against the original model at batch 2 on the same input; a mismatch is one above
-    ``tolerance(torch.float32)``), ``seconds``; for ``optimize`` also convolutions and BatchNorms
-    before and after, ``foldable_left`` (:func:`foldable_batchnorms`), per-rule rewrites and refusals
-    (counts and the first refusal's reason), and for timm models ``convs_timm_reparam`` (the
-    convolutions after ``timm.utils.model.reparameterize_model``). For optimize and export, ``error64``
-    is the same comparison with both models cast to float64; the row's ``noise32`` is the original's own
-    float32 rounding (its float32 output against its float64 copy's): a float32 error near it is rounding,
-    not a wrong rewrite. ``statistics`` goes to :func:`build`; ``batchnorm_statistics`` says how it set
-    them. Exceptions are caught per entry point.
-    """
-    unknown = set(entry_points) - set(ENTRY_POINTS)
-    if unknown:
-        raise ValueError(f"unknown entry point(s) {sorted(unknown)}; use {ENTRY_POINTS}")
-    start = time.perf_counter()
-    row: dict[str, Any] = {"source": source, "name": name}
-    try:
-        row["family"] = family_of(source, name)
-    except Exception:  # noqa: BLE001 - an unregistered name: the build below says why
-        row["family"] = "?"
-    row["reparameterisable"] = is_reparameterisable(source, row["family"], name)
-    row["statistics"] = statistics
-    try:
-        model, size, row["batchnorm_statistics"] = _build(source, name, seed, size, statistics)
-    except Exception as exc:  # noqa: BLE001
-        row.update(built=False, reason=f"{type(exc).__name__}: {first_line(exc)}",
-                   seconds=time.perf_counter() - start)
-        return row
-    row["built"] = True
-    row["params"] = sum(p.numel() for p in model.parameters())
-    if size is None:
-        row.update(size=None, reason=f"runs at none of the sizes {SIZES[0]}..{SIZES[-1]}",
-                   seconds=time.perf_counter() - start)
-        return row
-    row["size"] = size if isinstance(size, int) else list(size)
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(MIN_BATCH, 3, h, w, generator=torch.Generator().manual_seed(seed + 2))
-    bound = tolerance(torch.float32)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = model(x)
-    except Exception as exc:  # noqa: BLE001
-        row.update(reason=f"original model at batch {MIN_BATCH}: {type(exc).__name__}: {first_line(exc)}",
-                   seconds=time.perf_counter() - start)
-        return row
-    reference64 = _in_float64(model, x)
-    if reference64 is not None:
-        row["noise32"] = _finite(relative_error(reference64, reference))
-    for point in entry_points:
-        began = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if point == "optimize":
-                    entry = _run_optimize(model, x, reference, bound, row, reference64)
-                elif point == "backend":
-                    entry = _run_backend(model, x, reference, bound, reference64)
-                else:
-                    entry = _run_export(model, x, reference, bound, reference64)
-        except Exception as exc:  # noqa: BLE001 - a bug of the harness itself must not stop the sweep
-            entry = {"status": "error", "reason": f"harness: {type(exc).__name__}: {first_line(exc)}"}
-        entry["seconds"] = round(time.perf_counter() - began, 2)
-        if entry.get("status") == "mismatch":
-            _explain(entry, row, bound)
-        row[point] = entry
-    row["seconds"] = round(time.perf_counter() - start, 2)
-    return row
