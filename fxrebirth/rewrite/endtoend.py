@@ -32,7 +32,7 @@ from fxrebirth.equivalence import flush_denormals, relative_error, tolerance
 from fxrebirth.errors import ShapeGuardError, first_line
 from fxrebirth.graph.variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs"]
+__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,18 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
         if error > result.error or result.worst is None:
             result.error, result.worst, result.detail = error, inputs, note
     return result
+
+
+def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], seed: int = 0) -> tuple[float, float]:
+    """``(own, candidate)``: how far the original and the candidate, each run in its own dtype at ``inputs``,
+    are from the original run in float64 (norm-wise relative errors; the float32 rounding each carries)."""
+    with flush_denormals():
+        exact = _calls(original, _state(original, True), inputs, True, seed)
+        count = len(exact)
+        own = _calls(original, _state(original, False), inputs, False, seed, count)
+        mine = _calls(candidate, _state(candidate, False), inputs, False, seed, count)
+    reference = [r[0] for r in exact]
+    return relative_error(reference, [o[0] for o in own]), relative_error(reference, [m[0] for m in mine])
 
 
 def bound(model: nn.Module) -> float:

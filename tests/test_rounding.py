@@ -1,0 +1,108 @@
+"""The whole-model check on models that float32 cannot evaluate to 1e-5: rounding is not a wrong rewrite.
+
+Folding stores new weights in float32; when a model amplifies that rounding (a large offset removed
+later, deep random networks), the optimised model differs from the original by more than 1e-5 even
+in float64 arithmetic, although every rewrite is exact. :func:`fxrebirth.optimize` then proves the
+rewrites on a float64 twin (the same pipeline on a float64 copy: no rounding at all) and accepts the
+float32 model only if it is no further from the exact result than twice the original's own float32
+error. A wrong rewrite fails the twin and is still refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxrebirth
+from fxrebirth.equivalence import relative_error
+from fxrebirth.graph.ops import kind_of
+
+OFFSET = 1e4  # a float32 ulp at 1e4 is 2**-10: one rounding there is ~5e-4 of an O(1) signal
+
+
+def _offset_model(seed: int = 0) -> nn.Module:
+    """conv -> BN that adds OFFSET (folded into the conv's bias, which float32 must round) -> ReLU ->
+    BN that removes OFFSET (it follows the ReLU, so it cannot fold): the rounding of the folded bias
+    reaches the output undiminished, and so does the original's own rounding of OFFSET + signal."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        first, last = model[1], model[3]
+        first.running_mean.uniform_(-0.5, 0.5)
+        first.running_var.uniform_(0.5, 2.0)
+        first.weight.uniform_(0.5, 1.5)
+        first.bias.fill_(OFFSET).add_(torch.rand(6))
+        last.running_mean.copy_(first.bias)
+        last.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _own_error(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        exact = _double(model)(x.double())
+        return relative_error(exact, model(x))
+
+
+def _double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("size", [6, 11])
+def test_an_exact_fold_that_float32_rounds_is_accepted_with_its_figures(size):
+    model, x = _offset_model(), torch.randn(2, 3, size, size)
+    own = _own_error(model, x)
+    assert own > 1e-5  # the premise: float32 cannot evaluate this model to 1e-5
+    gm, report = fxrebirth.optimize(model, x)
+    assert report.stats("bn_into_preceding").rewrites == 1
+    assert sum(1 for n in gm.graph.nodes if kind_of(n) == "batch_norm") == 1
+    with torch.no_grad():
+        exact = _double(model)(x.double())
+        assert relative_error(exact, gm(x)) <= 2 * own
+    text = " ".join(report.checks)
+    assert "float64 twin" in text and "float32 rounding" in text
+
+
+def test_the_premise_is_real_without_the_twin():
+    """The control: the plain float64 check with the folded weights in float32 is above 1e-5."""
+    model, x = _offset_model(), torch.randn(2, 3, 6, 6)
+    gm, _ = fxrebirth.optimize(model, x, check_output=False)
+    with torch.no_grad():
+        assert relative_error(_double(model)(x.double()), _double(gm)(x.double())) > 1e-5
+
+
+class _SlightlyWrongBatchNorm(fxrebirth.Rule):
+    """A deliberately wrong rule: a BatchNorm after a ReLU as ``x * s + t`` with ``t`` off by 1e-4, an
+    error smaller than this model's own float32 rounding, so only the float64 twin can see it."""
+
+    name = "slightly_wrong_bn"
+
+    def pattern(self, node, ctx):
+        if kind_of(node) == "batch_norm" and kind_of(node.kwargs["input"]) == "relu":
+            return fxrebirth.Match(output=node, inputs=(node.kwargs["input"],), nodes=(node,))
+        return None
+
+    def rewrite(self, match, ctx):
+        kw = match.output.kwargs
+        mean, var = ctx.constant(kw["running_mean"]).double(), ctx.constant(kw["running_var"]).double()
+        weight, bias = ctx.constant(kw["weight"]).double(), ctx.constant(kw["bias"]).double()
+        scale = weight / torch.sqrt(var + kw["eps"])
+        shift = bias - mean * scale + 1e-4
+        like = ctx.stored(kw["running_var"])
+        return ctx.call(torch.addcmul, like=match.output, input=ctx.add_tensor("t", shift.reshape(1, -1, 1, 1), like),
+                        tensor1=match.inputs[0], tensor2=ctx.add_tensor("s", scale.reshape(1, -1, 1, 1), like))
+
+
+def test_a_wrong_rewrite_hidden_below_float32_rounding_is_still_refused():
+    model, x = _offset_model(), torch.randn(2, 3, 6, 6)
+    assert _own_error(model, x) > 1e-4  # the wrong rule's error hides inside the original's own rounding
+    with pytest.raises(fxrebirth.EquivalenceError, match="slightly_wrong_bn"):
+        fxrebirth.optimize(model, x, rules=fxrebirth.default_rules() + [_SlightlyWrongBatchNorm()], verify=False)
+
+
+def test_a_well_conditioned_model_needs_no_twin():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)).eval()
+    _, report = fxrebirth.optimize(model, torch.randn(2, 3, 8, 8))
+    assert not any("float64 twin" in c for c in report.checks)
