@@ -1,8 +1,8 @@
-"""Test configuration: hypothesis profiles and benchmark collection.
+"""Test configuration: hypothesis profiles and shared fixtures.
 
 Profiles (select with HYPOTHESIS_PROFILE): ``ci`` (default; derandomised, no deadline, so the noisy
-machine never flakes a run) and ``thorough`` (10x the examples, random seeds). Benchmarks in
-tests/benchmarks are only collected with ``--benchmarks``.
+machine never flakes a run) and ``thorough`` (10x the examples, random seeds). The benchmarks live in
+``benchmarks/`` (outside ``testpaths``): ``python -m benchmarks.<name>``, ``pytest benchmarks/latency.py``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--benchmarks", action="store_true", help="collect tests/benchmarks")
-
-
-def pytest_ignore_collect(collection_path, config):  # noqa: ANN001 - pytest hook signature
-    if "benchmarks" in collection_path.parts and not config.getoption("--benchmarks"):
-        return True
-    return None
 
 
 @pytest.fixture

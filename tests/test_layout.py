@@ -129,7 +129,6 @@ def _functions(tree: ast.AST):
             yield node
 
 
-@pytest.mark.xfail(reason="issue 15 in progress: the long modules and functions are being split", strict=False)
 def test_modules_and_functions_are_small():
     big, long = [], []
     for module, path in MODULES.items():

@@ -112,3 +112,23 @@ def test_not_frozen_leaves_parameters_alone():
     assert report.stats("bn_into_preceding").rewrites == 0
     assert report.stats("remove_dropout").rewrites == 1  # cleanup does not touch parameters
     assert sorted(dict(gm.named_parameters())) == sorted(dict(model.named_parameters()))
+
+
+def test_rule_passes_and_pipelines_run_under_torch_fx_pass_manager():
+    """torch.fx's PassManager calls ``pass(gm)`` and reads ``graph_module``/``modified``: both work."""
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    from fxrebirth import RulePass
+
+    model, x = _model(), torch.randn(2, 3, 6, 6)
+    gm = fxrebirth.capture(model, x)
+    result = PassManager([RulePass(rule) for rule in fxrebirth.default_rules()], steps=5)(gm)
+    assert result.modified
+    assert sum(1 for n in result.graph_module.graph.nodes if kind_of(n) == "batch_norm") == 0
+    assert_equivalent(model, result.graph_module, x)
+    again = fxrebirth.capture(model, x)
+    result = PassManager([Pipeline(tuple(fxrebirth.default_rules()))])(again)
+    assert result.modified and sum(1 for n in again.graph.nodes if kind_of(n) == "batch_norm") == 0
+    assert_equivalent(model, result.graph_module, x)
+    one = RulePass(fxrebirth.default_rules()[0])(fxrebirth.capture(model, x))
+    assert one.report is not None and one.report.rewrites == one.report.stats(one.report.applied[0][0]).rewrites

@@ -1,4 +1,4 @@
-"""The CI sample of the model zoo (fxrebirth.testing.zoo; the whole zoo: tests/benchmarks/zoo_sweep.py).
+"""The CI sample of the model zoo (fxrebirth.testing.zoo; the whole zoo: benchmarks/zoo_sweep.py).
 
 Small models of the re-parameterisable timm families and of a dozen other CNN families, built with
 random weights and randomised BatchNorm, through each entry point (``fxrebirth.optimize``, the

@@ -26,6 +26,7 @@ from fxrebirth.rewrite.cost import CostModel, RooflineCost
 from fxrebirth.graph.guards import check_size, is_guard
 from fxrebirth.graph.metadata import SYMBOLIC_KEY, reads_only_shape
 from fxrebirth.graph.mutation import eliminate_dead_code, is_impure, mutated_input, tainted
+from fxrebirth.graph.surgery import prune_unused_attributes
 from fxrebirth.rewrite.report import Decision, Report, RuleStats
 from fxrebirth.rewrite.rules import Match, Rule, RuleContext, RewriteRefused, describe, users_of
 from fxrebirth.graph.variants import VARIANTS_KEY
@@ -40,31 +41,13 @@ NOT_FROZEN = "parameters are not frozen (pipeline frozen=False): folding would c
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass returns, as in torch.fx's pass infrastructure."""
+    """What a pass returns: torch.fx's ``PassResult`` fields (``graph_module``, ``modified``), so that a
+    :class:`RulePass` or a :class:`Pipeline` runs under ``torch.fx.passes.infra.pass_manager.PassManager``,
+    and the pass's :class:`Report` (what it did and refused)."""
 
     graph_module: fx.GraphModule
     modified: bool
-
-
-def prune_unused_attributes(gm: fx.GraphModule) -> int:
-    """Delete parameters and buffers that no node reads any more; return how many were deleted."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    modules = [n.target + "." for n in gm.graph.nodes if n.op == "call_module"]
-    removed = 0
-    names = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
-    names += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in names:
-        if name in used or any(name.startswith(prefix) for prefix in modules):
-            continue
-        *path, last = name.split(".")
-        owner = gm.get_submodule(".".join(path)) if path else gm
-        if last in owner._parameters:
-            del owner._parameters[last]
-        elif last in owner._buffers:
-            del owner._buffers[last]
-        removed += 1
-    gm.delete_all_unused_submodules()
-    return removed
+    report: Report | None = None
 
 
 def _erase_dead(graph: fx.Graph, nodes: Sequence[fx.Node]) -> None:
@@ -98,7 +81,7 @@ class RulePass:
     def name(self) -> str:
         return self.rule.name
 
-    def __call__(self, gm: fx.GraphModule, report: Report, rolled_back: set[fx.Node] | None = None, *,
+    def __call__(self, gm: fx.GraphModule, report: Report | None = None, rolled_back: set[fx.Node] | None = None, *,
                  recompile: bool = True, limit: int | None = None,
                  mutated: frozenset[fx.Node] | None = None) -> PassResult:
         """Apply the rule wherever it matches. ``rolled_back`` (shared across a pipeline's iterations)
@@ -106,8 +89,10 @@ class RulePass:
         leaves regenerating ``gm``'s Python code to the caller (a pipeline does it once at the end).
         ``limit``: stop once the report holds that many applied rewrites (to replay a prefix of a run).
         ``mutated``: the graph's tainted values (:func:`fxrebirth.graph.mutation.tainted`), when the caller has
-        them: no rewrite touches them, so they stay the same for a whole pipeline run."""
+        them: no rewrite touches them, so they stay the same for a whole pipeline run. Called as
+        ``rule_pass(gm)`` (as torch.fx's PassManager does), it reports into a fresh :class:`Report`."""
         rolled_back = set() if rolled_back is None else rolled_back
+        report = Report() if report is None else report
         stats = report.stats(self.rule.name)
         ctx = RuleContext(gm, frozen=self.frozen)
         modified = False
@@ -127,7 +112,7 @@ class RulePass:
         _check_untouched(watched, gm, restored, self.rule.name)
         if modified:
             self._tidy(gm, recompile)
-        return PassResult(gm, modified)
+        return PassResult(gm, modified, report)
 
     def _attempt(self, gm: fx.GraphModule, match: Match, ctx: RuleContext, report: Report, stats: RuleStats,
                  rolled_back: set[fx.Node], mutated: frozenset[fx.Node], restored: set[str]) -> bool:
@@ -396,4 +381,9 @@ class Pipeline:
         if modified_any:
             gm.recompile()
         report.passes_s += time.perf_counter() - start
-        return PassResult(gm, modified_any), report
+        return PassResult(gm, modified_any, report), report
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        """:meth:`run` as a pass (``pipeline(gm)``, as torch.fx's PassManager calls it); the report is the
+        result's ``report``."""
+        return self.run(gm)[0]

@@ -10,7 +10,7 @@ every entry point of fxrebirth.
   the rules' own code.
 
 timm is a development dependency, never a runtime one: it is imported inside the functions that need
-it. ``tests/benchmarks/zoo_sweep.py`` runs the whole zoo and writes ``docs/zoo.md``;
+it. ``benchmarks/zoo_sweep.py`` runs the whole zoo and writes ``docs/zoo.md``;
 ``tests/test_zoo.py`` is the CI sample.
 
 This module owns the population and the building of models; the sweep (:func:`sweep_one`, the

@@ -19,7 +19,7 @@ happens (:class:`Outcome`):
 
 The catalog also runs against older fxrebirth versions (no :mod:`fxrebirth.equivalence`, no
 ``ShapeGuardError``), so that before/after counts can be compared
-(``tests/benchmarks/adversarial_sweep.py``).
+(``benchmarks/adversarial_sweep.py``).
 
 The catalog is a package, one module per concern: :mod:`.records` (:class:`Case`, :class:`Outcome`,
 the classes and statuses), :mod:`.compat` (what it takes from fxrebirth, with fallbacks),

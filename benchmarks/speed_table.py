@@ -3,8 +3,8 @@ fxrebirth's exact tier and the reborn model, side by side in one process.
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_speed_table.py [--rounds 20] [--batch 1 8] [--model googlenet_lrn]
-    pytest --benchmarks tests/benchmarks/test_speed_table.py
+    python -m benchmarks.speed_table [--rounds 20] [--batch 1 8] [--model googlenet_lrn]
+    pytest benchmarks/speed_table.py
 
 The script is ``fxrebirth bench`` (fxrebirth/measure/speed.py does the work): the original under eager,
 ``torch.fx.experimental.optimization.fuse``, Inductor with freezing, ``torch.compile(backend="fxrebirth")``

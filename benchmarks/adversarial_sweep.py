@@ -1,37 +1,23 @@
 """Run the adversarial catalog (fxrebirth.testing.adversarial) and count outcomes per class.
 
-    python tests/benchmarks/adversarial_sweep.py [--json] [--class inplace] [--case NAME ...]
+    python -m benchmarks.adversarial_sweep [--json] [--class inplace] [--case NAME ...]
 
 Prints, per class, the number of cases that were ok / refused / wrong / crash / mutated, then every
-case that was not ok with its detail. Works against older fxrebirth versions that lack the catalog
-module: it is then loaded from this checkout's file (``fxrebirth/testing/adversarial.py``), e.g.
-
-    cd /tmp && PYTHONPATH=/path/to/old:/path/to/this python /path/to/this/tests/benchmarks/adversarial_sweep.py
+case that was not ok with its detail.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-CATALOG_FILE = Path(__file__).resolve().parents[2] / "fxrebirth" / "testing" / "adversarial.py"
-
-
 def load_catalog():
-    """``fxrebirth.testing.adversarial``, or this checkout's file when the installed fxrebirth lacks it."""
-    try:
-        import fxrebirth.testing.adversarial as catalog
+    """The adversarial catalog, :mod:`fxrebirth.testing.adversarial`."""
+    import fxrebirth.testing.adversarial as catalog
 
-        return catalog
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location("fxrebirth_adversarial_catalog", CATALOG_FILE)
-        catalog = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = catalog  # dataclasses look their module up here
-        spec.loader.exec_module(catalog)
-        return catalog
+    return catalog
 
 
 def table(outcomes, classes, statuses) -> str:

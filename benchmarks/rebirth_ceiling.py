@@ -3,8 +3,8 @@ rebirth layers, against the original, eager and compiled, side by side.
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_rebirth_ceiling.py [--rounds 30] [--no-compile]
-    python tests/benchmarks/test_rebirth_ceiling.py --thinner [--rounds 20]
+    python -m benchmarks.rebirth_ceiling [--rounds 30] [--no-compile]
+    python -m benchmarks.rebirth_ceiling --thinner [--rounds 20]
 
 ``--thinner``: what a bigger speed-up than merging with widths kept would take (the paper's 3.87x):
 every region replaced, with the inception reduce layers at the default half width, a quarter and an

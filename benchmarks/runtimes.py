@@ -2,7 +2,7 @@
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_runtimes.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2]
+    python -m benchmarks.runtimes [--rounds 30] [--models googlenet resnet50 mobilenet_v2]
 
 For each model (random weights, randomised BatchNorm, batch 1, 224x224, fp32): eager; torch.compile
 with Inductor, without and with freezing; torch.compile(backend="fxrebirth") (Inductor inside); ONNX
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_latency import build, interleaved_medians  # noqa: E402  (same models as the exact-tier benchmark)
+from benchmarks._common import build  # noqa: E402 - the same models as the exact-tier latency benchmark
+from fxrebirth.measure.timing import interleaved_medians  # noqa: E402
 
 import fxrebirth  # noqa: E402
 from fxrebirth.measure.speed import compiled_runner, export_onnx, ort_runner  # noqa: E402

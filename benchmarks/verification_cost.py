@@ -2,7 +2,7 @@
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_verification_cost.py [--models googlenet regnet_y_128gf] [--repeats 3]
+    python -m benchmarks.verification_cost [--models googlenet regnet_y_128gf] [--repeats 3]
 
 For each model (random weights, BatchNorm statistics randomised, eval mode, batch 1 example at the size
 given): the whole call, capture, the passes (with per-rewrite float64 verification, and that
@@ -15,22 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 
 import torch
-import torchvision
 
 import fxrebirth
-from fxrebirth.testing import randomize_batchnorm
+from benchmarks._common import torchvision_model
 
 MODELS = {"googlenet": 224, "regnet_y_128gf": 64}
 
 
 def build(name: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(name, weights=None)
-    return randomize_batchnorm(model, torch.Generator().manual_seed(1)).eval()
+    return torchvision_model(name, seed=1)
 
 
 def measure(name: str, size: int, repeats: int = 3, **options) -> dict[str, float]:

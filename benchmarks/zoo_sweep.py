@@ -1,7 +1,7 @@
 """Sweep the model zoo (fxrebirth.testing.zoo) through optimize, the torch.compile backend and torch.export.
 
-    python tests/benchmarks/zoo_sweep.py [--shard I/N] [--only NAME ...] [--limit K] [--timeout S] [--cache DIR]
-    python tests/benchmarks/zoo_sweep.py --table          # docs/zoo.md from the cache alone
+    python -m benchmarks.zoo_sweep [--shard I/N] [--only NAME ...] [--limit K] [--timeout S] [--cache DIR]
+    python -m benchmarks.zoo_sweep --table          # docs/zoo.md from the cache alone
 
 The population (every attention-free torchvision and timm classification model of at most 50M
 parameters) is surveyed once on the meta device and kept in ``DIR/population.json``. Each model is then
@@ -26,24 +26,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks._common import ROOT, write_atomically  # noqa: E402
+
 DOC = ROOT / "docs" / "zoo.md"
 RECYCLE = 20  # models per worker process: bounds what a long-lived process accumulates
 ENTRY_POINTS = ("optimize", "backend", "export")
-
-
-def write_atomically(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def row_path(cache: Path, source: str, name: str) -> Path:
@@ -107,7 +94,7 @@ class Worker:
     def __init__(self, log: Path, entry_points: list[str], statistics: str, threads: int | None) -> None:
         self.log = open(log, "a")  # noqa: SIM115 - lives as long as the worker
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--statistics", statistics, "--entry-points", *entry_points,
+            [sys.executable, "-m", "benchmarks.zoo_sweep", "--worker", "--statistics", statistics, "--entry-points", *entry_points,
              *(["--threads", str(threads)] if threads else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
             start_new_session=True, cwd=ROOT,
@@ -291,8 +278,8 @@ def table(cache: Path, doc: Path) -> str:
         "input-dependent tensors in the forward pass; squeeze-excite, ECA, CBAM, selective-kernel and",
         "split-attention gating are not attention, global-context blocks are) and those above 50M parameters.",
         "",
-        "**Regenerate**: `python tests/benchmarks/zoo_sweep.py` (resumable; `--shard I/N` splits it), then",
-        "`python tests/benchmarks/zoo_sweep.py --table`. Versions: "
+        "**Regenerate**: `python -m benchmarks.zoo_sweep` (resumable; `--shard I/N` splits it), then",
+        "`python -m benchmarks.zoo_sweep --table`. Versions: "
         + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         "",
         "## Headline",

@@ -2,80 +2,27 @@
 
 Not collected by the plain test command. Run with pytest-benchmark::
 
-    pytest --benchmarks tests/benchmarks --benchmark-group-by=param:model
+    pytest benchmarks/latency.py benchmarks/pipeline_scaling.py --benchmark-group-by=param:model
 
 or, for ratios measured side by side (variants interleaved round by round in one process, which is
 what to quote on a noisy machine)::
 
-    python tests/benchmarks/test_latency.py [--rounds 30] [--models googlenet resnet50 mobilenet_v2] [--pipeline]
+    python -m benchmarks.latency [--rounds 30] [--models googlenet resnet50 mobilenet_v2] [--pipeline]
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 from typing import Callable
 
 import torch
-import torchvision
-from torch.fx.experimental.optimization import fuse
 
-import fxrebirth
+from benchmarks._common import ABLATIONS, build, torchvision_model
 from fxrebirth.measure.timing import interleaved_medians
-from fxrebirth.testing import randomize_batchnorm
 
 MODELS = ["googlenet", "resnet50", "mobilenet_v2", "repvgg"]
 VARIANTS = ["eager", "fx_fuse", "fxrebirth"]
-# googlenet without horizontal fusion of the inception 1x1 layers: what that fusion alone gains
-ABLATIONS = {"googlenet": {"no_sibling_fusion": ["merge_sibling_convs"]}}
 LARGEST = "maxvit_t"  # the torchvision classification model with the most graph nodes (1,633 traced)
-
-
-class _RepVGGBlock(torch.nn.Module):
-    """RepVGG's training-time block (3x3+BN, 1x1+BN, identity BN when shapes allow, summed, ReLU)."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        nn = torch.nn
-        self.dense = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
-        self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
-        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dense(x) + self.pointwise(x)
-        if self.identity is not None:
-            out = out + self.identity(x)
-        return torch.relu(out)
-
-
-def repvgg_a0(num_classes: int = 1000) -> torch.nn.Module:
-    """A RepVGG-A0-shaped network (Ding et al., 2021: depths 1-2-4-14-1, widths 48-48-96-192-1280)."""
-    layers, cin = [], 3
-    for width, depth in ((48, 1), (48, 2), (96, 4), (192, 14), (1280, 1)):
-        for i in range(depth):
-            layers.append(_RepVGGBlock(cin, width, 2 if i == 0 else 1))
-            cin = width
-    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                               torch.nn.Linear(cin, num_classes))
-
-
-def build(model_name: str, variant: str, size: int = 224) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The model in one of the compared forms, and a batch-1 input."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if model_name == "repvgg":
-        model = repvgg_a0()
-    else:
-        kwargs = {"init_weights": False} if model_name == "googlenet" else {}
-        model = torchvision.models.get_model(model_name, weights=None, **kwargs)
-    model = randomize_batchnorm(model).eval()
-    x = torch.randn(1, 3, size, size)
-    if variant == "fx_fuse":
-        model = fuse(model)
-    elif variant == "fxrebirth":
-        model, _ = fxrebirth.optimize(model, x)
-    elif variant in ABLATIONS.get(model_name, {}):
-        model, _ = fxrebirth.optimize(model, x, disable=ABLATIONS[model_name][variant])
-    return model, x
 
 
 def _runner(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -100,7 +47,7 @@ try:
 
     def test_pipeline_time_largest_torchvision_model(benchmark):
         """Capture + passes + verification on the torchvision model with the most graph nodes."""
-        model = randomize_batchnorm(torchvision.models.get_model(LARGEST, weights=None)).eval()
+        model = torchvision_model(LARGEST)
         x = torch.randn(1, 3, 224, 224)
         benchmark.pedantic(lambda: fxrebirth.optimize(model, x), rounds=3, iterations=1)
 except ImportError:  # pragma: no cover - running as a script without pytest
@@ -126,7 +73,7 @@ def interleaved(models: list[str], rounds: int) -> None:
 
 def pipeline_cost(name: str = LARGEST, repeats: int = 3) -> None:
     """Capture, passes and verification time of the exact tier (best of ``repeats``)."""
-    model = randomize_batchnorm(torchvision.models.get_model(name, weights=None)).eval()
+    model = torchvision_model(name)
     x = torch.randn(1, 3, 224, 224)
     reports = [fxrebirth.optimize(model, x)[1] for _ in range(repeats)]
     best = min(reports, key=lambda r: r.capture_s + r.passes_s)

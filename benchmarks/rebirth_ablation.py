@@ -2,7 +2,7 @@
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_rebirth_ablation.py [--epochs 2.5] [--out ablation.json]
+    python -m benchmarks.rebirth_ablation [--epochs 2.5] [--out ablation.json]
 
 Uses the cached default teacher (trained on first use) and one plan (every region selected). Each
 variant gets the same retraining budget in epochs: ``distill`` spends it on end-to-end distillation,

@@ -2,8 +2,8 @@
 
 Not collected by the plain test command. Run::
 
-    python tests/benchmarks/test_pipeline_scaling.py [--sizes 1000 5000 10000] [--repeats 3]
-    pytest --benchmarks tests/benchmarks/test_pipeline_scaling.py
+    python -m benchmarks.pipeline_scaling [--sizes 1000 5000 10000] [--repeats 3]
+    pytest benchmarks/pipeline_scaling.py
 
 Graphs come from :func:`fxrebirth.testing.graphs.synthetic_cnn` (conv/BN/ReLU, RepVGG-style sums,
 inception-style concatenations, constant scale/shift, avg-pool -> conv; 4 channels at 6x6, so that the
