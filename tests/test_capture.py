@@ -15,6 +15,7 @@ import fxrebirth
 from fxrebirth import CaptureError, capture
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import assert_equivalent
+from fxrebirth.graph.tracing import OPAQUE_KEY
 
 
 class _Positional(nn.Module):
@@ -96,13 +97,79 @@ class _Net(nn.Module):
         return self.gate(self.conv(x))
 
 
-def test_untraceable_module_is_named_with_the_fix():
+def test_an_untraceable_submodule_is_kept_opaque_and_reported():
+    model, x = _Net().eval(), torch.randn(2, 3, 4, 4)
+    gm = capture(model, x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate"]
+    (note,) = gm.meta[OPAQUE_KEY]
+    assert "_DataDependent (first at 'gate')" in note and "never rewritten" in note
+    for sample in (x, -x, torch.randn(3, 3, 7, 5)):
+        assert_equivalent(model, gm, sample)
+
+
+def test_an_untraceable_root_is_named_with_the_fix():
     with pytest.raises(CaptureError) as info:
-        capture(_Net(), torch.randn(1, 3, 4, 4))
+        capture(_DataDependent(), torch.randn(1, 3, 4, 4))
     message = str(info.value)
-    assert "module 'gate' (_DataDependent)" in message
+    assert "module '<root>' (_DataDependent)" in message
     assert "leaf_modules=[_DataDependent]" in message
     assert info.value.__traceback__ is not None and info.value.__cause__ is None
+
+
+class _SamePad(nn.Module):
+    """timm's Conv2dSame pattern: the padding computed in Python from the traced size (``max`` of it)."""
+
+    def __init__(self, cin, cout, k, stride):
+        super().__init__()
+        self.conv, self.k, self.stride = nn.Conv2d(cin, cout, k, stride), k, stride
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        pad_h = max((-(-ih // self.stride) - 1) * self.stride + self.k - ih, 0)
+        pad_w = max((-(-iw // self.stride) - 1) * self.stride + self.k - iw, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_same_padding_convs_stay_opaque_and_the_rest_folds(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(_SamePad(3, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), _SamePad(8, 4, 3, 2))
+    model = fxrebirth.testing.randomize_batchnorm(model).eval().to(dtype)
+    x = torch.randn(2, 3, 9, 9, dtype=dtype)
+    gm, report = fxrebirth.optimize(model, x)
+    assert any("kept opaque: _SamePad" in c for c in report.checks)
+    assert report.stats("bn_into_preceding").rewrites == 1  # the conv's BN; the one after _SamePad stays
+    for size in (9, 12, 17):
+        assert_equivalent(model, gm, torch.randn(3, 3, size, size, dtype=dtype))
+
+
+class _WritesInput(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            x.add_(1)
+        return x * 2
+
+
+def test_an_opaque_module_that_writes_its_input_is_never_silently_wrong():
+    """The opaque call is taken to be pure; where it is not, the result still matches or is refused."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.gate = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), _WritesInput()
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.gate(y) + y
+
+    model, x = fxrebirth.testing.randomize_batchnorm(Net()).eval(), torch.randn(2, 3, 4, 4).abs()
+    try:
+        gm, _ = fxrebirth.optimize(model, x)
+    except fxrebirth.EquivalenceError:
+        return
+    for sample in (x, -x, x + 1):
+        assert_equivalent(model, gm, sample)
 
 
 def test_leaf_modules_make_it_traceable():

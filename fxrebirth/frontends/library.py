@@ -15,6 +15,7 @@ from fxrebirth.rewrite.cost import CostModel, RooflineCost, graph_flops, stored_
 from fxrebirth.rewrite.endtoend import Comparison, bound, compare, describe_inputs, float_rounding
 from fxrebirth.equivalence import ROUNDING_FACTOR, relative_error
 from fxrebirth.graph.metadata import GUARDS_KEY
+from fxrebirth.graph.tracing import OPAQUE_KEY
 from fxrebirth.errors import EquivalenceError, PipelineError
 from fxrebirth.rewrite.pipeline import Pipeline
 from fxrebirth.rewrite.report import Report
@@ -115,6 +116,7 @@ def _captured(model: nn.Module, inputs: tuple[Any, ...],
     report = Report(model=type(model).__name__)
     report.capture_s = time.perf_counter() - start
     report.guards += gm.meta.get(GUARDS_KEY, [])
+    report.checks += [f"kept opaque: {note}" for note in gm.meta.get(OPAQUE_KEY, [])]
     report.nodes_before = len(gm.graph.nodes)
     report.params_before = stored_elements(gm)
     report.flops_before = graph_flops(gm)

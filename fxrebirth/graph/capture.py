@@ -37,7 +37,7 @@ from fxrebirth.graph.metadata import resolve_metadata
 from fxrebirth.graph.mutation import eliminate_dead_code, functionalize, mutated_input
 from fxrebirth.graph.variants import record_variant_shapes
 from fxrebirth.graph.ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
-from fxrebirth.graph.tracing import _has_containers, _keep_root_hooks, _refuse_global_hooks, _trace, has_hooks
+from fxrebirth.graph.tracing import OPAQUE_KEY, _has_containers, _keep_root_hooks, _refuse_global_hooks, _trace, has_hooks
 
 __all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
 
@@ -331,6 +331,7 @@ def capture(
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     _refuse_global_hooks()
+    opaque: list[str] = []
     if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)
         root = copy_module(model) if copy_model else model
@@ -338,10 +339,14 @@ def capture(
         lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
     else:
         root = copy_module(model) if copy_model else model
-        graph, _ = _trace(root, leaf_modules)
+        graph, _, opaque = _trace(root, leaf_modules)
+        if opaque:
+            log.info("capture of %s: %s", type(model).__name__, "; ".join(opaque))
     _lower_module_calls(graph, root)
     canonicalize(graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
+    if opaque:
+        gm.meta[OPAQUE_KEY] = opaque
     _keep_root_hooks(root, gm)
     changed = eliminate_dead_code(gm.graph, unknown_is_tensor=True)
     if changed:

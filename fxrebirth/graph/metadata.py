@@ -184,6 +184,20 @@ def _deadline(seconds: float) -> Iterator[bool]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextmanager
+def _quiet_fake_tensors() -> Iterator[None]:
+    """torch logs an ERROR with a traceback for every op whose meta kernel rejects symbolic sizes (e.g.
+    ``F.pad`` by amounts computed from a symbolic size in an opaque module); this run expects and handles
+    those (fresh symbols), so they are not the user's errors."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any] | None:
     """Every node's value with all input sizes symbolic, or ``None`` when the graph cannot run on fake
     tensors (an op without a meta kernel, a data-dependent size)."""
@@ -214,7 +228,7 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
             if not bounded:
                 log.debug("symbolic shape run skipped outside the main thread (it cannot be time-bounded)")
                 return None
-            with _no_side_effects(gm), mode:
+            with _no_side_effects(gm), _quiet_fake_tensors(), mode:
                 fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
                 runner.run(*fakes)
     except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.errors import CaptureError
+from fxrebirth.errors import CaptureError, first_line
 
-__all__ = ["has_hooks"]
+__all__ = ["has_hooks", "OPAQUE_KEY"]
 
 
 _INPLACE_DUNDERS = {
@@ -117,20 +117,36 @@ def _refuse_global_hooks() -> None:
         )
 
 
-def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.Graph, _Tracer]:
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
-        where = tracer.failed_in or "<root>"
-        sub = model.get_submodule(where) if where != "<root>" else model
-        raise CaptureError(
-            f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
-            "fxrebirth needs a static graph. Fixes: pass leaf_modules=[" + type(sub).__name__ + "] so this "
-            "module is kept as an opaque call (it is then never rewritten), or make its control flow "
-            "independent of tensor values."
-        ) from None
-    return graph, tracer
+OPAQUE_KEY = "fxrebirth.opaque"
+"""``gm.meta`` key: the modules capture kept as opaque calls because torch.fx cannot trace them."""
+
+MAX_OPAQUE = 16
+"""Module types capture may make opaque on its own before it gives up with :class:`CaptureError`."""
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.Graph, _Tracer, list[str]]:
+    """The traced graph, the tracer, and what was kept opaque: a submodule whose forward torch.fx cannot
+    trace (Python control flow on a traced size, as timm's ``Conv2dSame`` computes its padding) becomes an
+    opaque call of its type, which runs exactly as written and is never rewritten; the rest is traced.
+    Only the root itself failing, or more than :data:`MAX_OPAQUE` such types, is a :class:`CaptureError`."""
+    leaves, opaque = list(leaf_modules), []
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            return tracer.trace(model), tracer, opaque
+        except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
+            where = tracer.failed_in or "<root>"
+            sub = model.get_submodule(where) if where != "<root>" else model
+            if where == "<root>" or len(opaque) >= MAX_OPAQUE or type(sub) in leaves:
+                raise CaptureError(
+                    f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
+                    "fxrebirth needs a static graph. Fixes: pass leaf_modules=[" + type(sub).__name__ + "] so this "
+                    "module is kept as an opaque call (it is then never rewritten), or make its control flow "
+                    "independent of tensor values."
+                ) from None
+            leaves.append(type(sub))
+            opaque.append(f"{type(sub).__name__} (first at '{where}'): torch.fx cannot trace it "
+                          f"({type(exc).__name__}: {first_line(exc, 120)}); kept as an opaque call, never rewritten")
 
 
 def _has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
