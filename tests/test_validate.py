@@ -38,7 +38,7 @@ def test_good_options_pass():
     ({"disable": None}, r"disable must be a list of rule names"),
     ({"disable": [3]}, r"disable\[0\] is int 3, not a rule name"),
     ({"cost_model": "onnxruntime"}, r"cost_model='onnxruntime' is a string; pass a cost model object: "
-                                    r"fxrebirth\.cost\.RooflineCost\.onnxruntime\(\)"),
+                                    r"fxrebirth\.rewrite\.cost\.RooflineCost\.onnxruntime\(\)"),
     ({"cost_model": RooflineCost}, r"cost_model is the class RooflineCost; pass an instance RooflineCost\(\)"),
     ({"cost_model": 3.0}, r"cost_model is float 3.0, which has no node_cost"),
     ({"leaf_modules": [nn.ReLU()]}, r"leaf_modules\[0\] is an instance of ReLU; pass the type: ReLU"),
