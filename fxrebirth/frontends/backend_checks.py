@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fxrebirth.equivalence import identical
 from fxrebirth.errors import first_line
 from fxrebirth.graph.mutation import mutated_input
+from fxrebirth.rewrite.rules import _fetch_attr as _fetch  # one attribute lookup for the whole package
 
 log = logging.getLogger("fxrebirth.frontends.backend")  # the backend's logger: its users listen there
 
@@ -41,13 +42,6 @@ def _is_weight(node: fx.Node, value: Any) -> bool:
             return True
         source = getattr(source, "base", None)
     return False
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _attributes(gm: fx.GraphModule) -> dict[str, Any]:
