@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["FxRebirthError", "CaptureError", "PipelineError", "EquivalenceError", "ShapeGuardError", "first_line"]
+import contextlib
+import io
+import sys
+from typing import Iterator
+
+__all__ = ["FxRebirthError", "CaptureError", "PipelineError", "EquivalenceError", "ShapeGuardError", "first_line",
+           "held_stderr"]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -10,6 +16,19 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     it has none: what a one-line error quotes of an error from inside torch."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def held_stderr() -> Iterator[None]:
+    """Hold back what the block writes to ``sys.stderr``: written out if the block succeeds, dropped if it
+    raises. For running a model only to learn whether it accepts an input: a ``torch.fx.GraphModule``
+    that raises prints its generated code around the failing line to stderr before the exception
+    propagates, which for a probe that is expected to fail is noise; a warning the model writes on a
+    run that succeeds still reaches the user."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
 
 
 class FxRebirthError(Exception):

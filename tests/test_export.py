@@ -162,3 +162,39 @@ def test_a_write_to_the_programs_input_is_kept():
         for got, want in zip(optimized.module()(mine), model(theirs)):
             _close(got, want)
     assert torch.equal(mine, theirs)  # the input was written the same way
+
+
+class _Flatten(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).view(2, 4 * 6 * 6)  # runs at its example's shape only
+
+
+def test_sizes_the_original_refuses_are_skipped_quietly(capsys):
+    """A traced model with a literal view runs at one shape: the whole-model check's other sizes fail in
+    the original, are skipped, and torch.fx's printout of the failing generated line stays hidden."""
+    original = torch.fx.symbolic_trace(randomize_batchnorm(_Flatten()).eval())
+    optimized, report = fxrebirth.optimize(original, (torch.randn(2, 3, 8, 8),))
+    assert "Call using an FX-traced Module" not in capsys.readouterr().err
+    assert report.rules["bn_into_preceding"].rewrites == 1
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(optimized(x), original(x), atol=1e-5)
+
+
+def test_what_a_model_writes_to_stderr_on_a_run_that_works_still_shows(capsys):
+    import sys
+
+    class Chatty(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            print("chatty forward", file=sys.stderr)
+            return self.bn(self.conv(x))
+
+    fxrebirth.optimize(Chatty().eval(), (torch.randn(2, 3, 8, 8),), verify=False)
+    assert "chatty forward" in capsys.readouterr().err

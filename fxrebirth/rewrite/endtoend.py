@@ -29,7 +29,7 @@ from torch import nn
 
 from fxrebirth.graph.capture import copy_module
 from fxrebirth.equivalence import flush_denormals, relative_error, tolerance
-from fxrebirth.errors import ShapeGuardError, first_line
+from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
 from fxrebirth.graph.variants import variant_inputs
 
 __all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding"]
@@ -147,7 +147,8 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
     state = _state(original, to64)
     for inputs in sets:
         try:
-            usable.append((inputs, _calls(original, state, inputs, to64, seed)))
+            with held_stderr():  # a variant the original refuses is skipped, not shown
+                usable.append((inputs, _calls(original, state, inputs, to64, seed)))
         except Exception as exc:  # noqa: BLE001 - float64 impossible, or the model does not accept this variant
             if to64 and not usable:
                 try:
