@@ -4,8 +4,9 @@ Folding stores new weights in float32; when a model amplifies that rounding (a l
 later, deep random networks), the optimised model differs from the original by more than 1e-5 even
 in float64 arithmetic, although every rewrite is exact. :func:`fxrebirth.optimize` then proves the
 rewrites on a float64 twin (the same pipeline on a float64 copy: no rounding at all) and accepts the
-float32 model only if it is no further from the exact result than twice the original's own float32
-error. A wrong rewrite fails the twin and is still refused.
+float32 model when the twin applied the same rewrites to the same code, giving it the twin's weights
+rounded to float32 (``fxrebirth.equivalence.WEIGHT_ROUNDING``). A wrong rewrite fails the twin and is
+still refused; so is a rule whose float32 graph is not its float64 one.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_an_exact_fold_that_float32_rounds_is_accepted_with_its_figures(size):
         exact = _double(model)(x.double())
         assert relative_error(exact, gm(x)) <= 2 * own
     text = " ".join(report.checks)
-    assert "float64 twin" in text and "float32 rounding" in text
+    assert "float64 twin" in text and "float32 rounding" in text and "rounded to torch.float32" in text
 
 
 def test_the_premise_is_real_without_the_twin():
@@ -106,3 +107,105 @@ def test_a_well_conditioned_model_needs_no_twin():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)).eval()
     _, report = fxrebirth.optimize(model, torch.randn(2, 3, 8, 8))
     assert not any("float64 twin" in c for c in report.checks)
+
+
+class _BatchNormAfterReLU(fxrebirth.Rule):
+    """A BatchNorm after a ReLU as ``x * s + t`` (exact); subclasses get it wrong in float32 only."""
+
+    name = "bn_after_relu"
+
+    def pattern(self, node, ctx):
+        if kind_of(node) == "batch_norm" and kind_of(node.kwargs["input"]) == "relu":
+            return fxrebirth.Match(output=node, inputs=(node.kwargs["input"],), nodes=(node,))
+        return None
+
+    def scale_and_shift(self, match, ctx):
+        kw = match.output.kwargs
+        mean, var = ctx.constant(kw["running_mean"]).double(), ctx.constant(kw["running_var"]).double()
+        weight, bias = ctx.constant(kw["weight"]).double(), ctx.constant(kw["bias"]).double()
+        scale = weight / torch.sqrt(var + kw["eps"])
+        like = ctx.stored(kw["running_var"])
+        shift = ctx.add_tensor("t", (bias - mean * scale).reshape(1, -1, 1, 1), like)
+        return ctx.add_tensor("s", self.stored_scale(scale, like.dtype).reshape(1, -1, 1, 1), like), shift
+
+    def stored_scale(self, scale, dtype):
+        return scale
+
+    def rewrite(self, match, ctx):
+        scale, shift = self.scale_and_shift(match, ctx)
+        return ctx.call(torch.addcmul, like=match.output, input=shift, tensor1=match.inputs[0], tensor2=scale)
+
+
+class _ImpreciseInFloat32(_BatchNormAfterReLU):
+    """Right graph, imprecise weights: in float32 the scale is first rounded to bfloat16 (8 bits)."""
+
+    name = "imprecise_bn_after_relu"
+
+    def stored_scale(self, scale, dtype):
+        return scale.to(torch.bfloat16).double() if dtype == torch.float32 else scale
+
+
+class _OtherGraphInFloat32(_BatchNormAfterReLU):
+    """Wrong in float32 only, and by its graph: there it drops the shift (``x * s``)."""
+
+    name = "other_graph_bn_after_relu"
+
+    def rewrite(self, match, ctx):
+        if ctx.stored(match.output.kwargs["running_var"]).dtype != torch.float32:
+            return super().rewrite(match, ctx)
+        scale, _ = self.scale_and_shift(match, ctx)
+        return ctx.call(torch.mul, like=match.output, input=match.inputs[0], other=scale)
+
+
+def _conv_relu_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-0.5, 0.5)
+        model[2].running_var.uniform_(0.5, 2.0)
+        model[2].weight.uniform_(0.5, 1.5)
+        model[2].bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", [6, 11])
+def test_imprecise_float32_weights_are_replaced_by_the_twins(size, caplog):
+    """A rule with the right graph but weights rounded to bfloat16 in float32: the check sees 1e-3, the
+    twin proves the graph, and the returned model carries the twin's weights rounded to float32."""
+    model, x = _conv_relu_bn(), torch.randn(2, 3, size, size)
+    rules = [_ImpreciseInFloat32()]
+    careless, _ = fxrebirth.optimize(model, x, rules=rules, check_output=False, verify=False)
+    with torch.no_grad():
+        assert relative_error(model(x), careless(x)) > 1e-4  # the premise: bfloat16 weights are visible
+    with caplog.at_level("WARNING"):
+        gm, report = fxrebirth.optimize(model, x, rules=rules, verify=False)  # the local check would catch it
+    assert report.stats("imprecise_bn_after_relu").rewrites == 1
+    with torch.no_grad():
+        assert relative_error(model(x), gm(x)) <= 1e-6
+    assert "replaced by the float64 twin" in caplog.text
+    assert any("rounded to torch.float32" in c for c in report.checks)
+
+
+def test_a_rule_whose_float32_graph_differs_from_its_float64_one_is_refused():
+    model, x = _conv_relu_bn(), torch.randn(2, 3, 6, 6)
+    with pytest.raises(fxrebirth.EquivalenceError, match="other code.*other_graph_bn_after_relu"):
+        fxrebirth.optimize(model, x, rules=[_OtherGraphInFloat32()], verify=False)
+
+
+def test_weight_rounding_measures_units_of_roundoff():
+    from fxrebirth.rewrite.endtoend import adopt_weights, weight_rounding
+
+    exact = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3))).double()
+    rounded = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    big, small = exact.get_submodule("0"), rounded.get_submodule("0")
+    with torch.no_grad():
+        big.weight.copy_(torch.randn(4, 3, 3, 3, dtype=torch.float64))
+        small.weight.copy_(big.weight)
+        small.bias.copy_(big.bias)
+    assert weight_rounding(rounded, exact) <= 1.0
+    with torch.no_grad():
+        small.weight[0, 0, 0, 0] += 1e-4 * big.weight.abs().max().item()
+    assert weight_rounding(rounded, exact) > 1000
+    assert adopt_weights(rounded, exact) and weight_rounding(rounded, exact) <= 1.0
+    other = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())).double()
+    assert weight_rounding(rounded, other) is None and not adopt_weights(rounded, other)

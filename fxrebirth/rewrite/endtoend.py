@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from fxrebirth.graph.capture import copy_module
-from fxrebirth.equivalence import flush_denormals, relative_error, tolerance
+from fxrebirth.equivalence import flush_denormals, relative_error, tolerance, unit_roundoff
 from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
 from fxrebirth.graph.variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding"]
+__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
+           "weight_rounding", "adopt_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,59 @@ def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
         mine = _calls(candidate, _state(candidate, False), inputs, False, seed, count)
     reference = [r[0] for r in exact]
     return relative_error(reference, [o[0] for o in own]), relative_error(reference, [m[0] for m in mine])
+
+
+def _same_program(candidate: nn.Module, exact: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """``{name: (candidate's tensor, exact's)}`` over every parameter and buffer, when ``exact`` (a float64
+    twin) is ``candidate`` up to dtype: the same generated code (read with the twin's float64 as the
+    candidate's dtype) on the same names, shapes and non-floating values; otherwise None."""
+    ours = dict(candidate.named_parameters()) | dict(candidate.named_buffers())
+    theirs = dict(exact.named_parameters()) | dict(exact.named_buffers())
+    if ours.keys() != theirs.keys():
+        return None
+    dtype = storage_dtype(candidate)
+    code, twin_code = getattr(candidate, "code", None), getattr(exact, "code", None)
+    if code != (twin_code.replace("torch.float64", str(dtype)) if isinstance(twin_code, str) else twin_code):
+        return None
+    pairs = {}
+    for name, mine in ours.items():
+        other = theirs[name]
+        if mine.shape != other.shape or mine.is_floating_point() != other.is_floating_point():
+            return None
+        if not mine.is_floating_point() and not torch.equal(mine, other.to(mine.device)):
+            return None
+        pairs[name] = (mine, other)
+    return pairs
+
+
+def weight_rounding(candidate: nn.Module, exact: nn.Module) -> float | None:
+    """How far ``candidate``'s floating-point weights are from those of ``exact``, its float64 twin: the worst
+    tensor's ``max|w - exact| / max|exact|`` in units of the roundoff of ``w``'s dtype (at most 1 when every
+    element is ``exact`` rounded to nearest; :data:`fxrebirth.equivalence.WEIGHT_ROUNDING`). None when the
+    two are not the same program (:func:`_same_program`)."""
+    pairs = _same_program(candidate, exact)
+    if pairs is None:
+        return None
+    worst = 0.0
+    for mine, other in pairs.values():
+        if mine.is_floating_point() and mine.dtype != torch.float64 and mine.numel():
+            error = relative_error(other.detach(), mine.detach())
+            worst = max(worst, error / unit_roundoff(mine.dtype) if error != float("inf") else error)
+    return worst
+
+
+def adopt_weights(candidate: nn.Module, exact: nn.Module) -> bool:
+    """Give ``candidate`` the floating-point weights of ``exact``, its float64 twin, each rounded to nearest
+    in its own dtype: the most precise the candidate can store the exact fold in, whatever arithmetic
+    computed its own. False (nothing changed) when the two are not the same program."""
+    pairs = _same_program(candidate, exact)
+    if pairs is None:
+        return False
+    with torch.no_grad():
+        for mine, other in pairs.values():
+            if mine.is_floating_point():
+                mine.copy_(other.to(device=mine.device, dtype=mine.dtype))
+    return True
 
 
 def bound(model: nn.Module) -> float:
