@@ -109,13 +109,17 @@ class _AffineFold(Rule):
         self.source = source
         self.what = what
 
-    def _operands(self, affine_node: fx.Node, layer: fx.Node, ctx: RuleContext) -> tuple[Affine, torch.Tensor] | str:
-        """The affine map and the layer's (float64) weight, or why either is unavailable."""
+    def _operands(self, match: Match, ctx: RuleContext) -> tuple[Affine, torch.Tensor, torch.Tensor] | str:
+        """The affine map and the layer's (float64) weight and bias, or why either is unavailable; computed
+        once per match (check decides with them, rewrite folds them)."""
+        return match.computed("operands", lambda: self._read(match["affine"], match["layer"], ctx))
+
+    def _read(self, affine_node: fx.Node, layer: fx.Node, ctx: RuleContext) -> tuple[Affine, torch.Tensor, torch.Tensor] | str:
         affine = self.source.affine(affine_node, ctx)
         if isinstance(affine, str):
             return affine
         tensors = layer_tensors(layer, ctx)
-        return tensors if isinstance(tensors, str) else (affine, tensors[0])
+        return tensors if isinstance(tensors, str) else (affine, *tensors)
 
 
 class FoldIntoPreceding(_AffineFold):
@@ -130,16 +134,16 @@ class FoldIntoPreceding(_AffineFold):
         layer_input = x.kwargs["input"]
         if not isinstance(layer_input, fx.Node):
             return None
-        return Match(output=node, inputs=(layer_input,), nodes=(x, node), bindings={"layer": x})
+        return Match(output=node, inputs=(layer_input,), nodes=(x, node), bindings={"layer": x, "affine": node})
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         layer, node = match["layer"], match.output
         if len(users_of(layer)) > 1:
             return f"the output of {describe(layer)} has {len(users_of(layer))} users; folding would change the others"
-        operands = self._operands(node, layer, ctx)
+        operands = self._operands(match, ctx)
         if isinstance(operands, str):
             return operands
-        affine, weight = operands
+        affine, weight, _ = operands
         out_channels = weight.shape[1] * layer.kwargs["groups"] if kind_of(layer) == "conv_transpose" \
             else weight.shape[0]
         if affine.per_channel(channel_dim(layer), out_channels) is None:
@@ -148,9 +152,8 @@ class FoldIntoPreceding(_AffineFold):
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         layer, node = match["layer"], match.output
-        weight, bias = layer_tensors(layer, ctx)
-        channels = bias.numel()
-        s, t = self.source.affine(node, ctx).per_channel(channel_dim(layer), channels)
+        affine, weight, bias = self._operands(match, ctx)
+        s, t = affine.per_channel(channel_dim(layer), bias.numel())
         s, t = s.to(weight.device), t.to(weight.device)
         extra = (1,) * (weight.dim() - 2)
         if kind_of(layer) == "conv_transpose":
@@ -167,7 +170,7 @@ class FoldIntoPreceding(_AffineFold):
 class FoldIntoFollowing(_AffineFold):
     """Fold an affine-like node into the conv / linear layer that consumes it."""
 
-    identity = "W (s * x + t) + b = (W diag(s)) x + (b + W t), per input channel; conv padding must be 0 if t != 0"
+    identity = "W (s * x + t) + b = (W diag(s)) x + (b + W t), per input channel (conv padding 0 when t != 0)"
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
         x = self.source.input_of(node)
@@ -184,10 +187,10 @@ class FoldIntoFollowing(_AffineFold):
             return f"folding a {self.what} into a following ConvTranspose ({describe(layer)}) is not supported"
         if len(users_of(node)) > 1:
             return f"the output of {describe(node)} has {len(users_of(node))} users; folding would change the others"
-        operands = self._operands(node, layer, ctx)
+        operands = self._operands(match, ctx)
         if isinstance(operands, str):
             return operands
-        affine, weight = operands
+        affine, weight, _ = operands
         in_channels = weight.shape[1] * (layer.kwargs["groups"] if kind_of(layer) == "conv" else 1)
         if affine.per_channel(channel_dim(layer), in_channels) is None:
             return f"the {self.what} is not per-channel along the input channels of {describe(layer)}"
@@ -202,16 +205,16 @@ class FoldIntoFollowing(_AffineFold):
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         node, layer = match["affine"], match["layer"]
-        weight, bias = layer_tensors(layer, ctx)
+        affine, weight, bias = self._operands(match, ctx)
         out_channels = weight.shape[0]
         if kind_of(layer) == "linear":
-            s, t = self.source.affine(node, ctx).per_channel(-1, weight.shape[1])
+            s, t = affine.per_channel(-1, weight.shape[1])
             s, t = s.to(weight.device), t.to(weight.device)
             new_weight = weight * s.reshape(1, -1)
             new_bias = bias + weight @ t
         else:
             groups = layer.kwargs["groups"]
-            s, t = self.source.affine(node, ctx).per_channel(1, weight.shape[1] * groups)
+            s, t = affine.per_channel(1, weight.shape[1] * groups)
             s, t = s.to(weight.device), t.to(weight.device)
             extra = (1,) * (weight.dim() - 2)
             s_rows = _groups_view(s, groups, out_channels)  # [o, j] -> s of input channel j of o's group

@@ -89,13 +89,17 @@ class BatchNormToAffine(Rule):
             return None
         return Match(output=node, inputs=(node.kwargs["input"],), nodes=(node,))
 
+    @staticmethod
+    def _affine(match: Match, ctx: RuleContext) -> Affine | str:
+        return match.computed("affine", lambda: BatchNormSource().affine(match.output, ctx))
+
     def check(self, match: Match, ctx: RuleContext) -> str | None:
-        affine = BatchNormSource().affine(match.output, ctx)
+        affine = self._affine(match, ctx)
         return affine if isinstance(affine, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         node = match.output
-        affine = BatchNormSource().affine(node, ctx)
+        affine = self._affine(match, ctx)
         like = ctx.stored(node.kwargs["running_var"])
         scale = ctx.add_tensor(f"{name_hint(node)}_scale", affine.scale, like)
         shift = ctx.add_tensor(f"{name_hint(node)}_shift", affine.shift, like)

@@ -124,9 +124,15 @@ def _first_conv(nodes: list[fx.Node]) -> fx.Node:
 
 
 class MergeSummedBranches(Rule):
+    """A sum or difference of two branches of one input, each a chain of linear stages (convolutions,
+    average pooling, folded BatchNorms) or the input itself (a convolution with a 1 at its centre), as one
+    convolution: each chain's kernel is composed, aligned to a common size and centre, and added (a
+    difference negates the second, as FastViT's RepMixer ``mixer(x) - norm(x)``). This is RepVGG's,
+    ACNet's and the Diverse Branch Block's re-parameterisation written once. Refused on broadcasting,
+    different strides or output sizes, and stages with other users. Gated."""
+
     name = "merge_summed_branches"
-    identity = ("conv_a(x) +/- conv_b(x) = conv(x; pad(W_a) +/- pad(W_b), b_a +/- b_b); "
-                "x = conv(x; 1 at centre)")
+    identity = "A(x) ± B(x) = conv(x; align(A) ± align(B)), x itself = conv(x; 1 at the centre)"
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
@@ -145,6 +151,11 @@ class MergeSummedBranches(Rule):
                      bindings={"chains": (chain_a, chain_b)})
 
     def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        """The summed kernel (computed once per match: check decides with it, rewrite emits it)."""
+        return match.computed("merged", lambda: self._sum(match, ctx))
+
+    @staticmethod
+    def _sum(match: Match, ctx: RuleContext) -> Kernel | str:
         node, x = match.output, match.inputs[0]
         kernels = [_chain_kernel(x, chain, ctx) for chain in match["chains"]]
         for k in kernels:
@@ -180,8 +191,12 @@ def _channel_dim(node: fx.Node) -> int | None:
 
 
 class MergeConcatBranches(Rule):
+    """Consecutive inputs of a channel concatenation that are convolutions of the same input, with no other
+    users, as one convolution whose kernels are aligned and stacked along the output channels (an
+    inception module's parallel convolutions). Gated."""
+
     name = "merge_concat_branches"
-    identity = "cat([conv_a(x), conv_b(x)], 1) = conv(x; [pad(W_a); pad(W_b)], [b_a; b_b])"
+    identity = "cat([conv_a(x), conv_b(x)], 1) = conv(x; [align(W_a); align(W_b)], [b_a; b_b])"
     gated = True
 
     @staticmethod
@@ -214,6 +229,11 @@ class MergeConcatBranches(Rule):
         return Match(output=node, inputs=inputs, nodes=convs + (node,), bindings={"run": run})
 
     def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        """The stacked kernel (computed once per match: check decides with it, rewrite emits it)."""
+        return match.computed("merged", lambda: self._stack(match, ctx))
+
+    @staticmethod
+    def _stack(match: Match, ctx: RuleContext) -> Kernel | str:
         i, j = match["run"]
         convs = match.output.kwargs["tensors"][i:j]
         kernels = [kernel_of_conv(c, ctx) for c in convs]
@@ -258,8 +278,12 @@ def _geometry(conv: fx.Node, ctx: RuleContext) -> tuple | None:
 
 
 class MergeSiblingConvs(Rule):
+    """Convolutions that read the same input with the same kernel size, stride, padding and dilation
+    (``groups = 1``, bias on all or none) as one convolution whose output is sliced back into theirs.
+    Phase 1, so that the sums and concatenations can absorb those convolutions first. Gated."""
+
     name = "merge_sibling_convs"
-    identity = "conv_a(x), conv_b(x) = split(conv(x; [W_a; W_b], [b_a; b_b])) for equal geometry"
+    identity = "conv_a(x), conv_b(x) = narrow(y, 1, 0, C_a), narrow(y, 1, C_a, C_b), y = conv(x; [W_a; W_b], [b_a; b_b])"
     gated = True
     phase = 1  # after the sums and concatenations: fusing siblings first would hide those
 
@@ -272,21 +296,20 @@ class MergeSiblingConvs(Rule):
                     groups.setdefault(geometry, []).append(user)
         for convs in groups.values():
             if len(convs) >= 2:
-                order = {n: i for i, n in enumerate(node.graph.nodes) if n in convs}
-                convs = sorted(convs, key=order.__getitem__)
+                convs = sorted(convs)  # graph order (Node.__lt__), without walking the graph
                 return Match(output=convs[0], inputs=(node,), nodes=tuple(convs), also_replaced=tuple(convs[1:]))
         return None
 
+    @staticmethod
+    def _kernels(match: Match, ctx: RuleContext) -> list[Kernel | str]:
+        return match.computed("kernels", lambda: [kernel_of_conv(c, ctx) for c in match.replaced])
+
     def check(self, match: Match, ctx: RuleContext) -> str | None:
-        for conv in match.replaced:
-            kernel = kernel_of_conv(conv, ctx)
-            if isinstance(kernel, str):
-                return kernel
-        return None
+        return next((k for k in self._kernels(match, ctx) if isinstance(k, str)), None)
 
     def rewrite(self, match: Match, ctx: RuleContext) -> dict[fx.Node, fx.Node]:
         convs = match.replaced
-        kernels = [kernel_of_conv(c, ctx) for c in convs]
+        kernels = self._kernels(match, ctx)
         stacked = stack_kernels(kernels, _spatial(match.inputs[0]), _spatial(convs[0]))
         first = convs[0]
         merged = emit_conv(ctx, stacked, match.inputs[0], like=first, hint=name_hint(first),

@@ -52,6 +52,8 @@ class _Passthrough(Rule):
 
 
 class RemoveDropout(_Passthrough):
+    """An eval-mode dropout is the identity; one in training mode is refused (it draws a random mask)."""
+
     name = "remove_dropout"
     identity = "dropout(x, training=False) = x"
 
@@ -65,6 +67,8 @@ class RemoveDropout(_Passthrough):
 
 
 class RemoveIdentity(_Passthrough):
+    """A call of an ``nn.Identity`` module (exactly that type: a subclass may override ``forward``)."""
+
     name = "remove_identity"
     identity = "Identity(x) = x"
 
@@ -125,8 +129,13 @@ def _size_of(entry: object, x: fx.Node, dim: int) -> bool:
 
 
 class RemoveNoopReshape(_Passthrough):
+    """A ``flatten`` over dimensions that are one dimension, and a ``reshape``/``view`` to ``x``'s own shape
+    at every batch size: each entry is ``x.size(i)``, a single ``-1``, or a literal equal to dim ``i > 0``
+    (guarded, since it holds at the example's size only). A literal batch entry is kept: it is not a
+    no-op at another batch size."""
+
     name = "remove_noop_reshape"
-    identity = "flatten/reshape that keeps the shape = identity, for every batch size (literal sizes guarded)"
+    identity = "flatten(x, a, b) = x and reshape(x, shape) = x where x keeps its shape at every batch size"
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         node, x = match.output, match["x"]
@@ -174,8 +183,12 @@ def _slice_of(node: object) -> tuple[fx.Node, int, int] | None:
 
 
 class CollapseCatOfSlices(Rule):
+    """A concatenation along channels of consecutive ``narrow`` slices of one tensor, as
+    :class:`~fxrebirth.passes.branches.MergeSiblingConvs` leaves them when the siblings were concatenated:
+    the slices' union is one slice, or the tensor itself. Other slicing forms are not matched."""
+
     name = "collapse_cat_of_slices"
-    identity = "cat([y[:, a:b], y[:, b:c]], 1) = y[:, a:c] (= y when it covers all channels)"
+    identity = "cat([narrow(y, 1, a, b - a), narrow(y, 1, b, c - b)], 1) = narrow(y, 1, a, c - a) (= y when it covers all channels)"
     changes_parameters = False
 
     @staticmethod

@@ -45,8 +45,13 @@ def _single_user(node: fx.Node) -> str | None:
 
 
 class MergeConvChain(Rule):
+    """Two consecutive linear stages (convolutions, or a convolution and an average pooling) as one
+    convolution whose kernel is the composition of theirs. Refused when the second pads (its zeros would
+    see the first's bias and neighbours) unless the first is a bias-free unpadded stride-1 1x1, and when
+    the first's output has another user. Gated: a composed kernel can cost more than the two."""
+
     name = "merge_conv_chain"
-    identity = "conv2(conv1(x)) = conv(x; W2 * W1, b2 + W2 b1), stride s1*s2"
+    identity = "conv2(conv1(x)) = conv(x; W2 * W1, b2 + W2 b1), stride s1*s2"  # * : kernel composition
     gated = True
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
@@ -56,6 +61,11 @@ class MergeConvChain(Rule):
         return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
 
     def _merged(self, match: Match, ctx: RuleContext) -> Kernel | str:
+        """The composed kernel (computed once per match: check decides with it, rewrite emits it)."""
+        return match.computed("merged", lambda: self._compose(match, ctx))
+
+    @staticmethod
+    def _compose(match: Match, ctx: RuleContext) -> Kernel | str:
         k1, k2 = _kernel(match["first"], ctx), _kernel(match.output, ctx)
         for k in (k1, k2):
             if isinstance(k, str):
@@ -84,6 +94,9 @@ def _emit_linear(ctx: RuleContext, weight: torch.Tensor, bias: torch.Tensor, x: 
 
 
 class MergeLinearChain(Rule):
+    """Two consecutive Linear layers as one, when the first's output has no other user. Gated: the product
+    ``W2 W1`` is larger than the two when the middle dimension is the smallest."""
+
     name = "merge_linear_chain"
     identity = "L2(L1(x)) = (W2 W1) x + (W2 b1 + b2)"
     gated = True
@@ -94,19 +107,24 @@ class MergeLinearChain(Rule):
             return None
         return Match(output=node, inputs=(first.kwargs["input"],), nodes=(first, node), bindings={"first": first})
 
+    @staticmethod
+    def _tensors(match: Match, ctx: RuleContext) -> list:
+        return match.computed("tensors", lambda: [layer_tensors(layer, ctx) for layer in (match["first"], match.output)])
+
     def check(self, match: Match, ctx: RuleContext) -> str | None:
         reason = _single_user(match["first"])
-        for layer in (match["first"], match.output):
-            tensors = layer_tensors(layer, ctx)
-            reason = reason or (tensors if isinstance(tensors, str) else None)
-        return reason
+        return reason or next((t for t in self._tensors(match, ctx) if isinstance(t, str)), None)
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
-        (w1, b1), (w2, b2) = layer_tensors(match["first"], ctx), layer_tensors(match.output, ctx)
+        (w1, b1), (w2, b2) = self._tensors(match, ctx)
         return _emit_linear(ctx, w2 @ w1, w2 @ b1 + b2, match["first"].kwargs["input"], match.output)
 
 
 class MergeFlattenedConvIntoLinear(Rule):
+    """A convolution whose kernel covers its whole input (padding 0, output 1x1), flattened and fed to a
+    Linear layer: the two are one Linear on the flattened input (the head of a network after
+    :class:`~fxrebirth.passes.pooling.CommuteGlobalPool`). Gated."""
+
     name = "merge_flattened_conv_into_linear"
     identity = "L(flatten(conv(x))) = (W_L W_c) flatten(x) + (W_L b_c + b_L) for a conv covering its whole input"
     gated = True
@@ -126,20 +144,20 @@ class MergeFlattenedConvIntoLinear(Rule):
         reason = _single_user(conv) or _single_user(flat)
         if reason:
             return reason
-        kernel = kernel_of_conv(conv, ctx)
+        kernel = match.computed("kernel", lambda: kernel_of_conv(conv, ctx))
         if isinstance(kernel, str):
             return kernel
         in_shape = ctx.shape(conv.kwargs["input"])
         kernel = kernel.undilated()
         if any(p != 0 for p in kernel.padding) or tuple(in_shape[2:]) != kernel.size:
             return f"{describe(conv)} does not cover exactly its whole input (padding 0, kernel = input size)"
-        tensors = layer_tensors(match.output, ctx)
+        tensors = match.computed("linear", lambda: layer_tensors(match.output, ctx))
         return tensors if isinstance(tensors, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         conv = match["conv"]
-        kernel = kernel_of_conv(conv, ctx).undilated().dense()
-        w_l, b_l = layer_tensors(match.output, ctx)
+        kernel = match.computed("kernel", lambda: kernel_of_conv(conv, ctx)).undilated().dense()
+        w_l, b_l = match.computed("linear", lambda: layer_tensors(match.output, ctx))
         w_c = kernel.weight.reshape(kernel.out_channels, -1)
         flat = ctx.call(torch.flatten, input=conv.kwargs["input"], start_dim=1, end_dim=-1)
         ctx.set_shape(flat, (ctx.shape(conv.kwargs["input"])[0], w_c.shape[1]), conv.meta["tensor_meta"].dtype)

@@ -116,8 +116,3 @@ def _common_prefix(names: list[str]) -> str:
             break
         prefix.append(level[0])
     return ".".join(prefix)
-
-
-def markers() -> list:
-    """The branch marking pass, for a marking pipeline."""
-    return [mark_inception]

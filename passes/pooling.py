@@ -27,6 +27,10 @@ __all__ = ["FoldPadIntoConv", "CommuteGlobalPool", "rules"]
 
 
 class FoldPadIntoConv(Rule):
+    """A zero constant pad of the spatial dimensions, the same on both sides, moved into the following
+    convolution's own padding; asymmetric, non-zero, reflect/replicate pads and pads of the batch or
+    channel dimensions are refused."""
+
     name = "fold_pad_into_conv"
     identity = "conv(pad(x, p, value=0), padding=q) = conv(x, padding=q + p) for symmetric p"
     changes_parameters = False
@@ -59,16 +63,20 @@ class FoldPadIntoConv(Rule):
         return tuple(p + q for p, q in zip(conv.kwargs["padding"], per_dim))
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
-        padding = self._padding(match)
+        padding = match.computed("padding", lambda: self._padding(match))
         return padding if isinstance(padding, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         conv = match.output
-        kwargs = dict(conv.kwargs, input=match.inputs[0], padding=self._padding(match))
+        kwargs = dict(conv.kwargs, input=match.inputs[0], padding=match.computed("padding", lambda: self._padding(match)))
         return ctx.call(conv.target, like=conv, **kwargs)
 
 
 class CommuteGlobalPool(Rule):
+    """Global average pooling moved before an unpadded stride-1 1x1 convolution, which then runs on a 1x1
+    map (and :class:`~fxrebirth.passes.conv_chain.MergeFlattenedConvIntoLinear` can merge it into a
+    following Linear). Gated: it only pays where the pooled map is large."""
+
     name = "commute_global_pool"
     identity = "mean_hw(conv1x1(x)) = conv1x1(mean_hw(x)) for stride 1, padding 0"
     changes_parameters = False

@@ -147,8 +147,3 @@ def mark_streamline(gm: fx.GraphModule) -> list[Region]:
                               chain[-1].name, replaces, proposal))
         taken.update(chain)
     return record(gm, regions)
-
-
-def markers() -> list:
-    """The streamline marking pass, for a marking pipeline."""
-    return [mark_streamline]

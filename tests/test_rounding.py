@@ -18,6 +18,7 @@ from torch import nn
 import fxrebirth
 from fxrebirth.equivalence import relative_error
 from fxrebirth.graph.ops import kind_of
+from fxrebirth.rewrite.cost import RooflineCost
 
 OFFSET = 1e4  # a float32 ulp at 1e4 is 2**-10: one rounding there is ~5e-4 of an O(1) signal
 
@@ -197,3 +198,31 @@ def test_weight_rounding_measures_units_of_roundoff():
     assert adopt_weights(rounded, exact) and weight_rounding(rounded, exact) <= 1.0
     other = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())).double()
     assert weight_rounding(rounded, other) is None and not adopt_weights(rounded, other)
+
+
+class _Float32Gate(RooflineCost):
+    """A cost gate that accepts every merge in a float32 graph and none in any other dtype: the float64
+    twin must replay the float32 run's verdicts, not ask again (float64 doubles every byte count)."""
+
+    dtype = None
+
+    def node_cost(self, node):
+        self.dtype = node.meta["tensor_meta"].dtype
+        return super().node_cost(node)
+
+    def accepts(self, rule, site, before_s, after_s):
+        return self.dtype == torch.float32
+
+
+def test_the_twin_replays_the_cost_gates_verdicts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3), nn.ReLU(), nn.BatchNorm2d(6))
+    with torch.no_grad():  # the offset passes the ReLU (positive weights) and the last BatchNorm removes it
+        model[1].bias.fill_(OFFSET)
+        model[2].weight.uniform_(0.0, 0.2)
+        model[4].running_mean.copy_(model[2](model[1](model[0](torch.zeros(1, 3, 3, 3)))).flatten())
+    model, x = model.eval(), torch.randn(2, 3, 7, 7)
+    assert _own_error(model, x) > 1e-5  # the whole-model check needs the twin
+    gm, report = fxrebirth.optimize(model, x, cost_model=_Float32Gate())
+    assert report.stats("merge_conv_chain").rewrites == 1
+    assert any("float64 twin" in c for c in report.checks)

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.graph.capture import as_input_tuple, capture, copy_module, propagate_shapes
-from fxrebirth.rewrite.cost import CostModel, RooflineCost, graph_flops, stored_elements
+from fxrebirth.rewrite.cost import CostModel, ReplayedCost, RooflineCost, graph_flops, stored_elements
 from fxrebirth.rewrite.endtoend import (Comparison, adopt_weights, bound, compare, describe_inputs, float_rounding,
                                         storage_dtype, weight_rounding)
 from fxrebirth.equivalence import WEIGHT_ROUNDING, relative_error
@@ -104,7 +104,7 @@ def optimize(
     if not check_output:
         log.info("optimized %s: %d rewrites", report.model, report.rewrites)
         return gm, report
-    gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, selected, settings))
+    gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, selected, settings, report))
     log.info("optimized %s: %d rewrites", report.model, report.rewrites)
     return gm, report
 
@@ -126,14 +126,21 @@ def _captured(model: nn.Module, inputs: tuple[Any, ...],
 
 def _replayer(model: nn.Module, inputs: tuple[Any, ...], gm: fx.GraphModule, selected: tuple[Rule, ...], *,
               leaf_modules: Sequence[type[nn.Module]], verify: bool, frozen: bool, cost_model: CostModel | None,
-              force: frozenset[str]) -> Callable[[int | None, Report], fx.GraphModule]:
-    """``run(limit, into)``: the pipeline on ``gm`` (``limit=None``) or on a fresh capture."""
+              force: frozenset[str], decided: Report | None = None) -> Callable[[int | None, Report], fx.GraphModule]:
+    """``run(limit, into)``: the pipeline on ``gm`` (``limit=None``) or on a fresh capture. Every run after
+    the first replays the first one's cost-gate verdicts (:class:`~fxrebirth.rewrite.cost.ReplayedCost`), so
+    a replay makes the same decisions; given ``decided`` (another run's report: the float32 run, for
+    its float64 twin), every run replays that one's."""
+    first: list[Report] = [decided] if decided is not None else []
 
     def run(limit: int | None, into: Report) -> fx.GraphModule:
         """The pipeline on a fresh capture, stopping after ``limit`` rewrites (deterministic: a prefix)."""
         fresh = gm if limit is None else capture(model, inputs, leaf_modules=leaf_modules)
-        Pipeline(selected, verify=verify, frozen=frozen, cost_model=cost_model, force=force,
+        gate = ReplayedCost.of(first[0], cost_model) if first and cost_model is not None else cost_model
+        Pipeline(selected, verify=verify, frozen=frozen, cost_model=gate, force=force,
                  max_rewrites=limit).run(fresh, into)
+        if not first:
+            first.append(into)
         return fresh
 
     return run
@@ -192,14 +199,17 @@ class _Twin:
         self.model, self.inputs, self.run, self.gm, self.report = model64, inputs64, run, gm, report
 
 
-def _twin(model: nn.Module, inputs: tuple[Any, ...], selected: tuple[Rule, ...], settings: dict[str, Any]) -> _Twin | None:
-    """The float64 twin of a run, or None where the model or its capture cannot be cast to float64."""
+def _twin(model: nn.Module, inputs: tuple[Any, ...], selected: tuple[Rule, ...], settings: dict[str, Any],
+          decided: Report) -> _Twin | None:
+    """The float64 twin of the run that wrote ``decided`` (its cost-gate verdicts replayed: float64 doubles
+    every tensor's bytes, which would change the estimates), or None where the model or its capture cannot
+    be cast to float64."""
     try:
         model64 = copy_module(model).double()
         inputs64 = tuple(x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                          for x in inputs)
         gm64, report64 = _captured(model64, inputs64, settings["leaf_modules"])
-        run64 = _replayer(model64, inputs64, gm64, selected, **settings)
+        run64 = _replayer(model64, inputs64, gm64, selected, decided=decided, **settings)
         run64(None, report64)
     except Exception as exc:  # noqa: BLE001 - float32-only code (a dtype written into the model): no twin
         log.info("no float64 twin of %s: %s", type(model).__name__, exc)

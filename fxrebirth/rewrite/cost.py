@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from fxrebirth.graph.ops import kind_of
 
+if TYPE_CHECKING:
+    from fxrebirth.rewrite.report import Report
+
 __all__ = [
     "node_flops", "graph_flops", "stored_elements", "node_bytes", "is_view", "node_signature",
-    "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "measure_latency", "profile_nodes",
+    "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "ReplayedCost", "measure_latency", "profile_nodes",
 ]
 
 
@@ -133,6 +136,38 @@ class CostModel:
 
     def node_cost(self, node: fx.Node) -> float:
         raise NotImplementedError
+
+    def accepts(self, rule: str, site: str, before_s: float, after_s: float) -> bool:
+        """The gate's verdict on one rewrite of ``rule`` at ``site``: faster by the estimates."""
+        return after_s < before_s
+
+
+class ReplayedCost(CostModel):
+    """The gate verdicts of an earlier run, replayed in order, rule by rule and site by site: a copy of
+    the model in another dtype (the float64 twin of the whole-model check) then makes the decisions the
+    original run made, although its tensors are twice as wide, and a replay of a measured cost model
+    (:class:`MeasuredCost`) does not time again. A decision the earlier run never made is left to
+    ``fallback``, which also gives the estimates. One instance serves one run: it consumes the verdicts."""
+
+    def __init__(self, verdicts: Mapping[tuple[str, str], Sequence[bool]], fallback: CostModel) -> None:
+        self.pending = {key: list(values) for key, values in verdicts.items()}
+        self.fallback = fallback
+
+    @classmethod
+    def of(cls, report: "Report", fallback: CostModel) -> "ReplayedCost":
+        """The verdicts recorded in ``report`` (:attr:`~fxrebirth.rewrite.report.RuleStats.decisions`)."""
+        verdicts: dict[tuple[str, str], list[bool]] = {}
+        for rule, stats in report.rules.items():
+            for decision in stats.decisions:
+                verdicts.setdefault((rule, decision.node), []).append(decision.accepted)
+        return cls(verdicts, fallback)
+
+    def node_cost(self, node: fx.Node) -> float:
+        return self.fallback.node_cost(node)
+
+    def accepts(self, rule: str, site: str, before_s: float, after_s: float) -> bool:
+        pending = self.pending.get((rule, site))
+        return pending.pop(0) if pending else self.fallback.accepts(rule, site, before_s, after_s)
 
 
 class RooflineCost(CostModel):

@@ -21,6 +21,7 @@ exception of the optimised model is an infinite error.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ from torch import nn
 from fxrebirth.graph.capture import copy_module
 from fxrebirth.equivalence import flush_denormals, relative_error, tolerance, unit_roundoff
 from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
+from fxrebirth.graph.metadata import reads_only_shape
 from fxrebirth.graph.variants import variant_inputs
 
 __all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
@@ -202,17 +204,40 @@ def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
     return relative_error(reference, [o[0] for o in own]), relative_error(reference, [m[0] for m in mine])
 
 
+_BOOKKEEPING = {torch._assert, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+
+
+def _computation(module: nn.Module) -> list[tuple[Any, ...]] | None:
+    """What ``module``'s graph computes, node by node, up to dtype: each node's op, target and arguments
+    (graph values by position, dtypes as one placeholder), less the nodes that only check or query
+    shapes (size guards, metadata queries, ``torch._assert`` and the comparisons it reads), which the
+    canonical form keeps or resolves depending on how long the symbolic shape run was allowed.
+    None for a module without a graph."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    position: dict[torch.fx.Node, int] = {}
+    steps = []
+    for node in graph.nodes:
+        if reads_only_shape(node) or (node.op == "call_function" and node.target in _BOOKKEEPING):
+            continue
+        position[node] = len(position)
+        args = torch.fx.node.map_aggregate(
+            torch.fx.node.map_arg((node.args, node.kwargs), lambda a: ("value", position.get(a, a.name))),
+            lambda v: "dtype" if isinstance(v, torch.dtype) else v)
+        steps.append((node.op, str(node.target), str(args)))
+    return steps
+
+
 def _same_program(candidate: nn.Module, exact: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """``{name: (candidate's tensor, exact's)}`` over every parameter and buffer, when ``exact`` (a float64
-    twin) is ``candidate`` up to dtype: the same generated code (read with the twin's float64 as the
-    candidate's dtype) on the same names, shapes and non-floating values; otherwise None."""
+    twin) is ``candidate`` up to dtype: the same computation (:func:`_computation`) on the same names,
+    shapes and non-floating values; otherwise None."""
     ours = dict(candidate.named_parameters()) | dict(candidate.named_buffers())
     theirs = dict(exact.named_parameters()) | dict(exact.named_buffers())
     if ours.keys() != theirs.keys():
         return None
-    dtype = storage_dtype(candidate)
-    code, twin_code = getattr(candidate, "code", None), getattr(exact, "code", None)
-    if code != (twin_code.replace("torch.float64", str(dtype)) if isinstance(twin_code, str) else twin_code):
+    if _computation(candidate) != _computation(exact):
         return None
     pairs = {}
     for name, mine in ours.items():

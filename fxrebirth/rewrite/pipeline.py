@@ -184,7 +184,7 @@ class RulePass:
         before = sum(self.cost_model.node_cost(n) for n in dict.fromkeys(removed))
         after = sum(self.cost_model.node_cost(n) for n in ctx.created_nodes
                     if n.op != "get_attr" and n.target is not check_size)
-        accepted = self.forced or after < before
+        accepted = self.forced or self.cost_model.accepts(self.rule.name, describe(match.output), before, after)
         stats.decisions.append(Decision(describe(match.output), before, after, accepted, self.forced))
         if accepted:
             return None

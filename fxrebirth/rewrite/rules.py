@@ -44,6 +44,10 @@ class Match:
     ``nodes``: every matched node, for the report and the cost gate; ``bindings``: named values for the
     rewrite; ``also_replaced``: further nodes a multi-output rewrite replaces (it then returns a
     mapping ``{old: new}`` covering ``output`` and these).
+
+    :meth:`computed` is the channel from ``check`` to ``rewrite``: what the check computed to decide (a
+    merged kernel, the folded weights) is kept on the match, and the rewrite takes it from there instead
+    of computing it again. A match lives for one attempt, so nothing kept on it can go stale.
     """
 
     output: fx.Node
@@ -51,6 +55,7 @@ class Match:
     nodes: tuple[fx.Node, ...]
     bindings: Mapping[str, Any] = field(default_factory=dict)
     also_replaced: tuple[fx.Node, ...] = ()
+    _computed: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def replaced(self) -> tuple[fx.Node, ...]:
@@ -58,6 +63,14 @@ class Match:
 
     def __getitem__(self, key: str) -> Any:
         return self.bindings[key]
+
+    def computed(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, called once per match and ``key``: the first call (usually in ``check``) keeps the
+        result, later ones (in ``rewrite``) return it. A rule's ``check`` keeps returning ``str | None``;
+        a rule that never calls this is unaffected."""
+        if key not in self._computed:
+            self._computed[key] = compute()
+        return self._computed[key]
 
 
 def describe(node: fx.Node) -> str:
@@ -107,6 +120,13 @@ class Rule:
     changes_parameters: bool = True
     gated: bool = False
     phase: int = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A rule class's docstring ends with the identity it declares, written once, in ``identity``."""
+        super().__init_subclass__(**kwargs)
+        identity = cls.__dict__.get("identity")
+        if identity and cls.__doc__ and identity not in cls.__doc__:
+            cls.__doc__ = f"{cls.__doc__.rstrip()}\n\n    Identity: ``{identity}``\n"
 
     def pattern(self, node: fx.Node, ctx: "RuleContext") -> Match | None:
         raise NotImplementedError

@@ -1,0 +1,165 @@
+"""Every exact rule says what it is and is proven: a docstring that ends with its identity, the same
+identity word for word in docs/identities.md, and a property proof through ``check_rule`` (the rules
+proven in their own test files are listed in ``PROVEN_IN``; the others are proven here)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+import fxrebirth
+from fxrebirth.passes import batchnorm, branches, cleanup
+from fxrebirth.testing import randomize_batchnorm
+from fxrebirth.testing.kit import check_rule
+from fxrebirth.testing.strategies import conv_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _every_rule() -> list[fxrebirth.Rule]:
+    rules = {r.name: r for r in fxrebirth.default_rules() + batchnorm.rules(standalone_to_affine=True)}
+    return [rules[name] for name in sorted(rules)]
+
+
+RULES = _every_rule()
+
+
+def _documented() -> dict[str, str]:
+    """``{rule name: identity}`` from the tables of docs/identities.md (``| `name` ... | `identity` |``)."""
+    rows = re.findall(r"^\| `(\w+)`[^|]*\| `([^|]*)` \|", (ROOT / "docs" / "identities.md").read_text(), re.M)
+    return dict(rows)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_every_rule_states_its_identity_in_its_docstring_and_in_the_docs(rule):
+    cls = type(rule)
+    assert rule.identity, f"{cls.__name__} declares no identity"
+    assert "__doc__" in cls.__dict__ and cls.__dict__["__doc__"], f"{cls.__name__} has no docstring of its own"
+    assert rule.identity in inspect.getdoc(cls)
+    assert _documented().get(rule.name) == rule.identity, \
+        f"docs/identities.md does not give {rule.name}'s identity as `{rule.identity}`"
+
+
+PROVEN_IN = {
+    "bn_into_preceding": "test_batchnorm.py", "bn_into_following": "test_batchnorm.py",
+    "affine_into_preceding": "test_affine.py", "affine_into_following": "test_affine.py",
+    "remove_neutral_arithmetic": "test_cleanup.py",
+    "merge_conv_chain": "test_conv_chain.py", "merge_linear_chain": "test_conv_chain.py",
+    "merge_flattened_conv_into_linear": "test_pooling.py", "fold_pad_into_conv": "test_pooling.py",
+    "commute_global_pool": "test_pooling.py",
+    "merge_summed_branches": "test_branches.py", "merge_concat_branches": "test_branches.py",
+}
+"""Where the rules not proven in this file are: each file calls ``check_rule`` on the rule's class."""
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_every_rule_has_a_property_proof(rule):
+    if rule.name in PROVEN_HERE:
+        return
+    assert rule.name in PROVEN_IN, f"no property proof (check_rule) of {rule.name}"
+    source = (ROOT / "tests" / PROVEN_IN[rule.name]).read_text()
+    calls = re.findall(r"check_rule\(\s*([^,]+),", source)
+    named = {rule.name, type(rule).__name__, rule.name.split("_")[0].upper()}
+    assert any(any(n in call for n in named) or call.strip() in _ALIASES.get(rule.name, ()) for call in calls), \
+        f"{PROVEN_IN[rule.name]} has no check_rule call on {rule.name}"
+
+
+_ALIASES = {  # module-level names those files give the rule they prove
+    "bn_into_preceding": ("PRECEDING",), "bn_into_following": ("FOLLOWING",),
+    "affine_into_preceding": ("PRECEDING",), "affine_into_following": ("FOLLOWING",),
+    "merge_conv_chain": ("CHAIN",), "commute_global_pool": ("commute",),
+}
+
+
+# The proofs of the rules no other file proves.
+
+@st.composite
+def _conv_then(draw, middle):
+    """A convolution, then ``middle(channels, draw)`` (a module), then a ReLU: the pattern inside a network."""
+    config = draw(conv_configs(max_channels=5))
+    model = nn.Sequential(config.module(), middle(config.out_channels, draw), nn.ReLU())
+    return randomize_batchnorm(model.eval()), config.input()
+
+
+class _Reshape(nn.Module):
+    """``x.reshape`` to its own shape in one of the ways models write it, or a flatten of one dimension."""
+
+    def __init__(self, form: int) -> None:
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        if self.form == 0:
+            return torch.flatten(x, 2, 2)
+        if self.form == 1:
+            return x.reshape(x.size(0), x.size(1), x.size(2), x.size(3))
+        return x.view(-1, x.size(1), x.size(2), x.size(3))
+
+
+class _SlicesConcatenated(nn.Module):
+    def __init__(self, channels: int, cuts: list[int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 1)
+        self.edges = [0] + sorted(set(cuts)) + [channels]
+
+    def forward(self, x):
+        y = self.conv(x)
+        pieces = [torch.narrow(y, 1, a, b - a) for a, b in zip(self.edges, self.edges[1:])]
+        return torch.relu(torch.cat(pieces, 1))
+
+
+@st.composite
+def _slices(draw):
+    channels = draw(st.integers(2, 8))
+    cuts = draw(st.lists(st.integers(1, channels - 1), min_size=1, max_size=3))
+    return _SlicesConcatenated(channels, cuts).eval(), torch.randn(2, 3, 5, 5)
+
+
+class _Siblings(nn.Module):
+    """Two convolutions of one input with the same geometry, combined non-linearly (nothing else merges them)."""
+
+    def __init__(self, a: nn.Conv2d, b: nn.Conv2d) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+@st.composite
+def _siblings(draw):
+    config = draw(conv_configs(max_channels=5).filter(lambda c: c.groups == 1))
+    other = nn.Conv2d(config.in_channels, draw(st.integers(1, 5)), config.kernel_size, config.stride,
+                      config.padding, config.dilation, bias=config.bias)
+    first = config.module()
+    if other.out_channels != first.out_channels:  # the product needs equal channels: widen the narrower
+        other = nn.Conv2d(config.in_channels, first.out_channels, config.kernel_size, config.stride,
+                          config.padding, config.dilation, bias=config.bias)
+    return _Siblings(first, other).eval(), config.input()
+
+
+PROOFS = {
+    "remove_dropout": (cleanup.RemoveDropout(), _conv_then(lambda c, draw: nn.Dropout(0.5)), ["dropout"]),
+    "remove_identity": (cleanup.RemoveIdentity(), _conv_then(lambda c, draw: nn.Identity()), []),
+    "remove_noop_reshape": (cleanup.RemoveNoopReshape(),
+                            _conv_then(lambda c, draw: _Reshape(draw(st.integers(0, 2)))),
+                            ["flatten", "reshape"]),
+    "collapse_cat_of_slices": (cleanup.CollapseCatOfSlices(), _slices(), ["cat"]),
+    "merge_sibling_convs": (branches.MergeSiblingConvs(), _siblings(), []),
+    "bn_to_affine": (batchnorm.BatchNormToAffine(), _conv_then(lambda c, draw: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(c))),
+                     ["batch_norm"]),
+}
+PROVEN_HERE = set(PROOFS)
+
+
+@pytest.mark.fxrebirth_rule
+@pytest.mark.parametrize("name", sorted(PROOFS))
+def test_property_proof(name):
+    rule, cases, removes = PROOFS[name]
+    check_rule(rule, cases, removes=removes, max_examples=40)
