@@ -15,8 +15,6 @@ are never selected. A Plan is plain data: JSON in and out, editable (drop a regi
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.graph.capture import as_input_tuple, capture
-from fxrebirth.rewrite.cost import TableCost, graph_flops, node_bytes, node_flops, profile_nodes
+from fxrebirth.rewrite.cost import TableCost, graph_flops, median_seconds, node_bytes, node_flops, profile_nodes
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
@@ -34,14 +32,7 @@ __all__ = ["plan", "Plan", "PlannedRegion"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    samples = []
-    with torch.inference_mode():
-        module(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(x)
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return median_seconds(lambda: module(x), repeats, warmup=1)
 
 
 def _depth(gm: fx.GraphModule, region: Region) -> int:

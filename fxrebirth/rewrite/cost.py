@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "node_flops", "graph_flops", "stored_elements", "node_bytes", "is_view", "node_signature",
     "CostModel", "RooflineCost", "TableCost", "MeasuredCost", "ReplayedCost", "measure_latency", "profile_nodes",
+    "median_seconds",
 ]
 
 
@@ -264,9 +265,6 @@ class MeasuredCost(CostModel):
         return self.cache[key]
 
     def _time(self, node: fx.Node) -> float:
-        import statistics
-        import time
-
         gm = node.graph.owning_module
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
 
@@ -281,14 +279,25 @@ class MeasuredCost(CostModel):
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
-        samples = []
-        with torch.inference_mode():
-            for i in range(self.repeats + 3):
-                start = time.perf_counter()
-                node.target(*args, **kwargs)
-                if i >= 3:
-                    samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        return median_seconds(lambda: node.target(*args, **kwargs), self.repeats, warmup=3)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``run()`` over ``repeats`` calls, after ``warmup`` untimed ones, in
+    inference mode: the one timer of the cost models and the planner (benchmarks, which compare
+    variants, interleave them instead: :mod:`fxrebirth.measure.timing`)."""
+    import statistics
+    import time
+
+    samples = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def profile_nodes(gm: fx.GraphModule, inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
