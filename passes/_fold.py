@@ -109,6 +109,25 @@ class _AffineFold(Rule):
         self.source = source
         self.what = what
 
+    def _foldable(self, match: Match, ctx: RuleContext, between: fx.Node, side: str) -> Affine | str:
+        """The affine map, when ``between`` (the value the fold removes) has no other user and the map is
+        per-channel along the layer's ``side`` ("output" or "input") channels; else why the fold is refused."""
+        if len(users_of(between)) > 1:
+            return f"the output of {describe(between)} has {len(users_of(between))} users; folding would change the others"
+        operands = self._operands(match, ctx)
+        if isinstance(operands, str):
+            return operands
+        affine, weight, _ = operands
+        layer = match["layer"]
+        kind, groups = kind_of(layer), layer.kwargs.get("groups", 1)
+        if side == "output":
+            channels = weight.shape[1] * groups if kind == "conv_transpose" else weight.shape[0]
+        else:
+            channels = weight.shape[1] * (groups if kind == "conv" else 1)
+        if affine.per_channel(channel_dim(layer), channels) is None:
+            return f"the {self.what} is not per-channel along the {side} channels of {describe(layer)}"
+        return affine
+
     def _operands(self, match: Match, ctx: RuleContext) -> tuple[Affine, torch.Tensor, torch.Tensor] | str:
         """The affine map and the layer's (float64) weight and bias, or why either is unavailable; computed
         once per match (check decides with them, rewrite folds them)."""
@@ -137,18 +156,8 @@ class FoldIntoPreceding(_AffineFold):
         return Match(output=node, inputs=(layer_input,), nodes=(x, node), bindings={"layer": x, "affine": node})
 
     def check(self, match: Match, ctx: RuleContext) -> str | None:
-        layer, node = match["layer"], match.output
-        if len(users_of(layer)) > 1:
-            return f"the output of {describe(layer)} has {len(users_of(layer))} users; folding would change the others"
-        operands = self._operands(match, ctx)
-        if isinstance(operands, str):
-            return operands
-        affine, weight, _ = operands
-        out_channels = weight.shape[1] * layer.kwargs["groups"] if kind_of(layer) == "conv_transpose" \
-            else weight.shape[0]
-        if affine.per_channel(channel_dim(layer), out_channels) is None:
-            return f"the {self.what} is not per-channel along the output channels of {describe(layer)}"
-        return None
+        found = self._foldable(match, ctx, match["layer"], "output")
+        return found if isinstance(found, str) else None
 
     def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
         layer, node = match["layer"], match.output
@@ -185,15 +194,9 @@ class FoldIntoFollowing(_AffineFold):
         node, layer = match["affine"], match["layer"]
         if kind_of(layer) == "conv_transpose":
             return f"folding a {self.what} into a following ConvTranspose ({describe(layer)}) is not supported"
-        if len(users_of(node)) > 1:
-            return f"the output of {describe(node)} has {len(users_of(node))} users; folding would change the others"
-        operands = self._operands(match, ctx)
-        if isinstance(operands, str):
-            return operands
-        affine, weight, _ = operands
-        in_channels = weight.shape[1] * (layer.kwargs["groups"] if kind_of(layer) == "conv" else 1)
-        if affine.per_channel(channel_dim(layer), in_channels) is None:
-            return f"the {self.what} is not per-channel along the input channels of {describe(layer)}"
+        affine = self._foldable(match, ctx, node, "input")
+        if isinstance(affine, str):
+            return affine
         if kind_of(layer) == "conv" and affine.has_shift:
             padding = layer.kwargs["padding"]
             if isinstance(padding, str) or any(p != 0 for p in padding):

@@ -35,9 +35,28 @@ from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hin
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 
-__all__ = ["BatchNormSource", "BatchNormToAffine", "rules"]
+__all__ = ["BatchNormSource", "BatchNormToAffine", "scale_and_shift", "fold_batchnorm_", "rules"]
 
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def scale_and_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` with ``BN(x) = x * s + t``: ``s = g / sqrt(v + eps)``, ``t = beta - m * s`` (``g = 1`` and
+    ``beta = 0`` when the BatchNorm has no affine parameters), in the dtype of the statistics. The one
+    place fxrebirth computes the identity: the exact tier folds with it, and so do the training-time
+    BatchNorm (:mod:`fxrebirth.retraining.batchnorm`) and the paper's models."""
+    scale = (weight if weight is not None else torch.ones_like(mean)) / torch.sqrt(var + eps)
+    return scale, (bias if bias is not None else torch.zeros_like(mean)) - mean * scale
+
+
+@torch.no_grad()
+def fold_batchnorm_(weight: torch.Tensor, bias: torch.Tensor, bn: nn.Module) -> None:
+    """Fold eval-mode ``bn`` into the layer before it, in place: ``W' = W * s`` along the output channels
+    (dim 0), ``b' = b * s + t`` (:func:`scale_and_shift`, from the running statistics)."""
+    scale, shift = scale_and_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
+    bias.copy_(bias * scale + shift)
 
 
 class BatchNormSource:
@@ -71,9 +90,7 @@ class BatchNormSource:
             return f"no recorded shape for BatchNorm {describe(node)}"
         if isinstance(kw["eps"], bool) or not isinstance(kw["eps"], (int, float)):
             return f"the eps of BatchNorm {describe(node)} is computed at run time, not a number"
-        mean, var, weight, bias = (t.to(torch.float64) for t in (mean, var, weight, bias))
-        scale = weight / torch.sqrt(var + kw["eps"])
-        shift = bias - mean * scale
+        scale, shift = scale_and_shift(*(t.to(torch.float64) for t in (mean, var, weight, bias)), kw["eps"])
         view = (1, -1) + (1,) * (rank - 2)
         return Affine(scale.reshape(view), shift.reshape(view), rank)
 

@@ -130,6 +130,28 @@ def test_unknown_option_is_a_clear_error():
             compiled(torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("check_output", [True, False])
+def test_check_output_option_turns_the_whole_model_check_on_and_off(check_output, monkeypatch, reset_dynamo):
+    import fxrebirth.frontends.library as library
+
+    calls = []
+    compare = library.compare
+    monkeypatch.setattr(library, "compare", lambda *a, **k: calls.append(1) or compare(*a, **k))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager", "check_output": check_output})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert bool(calls) == check_output
+
+
+def test_check_output_option_must_be_a_bool(reset_dynamo):
+    compiled = torch.compile(nn.Conv2d(3, 4, 3).eval(), backend="fxrebirth", options={"check_output": "no"})
+    with pytest.raises(Exception, match="check_output"):
+        with torch.no_grad():
+            compiled(torch.randn(1, 3, 8, 8))
+
+
 @settings(max_examples=25)
 @given(gm=random_graphs())
 def test_random_graphs_through_the_backend(gm):

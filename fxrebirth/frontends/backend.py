@@ -53,7 +53,8 @@ not bump the running statistics' version), and in-place updates of inference ten
 (``with torch.no_grad(): p.copy_(t)``).
 
 Options (``torch.compile(..., options={...})``): ``compiler`` ("inductor", "eager", "aot_eager"),
-``freezing`` (bool, default True; Inductor only), ``verify`` (bool), ``disable`` / ``force`` (rule names),
+``freezing`` (bool, default True; Inductor only), ``verify`` (bool), ``check_output`` (bool, default True:
+each graph's whole-model check, as in :func:`fxrebirth.optimize`), ``disable`` / ``force`` (rule names),
 ``rules`` (a rule list replacing the defaults).
 """
 
@@ -95,6 +96,7 @@ class BackendOptions:
     compiler: str = "inductor"
     freezing: bool = True
     verify: bool = True
+    check_output: bool = True
     disable: tuple[str, ...] = ()
     force: tuple[str, ...] = ()
     rules: tuple[Rule, ...] | None = field(default=None)
@@ -102,14 +104,15 @@ class BackendOptions:
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "BackendOptions":
         options = dict(options or {})
-        unknown = set(options) - {"compiler", "freezing", "verify", "disable", "force", "rules"}
+        known_options = ("compiler", "freezing", "verify", "check_output", "disable", "force", "rules")
+        unknown = set(options) - set(known_options)
         if unknown:
             raise PipelineError(
-                f"unknown fxrebirth backend option(s) {sorted(unknown)}; known: compiler, freezing, verify, disable, force, rules"
+                f"unknown fxrebirth backend option(s) {sorted(unknown)}; known: {', '.join(known_options)}"
             )
         if options.get("compiler", "inductor") not in ("inductor", "eager", "aot_eager"):
             raise PipelineError(f"compiler={options['compiler']!r}: use 'inductor', 'eager' or 'aot_eager'")
-        for key in ("freezing", "verify"):
+        for key in ("freezing", "verify", "check_output"):
             if key in options:
                 validate_bool(key, options[key])
         for key in ("disable", "force"):
@@ -284,7 +287,7 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
                 optimized, report = optimize(
                     baked, tuple(_hint(v) for v in kept),
                     rules=opts.rules if opts.rules is not None else default_rules(),
-                    disable=opts.disable, force=opts.force, verify=opts.verify, check_output=True,
+                    disable=opts.disable, force=opts.force, verify=opts.verify, check_output=opts.check_output,
                 )
         except Exception as exc:  # noqa: BLE001 - a compiler backend falls back rather than break the model
             log.warning("fxrebirth backend: the graph could not be optimised (%s: %s); it is compiled unchanged",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fxrebirth.equivalence import identical
 from fxrebirth.errors import first_line
 from fxrebirth.graph.mutation import mutated_input
-from fxrebirth.rewrite.rules import _fetch_attr as _fetch  # one attribute lookup for the whole package
+from fxrebirth.graph.surgery import fetch_attr as _fetch
 
 log = logging.getLogger("fxrebirth.frontends.backend")  # the backend's logger: its users listen there
 

@@ -1,10 +1,28 @@
-"""Graph surgery shared by the tiers: tidying a GraphModule after its nodes were rewritten."""
+"""Graph surgery shared by the tiers: reading a GraphModule's attributes, and tidying it after its nodes
+were rewritten."""
 
 from __future__ import annotations
 
-import torch.fx as fx
+from typing import Any
 
-__all__ = ["prune_unused_attributes"]
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["fetch_attr", "device_of", "prune_unused_attributes"]
+
+
+def fetch_attr(module: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` target names (``"layer1.0.weight"``): the tensor itself, not a copy."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def prune_unused_attributes(gm: fx.GraphModule) -> int:

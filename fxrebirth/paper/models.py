@@ -20,6 +20,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from fxrebirth.passes.batchnorm import fold_batchnorm_
+
 __all__ = ["googlenet_lrn", "alexnet_lrn", "he_init", "fold_batch_norm", "Inception", "INCEPTION_WIDTHS", "MIN_INPUT"]
 
 INCEPTION_WIDTHS = {
@@ -124,15 +126,12 @@ def he_init(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def fold_batch_norm(model: nn.Module) -> nn.Module:
-    """Fold every ``_ConvReLU``'s BatchNorm into its convolution, in place, and remove it:
-    ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``
-    (running statistics: the model must be in eval mode to use the result)."""
+    """Fold every ``_ConvReLU``'s BatchNorm into its convolution, in place, and remove it
+    (:func:`fxrebirth.passes.batchnorm.fold_batchnorm_`: running statistics, so the model must be in eval
+    mode to use the result)."""
     for module in model.modules():
         if isinstance(module, _ConvReLU) and hasattr(module, "bn"):
-            conv, bn = module.conv, module.bn
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-            conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+            fold_batchnorm_(module.conv.weight, module.conv.bias, module.bn)
             del module.bn
     return model
 

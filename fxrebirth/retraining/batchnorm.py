@@ -7,7 +7,7 @@ initialised so that the network computes what it computed before (``gamma = sqrt
 ``beta = mean`` of the convolution's output on a few calibration batches), trained in train mode, and
 folded back into the convolution at the end with the running statistics (exact in eval mode):
 
-    bn(conv(x)) = conv'(x),  w' = w * g / sqrt(v + eps),  b' = (b - m) * g / sqrt(v + eps) + beta
+    bn(conv(x)) = conv'(x),  w' = w * s,  b' = b * s + t   (fxrebirth.passes.batchnorm.fold_batchnorm_)
 
 The architecture, and so the latency, is unchanged. Under torch.distributed each rank normalises with
 its own share of the batch (plain BatchNorm, not SyncBatchNorm), as DDP usually does.
@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fxrebirth.graph.ops import kind_of
+from fxrebirth.passes.batchnorm import fold_batchnorm_
 
 __all__ = ["TrainingBatchNorm"]
 
@@ -100,18 +101,12 @@ class TrainingBatchNorm:
         params = dict(self.model.named_parameters())
         for conv, call, name in self.graph_nodes:
             bn = self.model.get_submodule(name)
-            _fold(params[conv.kwargs["weight"].target], params[conv.kwargs["bias"].target], bn)
+            fold_batchnorm_(params[conv.kwargs["weight"].target], params[conv.kwargs["bias"].target], bn)
             call.replace_all_uses_with(conv)
             self.model.graph.erase_node(call)
             delattr(self.model, name)
         self.model.recompile()
         for conv, bn, handle in self.hooked:
             handle.remove()
-            _fold(conv.weight, conv.bias, bn)
+            fold_batchnorm_(conv.weight, conv.bias, bn)
         self.graph_nodes, self.hooked = [], []
-
-
-def _fold(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> None:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
-    bias.copy_((bias - bn.running_mean) * scale + bn.bias)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fxrebirth.graph.regions import RegionError
+from fxrebirth.graph.surgery import device_of
 
 __all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
 
@@ -73,7 +74,7 @@ def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Modul
     plan.validate(gm)
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
-    device = next((p.device for p in out.parameters()), torch.device("cpu"))
+    device = device_of(out)
     position = {n.name: i for i, n in enumerate(out.graph.nodes)}
     replaced: dict[str, fx.Node] = {}  # a region's output -> its rebirth call (a later region's input)
     for i, planned in enumerate(sorted(plan.selected, key=lambda r: position[r.region.output])):

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.graph.ops import kind_of
+from fxrebirth.graph.surgery import device_of, fetch_attr
 
 if TYPE_CHECKING:
     from fxrebirth.rewrite.report import Report
@@ -266,14 +267,11 @@ class MeasuredCost(CostModel):
 
     def _time(self, node: fx.Node) -> float:
         gm = node.graph.owning_module
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = device_of(gm)
 
         def value(arg: fx.Node) -> object:
             if arg.op == "get_attr":
-                obj: object = gm
-                for part in arg.target.split("."):
-                    obj = getattr(obj, part)
-                return obj
+                return fetch_attr(gm, arg.target)
             meta = arg.meta.get("tensor_meta")
             return torch.randn(tuple(meta.shape), dtype=meta.dtype, device=device)
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.equivalence import identical
 from fxrebirth.graph.ops import OPS, kind_of, normalize_kwargs
+from fxrebirth.graph.surgery import fetch_attr
 
 __all__ = ["Match", "Rule", "RuleContext", "RewriteRefused", "describe", "name_hint", "producer", "users_of"]
 
@@ -174,7 +175,7 @@ class RuleContext:
         if isinstance(value, fx.Node) and value.op == "get_attr":
             if value in self.exact_values:
                 return self.exact_values[value]
-            attr = _fetch_attr(self.gm, value.target)
+            attr = fetch_attr(self.gm, value.target)
             return attr.detach() if isinstance(attr, torch.Tensor) else None
         return None
 
@@ -187,7 +188,7 @@ class RuleContext:
 
     def stored(self, node: fx.Node) -> torch.Tensor:
         """The tensor object a ``get_attr`` node refers to (with its dtype, device and Parameter-ness)."""
-        return _fetch_attr(self.gm, node.target)
+        return fetch_attr(self.gm, node.target)
 
     @staticmethod
     def shape(node: Any) -> torch.Size | None:
@@ -205,7 +206,7 @@ class RuleContext:
         targets = dict.fromkeys(n.target for n in reads if n.op == "get_attr")
         self._snapshots = []
         for target in targets:
-            tensor = _fetch_attr(self.gm, target)
+            tensor = fetch_attr(self.gm, target)
             if isinstance(tensor, torch.Tensor):
                 self._snapshots.append((target, tensor, tensor.detach().clone()))
 
@@ -213,7 +214,7 @@ class RuleContext:
         """Put back every snapshot tensor a rewrite changed in place (or replaced); return their names."""
         edited = []
         for target, tensor, value in self._snapshots:
-            current = _fetch_attr(self.gm, target)
+            current = fetch_attr(self.gm, target)
             if current is not tensor:
                 _set_attr(self.gm, target, tensor)
             elif identical(current.detach(), value):
@@ -307,19 +308,12 @@ class RuleContext:
                 return name
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _check_representable(hint: str, exact: torch.Tensor, stored: torch.Tensor) -> None:
     """Refuse a folded tensor that is not finite, or that the model's dtype cannot hold: one that overflows
     (float16 tops out at 65504) or, in a half precision, loses more than the dtype's whole-model tolerance
     to rounding (float32 and float64 round by at most ~6e-8 relative: far inside their bounds). One pass
     over the tensor for float32, three for the half precisions: this runs for every folded weight."""
-    from fxrebirth.equivalence import tolerance
+    from fxrebirth.equivalence import relative_error, tolerance
 
     if not stored.is_floating_point():
         return
@@ -330,8 +324,7 @@ def _check_representable(hint: str, exact: torch.Tensor, stored: torch.Tensor) -
             f"the folded tensor for {hint!r} overflows {stored.dtype} (largest magnitude "
             f"{exact.abs().max().item():.3g})")
     if stored.dtype in (torch.float16, torch.bfloat16) and exact.numel():
-        scale = exact.abs().max().item()
-        error = (exact - stored.to(exact.dtype)).abs().max().item() / scale if scale > 0 else 0.0
+        error = relative_error(exact, stored)
         if error > tolerance(stored.dtype):
             raise RewriteRefused(f"the folded tensor for {hint!r} loses {error:.1e} to {stored.dtype} rounding")
 

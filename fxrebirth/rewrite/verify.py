@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxrebirth.equivalence import LOCAL_TOLERANCE, flush_denormals
+from fxrebirth.equivalence import LOCAL_TOLERANCE, flush_denormals, relative_error
 from fxrebirth.graph.variants import VARIANTS_KEY
+from fxrebirth.graph.surgery import device_of, fetch_attr
 
 __all__ = ["local_error", "UnverifiableError", "DEFAULT_TOLERANCE"]
 
@@ -29,13 +30,6 @@ DEFAULT_TOLERANCE = LOCAL_TOLERANCE  # the shared definition (fxrebirth.equivale
 
 class UnverifiableError(Exception):
     """The slice cannot be evaluated (no recorded shape, an input the rule did not declare...)."""
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _to64(value: Any) -> Any:
@@ -73,7 +67,7 @@ class _SliceEvaluator:
         if node.op == "get_attr":
             if node in self.exact:
                 return self.exact[node]
-            return _to64(_fetch(self.gm, node.target))
+            return _to64(fetch_attr(self.gm, node.target))
         if node.op == "placeholder":
             raise UnverifiableError(f"slice reaches graph input '{node.name}' that the rule did not declare")
         args, kwargs = self._arg(node.args), self._arg(node.kwargs)
@@ -134,7 +128,7 @@ def local_error(
     spatial sizes). ``guards`` (``(value, SizeGuard)`` pairs) exclude the variants where the rewrite
     declares itself inexact; it raises :class:`fxrebirth.ShapeGuardError` there at run time."""
     if device is None:
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = device_of(gm)
     generator = torch.Generator().manual_seed(seed)
     with flush_denormals():
         return max(_error_at(gm, old, new, inputs, shapes, exact, generator, device)
@@ -153,10 +147,4 @@ def _error_at(gm: fx.GraphModule, old: fx.Node, new: fx.Node, inputs: tuple[fx.N
             return float("inf")
     if not isinstance(reference, torch.Tensor) or not isinstance(candidate, torch.Tensor):
         raise UnverifiableError("the replaced value is not a tensor")
-    if reference.shape != candidate.shape:
-        return float("inf")
-    scale = reference.abs().max().item() if reference.numel() else 0.0
-    diff = (candidate - reference).abs().max().item() if reference.numel() else 0.0
-    if diff != diff:  # NaN
-        return float("inf")
-    return diff / scale if scale > 0 else diff
+    return relative_error(reference, candidate)

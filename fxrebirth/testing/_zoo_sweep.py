@@ -19,6 +19,7 @@ from fxrebirth.equivalence import MIN_BATCH, WEIGHT_ROUNDING, relative_error, to
 from fxrebirth.errors import CaptureError, first_line
 from fxrebirth.frontends.library import optimize as _optimize
 from fxrebirth.graph.capture import capture as _capture
+from fxrebirth.rewrite.cost import ReplayedCost, RooflineCost
 from fxrebirth.rewrite.endtoend import weight_rounding
 from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
 
@@ -124,6 +125,7 @@ def _run_point(point: str, model: nn.Module, x: torch.Tensor, reference: Any, bo
     except Exception as exc:  # noqa: BLE001 - a bug of the harness itself must not stop the sweep
         entry = {"status": "error", "reason": f"harness: {type(exc).__name__}: {first_line(exc)}"}
     entry.pop("_module", None)
+    entry.pop("_report", None)
     entry["seconds"] = round(time.perf_counter() - began, 2)
     if entry.get("status") == "mismatch":
         _explain(point, entry, row, bound)
@@ -186,14 +188,17 @@ def _explain(point: str, entry: dict[str, Any], row: dict[str, Any], bound: floa
 
 
 def _run(point: str, model: nn.Module, x: torch.Tensor, reference: Any, bound: float, row: dict[str, Any],
-         check: bool = True) -> dict:
-    """One entry point on ``model``: its entry of the row (``row`` collects model-wide extras).
-    ``check=False``: optimize and export skip their own whole-model check (the caller measures)."""
+         check: bool = True, decided: Any = None) -> dict:
+    """One entry point on ``model``: its entry of the row (``row`` collects model-wide extras; the entry's
+    ``_module`` and ``_report``, kept for :func:`_error64`, are dropped before it is stored).
+    ``check=False``: the entry point skips its own whole-model check (the caller measures). ``decided``:
+    a report whose cost-gate verdicts optimize and export replay (the float32 run's, for the float64 one)."""
+    gate = {} if decided is None else {"cost_model": ReplayedCost.of(decided, RooflineCost())}
     if point == "optimize":
-        return _run_optimize(model, x, reference, bound, row, check)
+        return _run_optimize(model, x, reference, bound, row, check, gate)
     if point == "backend":
-        return _run_backend(model, x, reference, bound)
-    return _run_export(model, x, reference, bound, check)
+        return _run_backend(model, x, reference, bound, check)
+    return _run_export(model, x, reference, bound, check, gate)
 
 
 def _error64(point: str, model: nn.Module, x: torch.Tensor, reference64: Any, entry32: dict[str, Any]) -> float | str | None:
@@ -205,7 +210,7 @@ def _error64(point: str, model: nn.Module, x: torch.Tensor, reference64: Any, en
         with torch.no_grad():
             model64 = copy.deepcopy(model).double()
         entry = _run(point, model64, x.double(), reference64, tolerance(torch.float32), {"source": "", "name": ""},
-                     check=False)
+                     check=False, decided=entry32.get("_report"))
     except Exception:  # noqa: BLE001 - float32-only code: the float32 verdict stands
         return None
     for key in ("rewrites", "folded_graphs"):
@@ -231,7 +236,7 @@ def _in_float64(module: nn.Module, x: torch.Tensor) -> Any:
 
 
 def _run_optimize(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, row: dict[str, Any],
-                  check: bool = True) -> dict:
+                  check: bool = True, gate: dict[str, Any] | None = None) -> dict:
     entry: dict[str, Any] = {}
     try:
         before = count_ops(_capture(model, (x,)))
@@ -239,7 +244,7 @@ def _run_optimize(model: nn.Module, x: torch.Tensor, reference: Any, bound: floa
         return _outcome(exc)
     entry["convs_before"], entry["bns_before"] = before["conv"], before["batch_norm"]
     try:
-        gm, report = _optimize(model, x, check_output=check)
+        gm, report = _optimize(model, x, check_output=check, **(gate or {}))
     except Exception as exc:  # noqa: BLE001
         entry.update(_outcome(exc))
         return entry
@@ -253,7 +258,7 @@ def _run_optimize(model: nn.Module, x: torch.Tensor, reference: Any, bound: floa
     with torch.no_grad():
         output = gm(x)
     _judge(entry, reference, output, bound)
-    entry["_module"] = gm  # for _error64's comparison of weights; not kept in the row
+    entry["_module"], entry["_report"] = gm, report  # for _error64; not kept in the row
     if row["source"] == "timm":
         entry["convs_timm_reparam"] = _timm_reparam_convs(model, x)
     return entry
@@ -283,7 +288,7 @@ class _BackendLog(logging.Handler):
             self.reasons.append(message.removeprefix("fxrebirth backend: "))
 
 
-def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float) -> dict:
+def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, check: bool = True) -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -300,7 +305,7 @@ def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float
     logger.setLevel(logging.INFO)
     entry: dict[str, Any] = {}
     try:
-        compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager"})
+        compiled = torch.compile(model, backend="fxrebirth", options={"compiler": "eager", "check_output": check})
         with torch.no_grad():
             output = compiled(x)
     except Exception as exc:  # noqa: BLE001
@@ -322,7 +327,8 @@ def _run_backend(model: nn.Module, x: torch.Tensor, reference: Any, bound: float
     return entry
 
 
-def _run_export(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, check: bool = True) -> dict:
+def _run_export(model: nn.Module, x: torch.Tensor, reference: Any, bound: float, check: bool = True,
+                gate: dict[str, Any] | None = None) -> dict:
     from fxrebirth.frontends.export import optimize_exported
 
     try:
@@ -333,7 +339,7 @@ def _run_export(model: nn.Module, x: torch.Tensor, reference: Any, bound: float,
         return _outcome(exc, exporting=True)
     entry: dict[str, Any] = {}
     try:
-        optimized, report = optimize_exported(program, check_output=check)
+        optimized, report = optimize_exported(program, check_output=check, **(gate or {}))
         with torch.no_grad():
             output = optimized.module()(x)
     except Exception as exc:  # noqa: BLE001
@@ -341,7 +347,7 @@ def _run_export(model: nn.Module, x: torch.Tensor, reference: Any, bound: float,
         return entry
     entry["rewrites"] = report.rewrites
     _judge(entry, reference, output, bound)
-    entry["_module"] = optimized.module()
+    entry["_module"], entry["_report"] = optimized.module(), report
     try:  # counted on the canonical form of the re-exported program, as for ``optimize``
         canonical = _capture(optimized.module(), (x,))
         after = count_ops(canonical)
