@@ -179,7 +179,7 @@ def test_leaf_modules_make_it_traceable():
 
 
 def test_wrong_example_inputs_name_the_module():
-    with pytest.raises(CaptureError, match=r"(?s)failed at node 'conv2d' \(module 'conv'\).*example_inputs"):
+    with pytest.raises(CaptureError, match=r"(?s)failed at 'conv' \(node conv2d\).*example_inputs"):
         capture(_Module(), torch.randn(1, 5, 8, 8))
 
 

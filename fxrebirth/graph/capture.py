@@ -39,7 +39,7 @@ from fxrebirth.graph.variants import record_variant_shapes
 from fxrebirth.graph.ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
 from fxrebirth.graph.tracing import OPAQUE_KEY, _has_containers, _keep_root_hooks, _refuse_global_hooks, _trace, has_hooks
 
-__all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple"]
+__all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,13 @@ def canonicalize(graph: fx.Graph) -> None:
             node.args, node.kwargs = (), kwargs
 
 
-def _describe_node(node: fx.Node) -> str:
+def describe(node: fx.Node) -> str:
+    """``'bn1'`` or ``'bn1' (node batch_norm_3)`` for messages: the module name users know, and the node's
+    own name where it differs. Every message of fxrebirth that names a node uses it."""
     source = node.meta.get(SOURCE_KEY)
-    where = f" (module '{source}')" if source else ""
-    return f"node '{node.name}'{where}"
+    if source and source != node.name:
+        return f"'{source}' (node {node.name})"
+    return f"'{node.name}'"
 
 
 def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
@@ -211,7 +214,7 @@ class _Recorder(fx.Interpreter):
             result = fx.Interpreter.run_node(self, n)
         except Exception as exc:
             raise CaptureError(
-                f"running the captured graph on the example inputs failed at {_describe_node(n)}: "
+                f"running the captured graph on the example inputs failed at {describe(n)}: "
                 f"{type(exc).__name__}: {first_line(exc)}\nCheck that example_inputs have the shapes and "
                 "dtypes the model expects."
             ) from None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from fxrebirth.graph.capture import SOURCE_KEY
+from fxrebirth.graph.capture import SOURCE_KEY, describe  # describe: re-exported for rule authors
 from fxrebirth.equivalence import identical
 from fxrebirth.graph.ops import OPS, kind_of, normalize_kwargs
 from fxrebirth.graph.surgery import fetch_attr
@@ -72,14 +72,6 @@ class Match:
         if key not in self._computed:
             self._computed[key] = compute()
         return self._computed[key]
-
-
-def describe(node: fx.Node) -> str:
-    """``'bn1'`` or ``'bn1' (node batch_norm_3)`` for messages: the module name users know."""
-    source = node.meta.get(SOURCE_KEY)
-    if source and source != node.name:
-        return f"'{source}' (node {node.name})"
-    return f"'{node.name}'"
 
 
 def producer(node: fx.Node, *kinds: str) -> fx.Node | None:
