@@ -38,12 +38,14 @@ from torch import nn
 
 from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.errors import first_line
+from fxrebirth.graph.capture import capture
 from fxrebirth.measure.memory import _memory_child, inference_memory
 from fxrebirth.measure.runners import (RUNTIMES, compiled_runner, eager_runner, environment, export_onnx, onnx_mb,
                                        ort_runner, ort_session, variant_runner)
 from fxrebirth.measure.table import Row, SpeedTable
 
-__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES"]
+__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES",
+           "eager_latency"]
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +224,13 @@ if __name__ == "__main__":  # the child process of inference_memory
         _memory_child(*sys.argv[2:])
     else:
         sys.exit("usage: python -m fxrebirth.speed memory MODEL_PATH RUNTIME N,C,H,W THREADS")
+
+
+def eager_latency(model: nn.Module, reborn: nn.Module, x: torch.Tensor, rounds: int = 20) -> dict[str, object]:
+    """The original ``model`` (captured, eval mode, a copy) against ``reborn`` in eager PyTorch on ``x``:
+    median milliseconds of ``rounds`` interleaved rounds (:mod:`fxrebirth.measure.timing`) and their ratio."""
+    original = capture(copy.deepcopy(model).eval(), (x,))
+    with torch.inference_mode():
+        med = interleaved_medians({"original": lambda: original(x), "reborn": lambda: reborn(x)}, rounds)
+    return {"input_shape": list(x.shape), "runtime": "eager", "original_ms": med["original"],
+            "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"], "rounds": rounds}

@@ -62,7 +62,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.measure.timing import interleaved_medians
+from fxrebirth.measure.speed import eager_latency
 from fxrebirth.graph.capture import capture
 from fxrebirth.retraining.data import DataError, check_dataset
 from fxrebirth.errors import FxRebirthError
@@ -335,18 +335,18 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
                                "planned_gain_s": planned.gain_s, **{k: v for k, v in facts.items()
                                                                     if k != "kept_reduce_channels"}})
     if test_data is not None:
-        teacher_eval = evaluate(job.teacher, test_data)
-        student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
-        report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
-        labels = torch.cat([y for _, y in batches(test_data, 1000)])
-        report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
+        _evaluate(job.teacher, reborn, test_data, report)
     if latency_input is not None:
-        original = capture(copy.deepcopy(model).eval(), (latency_input,))
-        with torch.inference_mode():
-            med = interleaved_medians({"original": lambda: original(latency_input),
-                                       "reborn": lambda: reborn(latency_input)}, latency_rounds)
-        report.latency = {"input_shape": list(latency_input.shape), "runtime": "eager", "original_ms": med["original"],
-                          "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"],
-                          "planned_speedup": plan.estimated_speedup, "rounds": latency_rounds}
+        report.latency = {**eager_latency(model, reborn, latency_input, latency_rounds),
+                          "planned_speedup": plan.estimated_speedup}
     return reborn, report
+
+
+def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport) -> None:
+    """Both models' accuracy on ``test_data`` and the paired interval of their difference, into ``report``."""
+    teacher_eval = evaluate(teacher, test_data)
+    student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
+    report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
+    labels = torch.cat([y for _, y in batches(test_data, 1000)])
+    report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
 
