@@ -204,22 +204,27 @@ def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
     return relative_error(reference, [o[0] for o in own]), relative_error(reference, [m[0] for m in mine])
 
 
-_BOOKKEEPING = {torch._assert, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
 
 
 def _computation(module: nn.Module) -> list[tuple[Any, ...]] | None:
     """What ``module``'s graph computes, node by node, up to dtype: each node's op, target and arguments
     (graph values by position, dtypes as one placeholder), less the nodes that only check or query
-    shapes (size guards, metadata queries, ``torch._assert`` and the comparisons it reads), which the
-    canonical form keeps or resolves depending on how long the symbolic shape run was allowed.
-    None for a module without a graph."""
+    shapes (size guards, metadata queries, ``torch._assert``, and comparisons that read nothing but those
+    and constants), which the canonical form keeps or resolves depending on how long the symbolic shape
+    run was allowed. A comparison of tensor values is computation and is compared. None for a module
+    without a graph."""
     graph = getattr(module, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
         return None
     position: dict[torch.fx.Node, int] = {}
+    skipped: set[torch.fx.Node] = set()
     steps = []
     for node in graph.nodes:
-        if reads_only_shape(node) or (node.op == "call_function" and node.target in _BOOKKEEPING):
+        on_shapes = node.op == "call_function" and node.target in _COMPARISONS \
+            and all(n in skipped for n in node.all_input_nodes)
+        if reads_only_shape(node) or on_shapes or (node.op == "call_function" and node.target is torch._assert):
+            skipped.add(node)
             continue
         position[node] = len(position)
         args = torch.fx.node.map_aggregate(
