@@ -246,7 +246,7 @@ def _bench(args: argparse.Namespace) -> int:
     from fxrebirth.retraining.planning import plan as make_plan
     from fxrebirth.graph.capture import capture
     from fxrebirth.retraining.layers import rebuild
-    from fxrebirth.measure.speed import DEFAULT_VARIANTS, layer_breakdown, speed_table
+    from fxrebirth.measure.speed import benchmark
 
     model = _load(args)
     say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))
@@ -264,22 +264,16 @@ def _bench(args: argparse.Namespace) -> int:
             reborn = rebuild(capture(model, (x,)), planned).eval()
         else:
             say("no region worth merging: the table has no reborn rows")
-    runtimes = args.runtime or RUNTIMES
-    variants = [(v, r) for v, r in DEFAULT_VARIANTS if r in runtimes or (v, r) == ("original", "eager")]
-    table = speed_table(model, exact=exact, reborn=reborn, image_size=args.input_size, batches=args.batch,
-                        rounds=args.rounds, variants=variants, exporter=args.exporter, memory=not args.no_memory,
-                        name=args.model, progress=say)
+    table = benchmark(model, exact=exact, reborn=reborn, image_size=args.input_size, batches=args.batch,
+                      rounds=args.rounds, runtimes=args.runtime or RUNTIMES, exporter=args.exporter,
+                      memory=not args.no_memory, layers=args.layers, name=args.model, progress=say)
     text = table.markdown()
     if reborn is not None:
         text += (f"\n\nreborn: {len(planned.selected)} regions replaced by freshly initialised rebirth layers "
                  f"(planned {planned.estimated_speedup:.2f}x eager); retrain with `fxrebirth run` before deploying.")
-    data = table.to_dict()
     if args.layers:
-        before = layer_breakdown(model, x)
-        after = layer_breakdown(reborn, x) if reborn is not None else {}
-        data["layers_ms"] = {"original": before, "reborn": after}
-        text += "\n\n| layer kind | original ms | reborn ms |\n|---|---|---|\n" + "\n".join(
-            f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after})
+        text += "\n\n" + table.layers_markdown()
+    data = table.to_dict()
     if args.save:
         _write(args.save, text + "\n")
     print(json.dumps(data, indent=1, default=str) if args.json else text)

@@ -17,13 +17,14 @@ The region is the whole module (input ``x``, output the concatenation); nothing 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch.fx as fx
 
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.graph.regions import Region, record
+from fxrebirth.graph.regions import BranchLayer, InceptionBranch, InceptionProposal, Region, record
 
 __all__ = ["mark_inception", "branch_chain", "DEFAULT_REDUCE_RATIO"]
 
@@ -41,15 +42,16 @@ def branch_chain(t: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     return (node, chain) if chain and isinstance(node, fx.Node) else None
 
 
-def _conv_layers(chain: list[fx.Node]) -> list[dict[str, Any]]:
+def _conv_layers(chain: list[fx.Node]) -> list[BranchLayer]:
     layers = []
     for i, node in enumerate(chain):
         if kind_of(node) != "conv":
             continue
         shape = node.kwargs["weight"].meta["tensor_meta"].shape
         relu = any(kind_of(n) == "relu" for n in chain[i + 1:i + 3])
-        layers.append({"out_channels": shape[0], "kernel_size": list(shape[2:]), "stride": list(node.kwargs["stride"]),
-                       "padding": list(node.kwargs["padding"]), "relu": relu})
+        layers.append(BranchLayer(out_channels=shape[0], kernel_size=list(shape[2:]),
+                                  stride=list(node.kwargs["stride"]), padding=list(node.kwargs["padding"]),
+                                  relu=relu))
     return layers
 
 
@@ -77,31 +79,32 @@ def mark_inception(gm: fx.GraphModule, *, reduce_ratio: float = DEFAULT_REDUCE_R
         pool_kernel = max(chains[p][0].kwargs["kernel_size"])
         layers = [_conv_layers(c) for c in chains]
         neighbours = [i for i in (p - 1, p + 1) if 0 <= i < len(chains) and i != p and layers[i]
-                      and kind_of(chains[i][0]) == "conv" and max(layers[i][-1]["kernel_size"]) >= pool_kernel]
+                      and kind_of(chains[i][0]) == "conv" and max(layers[i][-1].kernel_size) >= pool_kernel]
         if not neighbours:
             continue
-        into = max(neighbours, key=lambda i: max(layers[i][-1]["kernel_size"]))
+        into = max(neighbours, key=lambda i: max(layers[i][-1].kernel_size))
         branches = []
         for i, chain in enumerate(chains):
             if i == p:
                 continue
-            convs = [dict(layer) for layer in layers[i]]
-            if collapse_reduce and len(convs) == 2 and convs[0]["kernel_size"] == [1, 1]:
+            convs = [replace(layer) for layer in layers[i]]
+            if collapse_reduce and len(convs) == 2 and convs[0].kernel_size == [1, 1]:
                 convs = [convs[1]]
             elif len(convs) >= 2:
-                convs[0]["out_channels"] = max(1, round(convs[0]["out_channels"] * reduce_ratio))
+                convs[0].out_channels = max(1, round(convs[0].out_channels * reduce_ratio))
             if i == into:
-                convs[-1]["out_channels"] += layers[p][-1]["out_channels"]
-            branch = {"source": [_source(n) for n in chain], "layers": convs,
-                      "absorbs": [_source(n) for n in chains[p]] if i == into else []}
-            if i == into:  # where the pool branch's channels sit in the widened output
-                branch["absorbed_position"] = "after" if into < p else "before"
-            branches.append(branch)
+                convs[-1].out_channels += layers[p][-1].out_channels
+            branches.append(InceptionBranch(
+                source=[_source(n) for n in chain], layers=convs, nodes=[n.name for n in chain],
+                absorbs=[_source(n) for n in chains[p]] if i == into else [],
+                # where the pool branch's channels sit in the widened output
+                absorbed_position=("after" if into < p else "before") if i == into else None))
         nodes = [n for c in chains for n in c] + [cat]
         replaces = tuple(dict.fromkeys(_source(n) for n in nodes))
-        proposal = {"type": "inception", "in_channels": x.meta["tensor_meta"].shape[1],
-                    "out_channels": cat.meta["tensor_meta"].shape[1], "branches": branches,
-                    "reduce_ratio": reduce_ratio, "collapse_reduce": collapse_reduce}
+        proposal = InceptionProposal(
+            in_channels=x.meta["tensor_meta"].shape[1], out_channels=cat.meta["tensor_meta"].shape[1],
+            branches=branches, reduce_ratio=reduce_ratio, collapse_reduce=collapse_reduce,
+            pool=[n.name for n in chains[p]])
         name = _common_prefix([str(n.meta[SOURCE_KEY]) for n in nodes if SOURCE_KEY in n.meta]) or cat.name
         regions.append(Region(f"branch:{name}", "branch", tuple(n.name for n in nodes), x.name, cat.name,
                               replaces, proposal))

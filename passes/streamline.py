@@ -16,15 +16,15 @@ Marking changes nothing in the graph.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch.fx as fx
 
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.graph.regions import Region, record
+from fxrebirth.graph.regions import ConvProposal, Region, record
 
-__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv"]
+__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage"]
 
 _FOLLOWERS = ("batch_norm", "relu", "lrn", "max_pool", "avg_pool")
 _NONLINEAR = ("lrn", "max_pool", "avg_pool")
@@ -40,39 +40,50 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return out
 
 
-def _stages(chain: list[fx.Node]) -> list[dict[str, Any]]:
-    """Per-dimension geometry of the shape-changing stages (conv and pooling) of a chain."""
+class Stage(NamedTuple):
+    """A shape-changing stage of a chain (a convolution or a pooling), per spatial dimension."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+
+
+def _stages(chain: list[fx.Node]) -> list[Stage]:
+    """The shape-changing stages (conv and pooling) of a chain."""
     stages = []
     for node in chain:
         kind, kw = kind_of(node), node.kwargs
         if kind == "conv":
-            k = tuple(node.kwargs["weight"].meta["tensor_meta"].shape[2:])
-            stages.append({"k": k, "s": kw["stride"], "p": kw["padding"], "d": kw["dilation"], "ceil": False})
+            kernel = tuple(node.kwargs["weight"].meta["tensor_meta"].shape[2:])
+            stages.append(Stage(kernel, tuple(kw["stride"]), tuple(kw["padding"]), tuple(kw["dilation"]), False))
         elif kind in ("max_pool", "avg_pool"):
             dilation = kw.get("dilation", (1,) * len(kw["kernel_size"]))
-            stages.append({"k": kw["kernel_size"], "s": kw["stride"], "p": kw["padding"], "d": dilation,
-                           "ceil": kw["ceil_mode"]})
+            stages.append(Stage(tuple(kw["kernel_size"]), tuple(kw["stride"]), tuple(kw["padding"]),
+                                tuple(dilation), kw["ceil_mode"]))
     return stages
 
 
-def chain_output_size(stages: list[dict[str, Any]], size: int, dim: int) -> int:
+def chain_output_size(stages: list[Stage], size: int, dim: int) -> int:
     """Output size along ``dim`` of the chain for an input of ``size`` (< 1 when the input is too small)."""
     for st in stages:
         if size < 1:
             return size
-        size = pool_output_size(size, st["k"][dim], st["s"][dim], st["p"][dim], st["d"][dim], st["ceil"])
+        size = pool_output_size(size, st.kernel[dim], st.stride[dim], st.padding[dim], st.dilation[dim],
+                                st.ceil_mode)
     return size
 
 
-def propose_conv(stages: list[dict[str, Any]], size: int, dim: int, max_size: int = 512) -> dict[str, int]:
+def propose_conv(stages: list[Stage], size: int, dim: int, max_size: int = 512) -> dict[str, int]:
     """Kernel, stride and padding along ``dim`` whose output size equals the chain's for every input size
     the chain accepts up to ``max_size``, or failing that for the widest run of sizes around ``size``
     (``valid_from`` .. ``valid_to``; ``valid_to`` None means every larger size)."""
-    stride = math.prod(st["s"][dim] for st in stages)
+    stride = math.prod(st.stride[dim] for st in stages)
     field, jump = 1, 1
     for st in stages:
-        field += st["d"][dim] * (st["k"][dim] - 1) * jump
-        jump *= st["s"][dim]
+        field += st.dilation[dim] * (st.kernel[dim] - 1) * jump
+        jump *= st.stride[dim]
     sizes = [n for n in range(1, max_size + 1) if chain_output_size(stages, n, dim) >= 1]
     best: tuple | None = None
     for kernel in sorted(range(max(1, field - 2 * stride), field + 2 * stride + 1), key=lambda k: abs(k - field)):
@@ -130,17 +141,11 @@ def mark_streamline(gm: fx.GraphModule) -> list[Region]:
         out_shape = chain[-1].meta["tensor_meta"].shape
         stages = _stages(chain)
         dims = [propose_conv(stages, in_shape[2 + d], d) for d in range(2)]
-        proposal = {
-            "type": "conv",
-            "in_channels": in_shape[1],
-            "out_channels": out_shape[1],
-            "kernel_size": [d["kernel"] for d in dims],
-            "stride": [d["stride"] for d in dims],
-            "padding": [d["padding"] for d in dims],
-            "relu": any(kind_of(n) == "relu" for n in chain),
-            "valid_from": [d["valid_from"] for d in dims],
-            "valid_to": [d["valid_to"] for d in dims],
-        }
+        proposal = ConvProposal(
+            in_channels=in_shape[1], out_channels=out_shape[1], kernel_size=[d["kernel"] for d in dims],
+            stride=[d["stride"] for d in dims], padding=[d["padding"] for d in dims],
+            relu=any(kind_of(n) == "relu" for n in chain), valid_from=[d["valid_from"] for d in dims],
+            valid_to=[d["valid_to"] for d in dims])
         replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in chain))
         name = str(node.meta.get(SOURCE_KEY, node.name))
         regions.append(Region(f"streamline:{name}", "streamline", tuple(n.name for n in chain), x.name,

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from hypothesis import HealthCheck, settings
+# Inductor compiles in this process: its pool of compile-worker subprocesses buys nothing on two cores, and a
+# stuck worker would hang the run instead of failing a test
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,15 +44,15 @@ def test_edits_that_break_shapes_are_rejected(small_plan):
     edited = fxrebirth.Plan.from_json(plan.to_json())
     for r in edited.regions:
         r.selected = True
-    edited.regions[0].region.proposal["out_channels"] += 1
+    edited.regions[0].region.proposal.out_channels += 1
     with pytest.raises(RegionError, match="streamline:conv1.conv.*produces"):
         edited.validate(gm)
     edited = fxrebirth.Plan.from_json(plan.to_json())
     branch = next(r for r in edited.regions if r.region.kind == "branch")
     branch.selected = True
-    branch.region.proposal["branches"][1]["layers"][0]["out_channels"] = 3  # a thinner reduce layer fits
+    branch.region.proposal.branches[1].layers[0].out_channels = 3  # a thinner reduce layer fits
     edited.validate(gm)
-    branch.region.proposal["branches"][1]["layers"][-1]["out_channels"] += 2  # a wider output does not
+    branch.region.proposal.branches[1].layers[-1].out_channels += 2  # a wider output does not
     with pytest.raises(RegionError, match="produces"):
         edited.validate(gm)
 
@@ -111,3 +114,93 @@ def test_rebuild_replaces_selected_regions_and_keeps_shapes(small_plan):
     with torch.no_grad():
         assert reborn(x).shape == model(x).shape
         assert reborn(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
+
+
+# ---------------------------------------------------------------------------------- plan.json compatibility
+
+DATA = Path(__file__).parent / "data"
+
+
+class _PoolBetween(torch.nn.Module):
+    """The model tests/data/plan-0.2.0-pool-between.json was saved from (by fxrebirth 0.2.0): an inception
+    module whose pool branch sits between two conv branches, so the absorbing branch's extra channels come
+    *before* its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.LocalResponseNorm(3))
+        self.b1 = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.proj = nn.Sequential(nn.Conv2d(8, 3, 1), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.cat([self.b1(x), self.proj(self.pool(x)), self.b3(x)], 1)
+
+
+SAVED = {"plan-0.2.0-googlenet_lrn.json": (lambda: googlenet_lrn(), (1, 3, 64, 64)),
+         "plan-0.2.0-pool-between.json": (_PoolBetween, (1, 3, 32, 32))}
+
+
+@pytest.mark.parametrize("name", sorted(SAVED))
+def test_a_plan_saved_by_0_2_loads_as_the_typed_plan_marked_today(name):
+    """A 0.2 plan.json (untyped proposals, no node names) loads into the same typed regions that marking the
+    same model gives today, validates, builds the same rebirth layers, and round-trips through JSON."""
+    from fxrebirth.graph.regions import ConvProposal, InceptionProposal
+    from fxrebirth.passes import inception, streamline
+    from fxrebirth.retraining.layers import build_rebirth
+
+    factory, shape = SAVED[name]
+    text = (DATA / name).read_text()
+    old = fxrebirth.Plan.from_json(text)
+    model, x = factory().eval(), torch.randn(shape)
+    gm = fxrebirth.capture(model, x)
+    today = streamline.mark_streamline(gm) + inception.mark_inception(gm)
+    assert [r.region.to_dict() for r in old.regions] == [r.to_dict() for r in today]
+    assert {type(r.region.proposal) for r in old.regions} <= {ConvProposal, InceptionProposal}
+    assert any(isinstance(r.region.proposal, InceptionProposal) for r in old.regions)
+    for r in old.regions:
+        r.selected = True
+    old.validate(gm)
+    for planned, region in zip(old.regions, today):
+        shapes = [p.shape for p in build_rebirth(planned.region.proposal).parameters()]
+        assert shapes == [p.shape for p in build_rebirth(region.proposal).parameters()]
+    # the figures are kept as saved, and today's JSON round-trips exactly
+    assert [r.cost_now_s for r in old.regions] == [r["cost_now_s"] for r in json.loads(text)["regions"]]
+    again = fxrebirth.Plan.from_json(old.to_json())
+    assert again.to_json() == old.to_json()
+
+
+def test_the_absorbed_side_of_a_0_2_plan_is_kept():
+    from fxrebirth.graph.regions import InceptionProposal
+
+    plan = fxrebirth.Plan.from_json((DATA / "plan-0.2.0-pool-between.json").read_text())
+    proposal = next(r.region.proposal for r in plan.regions if isinstance(r.region.proposal, InceptionProposal))
+    absorbing = [b for b in proposal.branches if b.absorbs]
+    assert len(absorbing) == 1 and absorbing[0].absorbed_position == "before"
+    assert len(proposal.pool) == len(absorbing[0].absorbs) == 3  # max_pool, conv, relu
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["regions"][0]["region"]["proposal"].update(type="nope"), "unknown proposal type 'nope'"),
+    (lambda p: p["regions"][0]["region"]["proposal"].update(colour=1), r"unknown field\(s\) \['colour'\]"),
+    (lambda p: p["regions"][2]["region"].update(nodes=p["regions"][2]["region"]["nodes"][1:]),
+     "does not fit its region's nodes"),
+])
+def test_a_broken_plan_file_is_a_clear_error(edit, message):
+    data = json.loads((DATA / "plan-0.2.0-googlenet_lrn.json").read_text())
+    edit(data)
+    with pytest.raises(RegionError, match=message):
+        fxrebirth.Plan.from_json(json.dumps(data))
+
+
+def test_a_proposal_naming_nodes_outside_its_region_is_refused(small_plan):
+    model, x, plan = small_plan
+    edited = fxrebirth.Plan.from_json(plan.to_json())
+    branch = next(r for r in edited.regions if r.region.kind == "branch")
+    branch.selected = True
+    branch.region.proposal.pool = ["conv2d_0"]
+    with pytest.raises(RegionError, match="must name nodes of the region"):
+        edited.validate(fxrebirth.capture(model, x))

@@ -8,6 +8,13 @@ record, without changing the graph:
 * ``node.meta[REGION_KEY]``: the id of the region a node belongs to;
 * ``graph_module.meta[REGIONS_KEY]``: ``{id: Region}``.
 
+Each region carries a typed :class:`Proposal`, the rebirth layer proposed for it: :class:`ConvProposal`
+(one convolution, for streamline regions) or :class:`InceptionProposal` (parallel convolution branches, for
+branch regions). The proposal types are an open union: a subclass that names its JSON ``type`` registers
+itself, so a new kind of region adds its proposal type (and, in :mod:`fxrebirth.retraining`, its builder and
+its initialiser) without touching the others. A proposal also names the original nodes its initialiser
+reads, so that nothing re-derives them from the marking pass.
+
 A valid region has one input and one output and is convex (no path leaves it and comes back); valid
 regions never overlap. :func:`check_regions` proves this with networkx and raises :class:`RegionError`
 naming the region and the node at fault.
@@ -15,8 +22,8 @@ naming the region and the node at fault.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Iterable
 
 import networkx as nx
 import torch.fx as fx
@@ -24,7 +31,7 @@ import torch.fx as fx
 from fxrebirth.errors import FxRebirthError
 
 __all__ = ["Region", "RegionError", "REGION_KEY", "REGIONS_KEY", "check_regions", "regions_of", "record",
-           "to_networkx"]
+           "to_networkx", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer"]
 
 REGION_KEY = "fxrebirth.region"
 REGIONS_KEY = "fxrebirth.graph.regions"
@@ -34,10 +41,173 @@ class RegionError(FxRebirthError):
     """A region or a plan is not valid (overlap, several outputs, not convex, shapes that do not fit)."""
 
 
+class Proposal:
+    """The rebirth layer proposed for a region: plain data, JSON-able by :meth:`to_dict`.
+
+    A subclass is a dataclass with a class attribute ``type`` (its JSON tag); defining it registers it with
+    :meth:`from_dict`. It states :attr:`depth` (weighted layers on the rebirth layer's longest path),
+    :meth:`summary` (what the plan table prints) and :meth:`check` (that it fits its region).
+    """
+
+    type: ClassVar[str] = ""
+    _types: ClassVar[dict[str, type["Proposal"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.type:
+            Proposal._types[cls.type] = cls
+
+    @property
+    def depth(self) -> int:
+        raise NotImplementedError
+
+    def summary(self, region: "Region") -> str:
+        """What the region's replacement does, in one line."""
+        return ", ".join(region.replaces)
+
+    def check(self, region: "Region") -> None:
+        """Raise :class:`RegionError` unless the proposal fits ``region`` (the nodes it names are members)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+    @classmethod
+    def _from_data(cls, data: dict[str, Any], region_nodes: tuple[str, ...]) -> "Proposal":
+        return cls(**data)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], region_nodes: Iterable[str] = ()) -> "Proposal":
+        """The proposal ``data`` describes (``region_nodes``: its region's nodes, for plans saved by
+        fxrebirth 0.2, whose proposals did not name them)."""
+        data = dict(data)
+        kind = data.pop("type", None)
+        cls = Proposal._types.get(kind)
+        if cls is None:
+            raise RegionError(f"unknown proposal type {kind!r}; known: {sorted(Proposal._types)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RegionError(f"{kind} proposal: unknown field(s) {unknown}; fields: {sorted(known)}")
+        return cls._from_data(data, tuple(region_nodes))
+
+
+@dataclass
+class ConvProposal(Proposal):
+    """One convolution (+ ReLU when the region had one) for a streamline region; ``valid_from``/``valid_to``
+    per spatial dimension: the input sizes for which its output size equals the region's (``None``: every
+    larger size)."""
+
+    type: ClassVar[str] = "conv"
+    in_channels: int
+    out_channels: int
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    relu: bool
+    valid_from: list[int] | None = None
+    valid_to: list[int | None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return 1
+
+
+@dataclass
+class BranchLayer:
+    """One convolution of an inception branch (+ ReLU)."""
+
+    out_channels: int
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    relu: bool
+
+
+@dataclass
+class InceptionBranch:
+    """A branch of the rebirth layer: the original branch it keeps (``nodes``, the fx names from the
+    region's input to the concatenation; ``source``, their module names), its layers, and, for the branch
+    that absorbs the pool projection, the absorbed branch's module names and where its channels sit in the
+    widened output (``"after"`` or ``"before"`` the branch's own)."""
+
+    source: list[str]
+    layers: list[BranchLayer]
+    absorbs: list[str] = field(default_factory=list)
+    absorbed_position: str | None = None
+    nodes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layers = [layer if isinstance(layer, BranchLayer) else BranchLayer(**layer) for layer in self.layers]
+
+
+@dataclass
+class InceptionProposal(Proposal):
+    """Parallel convolution branches on the region's input, concatenated: the original module's branches
+    without its pool projection (``pool``: the fx names of that removed branch), one of them widened to
+    absorb the projection's channels, the reduce layers thinned to ``reduce_ratio``."""
+
+    type: ClassVar[str] = "inception"
+    in_channels: int
+    out_channels: int
+    branches: list[InceptionBranch]
+    reduce_ratio: float
+    collapse_reduce: bool = False
+    pool: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.branches = [b if isinstance(b, InceptionBranch) else InceptionBranch(**b) for b in self.branches]
+
+    @property
+    def depth(self) -> int:
+        return max(len(b.layers) for b in self.branches)
+
+    def summary(self, region: "Region") -> str:
+        into = next((i for i, b in enumerate(self.branches) if b.absorbs), None)
+        text = f"{len(region.replaces)} layers"
+        if into is not None:
+            text += f"; pool branch absorbed into branch {into + 1}"
+        return text + f", reduce layers x{self.reduce_ratio}"
+
+    def check(self, region: "Region") -> None:
+        members = set(region.nodes)
+        named = [n for b in self.branches for n in b.nodes] + list(self.pool)
+        if not all(b.nodes for b in self.branches) or not self.pool or not set(named) <= members:
+            raise RegionError(f"region {region.id!r}: its proposal's branches must name nodes of the region")
+
+    @classmethod
+    def _from_data(cls, data: dict[str, Any], region_nodes: tuple[str, ...]) -> "Proposal":
+        proposal = cls(**data)
+        if region_nodes and not proposal.pool:
+            proposal._name_nodes(list(region_nodes))
+        return proposal
+
+    def _name_nodes(self, region_nodes: list[str]) -> None:
+        """Split a 0.2 region's nodes (the branches' chains in concatenation order, then the concatenation)
+        into the branches: a kept branch has one node per ``source`` entry, the pool branch one per
+        ``absorbs`` entry, next to the absorbing branch on the side ``absorbed_position`` says."""
+        sizes: list[tuple[int, int | None]] = []
+        for i, branch in enumerate(self.branches):
+            if branch.absorbs and branch.absorbed_position == "before":
+                sizes.append((len(branch.absorbs), None))
+            sizes.append((len(branch.source), i))
+            if branch.absorbs and branch.absorbed_position != "before":
+                sizes.append((len(branch.absorbs), None))
+        if sum(n for n, _ in sizes) + 1 != len(region_nodes):
+            raise RegionError("an inception proposal from fxrebirth 0.2 does not fit its region's nodes")
+        start = 0
+        for size, index in sizes:
+            chain = region_nodes[start:start + size]
+            if index is None:
+                self.pool = chain
+            else:
+                self.branches[index].nodes = chain
+            start += size
+
+
 @dataclass
 class Region:
     """A region: its nodes (fx names), its single input and output, the original layers it replaces (module
-    names, in graph order), and the proposed rebirth layer (plain data, JSON-able)."""
+    names, in graph order), and the proposed rebirth layer (None: a region nothing can rebuild yet)."""
 
     id: str
     kind: str
@@ -45,10 +215,20 @@ class Region:
     input: str
     output: str
     replaces: tuple[str, ...]
-    proposal: dict[str, Any] = field(default_factory=dict)
+    proposal: Proposal | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.proposal, dict):  # a plan's JSON ({}: no proposal, as fxrebirth 0.2 wrote it)
+            self.proposal = Proposal.from_dict(self.proposal, self.nodes) if self.proposal else None
+
+    def summary(self) -> str:
+        """What replacing the region does, in one line (the plan table's "replaces" column)."""
+        return self.proposal.summary(self) if self.proposal is not None else ", ".join(self.replaces)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["proposal"] = self.proposal.to_dict() if self.proposal is not None else {}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Region":
@@ -89,6 +269,8 @@ def _check_one(g: nx.DiGraph, region: Region) -> None:
     reached_outside = set().union(*(nx.descendants(g, n) for n in members)) - members
     if any(members & nx.descendants(g, n) for n in reached_outside):
         raise RegionError(f"region {region.id!r} is not convex: a path leaves it and comes back")
+    if region.proposal is not None:
+        region.proposal.check(region)
 
 
 def check_regions(graph: fx.Graph, regions: Iterable[Region]) -> None:

@@ -1,7 +1,8 @@
 """The speed table: a model, its exact tier and its reborn version under every runtime, side by side.
 
-:func:`speed_table` is what ``fxrebirth bench`` prints and ``fxrebirth run`` puts in its report. For each
-batch size it builds every (model variant, runtime) pair, then times them all in shuffled interleaved
+:func:`benchmark` is what ``fxrebirth bench`` prints and ``fxrebirth run`` puts in its report: the
+:func:`speed_table` of the default variants under the chosen runtimes, and the time per layer kind of the
+original and the reborn model. For each batch size it builds every (model variant, runtime) pair, then times them all in shuffled interleaved
 rounds in this one process (:func:`fxrebirth.measure.timing.interleaved_medians`), so that ratios are measured
 under the same conditions. Runtimes:
 
@@ -45,7 +46,7 @@ from fxrebirth.measure.runners import (RUNTIMES, compiled_runner, eager_runner, 
 from fxrebirth.measure.table import Row, SpeedTable
 
 __all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES",
-           "eager_latency"]
+           "eager_latency", "benchmark", "variants_for", "layer_times"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,45 @@ DEFAULT_VARIANTS = (
     ("exact tier", "eager"),
     ("reborn", "eager"), ("reborn", "compile(fxrebirth)"), ("reborn", "onnxruntime"),
 )
+
+
+def variants_for(runtimes: Sequence[str]) -> list[tuple[str, str]]:
+    """The default variants under ``runtimes``, and the original under eager always (every ratio's base)."""
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; runtimes: {list(RUNTIMES)}")
+    return [(v, r) for v, r in DEFAULT_VARIANTS if r in runtimes or (v, r) == ("original", "eager")]
+
+
+def benchmark(
+    model: nn.Module,
+    *,
+    exact: nn.Module | None,
+    reborn: nn.Module | None,
+    image_size: int,
+    batches: Sequence[int],
+    rounds: int,
+    runtimes: Sequence[str] = RUNTIMES,
+    exporter: str = "auto",
+    memory: bool = True,
+    layers: bool = True,
+    name: str = "model",
+    progress: Callable[[str], None] | None = None,
+) -> SpeedTable:
+    """The speed report of ``fxrebirth bench`` and ``fxrebirth run``: :func:`speed_table` of the default
+    variants under ``runtimes`` and, with ``layers``, the eager milliseconds per layer kind of the original and
+    the reborn model at batch 1 (``table.layers_ms``, :func:`layer_times`)."""
+    table = speed_table(model, exact=exact, reborn=reborn, image_size=image_size, batches=batches, rounds=rounds,
+                        variants=variants_for(runtimes), exporter=exporter, memory=memory, name=name,
+                        progress=progress)
+    if layers:
+        table.layers_ms = layer_times(model, reborn, torch.randn(1, 3, image_size, image_size))
+    return table
+
+
+def layer_times(model: nn.Module, reborn: nn.Module | None, x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """:func:`layer_breakdown` of ``model`` and of ``reborn`` (empty without one), keyed ``original``/``reborn``."""
+    return {"original": layer_breakdown(model, x), "reborn": layer_breakdown(reborn, x) if reborn is not None else {}}
 
 
 def _file_mb(path: str) -> float:

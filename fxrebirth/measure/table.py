@@ -51,6 +51,8 @@ class SpeedTable:
     exporter: str = "torchscript"
     exporter_ms: dict[str, float] = field(default_factory=dict)
     """Original model under ONNX Runtime by exporter, when ``exporter="auto"`` compared them."""
+    layers_ms: dict[str, dict[str, float]] | None = None
+    """Eager milliseconds per layer kind, of the ``original`` and the ``reborn`` model (batch 1)."""
 
     def row(self, variant: str, runtime: str) -> Row | None:
         return next((r for r in self.rows if r.variant == variant and r.runtime == runtime), None)
@@ -104,3 +106,11 @@ class SpeedTable:
                       "process of its own; a compiled variant's process also holds what the compiler leaves "
                       "resident, so compare its memory with other compiled variants only."]
         return "\n".join(lines)
+
+    def layers_markdown(self) -> str:
+        """The time per layer kind, before and after, as a Markdown table ("" when not measured)."""
+        if not self.layers_ms:
+            return ""
+        before, after = self.layers_ms["original"], self.layers_ms["reborn"]
+        rows = [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
+        return "\n".join(["| layer kind | original ms | reborn ms |", "|---|---|---|", *rows])

@@ -27,7 +27,7 @@ from fxrebirth.paper.data import Shapes, image_folder
 from fxrebirth.retraining.planning import Plan, plan as make_plan
 from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
-from fxrebirth.measure.speed import DEFAULT_VARIANTS, SpeedTable, environment, layer_breakdown, speed_table
+from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment, layer_times, variants_for
 from fxrebirth.retraining.train import Progress, ProgressFn, evaluate
 
 __all__ = ["RunConfig", "run", "write_report"]
@@ -111,7 +111,7 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     table = _speed(config, model, exact, reborn, progress)
     if table is not None:
         result["speed"] = table.to_dict()
-    result["layers_ms"] = {"original": layer_breakdown(model, example), "reborn": layer_breakdown(reborn, example)}
+    result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn, example)
     write_report(config.out, result, plan, report, table)
     return result
 
@@ -136,7 +136,8 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
         return None
     if config.bench not in ("full", "fast"):
         raise ValueError(f"bench={config.bench!r}: use full, fast or none")
-    variants = [v for v in DEFAULT_VARIANTS if config.bench == "full" or v[1] in ("eager", "onnxruntime")]
+    runtimes = RUNTIMES if config.bench == "full" else ("eager", "onnxruntime")
+    variants = variants_for(runtimes)
     steps = itertools.count()
     total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
 
@@ -145,9 +146,9 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
         if progress is not None:
             progress(Progress("speed table", min(next(steps), total), total, unit="step", info={"message": message}))
 
-    return speed_table(model, exact=exact, reborn=reborn, image_size=config.plan_size,
-                       batches=config.bench_batches, rounds=config.latency_rounds, variants=variants,
-                       memory=config.bench_memory, name=config.model_name, progress=say)
+    return benchmark(model, exact=exact, reborn=reborn, image_size=config.plan_size, batches=config.bench_batches,
+                     rounds=config.latency_rounds, runtimes=runtimes, memory=config.bench_memory,
+                     name=config.model_name, progress=say)
 
 
 def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport,

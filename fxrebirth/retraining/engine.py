@@ -74,7 +74,7 @@ from fxrebirth.graph.regions import Region, RegionError
 from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
                                         paired_difference, save_checkpoint)
 from fxrebirth.retraining.config import INITS, SCHEDULES, RebirthConfig
-from fxrebirth.retraining.steps import end_to_end, layerwise
+from fxrebirth.retraining.steps import end_to_end, layerwise, schedule
 
 __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
 
@@ -136,12 +136,7 @@ class _Job:
         self.student = rebuild(self.teacher, plan, modules=self.switches)
         for p in self.student.parameters():
             p.requires_grad_(True)
-        if config.schedule == "paper":
-            self.steps = [("merge " + r.id, [r.id]) for r in self.regions]
-        else:
-            self.steps = [("init " + config.init, [r.id for r in self.regions]),
-                          ("layer-wise distillation", [r.id for r in self.regions]),
-                          ("end-to-end distillation", [r.id for r in self.regions])]
+        self.steps = schedule(config, [r.id for r in self.regions])
         self.key = fingerprint(asdict(config), [r.region.to_dict() for r in self.planned], len(train_data),
                                model.state_dict())  # the plan's regions, not its timings
         self.path = os.path.join(checkpoint_dir, "rebirth.ckpt") if checkpoint_dir else None
@@ -187,34 +182,18 @@ class _Job:
     def run(self, resume: bool) -> None:
         start = self.resume() if resume else 0
         for index in range(start, len(self.steps)):
-            name, ids = self.steps[index]
-            torch.manual_seed(self.config.seed * 7919 + index)
+            step = self.steps[index]
+            seed = self.config.seed * 7919 + index
+            torch.manual_seed(seed)
             began = time.perf_counter()
-            record = self._step(index, name, ids)
+            record = step.run(self, seed)
             record.wall_s = time.perf_counter() - began
             self._evaluate_step(record)
             self.report.steps.append(record)
             self.save(index + 1)
-            log.info("rebirth: %s done in %.1f s", name, record.wall_s)
+            log.info("rebirth: %s done in %.1f s", step.name, record.wall_s)
 
-    def _step(self, index: int, name: str, ids: list[str]) -> StepRecord:
-        c = self.config
-        seed = c.seed * 7919 + index
-        if c.schedule == "paper":
-            (rid,) = ids
-            calib = self._initialise([rid], seed)
-            images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=0.0)
-            return StepRecord(name, ids, images, calib + self.observed, 0.0, loss, None, None, curve)
-        if index == 0:
-            calib = self._initialise(ids, seed)
-            return StepRecord(name, ids, 0, calib, 0.0, None, None, None)
-        if index == 1:
-            images, loss, curve = self._layerwise(name, seed)
-            return StepRecord(name, ids, images, 0, 0.0, loss, None, None, curve)
-        images, loss, curve = self._end_to_end(name, c.epochs, seed, kd_weight=c.kd_weight)
-        return StepRecord(name, ids, images, self.observed, 0.0, loss, None, None, curve)
-
-    def _initialise(self, ids: list[str], seed: int) -> int:
+    def initialise(self, ids: list[str], seed: int) -> int:
         """Initialise the rebirth layers of ``ids`` bottom-up, switching each on once it is initialised;
         return the forward-only calibration images used. Each least-squares fit reads its region's input
         from the student (the regions below already merged) and its targets from the original model, also
@@ -248,7 +227,7 @@ class _Job:
                     if n.op == "call_module" and self.student.get_submodule(n.target) is switch)
         return node.args[0].name
 
-    def _layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
+    def layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
         images = int(round(self.config.layerwise_epochs * len(self.train_data)))
         if images == 0:
             return 0, None, []
@@ -259,7 +238,7 @@ class _Job:
         rebirths = [self.switches[r.id].rebirth for r in self.regions]
         return layerwise(rebirths, inputs, targets, self.train_data, self.config, images, seed, self.progress, stage)
 
-    def _end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
+    def end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
         images = int(round(epochs * len(self.train_data)))
         self.observed = 0
         if images == 0:

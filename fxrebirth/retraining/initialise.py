@@ -20,10 +20,10 @@ from torch.nn import functional as F
 
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import InceptionRebirth
-from fxrebirth.graph.regions import Region, RegionError
+from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError
 from fxrebirth.retraining.train import Meter, batches, world
 
-__all__ = ["Initialiser", "extract_region", "probe_nodes", "xavier_init"]
+__all__ = ["Initialiser", "FITS", "extract_region", "probe_nodes", "xavier_init"]
 
 
 def extract_region(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
@@ -120,143 +120,68 @@ class _Branch:
     convs: list[fx.Node]
     activations: list[fx.Node]
 
-
-def _inception_branches(gm: fx.GraphModule, region: Region) -> tuple[list[_Branch], _Branch]:
-    """The region's non-pool branches (in the proposal's order) and its pool-projection branch."""
-    from fxrebirth.passes.inception import branch_chain
-
-    nodes = {n.name: n for n in gm.graph.nodes}
-    cat = nodes[region.output]
-    branches, pool = [], None
-    for t in cat.kwargs["tensors"]:
-        _, chain = branch_chain(t)
-        convs = [n for n in chain if kind_of(n) == "conv"]
-        acts = []
-        for conv in convs:
-            after = conv
-            while len(after.users) == 1 and kind_of(next(iter(after.users))) == "relu":
-                after = next(iter(after.users))
-            acts.append(after)
-        branch = _Branch(convs, acts)
-        if kind_of(chain[0]) in ("max_pool", "avg_pool"):
-            pool = branch
-        else:
-            branches.append(branch)
-    return branches, pool
-
-
-class Initialiser:
-    """Initialises the rebirth layers of some regions; ``lstsq`` collects statistics from calibration data."""
-
-    def __init__(self, gm: fx.GraphModule, regions: list[Region], method: str, ridge: float) -> None:
-        self.gm, self.regions, self.init, self.ridge = gm, regions, method, ridge
-        self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.branches = {r.id: _inception_branches(gm, r) for r in regions if r.kind == "branch"}
-        self.stats: dict[tuple[str, int], _Ridge] = {}
-        self.energy: dict[tuple[str, int], torch.Tensor] = {}
-
-    def _param(self, node: fx.Node, name: str) -> torch.Tensor:
-        value = node.kwargs[name]
-        return self.gm.get_parameter(value.target).detach() if value is not None else None
-
-    def method(self, region: Region) -> str:
-        """The initialisation of ``region``: ``auto`` is ``original`` for streamline regions and ``lstsq``
-        for branch regions (measured best on the default GoogLeNet, see docs/results.md)."""
-        if self.init != "auto":
-            return self.init
-        return "lstsq" if region.kind == "branch" else "original"
-
-    # which node values the lstsq statistics need, per region
-    def probes(self, region: Region) -> list[str]:
-        if region.kind != "branch":
-            return [region.input, region.output]
-        branches, pool = self.branches[region.id]
-        names = [region.input]
-        for b in branches:
-            if len(b.convs) >= 2:
-                names += [b.activations[0].name, b.convs[-1].name]
-        names.append(pool.convs[-1].name)
-        return names
-
-    def calibrate(self, region: Region, rebirth: nn.Module, data: Any, images: int, batch_size: int, seed: int,
-                  meter: Meter, student_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
-        """Accumulate the ridge statistics of one region over ``images`` calibration images; return how many
-        were used. Targets are the original model's values; the layer's inputs too, or with
-        ``student_input`` the region's input in the student (so the fit also corrects the error of the
-        regions merged before it) pushed through the original region's own layers."""
-        if self.method(region) != "lstsq" or images == 0:
-            return 0
-        names = self.probes(region)
-        probe = probe_nodes(self.gm, names).eval()
-        inner = probe_nodes(extract_region(self.gm, region), ["x"] + names[1:]).eval() if student_input else None
-        used = 0
-        with torch.no_grad():
-            for x, _ in batches(data, batch_size, seed=seed, images=images):
-                targets = dict(zip(names, probe(x)))
-                sources = targets
-                if inner is not None:
-                    sources = dict(zip(names, inner(student_input(x))))
-                self._accumulate(region, rebirth, sources, targets)
-                used += len(x) * world()[1]
-                meter.update(len(x) * world()[1])
-        for key, ridge in self.stats.items():
-            if key[0] == region.id:
-                ridge.all_reduce()
-        if world()[1] > 1:
-            for key, energy in self.energy.items():
-                if key[0] == region.id:
-                    dist.all_reduce(energy)
-        return used
-
-    def _accumulate(self, region: Region, rebirth: nn.Module, values: dict[str, torch.Tensor],
-                    targets: dict[str, torch.Tensor]) -> None:
-        if region.kind != "branch":
-            conv = _convs(rebirth)[0]
-            self.stats.setdefault((region.id, 0), _Ridge()).add(_patches(values[region.input], conv),
-                                                                _rows(targets[region.output]))
-            return
-        branches, pool = self.branches[region.id]
-        for i, (branch, seq) in enumerate(zip(branches, rebirth.branches)):
-            if len(branch.convs) < 2:
+    @classmethod
+    def of(cls, nodes: dict[str, fx.Node], chain: list[str]) -> "_Branch":
+        """The branch whose nodes (in order, from the region's input to the concatenation) are ``chain``."""
+        members = [nodes[name] for name in chain]
+        convs, acts = [], []
+        for i, node in enumerate(members):
+            if kind_of(node) != "conv":
                 continue
-            reduced = values[branch.activations[0].name]
-            last = _convs(seq)[-1]
-            target = targets[branch.convs[-1].name]
-            extra = last.out_channels - target.shape[1]
-            if extra:
-                projection = targets[pool.convs[-1].name]
-                after = self._absorbed_after(region, i)
-                target = torch.cat([target, projection] if after else [projection, target], 1)
-            full = nn.Conv2d(reduced.shape[1], 1, last.kernel_size, last.stride, last.padding)
-            self.stats.setdefault((region.id, i), _Ridge()).add(_patches(reduced, full), _rows(target))
-            energy = reduced.double().pow(2).sum((0, 2, 3))
-            key = (region.id, i)
-            self.energy[key] = self.energy.get(key, 0) + energy
+            after = i
+            while after + 1 < len(members) and kind_of(members[after + 1]) == "relu":
+                after += 1
+            convs.append(node)
+            acts.append(members[after])
+        return cls(convs, acts)
 
-    @staticmethod
-    def _absorbed_after(region: Region, index: int) -> bool:
-        return region.proposal["branches"][index].get("absorbed_position", "after") == "after"
 
-    @torch.no_grad()
-    def apply(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
-        """Initialise ``rebirth``; return facts for the report (e.g. the fit's relative error)."""
-        if self.method(region) == "xavier":
-            xavier_init(rebirth)
-            return {}
-        if region.kind != "branch":
-            return self._streamline(region, rebirth)
-        return self._inception(region, rebirth)
+class _Fit:
+    """How one region type's rebirth layer is initialised: the original values its least-squares fit reads
+    (:meth:`probes`), the statistics it accumulates from them, and the weights it sets (:meth:`apply`)."""
 
-    def _streamline(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
+    auto = "original"  # the method ``init="auto"`` picks for this region type
+
+    def __init__(self, init: "Initialiser", region: Region) -> None:
+        self.init, self.region = init, region
+        self.stats: dict[int, _Ridge] = {}
+
+    def probes(self) -> list[str]:
+        return [self.region.input, self.region.output]
+
+    def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
+                   targets: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def all_reduce(self) -> None:
+        for ridge in self.stats.values():
+            ridge.all_reduce()
+
+    def apply(self, rebirth: nn.Module, method: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _ConvFit(_Fit):
+    """A streamline region's one convolution: ridge-fitted from the region's input patches to its output,
+    or the original convolution's kernel placed where the pooling window's centre reads."""
+
+    def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
+                   targets: dict[str, torch.Tensor]) -> None:
         conv = _convs(rebirth)[0]
-        if self.method(region) == "lstsq" and (region.id, 0) in self.stats:
-            weight, bias = self.stats[(region.id, 0)].solve(self.ridge)
+        region = self.region
+        self.stats.setdefault(0, _Ridge()).add(_patches(values[region.input], conv), _rows(targets[region.output]))
+
+    def apply(self, rebirth: nn.Module, method: str) -> dict[str, Any]:
+        conv = _convs(rebirth)[0]
+        if method == "lstsq" and 0 in self.stats:
+            weight, bias = self.stats[0].solve(self.init.ridge)
             conv.weight.copy_(weight.reshape(conv.weight.shape))
             conv.bias.copy_(bias)
-            return {"fit": "ridge", "rows": self.stats[(region.id, 0)].rows}
-        first = self.nodes[region.nodes[0]]
-        w, b = self._param(first, "weight"), self._param(first, "bias")
-        pool = next((self.nodes[n] for n in region.nodes if kind_of(self.nodes[n]) in ("max_pool", "avg_pool")), None)
+            return {"fit": "ridge", "rows": self.stats[0].rows}
+        nodes = self.init.nodes
+        first = nodes[self.region.nodes[0]]
+        w, b = self.init.param(first, "weight"), self.init.param(first, "bias")
+        pool = next((nodes[n] for n in self.region.nodes if kind_of(nodes[n]) in ("max_pool", "avg_pool")), None)
         conv.weight.zero_()
         offsets = []
         for d in range(2):
@@ -268,50 +193,160 @@ class Initialiser:
         conv.bias.copy_(b if b is not None else torch.zeros_like(conv.bias))
         return {"fit": "original", "offset": offsets}
 
-    def _inception(self, region: Region, rebirth: InceptionRebirth) -> dict[str, Any]:
-        branches, pool = self.branches[region.id]
+
+class _InceptionFit(_Fit):
+    """A branch region's kept branches: the 1x1 branch copied; in the others, the thinned reduce layer keeps
+    its most energetic channels and the last convolution is ridge-fitted from them (``lstsq``), or both are
+    copied (``original``); the absorbed pool projection's channels are fitted, or Glorot-initialised."""
+
+    auto = "lstsq"
+
+    def __init__(self, init: "Initialiser", region: Region) -> None:
+        super().__init__(init, region)
+        proposal = region.proposal
+        self.branches = [_Branch.of(init.nodes, b.nodes) for b in proposal.branches]
+        self.pool = _Branch.of(init.nodes, proposal.pool)
+        self.energy: dict[int, torch.Tensor] = {}
+
+    def probes(self) -> list[str]:
+        names = [self.region.input]
+        for b in self.branches:
+            if len(b.convs) >= 2:
+                names += [b.activations[0].name, b.convs[-1].name]
+        names.append(self.pool.convs[-1].name)
+        return names
+
+    def _absorbed_after(self, index: int) -> bool:
+        return (self.region.proposal.branches[index].absorbed_position or "after") == "after"
+
+    def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
+                   targets: dict[str, torch.Tensor]) -> None:
+        for i, (branch, seq) in enumerate(zip(self.branches, rebirth.branches)):
+            if len(branch.convs) < 2:
+                continue
+            reduced = values[branch.activations[0].name]
+            last = _convs(seq)[-1]
+            target = targets[branch.convs[-1].name]
+            if last.out_channels - target.shape[1]:
+                projection = targets[self.pool.convs[-1].name]
+                target = torch.cat([target, projection] if self._absorbed_after(i) else [projection, target], 1)
+            full = nn.Conv2d(reduced.shape[1], 1, last.kernel_size, last.stride, last.padding)
+            self.stats.setdefault(i, _Ridge()).add(_patches(reduced, full), _rows(target))
+            self.energy[i] = self.energy.get(i, 0) + reduced.double().pow(2).sum((0, 2, 3))
+
+    def all_reduce(self) -> None:
+        super().all_reduce()
+        if world()[1] > 1:
+            for energy in self.energy.values():
+                dist.all_reduce(energy)
+
+    def apply(self, rebirth: InceptionRebirth, method: str) -> dict[str, Any]:
         kept_report = []
-        for i, (branch, seq) in enumerate(zip(branches, rebirth.branches)):
+        for i, (branch, seq) in enumerate(zip(self.branches, rebirth.branches)):
             convs = _convs(seq)
-            weights = [self._param(n, "weight") for n in branch.convs]
-            biases = [self._param(n, "bias") for n in branch.convs]
+            weights = [self.init.param(n, "weight") for n in branch.convs]
+            biases = [self.init.param(n, "bias") for n in branch.convs]
             if len(convs) == 1:  # the same layer, widened when it absorbs the pool branch
-                self._copy_out(convs[0], weights[0], biases[0], region, i, pool)
+                self._copy_out(convs[0], weights[0], biases[0], i)
                 continue
             reduce, last = convs[0], convs[-1]
-            r = reduce.out_channels
-            key = (region.id, i)
-            if self.method(region) == "lstsq" and key in self.stats:
-                score = self.energy[key] * weights[-1].double().pow(2).sum((0, 2, 3))
-                kept = score.argsort(descending=True)[:r].sort().values
+            fitted = method == "lstsq" and i in self.stats
+            if fitted:
+                score = self.energy[i] * weights[-1].double().pow(2).sum((0, 2, 3))
+                kept = score.argsort(descending=True)[:reduce.out_channels].sort().values
             else:
-                kept = torch.arange(r)
+                kept = torch.arange(reduce.out_channels)
             reduce.weight.copy_(weights[0][kept])
             reduce.bias.copy_(biases[0][kept])
             kept_report.append(kept.tolist())
-            if self.method(region) == "lstsq" and key in self.stats:
+            if fitted:
                 area = last.kernel_size[0] * last.kernel_size[1]
                 columns = (kept[:, None] * area + torch.arange(area)[None]).reshape(-1)
-                weight, bias = self.stats[key].solve(self.ridge, columns)
+                weight, bias = self.stats[i].solve(self.init.ridge, columns)
                 last.weight.copy_(weight.reshape(last.weight.shape))
                 last.bias.copy_(bias)
             else:
-                self._copy_out(last, weights[-1][:, kept], biases[-1], region, i, pool)
-        return {"fit": self.method(region), "kept_reduce_channels": kept_report}
+                self._copy_out(last, weights[-1][:, kept], biases[-1], i)
+        return {"fit": method, "kept_reduce_channels": kept_report}
 
-    def _copy_out(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, region: Region, index: int,
-                  pool: _Branch) -> None:
+    def _copy_out(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, index: int) -> None:
         """Copy an original layer into ``conv``; extra output channels (the absorbed pool branch) Glorot."""
         extra = conv.out_channels - weight.shape[0]
         if weight.shape[1:] != conv.weight.shape[1:]:
-            raise RegionError(f"region {region.id!r}: branch {index + 1}'s layer does not fit its original")
+            raise RegionError(f"region {self.region.id!r}: branch {index + 1}'s layer does not fit its original")
         if extra == 0:
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
             return
         fresh = torch.empty(extra, *weight.shape[1:])
         nn.init.xavier_uniform_(fresh)
-        after = self._absorbed_after(region, index)
+        after = self._absorbed_after(index)
         conv.weight.copy_(torch.cat([weight, fresh] if after else [fresh, weight]))
         zeros = torch.zeros(extra)
         conv.bias.copy_(torch.cat([bias, zeros] if after else [zeros, bias]))
+
+
+FITS: dict[type[Proposal], type[_Fit]] = {ConvProposal: _ConvFit, InceptionProposal: _InceptionFit}
+"""How each proposal type's rebirth layer is initialised (a new region type registers its own)."""
+
+
+class Initialiser:
+    """Initialises the rebirth layers of some regions; ``lstsq`` collects statistics from calibration data."""
+
+    def __init__(self, gm: fx.GraphModule, regions: list[Region], method: str, ridge: float) -> None:
+        self.gm, self.regions, self.init, self.ridge = gm, regions, method, ridge
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.fits: dict[str, _Fit] = {}
+        for region in regions:
+            fit = FITS.get(type(region.proposal))
+            if fit is None:
+                raise RegionError(f"region {region.id!r}: no initialiser for {type(region.proposal).__name__}")
+            self.fits[region.id] = fit(self, region)
+
+    def param(self, node: fx.Node, name: str) -> torch.Tensor | None:
+        """The (detached) parameter ``node`` reads as its argument ``name``, or None."""
+        value = node.kwargs[name]
+        return self.gm.get_parameter(value.target).detach() if value is not None else None
+
+    def method(self, region: Region) -> str:
+        """The initialisation of ``region``: ``auto`` is ``original`` for streamline regions and ``lstsq``
+        for branch regions (measured best on the default GoogLeNet, see docs/results.md)."""
+        return self.init if self.init != "auto" else self.fits[region.id].auto
+
+    def probes(self, region: Region) -> list[str]:
+        """The original nodes whose values ``region``'s least-squares fit reads (its input first)."""
+        return self.fits[region.id].probes()
+
+    def calibrate(self, region: Region, rebirth: nn.Module, data: Any, images: int, batch_size: int, seed: int,
+                  meter: Meter, student_input: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+        """Accumulate the ridge statistics of one region over ``images`` calibration images; return how many
+        were used. Targets are the original model's values; the layer's inputs too, or with
+        ``student_input`` the region's input in the student (so the fit also corrects the error of the
+        regions merged before it) pushed through the original region's own layers."""
+        if self.method(region) != "lstsq" or images == 0:
+            return 0
+        fit = self.fits[region.id]
+        names = fit.probes()
+        probe = probe_nodes(self.gm, names).eval()
+        inner = probe_nodes(extract_region(self.gm, region), ["x"] + names[1:]).eval() if student_input else None
+        used = 0
+        with torch.no_grad():
+            for x, _ in batches(data, batch_size, seed=seed, images=images):
+                targets = dict(zip(names, probe(x)))
+                sources = targets
+                if inner is not None:
+                    sources = dict(zip(names, inner(student_input(x))))
+                fit.accumulate(rebirth, sources, targets)
+                used += len(x) * world()[1]
+                meter.update(len(x) * world()[1])
+        fit.all_reduce()
+        return used
+
+    @torch.no_grad()
+    def apply(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
+        """Initialise ``rebirth``; return facts for the report (e.g. the fit's relative error)."""
+        method = self.method(region)
+        if method == "xavier":
+            xavier_init(rebirth)
+            return {}
+        return self.fits[region.id].apply(rebirth, method)

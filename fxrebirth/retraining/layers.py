@@ -1,11 +1,13 @@
 """Rebirth layers: the module a region's proposal describes (untrained; see the retraining issue).
 
-``build_rebirth(proposal)`` reads the plain-data proposal a marking pass recorded and returns the
-module that replaces the region. The proposal types are a small table (:data:`BUILDERS`):
+``build_rebirth(proposal)`` reads the typed proposal a marking pass recorded
+(:class:`fxrebirth.graph.regions.Proposal`) and returns the module that replaces the region. The builders
+are a table keyed by proposal type (:data:`BUILDERS`; a new region type registers its own):
 
-* ``"conv"`` (streamline regions): one ``Conv2d`` (+ ``ReLU`` when the region had one);
-* ``"inception"`` (branch regions): the module's branches without the pool projection, each a
-  sequence of ``Conv2d`` + ``ReLU``, concatenated in the original order.
+* :class:`~fxrebirth.graph.regions.ConvProposal` (streamline regions): one ``Conv2d`` (+ ``ReLU`` when the
+  region had one);
+* :class:`~fxrebirth.graph.regions.InceptionProposal` (branch regions): the module's branches without the
+  pool projection, each a sequence of ``Conv2d`` + ``ReLU``, concatenated in the original order.
 """
 
 from __future__ import annotations
@@ -15,50 +17,56 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.graph.regions import RegionError
+from fxrebirth.graph.regions import BranchLayer, ConvProposal, InceptionProposal, Proposal, RegionError
 from fxrebirth.graph.surgery import device_of
 
 __all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
 
 
-def _conv(proposal: dict[str, Any]) -> nn.Module:
-    conv = nn.Conv2d(proposal["in_channels"], proposal["out_channels"], tuple(proposal["kernel_size"]),
-                     tuple(proposal["stride"]), tuple(proposal["padding"]))
-    return nn.Sequential(conv, nn.ReLU()) if proposal["relu"] else nn.Sequential(conv)
+def _conv(proposal: ConvProposal) -> nn.Module:
+    conv = nn.Conv2d(proposal.in_channels, proposal.out_channels, tuple(proposal.kernel_size),
+                     tuple(proposal.stride), tuple(proposal.padding))
+    return nn.Sequential(conv, nn.ReLU()) if proposal.relu else nn.Sequential(conv)
 
 
 class InceptionRebirth(nn.Module):
     """Parallel conv branches on one input, concatenated along channels."""
 
-    def __init__(self, in_channels: int, branches: list[list[dict[str, Any]]]) -> None:
+    def __init__(self, in_channels: int, branches: list[list[BranchLayer]]) -> None:
         super().__init__()
         self.branches = nn.ModuleList()
         for layers in branches:
             seq, cin = [], in_channels
             for layer in layers:
-                seq.append(nn.Conv2d(cin, layer["out_channels"], tuple(layer["kernel_size"]),
-                                     tuple(layer["stride"]), tuple(layer["padding"])))
-                if layer["relu"]:
+                seq.append(nn.Conv2d(cin, layer.out_channels, tuple(layer.kernel_size), tuple(layer.stride),
+                                     tuple(layer.padding)))
+                if layer.relu:
                     seq.append(nn.ReLU())
-                cin = layer["out_channels"]
+                cin = layer.out_channels
             self.branches.append(nn.Sequential(*seq))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([branch(x) for branch in self.branches], 1)
 
 
-def _inception(proposal: dict[str, Any]) -> nn.Module:
-    return InceptionRebirth(proposal["in_channels"], [b["layers"] for b in proposal["branches"]])
+def _inception(proposal: InceptionProposal) -> nn.Module:
+    return InceptionRebirth(proposal.in_channels, [b.layers for b in proposal.branches])
 
 
-BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"conv": _conv, "inception": _inception}
+BUILDERS: dict[type[Proposal], Callable[[Any], nn.Module]] = {ConvProposal: _conv, InceptionProposal: _inception}
 
 
-def build_rebirth(proposal: dict[str, Any]) -> nn.Module:
-    """The (untrained) module a proposal describes."""
-    builder = BUILDERS.get(proposal.get("type"))
+def build_rebirth(proposal: Proposal | dict[str, Any] | None) -> nn.Module:
+    """The (untrained) module a proposal describes (a :class:`~fxrebirth.graph.regions.Proposal`, or its
+    ``to_dict()`` form)."""
+    if isinstance(proposal, dict):
+        proposal = Proposal.from_dict(proposal)
+    if proposal is None:
+        raise RegionError("the region has no proposal: nothing says what its rebirth layer is")
+    builder = BUILDERS.get(type(proposal))
     if builder is None:
-        raise RegionError(f"unknown proposal type {proposal.get('type')!r}; known: {sorted(BUILDERS)}")
+        raise RegionError(f"no rebirth layer builder for {type(proposal).__name__}; "
+                          f"known: {sorted(t.__name__ for t in BUILDERS)}")
     return builder(proposal)
 
 

@@ -47,12 +47,6 @@ def _depth(gm: fx.GraphModule, region: Region) -> int:
     return best.get(region.output, 0)
 
 
-def _rebirth_depth(proposal: dict[str, Any]) -> int:
-    if proposal["type"] == "inception":
-        return max(len(b["layers"]) for b in proposal["branches"])
-    return 1
-
-
 @dataclass
 class PlannedRegion:
     """A region with its measured cost, its rebirth layer's estimated cost, and the decision."""
@@ -158,7 +152,7 @@ class Plan:
                  f"{'MFLOPs':>15}  sel  replaces"]
         for r in self.regions:
             share = r.cost_now_s / self.latency_s if self.latency_s else 0.0
-            replaces = _summary(r.region)
+            replaces = r.region.summary()
             lines.append(
                 f"  {r.region.id:<32} {r.depth_now:>3}->{r.depth_rebirth:<3} {r.cost_now_s * 1e3:>8.2f} "
                 f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%} "
@@ -171,17 +165,6 @@ class Plan:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _summary(region: Region) -> str:
-    """What a region replaces, in one line: its layers, or for a branch region what the proposal does."""
-    if region.kind != "branch":
-        return ", ".join(region.replaces)
-    branches = region.proposal["branches"]
-    into = next((i for i, b in enumerate(branches) if b.get("absorbs")), None)
-    text = f"{len(region.replaces)} layers; pool branch absorbed into branch {into + 1}" if into is not None \
-        else f"{len(region.replaces)} layers"
-    return text + f", reduce layers x{region.proposal['reduce_ratio']}"
 
 
 def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
@@ -249,7 +232,7 @@ def plan(
             rebirth = sum(table.node_cost(n) for n in rebirth_gm.graph.nodes)
         members = [nodes[name] for name in region.nodes]
         planned.append(PlannedRegion(
-            region, now, rebirth, _depth(gm, region), _rebirth_depth(region.proposal),
+            region, now, rebirth, _depth(gm, region), region.proposal.depth,
             flops_now=sum(node_flops(n) for n in members), flops_rebirth=graph_flops(rebirth_gm),
             bytes_now=sum(node_bytes(n) for n in members),
             bytes_rebirth=sum(node_bytes(n) for n in rebirth_gm.graph.nodes if n.op == "call_function"),

@@ -8,18 +8,20 @@ from typing import Any
 __all__ = ["StepRecord", "RebirthReport"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepRecord:
-    """One merging step: what it did, what it cost, and the held-out accuracy after it."""
+    """One merging step: what it did, what it cost, and the held-out accuracy after it (built by keyword)."""
 
     name: str
     regions: list[str]
-    trained_images: int
-    calibration_images: int
-    wall_s: float
-    loss: float | None
-    top1: float | None
-    agreement: float | None
+    trained_images: int = 0
+    """Images passed forward and backward."""
+    calibration_images: int = 0
+    """Images passed forward only (least-squares statistics, training BatchNorms' first statistics)."""
+    wall_s: float = 0.0
+    loss: float | None = None
+    top1: float | None = None
+    agreement: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(images so far in this step, loss), about 50 points."""
 

@@ -1,14 +1,21 @@
-"""The gradient steps of a rebirth run: layer-wise distillation (each rebirth layer against its region in
-the original) and end-to-end training (knowledge distillation, or labels only in the paper's schedule),
-with their optimisers, learning-rate schedules, training BatchNorms and loss curves.
+"""The steps of a rebirth run, and the gradient steps they drive.
 
-:mod:`fxrebirth.retraining.engine` decides which regions are merged and when each step runs; the steps
-here train what they are handed and report ``(images trained on, last loss, loss curve)``.
+A schedule is a list of :class:`Step` objects (:func:`schedule`): :class:`InitStep` (initialise the rebirth
+layers and switch them on), :class:`LayerwiseStep`, :class:`EndToEndStep`, and :class:`PaperStep`
+(DeepRebirth's: one region initialised, then end-to-end training on labels). A step runs on the job
+(:class:`fxrebirth.retraining.engine`'s, which owns the student, the teacher and the data) and returns its
+:class:`~fxrebirth.retraining.report.StepRecord`.
+
+The gradient steps, :func:`layerwise` (each rebirth layer against its region in the original) and
+:func:`end_to_end` (knowledge distillation, or labels only), train what they are handed, with their
+optimisers, learning-rate schedules, training BatchNorms and loss curves, and report ``(images trained on,
+last loss, loss curve)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.fx as fx
@@ -17,11 +24,85 @@ from torch import nn
 from fxrebirth.graph.regions import Region
 from fxrebirth.retraining.batchnorm import TrainingBatchNorm
 from fxrebirth.retraining.config import RebirthConfig
+from fxrebirth.retraining.report import StepRecord
 from fxrebirth.retraining.initialise import probe_nodes
 from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, feature_loss,
                                         kd_loss, world)
 
-__all__ = ["layerwise", "end_to_end"]
+__all__ = ["Step", "InitStep", "LayerwiseStep", "EndToEndStep", "PaperStep", "schedule", "layerwise", "end_to_end"]
+
+
+class Job(Protocol):
+    """What a step needs of the job that runs it."""
+
+    observed: int  # forward-only images of the last end-to-end step's training BatchNorms
+
+    def initialise(self, ids: list[str], seed: int) -> int: ...
+
+    def layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]: ...
+
+    def end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float
+                   ) -> tuple[int, float | None, list]: ...
+
+
+@dataclass
+class Step:
+    """A step of a rebirth run: its name (in the report) and the ids of the regions it concerns."""
+
+    name: str
+    regions: list[str]
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        raise NotImplementedError
+
+
+@dataclass
+class InitStep(Step):
+    """Initialise the rebirth layers of ``regions`` (bottom-up) and switch each on; forward passes only."""
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        return StepRecord(name=self.name, regions=self.regions, calibration_images=job.initialise(self.regions, seed))
+
+
+@dataclass
+class LayerwiseStep(Step):
+    """Layer-wise distillation of every merged region (``layerwise_epochs``; none by default)."""
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        images, loss, curve = job.layerwise(self.name, seed)
+        return StepRecord(name=self.name, regions=self.regions, trained_images=images, loss=loss, curve=curve)
+
+
+@dataclass
+class EndToEndStep(Step):
+    """End-to-end training of the student for ``epochs``, distilled from the teacher by ``kd_weight``."""
+
+    epochs: float = 1.0
+    kd_weight: float = 0.0
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        images, loss, curve = job.end_to_end(self.name, self.epochs, seed, self.kd_weight)
+        return StepRecord(name=self.name, regions=self.regions, trained_images=images,
+                          calibration_images=job.observed, loss=loss, curve=curve)
+
+
+@dataclass
+class PaperStep(EndToEndStep):
+    """DeepRebirth's step: initialise one region's rebirth layer, then train end to end on labels."""
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        calibration = job.initialise(self.regions, seed)
+        record = super().run(job, seed)
+        record.calibration_images += calibration
+        return record
+
+
+def schedule(config: RebirthConfig, ids: list[str]) -> list[Step]:
+    """The steps of ``config.schedule`` over the regions ``ids`` (bottom-up)."""
+    if config.schedule == "paper":
+        return [PaperStep("merge " + rid, [rid], epochs=config.epochs) for rid in ids]
+    return [InitStep("init " + config.init, list(ids)), LayerwiseStep("layer-wise distillation", list(ids)),
+            EndToEndStep("end-to-end distillation", list(ids), epochs=config.epochs, kd_weight=config.kd_weight)]
 
 
 def layerwise(rebirths: list[nn.Module], inputs: fx.GraphModule, targets: fx.GraphModule, data: Any,
