@@ -33,12 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MODEL_HELP = "googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory"
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its weights and the input size: the arguments of every sub-command that loads a model."""
+    parser.add_argument("model", help=_MODEL_HELP)
+    parser.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
+    parser.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+
+
 def _optimize_parser(sub: argparse._SubParsersAction) -> None:
     """The ``optimize`` sub-command: the exact tier."""
     opt = sub.add_parser("optimize", help="apply the exact tier (no retraining) and print the report")
-    opt.add_argument("model", help="torchvision model name, or package.module:factory")
-    opt.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
-    opt.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    _model_arguments(opt)
     opt.add_argument("--batch", type=int, default=1, help="example batch size (default 1)")
     opt.add_argument("--disable", action="append", default=[], metavar="RULE",
                      help="skip a rule by name (repeatable); rules: " + ", ".join(r.name for r in default_rules()))
@@ -52,9 +60,7 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     """The ``plan`` sub-command: the rebirth plan."""
     pln = sub.add_parser("plan", help="mark non-linear regions, measure them, and print the rebirth plan")
-    pln.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
-    pln.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
-    pln.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    _model_arguments(pln)
     pln.add_argument("--target-speedup", type=float, help="select regions until this estimated speed-up")
     pln.add_argument("--budget-ms", type=float, help="select regions until this estimated latency")
     pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
@@ -66,9 +72,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     """The ``bench`` sub-command: the speed table."""
     bch = sub.add_parser("bench", help="the speed table: original, exact tier and reborn model under every runtime")
-    bch.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
-    bch.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
-    bch.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    _model_arguments(bch)
     bch.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     bch.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
     bch.add_argument("--runtime", action="append", choices=RUNTIMES, default=None,

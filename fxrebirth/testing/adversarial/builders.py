@@ -66,6 +66,27 @@ def _seeded(seed: int, make: Callable[[], nn.Module], *, dtype: torch.dtype | No
     return build
 
 
+class ConvBN(nn.Module):
+    """The start most cases share: ``conv`` (3 -> 8 channels, 3x3, padded) then ``bn`` (8 channels), made in
+    that order (so a seeded case draws the same weights); a case adds its own layers and ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+
+class TwoConvsOneBN(nn.Module):
+    """Two convolutions of the input, ``a`` (3x3, padded) and ``b`` (1x1), both 3 -> 8 channels, and one
+    ``bn`` (8 channels), made in that order; a case writes the ``forward`` that combines them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+
 def conv_bn(cin: int = 3, cout: int = 8, k: int = 3, **kw: Any) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, **kw), nn.BatchNorm2d(cout))
 

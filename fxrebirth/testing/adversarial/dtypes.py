@@ -6,17 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import AddCase, _gen, _resnet18, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import ConvBN, AddCase, _gen, _resnet18, _seeded, conv_bn, images
 from fxrebirth.testing.adversarial.records import Size
 
 
-class _ImageAndIndex(nn.Module):
+class _ImageAndIndex(ConvBN):
     """An image and an integer index input (embedding added per sample), and an index_select."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.embed = nn.Embedding(10, 8)
 
     def forward(self, x, idx):
@@ -30,13 +28,11 @@ def _image_and_index(batch: int, size: Size) -> tuple:
     return x, idx
 
 
-class _ChannelPicker(nn.Module):
+class _ChannelPicker(ConvBN):
     """An integer tensor input that indexes channels (gather along dim 1)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(4, 4, 1)
 
     def forward(self, x, channels):

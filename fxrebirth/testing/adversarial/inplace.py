@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import _NOCOST, AddCase, _seeded
+from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, _NOCOST, AddCase, _seeded
 
 
 class _Unassigned(nn.Module):
@@ -41,14 +41,12 @@ class _Unassigned(nn.Module):
         return self.bn(self.conv2(y))
 
 
-class _MulBetweenConvBN(nn.Module):
+class _MulBetweenConvBN(ConvBN):
     """``y.mul_(2)`` between a conv and the BN that would fold into it (result unassigned or used)."""
 
     def __init__(self, used: bool) -> None:
         super().__init__()
         self.used = used
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.conv(x)
@@ -96,16 +94,9 @@ class _SiblingAcrossMutation(nn.Module):
         return torch.cat([self.bn(first), second], dim=1)
 
 
-class _SiblingAcrossUsedMutation(nn.Module):
+class _SiblingAcrossUsedMutation(_SiblingAcrossMutation):
     """Like :class:`_SiblingAcrossMutation`, but the in-place result is used (so it is not dead code)
     and the second conv reads the mutated tensor by its old name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.a = nn.Conv2d(8, 8, 1)
-        self.b = nn.Conv2d(8, 8, 1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.conv(x)
@@ -115,15 +106,13 @@ class _SiblingAcrossUsedMutation(nn.Module):
         return torch.cat([self.bn(first), second, z], dim=1)
 
 
-class _ReadAfterMutation(nn.Module):
+class _ReadAfterMutation(ConvBN):
     """``z = y.mul_(2)`` then ``bn(y)``: the BN reads y AFTER the mutation (a fold of bn into conv would
     read it before)."""
 
     def __init__(self, returns_alias: bool = False) -> None:
         super().__init__()
         self.returns_alias = returns_alias
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.conv(x)
@@ -159,14 +148,12 @@ class _ReluInplaceOnInput(nn.Module):
         return self.bn(self.conv(self.relu(x)))
 
 
-class _ViewMutation(nn.Module):
+class _ViewMutation(ConvBN):
     """In place through a view: ``y[:, :2].mul_(0)`` or ``y.view(b, -1).add_(1)``, then BN on y."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.conv(x)
@@ -181,13 +168,11 @@ class _ViewMutation(nn.Module):
         return self.bn(y)
 
 
-class _BufferCounter(nn.Module):
+class _BufferCounter(ConvBN):
     """A buffer the forward increments in place; the output depends on it (stateful)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.register_buffer("count", torch.zeros(()))
 
     def forward(self, x):
@@ -195,13 +180,11 @@ class _BufferCounter(nn.Module):
         return self.bn(self.conv(x)) * self.count
 
 
-class _ClampParameter(nn.Module):
+class _ClampParameter(ConvBN):
     """An in-place clamp of a parameter inside forward (the first call changes it)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.scale = nn.Parameter(torch.linspace(-1.0, 2.0, 8).reshape(1, 8, 1, 1))
 
     def forward(self, x):
@@ -210,14 +193,8 @@ class _ClampParameter(nn.Module):
         return self.bn(self.conv(x)) * self.scale
 
 
-class _OutArgument(nn.Module):
+class _OutArgument(TwoConvsOneBN):
     """``torch.add(a, b, out=c)`` then BN on c."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         a, b = self.a(x), self.b(x)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import _NOCOST, AddCase, _gen, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, _NOCOST, AddCase, _gen, _seeded, conv_bn, images
 from fxrebirth.testing.adversarial.records import Size
 
 
@@ -59,24 +59,16 @@ class _UsedTwice(nn.Module):
         return self.bn(self.conv(s)) + self.conv(torch.relu(s))
 
 
-class _SharedBN(nn.Module):
+class _SharedBN(TwoConvsOneBN):
     """One BN module after two different convs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         return self.bn(self.a(x)) * self.bn(self.b(x))
 
 
-class _NonPersistent(nn.Module):
+class _NonPersistent(ConvBN):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.register_buffer("scale", torch.linspace(0.5, 2.0, 8).reshape(1, 8, 1, 1), persistent=False)
         self.register_buffer("shift", torch.linspace(-1.0, 1.0, 8).reshape(1, 8, 1, 1), persistent=False)
         self.conv2 = nn.Conv2d(8, 8, 1)
@@ -101,13 +93,11 @@ def _seq_inputs(batch: int, size: Size) -> tuple:
     return (torch.randn(batch, 16, 16, generator=_gen(13, batch, size)),)
 
 
-class _BNTrainState(nn.Module):
+class _BNTrainState(ConvBN):
     """A BN left in TRAIN mode (statistics updated per call) between two eval convs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.conv2 = conv_bn(8, 8)
 
     def forward(self, x):
@@ -184,13 +174,11 @@ class _ExpandIdentity(nn.Module):
         return self.bn(self.conv(x)) + x
 
 
-class _ScalarAttr(nn.Module):
+class _ScalarAttr(ConvBN):
     """A plain Python float attribute and a tensor constant created in forward."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.alpha = 0.3
 
     def forward(self, x):

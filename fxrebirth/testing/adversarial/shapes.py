@@ -8,14 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import _NOCOST, AddCase, _seeded, conv_bn
+from fxrebirth.testing.adversarial.builders import ConvBN, _NOCOST, AddCase, _seeded, conv_bn
 
 
-class _ConvPool(nn.Module):
+class _ConvPool(ConvBN):
     def __init__(self, pool: nn.Module) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.pool = pool
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
 
@@ -69,14 +67,12 @@ class _LiteralView(nn.Module):
         return y * 2.0
 
 
-class _Head(nn.Module):
+class _Head(ConvBN):
     """conv -> BN -> adaptive pool -> view(x.size(0), -1) / flatten -> linear -> BN1d."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         out = 2 if how in ("flatten", "adaptive3") else 1
         if how == "adaptive3":
             out = 3
@@ -120,13 +116,8 @@ class _Pad(nn.Module):
         return self.bn(self.conv(x))
 
 
-class _BatchShape(nn.Module):
+class _BatchShape(ConvBN):
     """Reads x.shape[0] as a Python number (x.size(0) arithmetic) for a reshape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.bn(self.conv(x))

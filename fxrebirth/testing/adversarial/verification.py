@@ -11,7 +11,7 @@ from torch import nn
 from fxrebirth.frontends.library import default_rules as _default_rules
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.rewrite.rules import Match, Rule
-from fxrebirth.testing.adversarial.builders import AddCase, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import ConvBN, AddCase, _seeded, conv_bn, images
 
 
 def _clamp0(ctx, match, value):
@@ -147,11 +147,9 @@ def _rules_then_defaults(*rules: Rule) -> list:
     return list(rules) + list(_default_rules())
 
 
-class _ReluNet(nn.Module):
+class _ReluNet(ConvBN):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.relu = nn.ReLU()
