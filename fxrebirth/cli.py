@@ -116,6 +116,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                      help="the speed table: every runtime (default), eager and ONNX Runtime only, or none")
     run.add_argument("--bench-batch", type=int, nargs="+", default=[1, 8], help="speed table batch sizes")
     run.add_argument("--no-memory", action="store_true", help="skip size/peak-memory subprocesses")
+    run.add_argument("--no-control", action="store_true",
+                     help="skip the scratch control (the reborn architecture re-initialised, same loss and budget)")
+    run.add_argument("--teacher-images", type=int, metavar="N",
+                     help="what training your model cost: images passed forward and backward (epochs x set size)")
+    run.add_argument("--teacher-hours", type=float, metavar="H", help="what training your model cost: wall time")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -169,7 +174,8 @@ def _run(args: argparse.Namespace) -> int:
                        teacher=TeacherConfig(epochs=args.teacher_epochs, width=args.width),
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
-                       reduce_ratio=args.reduce_ratio)
+                       reduce_ratio=args.reduce_ratio, control=not args.no_control,
+                       teacher_cost=_teacher_cost(args))
     bars = _Bars(not args.quiet and not args.json)
     try:
         result = run(config, progress=bars)
@@ -182,6 +188,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f.read())
         print(f"report: {args.out}/report.md")
     return 0
+
+
+def _teacher_cost(args: argparse.Namespace) -> dict[str, float] | None:
+    """What the user says training their model cost, or None."""
+    cost = {"images": args.teacher_images, "wall_s": args.teacher_hours * 3600 if args.teacher_hours else None}
+    return cost if any(v is not None for v in cost.values()) else None
 
 
 def _load(args: argparse.Namespace) -> nn.Module:
@@ -294,8 +306,8 @@ def _write(path: str, text: str) -> None:
 
 # options that must be positive (whole numbers >= 1, or numbers > 0), by their argparse destination
 _AT_LEAST_ONE = ("input_size", "image_size", "plan_size", "batch", "bench_batch", "rounds", "repeats",
-                 "latency_rounds", "train_images", "test_images", "teacher_epochs")
-_POSITIVE = ("target_speedup", "budget_ms", "width")
+                 "latency_rounds", "train_images", "test_images", "teacher_epochs", "teacher_images")
+_POSITIVE = ("target_speedup", "budget_ms", "width", "teacher_hours")
 _NOT_NEGATIVE = ("epochs",)  # 0 epochs: the initialised rebirth layers only
 
 

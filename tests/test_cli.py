@@ -110,6 +110,9 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     assert rebirth["student"]["images"] == 40 and 0 <= rebirth["student"]["top1"] <= 1
     assert latency["speedup"] == latency["original_ms"] / latency["reborn_ms"]
     assert data["teacher"]["cached"] is False and list((tmp_path / "cache").glob("teacher-*.pt"))
+    # the economics: the teacher's cost from its training record, and the scratch control on the same budget
+    assert rebirth["teacher_cost"]["images"] == 1 * 64 and rebirth["teacher_share"] == rebirth["trained_images"] / 64
+    assert rebirth["control"]["trained_images"] == rebirth["trained_images"] and 0 <= rebirth["control"]["top1"] <= 1
     report_md = (out / "report.md").read_text()
     assert "## Speed" in printed and f"{latency['speedup']:.2f}x" in report_md
     # the speed table: eager and ONNX Runtime rows at both batch sizes, memory measured, ratios consistent

@@ -325,3 +325,79 @@ def test_image_folder_and_cifar10_loaders(tmp_path) -> None:
         image_folder(tmp_path / "nowhere")
     with pytest.raises(DataError, match="CIFAR-10 not found"):
         cifar10(tmp_path / "cifar-10-batches-py")
+
+
+# ------------------------------------------------------------------------------ the scratch control and budgets
+
+
+def test_reinitialise_renews_every_weight_of_a_captured_model() -> None:
+    """The control's start: every conv/linear weight of the canonical graph and of module submodules is drawn
+    anew (He), biases zero, the last linear layer small; a BatchNorm is reset to the identity."""
+    from fxrebirth.retraining.weights import reinitialise
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        model[1].weight.fill_(5.0)
+    gm = capture(model.eval(), (torch.randn(2, 3, 8, 8),))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert reinitialise(gm) == []
+    after = gm.state_dict()
+    conv_w, linear_w = (next(v for k, v in after.items() if v.dim() == d) for d in (4, 2))
+    assert not torch.equal(conv_w, before[next(k for k, v in before.items() if v.dim() == 4)])
+    assert abs(float(conv_w.std()) - (2 / 27) ** 0.5) < 0.15  # He normal: std sqrt(2 / fan_in)
+    assert float(linear_w.std()) < 0.02  # the last layer starts small
+    one_dim = sorted(float(v.abs().sum()) for k, v in after.items() if v.dim() == 1 and "num_batches" not in k)
+    assert one_dim.count(8.0) == 2 and set(one_dim) <= {0.0, 8.0}  # BN weight and running_var are ones
+    assert float(model[1].weight.detach()[0]) == 5.0 and float(model[1].running_mean[0]) == 3.0  # model untouched
+
+
+def test_the_control_trains_the_same_architecture_from_scratch_on_the_same_budget() -> None:
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    train, test = _data(96), _data(48, seed=1)
+    options = {**FAST, "layerwise_epochs": 0.25, "epochs": 0.5}
+    reborn, report = rebirth(model, _plan(model), train, test_data=test, control=True,
+                             teacher_cost={"images": 960, "wall_s": 12.0}, **options)
+    control = report.control
+    assert control["trained_images"] == report.trained_images == 24 + 48  # layer-wise + end to end
+    assert [s["name"] for s in control["steps"]] == ["re-initialise (He), every region merged",
+                                                     "end-to-end from scratch"]
+    assert control["steps"][1]["trained_images"] == report.trained_images
+    assert 0 <= control["top1"] <= 1 and control["images"] == 48
+    lo, hi = control["reborn_minus_control"]
+    assert lo <= report.student["top1"] - control["top1"] <= hi
+    assert report.teacher_share == pytest.approx(72 / 960)
+    text = report.table()
+    assert "retraining 7.5% of it" in text and "scratch control" in text
+    data = report.to_dict()
+    assert data["teacher_share"] == report.teacher_share and data["control"]["top1"] == control["top1"]
+    # the control is a different model from the reborn one: the same architecture, other weights
+    again, _ = rebirth(model, _plan(model), train, **options)
+    assert [p.shape for p in again.parameters()] == [p.shape for p in reborn.parameters()]
+
+
+def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None:
+    from fxrebirth.retraining.budget import budget_curve, budget_table
+
+    torch.manual_seed(0)
+    model = LRNNet().eval()
+    train, test = _data(64), _data(32, seed=1)
+    plan = _plan(model)
+    options = {k: v for k, v in FAST.items() if k not in ("epochs", "layerwise_epochs")}
+    points = budget_curve(model, plan, train, test, [16, 64], checkpoint_dir=tmp_path,
+                          teacher_cost={"images": 640}, **options)
+    assert [p.images for p in points] == [16, 64]
+    assert [p.teacher_share for p in points] == [pytest.approx(0.025), pytest.approx(0.1)]
+    assert all(0 <= p.control_top1 <= 1 and p.reborn_minus_control[0] <= p.reborn_minus_control[1] for p in points)
+    assert sorted(os.listdir(tmp_path)) == ["budget-16", "budget-64"]
+    assert sorted(os.listdir(tmp_path / "budget-64")) == ["control.ckpt", "rebirth.ckpt"]
+    table = budget_table(points)
+    assert "| 16 (2%) |" in table and "| 64 (10%) |" in table
+    # a second call finds every step done: the same numbers, no training
+    again = budget_curve(model, plan, train, test, [16, 64], checkpoint_dir=tmp_path,
+                         teacher_cost={"images": 640}, **options)
+    assert [(p.reborn_top1, p.control_top1) for p in again] == [(p.reborn_top1, p.control_top1) for p in points]
+    with pytest.raises(fxrebirth.FxRebirthError, match="distill schedule"):
+        budget_curve(model, plan, train, test, [16], schedule="paper")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fxrebirth.passes.batchnorm import fold_batchnorm_
+from fxrebirth.retraining.weights import he_init  # the teacher's initialisation, and the scratch control's
 
 __all__ = ["googlenet_lrn", "alexnet_lrn", "he_init", "fold_batch_norm", "Inception", "INCEPTION_WIDTHS", "MIN_INPUT"]
 
@@ -107,21 +108,6 @@ def googlenet_lrn(num_classes: int = 1000, width: float = 1.0, batch_norm: bool 
     classifiers Caffe needed to train 22 layers without BatchNorm. :func:`fold_batch_norm` folds them
     away afterwards (exactly), leaving the Caffe architecture's state_dict."""
     return GoogLeNetLRN(num_classes, width, batch_norm=batch_norm)
-
-
-def he_init(model: nn.Module) -> nn.Module:
-    """He (Kaiming) normal initialisation of every conv and linear layer, zero biases, and a small last layer:
-    trains faster than PyTorch's default here (which shrinks activations layer after layer)."""
-    last = None
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-            last = module
-    if isinstance(last, nn.Linear):
-        nn.init.normal_(last.weight, std=0.01)
-    return model
 
 
 @torch.no_grad()

@@ -61,6 +61,11 @@ class RunConfig:
     bench_batches: tuple[int, ...] = (1, 8)
     bench_memory: bool = True
     """Size on disk and peak inference memory, each variant in a process of its own."""
+    control: bool = True
+    """Also train the scratch control: the reborn architecture re-initialised, same loss and budget."""
+    teacher_cost: dict[str, Any] | None = None
+    """What training a given ``model`` cost (``images`` forward and backward, ``wall_s``), as its user states;
+    the default teacher's is read from its training record."""
 
 
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -96,9 +101,14 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
         plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio)
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))
+    teacher_cost = config.teacher_cost
+    if "epochs" in teacher_meta:  # the default teacher, trained here
+        teacher_cost = {"images": teacher_meta["epochs"] * teacher_meta["train_images"],
+                        "wall_s": teacher_meta.get("wall_s")}
     reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
-                             checkpoint_dir=checkpoint_dir, progress=progress,
-                             latency_input=example, latency_rounds=config.latency_rounds)
+                             checkpoint_dir=checkpoint_dir, progress=progress, latency_input=example,
+                             latency_rounds=config.latency_rounds, control=config.control,
+                             teacher_cost=teacher_cost)
     latency = report.latency
     batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
     program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),

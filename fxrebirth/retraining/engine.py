@@ -67,6 +67,7 @@ from fxrebirth.graph.capture import capture
 from fxrebirth.retraining.data import DataError, check_dataset
 from fxrebirth.errors import FxRebirthError
 from fxrebirth.retraining.initialise import Initialiser, extract_region, probe_nodes
+from fxrebirth.retraining.weights import reinitialise
 from fxrebirth.retraining.planning import Plan, PlannedRegion
 from fxrebirth.retraining.layers import build_rebirth, rebuild
 from fxrebirth.retraining.report import RebirthReport, StepRecord
@@ -74,7 +75,7 @@ from fxrebirth.graph.regions import Region, RegionError
 from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
                                         paired_difference, save_checkpoint)
 from fxrebirth.retraining.config import INITS, SCHEDULES, RebirthConfig
-from fxrebirth.retraining.steps import end_to_end, layerwise, schedule
+from fxrebirth.retraining.steps import control_schedule, end_to_end, layerwise, schedule
 
 __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
 
@@ -104,7 +105,7 @@ class _Job:
     """One rebirth run: the student, its steps, and the checkpoint that records the finished ones."""
 
     def __init__(self, model: nn.Module, plan: Plan, train_data: Any, test_data: Any, config: RebirthConfig,
-                 progress: ProgressFn | None, checkpoint_dir: str | None) -> None:
+                 progress: ProgressFn | None, checkpoint_dir: str | None, control_images: int | None = None) -> None:
         self.config, self.progress, self.train_data, self.test_data = config, progress, train_data, test_data
         if not isinstance(plan, Plan):
             raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
@@ -136,10 +137,14 @@ class _Job:
         self.student = rebuild(self.teacher, plan, modules=self.switches)
         for p in self.student.parameters():
             p.requires_grad_(True)
-        self.steps = schedule(config, [r.id for r in self.regions])
+        ids = [r.id for r in self.regions]
+        # the scratch control (control_images: the rebirth run's budget) or the rebirth run itself
+        self.steps = schedule(config, ids) if control_images is None else \
+            control_schedule(config, ids, control_images, len(train_data))
         self.key = fingerprint(asdict(config), [r.region.to_dict() for r in self.planned], len(train_data),
-                               model.state_dict())  # the plan's regions, not its timings
-        self.path = os.path.join(checkpoint_dir, "rebirth.ckpt") if checkpoint_dir else None
+                               model.state_dict(), control_images)  # the plan's regions, not its timings
+        name = "rebirth.ckpt" if control_images is None else "control.ckpt"
+        self.path = os.path.join(checkpoint_dir, name) if checkpoint_dir else None
         self.report = RebirthReport(asdict(config), len(train_data))
         self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
         self.eval_reference: torch.Tensor | None = None
@@ -212,6 +217,15 @@ class _Job:
             self.region_facts[region.id].update(init=init.method(region), **facts)
             switch.active.fill_(True)
         return used
+
+    def scratch(self) -> None:
+        """The control's start: every weight of the student anew (He), every region switched to its rebirth
+        layer."""
+        kept = reinitialise(self.student)
+        if kept:
+            log.warning("rebirth control: %d parameter(s) not re-initialised: %s", len(kept), kept[:5])
+        for switch in self.switches.values():
+            switch.active.fill_(True)
 
     def _student_input(self, region: Region) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The student's value at the input of ``region``'s switch, when any region before it is merged."""
@@ -289,22 +303,26 @@ def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:
 def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = None,
             config: RebirthConfig | None = None, checkpoint_dir: str | os.PathLike | None = None,
             resume: bool = True, progress: ProgressFn | None = None,
-            latency_input: torch.Tensor | None = None, latency_rounds: int = 20, **options: Any,
-            ) -> tuple[fx.GraphModule, RebirthReport]:
+            latency_input: torch.Tensor | None = None, latency_rounds: int = 20, control: bool = False,
+            teacher_cost: dict[str, Any] | None = None, **options: Any) -> tuple[fx.GraphModule, RebirthReport]:
     """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring).
 
     ``model`` is not modified. ``train_data``/``test_data``: map-style datasets of ``(image [3, H, W], label)``
     (:class:`fxrebirth.paper.data.Shapes`, :func:`~fxrebirth.paper.data.image_folder`, ...). Options are the fields of
     :class:`RebirthConfig`, as ``config=`` or keywords. ``latency_input``: measure the latency of the original
-    and the reborn model on it (interleaved). Returns the reborn GraphModule (eval mode) and a
+    and the reborn model on it (interleaved). ``control``: also train the scratch control, the same reborn
+    architecture with every weight re-initialised (He) and trained end to end with the same loss, learning
+    rate and training-time BatchNorms on the same number of images (``report.control``). ``teacher_cost``:
+    what training ``model`` cost, ``{"images": forward-and-backward images, "wall_s": seconds}`` (either may
+    be missing), to report the retraining as a share of it. Returns the reborn GraphModule (eval mode) and a
     :class:`RebirthReport`.
     """
     unknown = sorted(set(options) - {f.name for f in fields(RebirthConfig)})
     if unknown:
         raise FxRebirthError(f"unknown rebirth option(s) {unknown}; options: {[f.name for f in fields(RebirthConfig)]}")
     config = RebirthConfig(**{**(asdict(config) if config is not None else {}), **options})
-    job = _Job(model, plan, train_data, test_data, config, progress,
-               os.fspath(checkpoint_dir) if checkpoint_dir is not None else None)
+    folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
+    job = _Job(model, plan, train_data, test_data, config, progress, folder)
     job.run(resume)
     reborn = job.result()
     report = job.report
@@ -313,19 +331,40 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         report.regions.append({"id": planned.region.id, "replaces": list(planned.region.replaces),
                                "planned_gain_s": planned.gain_s, **{k: v for k, v in facts.items()
                                                                     if k != "kept_reduce_channels"}})
-    if test_data is not None:
-        _evaluate(job.teacher, reborn, test_data, report)
+    report.teacher_cost = dict(teacher_cost) if teacher_cost else None
+    evaluated = _evaluate(job.teacher, reborn, test_data, report) if test_data is not None else None
+    if control:
+        scratch = _Job(model, plan, train_data, test_data, config, progress, folder,
+                       control_images=report.trained_images)
+        scratch.run(resume)
+        report.control = _control_record(scratch, evaluated, test_data)
     if latency_input is not None:
         report.latency = {**eager_latency(model, reborn, latency_input, latency_rounds),
                           "planned_speedup": plan.estimated_speedup}
     return reborn, report
 
 
-def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport) -> None:
-    """Both models' accuracy on ``test_data`` and the paired interval of their difference, into ``report``."""
+def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport) -> tuple[Any, Any, Any]:
+    """Both models' accuracy on ``test_data`` and the paired interval of their difference, into ``report``;
+    returns the two evaluations and the labels."""
     teacher_eval = evaluate(teacher, test_data)
     student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
     report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
     labels = torch.cat([y for _, y in batches(test_data, 1000)])
     report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
+    return teacher_eval, student_eval, labels
+
+
+def _control_record(job: _Job, evaluated: tuple[Any, Any, Any] | None, test_data: Any) -> dict[str, Any]:
+    """The scratch control's cost and steps, and with test data its accuracy and the paired interval of the
+    reborn model's top-1 minus the control's."""
+    record: dict[str, Any] = {"trained_images": job.report.trained_images,
+                              "calibration_images": job.report.calibration_images, "wall_s": job.report.wall_s,
+                              "steps": [asdict(s) for s in job.report.steps]}
+    if evaluated is not None:
+        teacher_eval, student_eval, labels = evaluated
+        control_eval = evaluate(job.result(), test_data, reference=teacher_eval.predictions)
+        record.update(control_eval.to_dict())
+        record["reborn_minus_control"] = paired_difference(student_eval.predictions, control_eval.predictions, labels)
+    return record
 

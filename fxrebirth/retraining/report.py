@@ -40,6 +40,17 @@ class RebirthReport:
     """95% interval of student minus teacher top-1 (paired, on the same held-out images)."""
     latency: dict[str, Any] | None = None
     resumed_from: str | None = None
+    teacher_cost: dict[str, Any] | None = None
+    """What training the original cost: ``images`` (forward and backward) and ``wall_s``, as stated."""
+    control: dict[str, Any] | None = None
+    """The scratch control (same reborn architecture re-initialised, same loss and budget): its cost, steps,
+    held-out accuracy and ``reborn_minus_control`` (paired 95% interval of the top-1 difference)."""
+
+    @property
+    def teacher_share(self) -> float | None:
+        """The retraining's images as a share of the teacher's training images (None when not stated)."""
+        images = (self.teacher_cost or {}).get("images")
+        return self.trained_images / images if images else None
 
     @property
     def trained_images(self) -> int:
@@ -61,7 +72,7 @@ class RebirthReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(retraining_epochs=self.retraining_epochs, trained_images=self.trained_images,
-                    calibration_images=self.calibration_images, wall_s=self.wall_s)
+                    calibration_images=self.calibration_images, wall_s=self.wall_s, teacher_share=self.teacher_share)
         return data
 
     def table(self) -> str:
@@ -83,7 +94,25 @@ class RebirthReport:
                 lo, hi = self.difference_interval
                 lines.append(f"  reborn - teacher: {st['top1'] - t['top1']:+.2%} (paired 95% interval "
                              f"[{lo:+.2%}, {hi:+.2%}])")
+        lines += self._economics()
         return "\n".join(lines)
+
+    def _economics(self) -> list[str]:
+        """What the retraining cost against the teacher's training, and the scratch control's result."""
+        lines = []
+        cost = self.teacher_cost or {}
+        if cost.get("images"):
+            wall = f", {cost['wall_s']:.0f} s" if cost.get("wall_s") else ""
+            lines.append(f"  teacher's training: {cost['images']} images forward+backward{wall}; retraining "
+                         f"{self.teacher_share:.1%} of it")
+        c = self.control
+        if c is not None and c.get("top1") is not None:
+            lo, hi = c["reborn_minus_control"]
+            reborn = self.student["top1"] if self.student else float("nan")
+            lines.append(f"  scratch control (same architecture, He init, same loss and {c['trained_images']} images): "
+                         f"{c['top1']:.2%} [{c['top1_interval'][0]:.2%}, {c['top1_interval'][1]:.2%}]; reborn - "
+                         f"control {reborn - c['top1']:+.2%} (paired 95% [{lo:+.2%}, {hi:+.2%}])")
+        return lines
 
     def __str__(self) -> str:
         return self.table()

@@ -29,7 +29,8 @@ from fxrebirth.retraining.initialise import probe_nodes
 from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, feature_loss,
                                         kd_loss, world)
 
-__all__ = ["Step", "InitStep", "LayerwiseStep", "EndToEndStep", "PaperStep", "schedule", "layerwise", "end_to_end"]
+__all__ = ["Step", "InitStep", "LayerwiseStep", "EndToEndStep", "PaperStep", "ScratchStep", "schedule",
+           "control_schedule", "layerwise", "end_to_end"]
 
 
 class Job(Protocol):
@@ -38,6 +39,8 @@ class Job(Protocol):
     observed: int  # forward-only images of the last end-to-end step's training BatchNorms
 
     def initialise(self, ids: list[str], seed: int) -> int: ...
+
+    def scratch(self) -> None: ...
 
     def layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]: ...
 
@@ -95,6 +98,25 @@ class PaperStep(EndToEndStep):
         record = super().run(job, seed)
         record.calibration_images += calibration
         return record
+
+
+@dataclass
+class ScratchStep(Step):
+    """The control's start: every weight of the student re-initialised (He), every region merged."""
+
+    def run(self, job: Job, seed: int) -> StepRecord:
+        job.scratch()
+        return StepRecord(name=self.name, regions=self.regions)
+
+
+def control_schedule(config: RebirthConfig, ids: list[str], images: int, train_images: int) -> list[Step]:
+    """The scratch control of a rebirth run that trained on ``images`` images: the same reborn architecture
+    re-initialised, then trained end to end on the same number of images with the same loss (distillation
+    under ``distill``, labels under ``paper``), learning rate and training-time BatchNorms."""
+    kd_weight = config.kd_weight if config.schedule == "distill" else 0.0
+    return [ScratchStep("re-initialise (He), every region merged", list(ids)),
+            EndToEndStep("end-to-end from scratch", list(ids), epochs=images / max(1, train_images),
+                         kd_weight=kd_weight)]
 
 
 def schedule(config: RebirthConfig, ids: list[str]) -> list[Step]:

@@ -1,0 +1,57 @@
+"""The accuracy-vs-budget curve on the default teacher: the reborn model against its scratch control.
+
+Not collected by the plain test command. Run::
+
+    python -m benchmarks.budget_curve [--budgets 5000 20000 80000] [--cache .budget-cache]
+
+Uses the cached default teacher (trained on first use, about 4 minutes) and one plan at 224x224 with every
+region selected. For each budget (training images forward and backward, spent on end-to-end distillation),
+:func:`fxrebirth.retraining.budget.budget_curve` trains the reborn model and its scratch control (the same
+architecture re-initialised, the same loss, learning rate and training-time BatchNorms, the same number of
+images). Every budget checkpoints under ``--cache``, and the plan is saved there too, so an interrupted run
+resumes with the same regions. Prints the Markdown table (the rows for docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import fxrebirth
+from fxrebirth.paper.data import Shapes
+from fxrebirth.paper.teacher import TeacherConfig, default_teacher
+from fxrebirth.retraining.budget import budget_curve, budget_table
+
+
+def main(budgets: list[int], cache: str) -> str:
+    config = TeacherConfig()
+    teacher, meta = default_teacher(config)
+    os.makedirs(cache, exist_ok=True)
+    plan_path = os.path.join(cache, "plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            plan = fxrebirth.Plan.from_json(f.read())
+    else:
+        plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3)
+        for r in plan.regions:
+            r.selected = True
+        with open(plan_path, "w") as f:
+            f.write(plan.to_json(indent=1))
+    train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
+    test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
+    cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
+    points = budget_curve(teacher, plan, train, test, budgets, checkpoint_dir=cache, teacher_cost=cost)
+    head = (f"Teacher: googlenet_lrn trained on {meta['train_images']:,} Shapes images for {meta['epochs']} epochs "
+            f"({cost['images']:,} images forward and backward), {meta['top1']:.2%} top-1 on "
+            f"{meta['test_images']:,} held-out images; {len(plan.selected)} regions merged.\n\n")
+    return head + budget_table(points)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[5000, 20000, 80000])
+    parser.add_argument("--cache", default=".budget-cache")
+    args = parser.parse_args()
+    print(main(args.budgets, args.cache))
