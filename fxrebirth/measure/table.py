@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Row", "SpeedTable"]
+__all__ = ["Row", "SpeedTable", "layers_markdown"]
 
 # the original's row each runtime is compared with ("vs original, same runtime")
 _BASELINE = {"eager": "eager", "fx fuse": "eager", "inductor+freezing": "inductor+freezing",
@@ -109,8 +109,12 @@ class SpeedTable:
 
     def layers_markdown(self) -> str:
         """The time per layer kind, before and after, as a Markdown table ("" when not measured)."""
-        if not self.layers_ms:
-            return ""
-        before, after = self.layers_ms["original"], self.layers_ms["reborn"]
-        rows = [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
-        return "\n".join(["| layer kind | original ms | reborn ms |", "|---|---|---|", *rows])
+        return layers_markdown(self.layers_ms) if self.layers_ms else ""
+
+
+def layers_markdown(layers_ms: dict[str, dict[str, float]]) -> str:
+    """``{"original": {kind: ms}, "reborn": {kind: ms}}`` as a Markdown table, with the totals."""
+    before, after = layers_ms["original"], layers_ms["reborn"]
+    rows = [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
+    total = f"| total | {sum(before.values()):.2f} | {sum(after.values()):.2f} |"
+    return "\n".join(["| layer kind | original ms | reborn ms |", "|---|---|---|", *rows, total])

@@ -28,6 +28,7 @@ from fxrebirth.retraining.planning import Plan, plan as make_plan
 from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment, layer_times, variants_for
+from fxrebirth.measure.table import layers_markdown
 from fxrebirth.retraining.train import Progress, ProgressFn, evaluate
 
 __all__ = ["RunConfig", "run", "write_report"]
@@ -189,11 +190,8 @@ def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthRe
                   table.markdown(), ""]
     layers = result.get("layers_ms")
     if layers:
-        before, after = layers["original"], layers["reborn"]
         lines += ["### Time by layer kind (eager, batch 1, every node timed on its own)", "",
-                  "| layer kind | original ms | reborn ms |", "|---|---|---|"]
-        lines += [f"| {k} | {before.get(k, 0.0):.2f} | {after.get(k, 0.0):.2f} |" for k in {**before, **after}]
-        lines += [f"| total | {sum(before.values()):.2f} | {sum(after.values()):.2f} |", ""]
+                  layers_markdown(layers), ""]
     acc = result.get("accuracy", {})
     lines += ["### Accuracy of each model variant", "",
               "| model | held-out top-1 |", "|---|---|"]
