@@ -104,6 +104,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--init", choices=("auto", "lstsq", "xavier", "original"), default=None,
                      help="rebirth layer initialisation (default: the library default, see docs/retraining.md)")
     run.add_argument("--schedule", choices=("distill", "paper"), default="distill")
+    run.add_argument("--device", default="cpu", help="where retraining runs: cpu (default), cuda, cuda:N or auto "
+                                                     "(CUDA when present)")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="retraining arithmetic: fp32 (default), bf16 autocast (CPU or GPU), fp16 (CUDA only)")
     run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")
     run.add_argument("--train-images", type=int, default=20000)
     run.add_argument("--test-images", type=int, default=10000)
@@ -164,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
             raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (a model trained on your data); "
                                  "only googlenet_lrn has a default teacher")
         model = _load(args)
-    options = {"schedule": args.schedule}
+    options = {"schedule": args.schedule, "device": args.device, "precision": args.precision}
     if args.init is not None:
         options["init"] = args.init
     if args.epochs is not None:

@@ -1,7 +1,8 @@
 """Test configuration: hypothesis profiles and shared fixtures.
 
 Profiles (select with HYPOTHESIS_PROFILE): ``ci`` (default; derandomised, no deadline, so the noisy
-machine never flakes a run) and ``thorough`` (10x the examples, random seeds). The benchmarks live in
+machine never flakes a run) and ``thorough`` (10x the examples, random seeds, and the tests marked
+``@pytest.mark.thorough``: the heavy zoo models, which the ``ci`` profile skips with that reason). The benchmarks live in
 ``benchmarks/`` (outside ``testpaths``): ``python -m benchmarks.<name>``, ``pytest benchmarks/latency.py``.
 """
 
@@ -24,7 +25,21 @@ settings.register_profile(
     "thorough", max_examples=600, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "thorough: runs in the thorough profile only (HYPOTHESIS_PROFILE=thorough)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if PROFILE == "thorough":
+        return
+    skip = pytest.mark.skip(reason="heavy: thorough profile only (HYPOTHESIS_PROFILE=thorough)")
+    for item in items:
+        if item.get_closest_marker("thorough"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

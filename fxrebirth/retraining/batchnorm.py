@@ -63,7 +63,8 @@ class TrainingBatchNorm:
                     or params[weight.target].dim() != 4:
                 continue
             name = f"_training_bn_{i}"
-            model.add_submodule(name, _ObservingBatchNorm(params[weight.target].shape[0], momentum=None))
+            kernel = params[weight.target]
+            model.add_submodule(name, _ObservingBatchNorm(kernel.shape[0], momentum=None, device=kernel.device))
             with model.graph.inserting_after(node):
                 call = model.graph.call_module(name, (node,))
             node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
@@ -71,7 +72,7 @@ class TrainingBatchNorm:
         model.recompile()
         for module in modules:
             for conv in [m for m in module.modules() if isinstance(m, nn.Conv2d)]:
-                bn = _ObservingBatchNorm(conv.out_channels, momentum=None)
+                bn = _ObservingBatchNorm(conv.out_channels, momentum=None, device=conv.weight.device)
                 handle = conv.register_forward_hook(lambda mod, args, out, bn=bn: bn(out))
                 self.hooked.append((conv, bn, handle))
         return self

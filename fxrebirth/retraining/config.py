@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fxrebirth.errors import FxRebirthError
 
-__all__ = ["RebirthConfig", "INITS", "SCHEDULES"]
+__all__ = ["RebirthConfig", "INITS", "SCHEDULES", "PRECISIONS"]
 
 INITS = ("auto", "lstsq", "xavier", "original")
 SCHEDULES = ("distill", "paper")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -44,6 +47,14 @@ class RebirthConfig:
     eval_images: int = 2000
     """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
     seed: int = 0
+    device: str = "cpu"
+    """Where calibration, training and evaluation run: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when
+    present). Under ``torchrun``, ``cuda`` and ``auto`` mean ``cuda:$LOCAL_RANK``. The reborn model is
+    returned on the CPU; a checkpoint resumes on any device."""
+    precision: str = "fp32"
+    """Arithmetic of the gradient steps: ``fp32``, ``bf16`` (autocast, on the CPU or a GPU) or ``fp16``
+    (autocast with loss scaling, CUDA only). Least-squares fits (float64), BatchNorm statistics and
+    evaluation stay in full precision, and the reborn model's weights are float32."""
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -52,3 +63,10 @@ class RebirthConfig:
             raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
         if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
             raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
+        if self.precision not in PRECISIONS:
+            raise FxRebirthError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise FxRebirthError(f"device={self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None

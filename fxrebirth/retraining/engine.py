@@ -72,8 +72,8 @@ from fxrebirth.retraining.planning import Plan, PlannedRegion
 from fxrebirth.retraining.layers import build_rebirth, rebuild
 from fxrebirth.retraining.report import RebirthReport, StepRecord
 from fxrebirth.graph.regions import Region, RegionError
-from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
-                                        paired_difference, save_checkpoint)
+from fxrebirth.retraining.train import (Arithmetic, Meter, ProgressFn, batches, evaluate, fingerprint,
+                                        load_checkpoint, paired_difference, resolve_device, save_checkpoint)
 from fxrebirth.retraining.config import INITS, SCHEDULES, RebirthConfig
 from fxrebirth.retraining.steps import control_schedule, end_to_end, layerwise, schedule
 
@@ -137,12 +137,21 @@ class _Job:
         self.student = rebuild(self.teacher, plan, modules=self.switches)
         for p in self.student.parameters():
             p.requires_grad_(True)
+        try:
+            self.device = resolve_device(config.device)
+            Arithmetic(config.precision, self.device)  # fp16 needs CUDA: say so before any work
+        except RuntimeError as exc:
+            raise FxRebirthError(str(exc)) from None
+        self.teacher.to(self.device)
+        self.student.to(self.device)
         ids = [r.id for r in self.regions]
         # the scratch control (control_images: the rebirth run's budget) or the rebirth run itself
         self.steps = schedule(config, ids) if control_images is None else \
             control_schedule(config, ids, control_images, len(train_data))
-        self.key = fingerprint(asdict(config), [r.region.to_dict() for r in self.planned], len(train_data),
-                               model.state_dict(), control_images)  # the plan's regions, not its timings
+        # the plan's regions, not its timings; not the device, so that a job may resume on another
+        settings = {k: v for k, v in asdict(config).items() if k != "device"}
+        self.key = fingerprint(settings, [r.region.to_dict() for r in self.planned], len(train_data),
+                               model.state_dict(), control_images)
         name = "rebirth.ckpt" if control_images is None else "control.ckpt"
         self.path = os.path.join(checkpoint_dir, name) if checkpoint_dir else None
         self.report = RebirthReport(asdict(config), len(train_data))
@@ -267,12 +276,13 @@ class _Job:
             return
         subset = torch.utils.data.Subset(self.test_data, range(min(self.config.eval_images, len(self.test_data))))
         if self.eval_reference is None:
-            self.eval_reference = evaluate(self.teacher, subset).predictions
-        result = evaluate(self.student, subset, reference=self.eval_reference)
+            self.eval_reference = evaluate(self.teacher, subset, device=self.device).predictions
+        result = evaluate(self.student, subset, reference=self.eval_reference, device=self.device)
         record.top1, record.agreement = result.top1, result.agreement
 
     def result(self) -> fx.GraphModule:
-        """The reborn model: the student with each switch replaced by its rebirth layer."""
+        """The reborn model (on the job's device): the student with each switch replaced by its rebirth
+        layer."""
         reborn = copy.deepcopy(self.student)
         for node in reborn.graph.nodes:
             if node.op == "call_module" and isinstance(reborn.get_submodule(node.target), RegionSwitch):
@@ -332,23 +342,25 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
                                "planned_gain_s": planned.gain_s, **{k: v for k, v in facts.items()
                                                                     if k != "kept_reduce_channels"}})
     report.teacher_cost = dict(teacher_cost) if teacher_cost else None
-    evaluated = _evaluate(job.teacher, reborn, test_data, report) if test_data is not None else None
+    evaluated = _evaluate(job.teacher, reborn, test_data, report, job.device) if test_data is not None else None
     if control:
         scratch = _Job(model, plan, train_data, test_data, config, progress, folder,
                        control_images=report.trained_images)
         scratch.run(resume)
         report.control = _control_record(scratch, evaluated, test_data)
+    reborn = reborn.cpu()
     if latency_input is not None:
         report.latency = {**eager_latency(model, reborn, latency_input, latency_rounds),
                           "planned_speedup": plan.estimated_speedup}
     return reborn, report
 
 
-def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport) -> tuple[Any, Any, Any]:
-    """Both models' accuracy on ``test_data`` and the paired interval of their difference, into ``report``;
-    returns the two evaluations and the labels."""
-    teacher_eval = evaluate(teacher, test_data)
-    student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions)
+def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport,
+              device: torch.device) -> tuple[Any, Any, Any]:
+    """Both models' accuracy on ``test_data`` (on ``device``) and the paired interval of their difference,
+    into ``report``; returns the two evaluations and the labels."""
+    teacher_eval = evaluate(teacher, test_data, device=device)
+    student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions, device=device)
     report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
     labels = torch.cat([y for _, y in batches(test_data, 1000)])
     report.difference_interval = paired_difference(student_eval.predictions, teacher_eval.predictions, labels)
@@ -363,7 +375,7 @@ def _control_record(job: _Job, evaluated: tuple[Any, Any, Any] | None, test_data
                               "steps": [asdict(s) for s in job.report.steps]}
     if evaluated is not None:
         teacher_eval, student_eval, labels = evaluated
-        control_eval = evaluate(job.result(), test_data, reference=teacher_eval.predictions)
+        control_eval = evaluate(job.result(), test_data, reference=teacher_eval.predictions, device=job.device)
         record.update(control_eval.to_dict())
         record["reborn_minus_control"] = paired_difference(student_eval.predictions, control_eval.predictions, labels)
     return record

@@ -66,7 +66,7 @@ class _Ridge:
         self.rows = 0
 
     def add(self, a: torch.Tensor, y: torch.Tensor) -> None:
-        a = torch.cat([a.double(), torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)
+        a = torch.cat([a.double(), torch.ones(a.shape[0], 1, dtype=torch.float64, device=a.device)], 1)
         y = y.double()
         gram, cross = a.T @ a, a.T @ y
         self.gram = gram if self.gram is None else self.gram + gram
@@ -79,8 +79,8 @@ class _Ridge:
             dist.all_reduce(self.cross)
 
     def solve(self, ridge: float, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W [outputs, inputs], b [outputs])``, optionally using only input ``columns``."""
-        gram, cross = self.gram, self.cross
+        """``(W [outputs, inputs], b [outputs])`` (on the CPU), optionally using only input ``columns``."""
+        gram, cross = self.gram.cpu(), self.cross.cpu()
         d = gram.shape[0] - 1
         keep = torch.cat([columns, torch.tensor([d])]) if columns is not None else torch.arange(d + 1)
         gram, cross = gram[keep][:, keep], cross[keep]
@@ -103,6 +103,10 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 
 def _convs(module: nn.Module) -> list[nn.Conv2d]:
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -252,7 +256,7 @@ class _InceptionFit(_Fit):
             reduce, last = convs[0], convs[-1]
             fitted = method == "lstsq" and i in self.stats
             if fitted:
-                score = self.energy[i] * weights[-1].double().pow(2).sum((0, 2, 3))
+                score = self.energy[i].cpu() * weights[-1].double().pow(2).sum((0, 2, 3)).cpu()
                 kept = score.argsort(descending=True)[:reduce.out_channels].sort().values
             else:
                 kept = torch.arange(reduce.out_channels)
@@ -278,11 +282,11 @@ class _InceptionFit(_Fit):
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
             return
-        fresh = torch.empty(extra, *weight.shape[1:])
+        fresh = torch.empty(extra, *weight.shape[1:], device=weight.device)
         nn.init.xavier_uniform_(fresh)
         after = self._absorbed_after(index)
         conv.weight.copy_(torch.cat([weight, fresh] if after else [fresh, weight]))
-        zeros = torch.zeros(extra)
+        zeros = torch.zeros(extra, device=bias.device)
         conv.bias.copy_(torch.cat([bias, zeros] if after else [zeros, bias]))
 
 
@@ -331,7 +335,7 @@ class Initialiser:
         inner = probe_nodes(extract_region(self.gm, region), ["x"] + names[1:]).eval() if student_input else None
         used = 0
         with torch.no_grad():
-            for x, _ in batches(data, batch_size, seed=seed, images=images):
+            for x, _ in batches(data, batch_size, seed=seed, images=images, device=_device_of(self.gm)):
                 targets = dict(zip(names, probe(x)))
                 sources = targets
                 if inner is not None:

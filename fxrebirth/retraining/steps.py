@@ -26,8 +26,8 @@ from fxrebirth.retraining.batchnorm import TrainingBatchNorm
 from fxrebirth.retraining.config import RebirthConfig
 from fxrebirth.retraining.report import StepRecord
 from fxrebirth.retraining.initialise import probe_nodes
-from fxrebirth.retraining.train import (Meter, ProgressFn, all_reduce_grads, batch_count, batches, feature_loss,
-                                        kd_loss, world)
+from fxrebirth.retraining.train import (Arithmetic, Meter, ProgressFn, all_reduce_grads, batch_count, batches,
+                                        feature_loss, kd_loss, world)
 
 __all__ = ["Step", "InitStep", "LayerwiseStep", "EndToEndStep", "PaperStep", "ScratchStep", "schedule",
            "control_schedule", "layerwise", "end_to_end"]
@@ -163,8 +163,9 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
     norms, observed = _training_norms(student, switches, data, c, seed) if c.train_batch_norm else (None, 0)
     optimizer, schedule = _optimizer(student, switches, norms, c, max(1, batch_count(len(data), c.batch_size, images)))
     model: nn.Module = student
+    device = _device_of(student)
     if world()[1] > 1:
-        model = nn.parallel.DistributedDataParallel(student)
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     student.eval()  # dropout off (see the engine's module docstring)
     if norms is not None:
         for bn in norms.modules():
@@ -211,7 +212,7 @@ def _training_norms(student: fx.GraphModule, switches: dict[str, nn.Module], dat
     observed = 0
     with torch.no_grad():
         observe = min(512, len(data))
-        for x, _ in batches(data, config.batch_size, seed=seed + 1, images=observe):
+        for x, _ in batches(data, config.batch_size, seed=seed + 1, images=observe, device=_device_of(student)):
             student(x)
             observed += len(x) * world()[1]  # forward only: reported with the calibration images
     norms.start()
@@ -243,20 +244,25 @@ def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: T
 def _train(loss_of: Callable[[torch.Tensor, Any], torch.Tensor], optimizer: torch.optim.Optimizer, schedule: Any,
            reduce: Callable[[], None], data: Any, config: RebirthConfig, images: int, seed: int,
            meter: Meter) -> tuple[float | None, list]:
-    """The loop both steps share: ``images`` images in batches seeded by ``seed``, the gradients averaged
-    over the ranks by ``reduce`` before each optimiser step; returns the last loss and the loss curve."""
+    """The loop both steps share: ``images`` images in batches seeded by ``seed`` on the parameters' device,
+    the forward pass in ``config.precision``, the gradients averaged over the ranks by ``reduce`` before each
+    optimiser step; returns the last loss and the loss curve."""
     curve, loss_value = [], None
-    for x, y in batches(data, config.batch_size, seed=seed, images=images):
-        loss = loss_of(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        reduce()
-        optimizer.step()
+    device = next(p.device for g in optimizer.param_groups for p in g["params"])
+    arithmetic = Arithmetic(config.precision, device)
+    for x, y in batches(data, config.batch_size, seed=seed, images=images, device=device):
+        with arithmetic:
+            loss = loss_of(x, y)
+        arithmetic.step(loss, optimizer, reduce)
         schedule.step()
         loss_value = loss.item()
         meter.update(len(x) * world()[1], loss_value)
         _sample(curve, meter.done, loss_value, images)
     return loss_value, curve
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _sample(curve: list, done: int, loss: float, total: int) -> None:

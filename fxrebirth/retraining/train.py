@@ -27,7 +27,7 @@ from fxrebirth.retraining.data import accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
            "world", "fingerprint", "Meter", "batch_count",
-           "kd_loss", "feature_loss", "all_reduce_grads"]
+           "kd_loss", "feature_loss", "all_reduce_grads", "resolve_device", "Arithmetic"]
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,67 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` means here: ``auto`` is CUDA when present, else the CPU; under torchrun (more than
+    one rank) ``cuda`` and ``auto`` take ``cuda:$LOCAL_RANK``. Asking for CUDA without it is an error."""
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not cuda:
+            raise RuntimeError(f"device={name!r}, but this PyTorch sees no CUDA device: use device='cpu' or 'auto'")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world()[1] > 1 else
+                                  torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+class Arithmetic:
+    """The precision of a gradient step: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient
+    scaler, CUDA only), on ``device``. ``with arithmetic: loss = ...`` then :meth:`step`."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        if precision == "fp16" and device.type != "cuda":
+            raise RuntimeError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
+        self.precision, self.device = precision, device
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self._autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None) if dtype else None
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def __enter__(self) -> None:
+        if self._autocast is not None:
+            self._autocast.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._autocast is not None:
+            self._autocast.__exit__(*exc)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, reduce: Callable[[], None]) -> None:
+        """Backward, ``reduce()`` (the gradients' all-reduce), then the optimiser step (scaled under fp16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            reduce()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        reduce()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
     fast = getattr(data, "tensors", None)
     return fast() if callable(fast) else None
 
 
 def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: int | None = None,
-            augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            augment: bool = False, device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` batches: shuffled with ``seed`` (None: in order), ``images`` in all (default one pass; more
-    than the dataset wraps around with a new permutation), horizontally flipped at random when ``augment``.
+    than the dataset wraps around with a new permutation), horizontally flipped at random when ``augment``,
+    moved to ``device`` when given (the order and flips do not depend on it).
 
     Under torch.distributed each rank gets its share of every global batch (rows ``rank::world``), so a
     data-parallel run sees the same global batches as a single process."""
@@ -110,7 +162,8 @@ def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: 
                 flip = torch.rand(n, generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(3), x)
             done += n
-            yield x[rank::size], y[rank::size]
+            x, y = x[rank::size], y[rank::size]
+            yield (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         epoch += 1
 
 
@@ -146,8 +199,9 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 500, referenc
     was_training = model.training
     model.eval()
     preds, top5_hits, labels = [], 0, []
-    for x, y in batches(data, batch_size):
-        logits = model(x.to(device)).float().cpu()
+    for x, y in batches(data, batch_size, device=device):
+        logits = model(x).float().cpu()
+        y = y.cpu()
         preds.append(logits.argmax(1))
         labels.append(y)
         if logits.shape[1] > 10:
