@@ -2,10 +2,11 @@
 
 Not collected by the plain test command. Run::
 
-    python -m benchmarks.budget_curve [--budgets 5000 20000 80000] [--cache .budget-cache]
+    python -m benchmarks.budget_curve [--budgets 5000 20000 80000] [--teacher-epochs 4] [--init original]
+                                      [--cache .budget-cache]
 
-Uses the cached default teacher (trained on first use, about 4 minutes) and one plan at 224x224 with every
-region selected. For each budget (training images forward and backward, spent on end-to-end distillation),
+Uses the cached default teacher (``--teacher-epochs``: trained on first use, about a minute an epoch) and one
+plan at 224x224 with every region selected (saved in ``--cache``, shared by every teacher). For each budget (training images forward and backward, spent on end-to-end distillation),
 :func:`fxrebirth.retraining.budget.budget_curve` trains the reborn model and its scratch control (the same
 architecture re-initialised, the same loss, learning rate and training-time BatchNorms, the same number of
 images). Every budget checkpoints under ``--cache``, and the plan is saved there too, so an interrupted run
@@ -22,11 +23,11 @@ import torch
 import fxrebirth
 from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
-from fxrebirth.retraining.budget import budget_curve, budget_table
+from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
 
 
-def main(budgets: list[int], cache: str) -> str:
-    config = TeacherConfig()
+def main(budgets: list[int], cache: str, teacher_epochs: int = 4, init: str = "original") -> str:
+    config = TeacherConfig(epochs=teacher_epochs)
     teacher, meta = default_teacher(config)
     os.makedirs(cache, exist_ok=True)
     plan_path = os.path.join(cache, "plan.json")
@@ -42,16 +43,19 @@ def main(budgets: list[int], cache: str) -> str:
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
     cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
-    points = budget_curve(teacher, plan, train, test, budgets, checkpoint_dir=cache, teacher_cost=cost)
+    folder = cache if (teacher_epochs, init) == (4, "original") else os.path.join(cache, f"t{teacher_epochs}-{init}")
+    points = budget_curve(teacher, plan, train, test, budgets, checkpoint_dir=folder, teacher_cost=cost, init=init)
     head = (f"Teacher: googlenet_lrn trained on {meta['train_images']:,} Shapes images for {meta['epochs']} epochs "
             f"({cost['images']:,} images forward and backward), {meta['top1']:.2%} top-1 on "
-            f"{meta['test_images']:,} held-out images; {len(plan.selected)} regions merged.\n\n")
-    return head + budget_table(points)
+            f"{meta['test_images']:,} held-out images; {len(plan.selected)} regions merged, init {init}.\n\n")
+    return head + budget_table(points) + "\n\n" + budget_figure(points)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[5000, 20000, 80000])
+    parser.add_argument("--teacher-epochs", type=int, default=4)
+    parser.add_argument("--init", default="original", choices=("original", "auto", "lstsq", "xavier"))
     parser.add_argument("--cache", default=".budget-cache")
     args = parser.parse_args()
-    print(main(args.budgets, args.cache))
+    print(main(args.budgets, args.cache, args.teacher_epochs, args.init))

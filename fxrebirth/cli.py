@@ -104,8 +104,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--init", choices=("auto", "lstsq", "xavier", "original"), default=None,
                      help="rebirth layer initialisation (default: the library default, see docs/retraining.md)")
     run.add_argument("--schedule", choices=("distill", "paper"), default="distill")
-    run.add_argument("--device", default="cpu", help="where retraining runs: cpu (default), cuda, cuda:N or auto "
-                                                     "(CUDA when present)")
+    run.add_argument("--device", default="cpu", help="where the default teacher (first run) and the retraining "
+                                                     "train: cpu (default), cuda, cuda:N or auto (CUDA when present)")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="retraining arithmetic: fp32 (default), bf16 autocast (CPU or GPU), fp16 (CUDA only)")
     run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")

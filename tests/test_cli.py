@@ -150,7 +150,12 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["run", "--reduce-ratio", "0"], "--reduce-ratio 0.0: give a fraction in (0, 1]"),
         (["plan", "googlenet_lrn", "--reduce-ratio", "1.5"], "--reduce-ratio 1.5: give a fraction"),
         (["run", "resnet18"], "give --weights"),
+        # refused before the teacher trains
+        (["run", "--device", "gpu0", "--out", str(tmp_path / "r")], "device='gpu0'"),
     ]
+    if not torch.cuda.is_available():
+        cases += [(["run", "--precision", "fp16", "--out", str(tmp_path / "r")], "fp16' needs a CUDA device"),
+                  (["run", "--device", "cuda", "--out", str(tmp_path / "r")], "sees no CUDA device")]
     import torchvision
 
     wrong, weights = tmp_path / "r18-2.pt", tmp_path / "r18.pt"

@@ -379,7 +379,7 @@ def test_the_control_trains_the_same_architecture_from_scratch_on_the_same_budge
 
 
 def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None:
-    from fxrebirth.retraining.budget import budget_curve, budget_table
+    from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
 
     torch.manual_seed(0)
     model = LRNNet().eval()
@@ -395,6 +395,9 @@ def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None
     assert sorted(os.listdir(tmp_path / "budget-64")) == ["control.ckpt", "rebirth.ckpt"]
     table = budget_table(points)
     assert "| 16 (2%) |" in table and "| 64 (10%) |" in table
+    figure = budget_figure(points)
+    assert '"2%", "10%"' in figure and figure.count("    line [") == 3
+    assert f"{100 * points[1].control_top1:.2f}]" in figure
     # a second call finds every step done: the same numbers, no training
     again = budget_curve(model, plan, train, test, [16, 64], checkpoint_dir=tmp_path,
                          teacher_cost={"images": 640}, **options)

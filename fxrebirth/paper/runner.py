@@ -29,7 +29,7 @@ from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment, layer_times, variants_for
 from fxrebirth.measure.table import layers_markdown
-from fxrebirth.retraining.train import Progress, ProgressFn, evaluate
+from fxrebirth.retraining.train import Arithmetic, Progress, ProgressFn, evaluate, resolve_device
 
 __all__ = ["RunConfig", "run", "write_report"]
 
@@ -71,12 +71,14 @@ class RunConfig:
 
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the main job and write its report folder; return the report as a dict."""
+    # a device or precision this machine lacks is refused before the teacher trains
+    Arithmetic(config.rebirth.precision, resolve_device(config.rebirth.device))
     os.makedirs(config.out, exist_ok=True)
     if config.data is None:
         teacher_config = TeacherConfig(**{**config.teacher.__dict__, "image_size": config.image_size,
                                           "train_images": config.train_images, "test_images": config.test_images})
         model, teacher_meta = (config.model, {"source": "given"}) if config.model is not None else \
-            default_teacher(teacher_config, progress=progress)
+            default_teacher(teacher_config, progress=progress, device=config.rebirth.device)
         train = Shapes("train", config.train_images, config.image_size, seed=teacher_config.seed)
         test = Shapes("test", config.test_images, config.image_size, seed=teacher_config.seed)
     else:

@@ -24,7 +24,8 @@ from torch import nn
 
 from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.models import fold_batch_norm, googlenet_lrn, he_init
-from fxrebirth.retraining.train import Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint, save_checkpoint
+from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
+                                        resolve_device, save_checkpoint)
 
 __all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher"]
 
@@ -52,13 +53,15 @@ def cache_dir() -> str:
 
 
 def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | None = None,
-                  progress: ProgressFn | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                  progress: ProgressFn | None = None, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Train the BatchNorm variant of ``googlenet_lrn`` on ``train_data``, fold the BatchNorms, and return the
-    plain Caffe-style model (eval mode) and training metadata. ``checkpoint``: a file to resume from and
-    write after every epoch."""
+    plain Caffe-style model (eval mode, on the CPU) and training metadata. ``checkpoint``: a file to resume
+    from and write after every epoch. ``device``: where it trains (not part of the cache key: the same
+    settings on another device give the same teacher up to rounding)."""
     torch.manual_seed(config.seed)
     num_classes = len(train_data.classes)
-    model = he_init(googlenet_lrn(num_classes, width=config.width, batch_norm=True))
+    where = resolve_device(device)
+    model = he_init(googlenet_lrn(num_classes, width=config.width, batch_norm=True)).to(where)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch,
@@ -78,7 +81,8 @@ def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | N
         began = time.perf_counter()
         model.train()
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout: the same whether resumed or not
-        for x, y in batches(train_data, config.batch_size, seed=config.seed * 1000 + epoch, augment=True):
+        for x, y in batches(train_data, config.batch_size, seed=config.seed * 1000 + epoch, augment=True,
+                            device=where):
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,7 +93,7 @@ def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | N
         if checkpoint:
             save_checkpoint(checkpoint, {"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "schedule": schedule.state_dict(), "epoch": epoch + 1, "wall_s": wall})
-    model.eval()
+    model.eval().cpu()
     fold_batch_norm(model)
     plain = googlenet_lrn(num_classes, width=config.width)
     plain.load_state_dict(model.state_dict())
@@ -97,9 +101,9 @@ def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | N
 
 
 def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn | None = None,
-                    directory: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The cached default teacher (trained on first use: about 4 minutes on 2 CPU cores) and its metadata,
-    including its held-out accuracy."""
+                    directory: str | None = None, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The cached default teacher (trained on first use, on ``device``: about 4 minutes on 2 CPU cores) and
+    its metadata, including its held-out accuracy."""
     config = config or TeacherConfig()
     directory = directory or cache_dir()
     key = fingerprint(asdict(config))
@@ -113,7 +117,7 @@ def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
     partial = os.path.join(directory, f"teacher-{key}.partial.pt")
-    model, meta = train_teacher(config, train, checkpoint=partial, progress=progress)
+    model, meta = train_teacher(config, train, checkpoint=partial, progress=progress, device=device)
     result = evaluate(model, test)
     meta.update(top1=result.top1, top1_interval=list(result.top1_interval), test_images=result.images)
     save_checkpoint(path, {"model": model.state_dict(), "meta": meta})

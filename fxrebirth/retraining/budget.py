@@ -5,7 +5,8 @@
 budget is training images passed forward and backward (the unit of :class:`~fxrebirth.retraining.report.RebirthReport`),
 spent on end-to-end distillation (``epochs = images / len(train_data)``, no layer-wise step), and the
 control trains on the same number. Each budget checkpoints in a folder of its own under ``checkpoint_dir``,
-so an interrupted curve resumes where it stopped. :func:`budget_table` renders the points as Markdown.
+so an interrupted curve resumes where it stopped. :func:`budget_table` renders the points as a Markdown table,
+:func:`budget_figure` as a chart (a Mermaid ``xychart-beta`` block, which GitHub renders; no plotting library).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fxrebirth.retraining.engine import rebirth
 from fxrebirth.retraining.planning import Plan
 from fxrebirth.retraining.train import ProgressFn
 
-__all__ = ["BudgetPoint", "budget_curve", "budget_table"]
+__all__ = ["BudgetPoint", "budget_curve", "budget_table", "budget_figure"]
 
 
 @dataclass
@@ -86,4 +87,27 @@ def budget_table(points: Sequence[BudgetPoint]) -> str:
                      f"[{clo:+.2%}, {chi:+.2%}] | {p.wall_s:.0f} / {p.control_wall_s:.0f} |")
     if points:
         lines.append(f"\nTeacher: {points[0].teacher_top1:.2%} top-1 on the same held-out images.")
+    return "\n".join(lines)
+
+
+def budget_figure(points: Sequence[BudgetPoint], title: str = "Held-out top-1 by retraining budget") -> str:
+    """The curve as a Mermaid line chart: the reborn model, its scratch control and the teacher (a flat
+    line), top-1 in percent against the budget (its share of the teacher's when known). Mermaid's
+    ``xychart-beta`` draws no legend, so the block is followed by one line saying which line is which."""
+    if not points:
+        raise FxRebirthError("budget_figure: no points")
+    labels = [f"{p.teacher_share:.0%}" if p.teacher_share is not None else f"{p.images:,}" for p in points]
+    axis = "share of the teacher's training images" if points[0].teacher_share is not None else "training images"
+
+    def series(values: Sequence[float]) -> str:
+        return "[" + ", ".join(f"{100 * v:.2f}" for v in values) + "]"
+
+    lines = ["```mermaid", "xychart-beta", f'    title "{title}"',
+             f'    x-axis "{axis}" [' + ", ".join(f'"{label}"' for label in labels) + "]",
+             '    y-axis "top-1 (%)" 0 --> 100',
+             f"    line {series([p.reborn_top1 for p in points])}",
+             f"    line {series([p.control_top1 for p in points])}",
+             f"    line {series([p.teacher_top1 for p in points])}", "```", "",
+             "Lines in the order drawn (Mermaid's first, second and third colour): the reborn model, the "
+             "scratch control, the teacher (flat)."]
     return "\n".join(lines)

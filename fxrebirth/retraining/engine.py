@@ -35,7 +35,9 @@ r"""The retraining engine: replace every planned region by its rebirth layer and
 
    The student trains with dropout off (distillation is its regulariser, and data-parallel runs then match a
    single process). Under ``torchrun`` the end-to-end training is data-parallel (DDP); every rank must call
-   :func:`rebirth` with the same arguments.
+   :func:`rebirth` with the same arguments. ``device=`` (``cuda`` under torchrun: ``cuda:$LOCAL_RANK``) is where
+   calibration, training and evaluation run; ``precision=`` (``bf16``, ``fp16``) autocasts the gradient
+   steps' forward passes; the reborn model comes back on the CPU in float32.
 
 4. **Checkpoint** after every step (``checkpoint_dir``): a crash, even ``kill -9``, loses at most the step in
    progress, and ``resume=True`` continues from the last finished step with the same result as an
@@ -137,11 +139,8 @@ class _Job:
         self.student = rebuild(self.teacher, plan, modules=self.switches)
         for p in self.student.parameters():
             p.requires_grad_(True)
-        try:
-            self.device = resolve_device(config.device)
-            Arithmetic(config.precision, self.device)  # fp16 needs CUDA: say so before any work
-        except RuntimeError as exc:
-            raise FxRebirthError(str(exc)) from None
+        self.device = resolve_device(config.device)
+        Arithmetic(config.precision, self.device)  # fp16 needs CUDA: say so before any work
         self.teacher.to(self.device)
         self.student.to(self.device)
         ids = [r.id for r in self.regions]

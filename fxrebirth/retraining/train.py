@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fxrebirth.errors import FxRebirthError
 from fxrebirth.retraining.data import accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
@@ -81,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not cuda:
-            raise RuntimeError(f"device={name!r}, but this PyTorch sees no CUDA device: use device='cpu' or 'auto'")
+            raise FxRebirthError(f"device={name!r}, but this PyTorch sees no CUDA device: use device='cpu' or 'auto'")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world()[1] > 1 else
                                   torch.cuda.current_device())
@@ -95,7 +96,7 @@ class Arithmetic:
 
     def __init__(self, precision: str, device: torch.device) -> None:
         if precision == "fp16" and device.type != "cuda":
-            raise RuntimeError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
+            raise FxRebirthError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
         self.precision, self.device = precision, device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None) if dtype else None
