@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fxrebirth.graph.ops import kind_of
+from fxrebirth.graph.surgery import device_of
 from fxrebirth.retraining.layers import InceptionRebirth
 from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError
 from fxrebirth.retraining.train import Meter, batches, world
@@ -103,10 +104,6 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 
 def _convs(module: nn.Module) -> list[nn.Conv2d]:
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -335,7 +332,7 @@ class Initialiser:
         inner = probe_nodes(extract_region(self.gm, region), ["x"] + names[1:]).eval() if student_input else None
         used = 0
         with torch.no_grad():
-            for x, _ in batches(data, batch_size, seed=seed, images=images, device=_device_of(self.gm)):
+            for x, _ in batches(data, batch_size, seed=seed, images=images, device=device_of(self.gm)):
                 targets = dict(zip(names, probe(x)))
                 sources = targets
                 if inner is not None:

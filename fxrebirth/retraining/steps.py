@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.graph.regions import Region
+from fxrebirth.graph.surgery import device_of
 from fxrebirth.retraining.batchnorm import TrainingBatchNorm
 from fxrebirth.retraining.config import RebirthConfig
 from fxrebirth.retraining.report import StepRecord
@@ -163,7 +164,7 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
     norms, observed = _training_norms(student, switches, data, c, seed) if c.train_batch_norm else (None, 0)
     optimizer, schedule = _optimizer(student, switches, norms, c, max(1, batch_count(len(data), c.batch_size, images)))
     model: nn.Module = student
-    device = _device_of(student)
+    device = device_of(student)
     if world()[1] > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     student.eval()  # dropout off (see the engine's module docstring)
@@ -212,7 +213,7 @@ def _training_norms(student: fx.GraphModule, switches: dict[str, nn.Module], dat
     observed = 0
     with torch.no_grad():
         observe = min(512, len(data))
-        for x, _ in batches(data, config.batch_size, seed=seed + 1, images=observe, device=_device_of(student)):
+        for x, _ in batches(data, config.batch_size, seed=seed + 1, images=observe, device=device_of(student)):
             student(x)
             observed += len(x) * world()[1]  # forward only: reported with the calibration images
     norms.start()
@@ -259,10 +260,6 @@ def _train(loss_of: Callable[[torch.Tensor, Any], torch.Tensor], optimizer: torc
         meter.update(len(x) * world()[1], loss_value)
         _sample(curve, meter.done, loss_value, images)
     return loss_value, curve
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _sample(curve: list, done: int, loss: float, total: int) -> None:

@@ -99,7 +99,7 @@ class Arithmetic:
             raise FxRebirthError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
         self.precision, self.device = precision, device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self._autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None) if dtype else None
+        self._autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def __enter__(self) -> None:
