@@ -43,7 +43,7 @@ def main(budgets: list[int], cache: str, teacher_epochs: int = 4, init: str = "o
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
     cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
-    folder = cache if (teacher_epochs, init) == (4, "original") else os.path.join(cache, f"t{teacher_epochs}-{init}")
+    folder = os.path.join(cache, f"t{teacher_epochs}-{init}")  # one folder of checkpoints per teacher and init
     points = budget_curve(teacher, plan, train, test, budgets, checkpoint_dir=folder, teacher_cost=cost, init=init)
     head = (f"Teacher: googlenet_lrn trained on {meta['train_images']:,} Shapes images for {meta['epochs']} epochs "
             f"({cost['images']:,} images forward and backward), {meta['top1']:.2%} top-1 on "

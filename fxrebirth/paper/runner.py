@@ -72,7 +72,7 @@ class RunConfig:
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the main job and write its report folder; return the report as a dict."""
     # a device or precision this machine lacks is refused before the teacher trains
-    Arithmetic(config.rebirth.precision, resolve_device(config.rebirth.device))
+    Arithmetic.check(config.rebirth.precision, resolve_device(config.rebirth.device))
     os.makedirs(config.out, exist_ok=True)
     if config.data is None:
         teacher_config = TeacherConfig(**{**config.teacher.__dict__, "image_size": config.image_size,

@@ -140,7 +140,7 @@ class _Job:
         for p in self.student.parameters():
             p.requires_grad_(True)
         self.device = resolve_device(config.device)
-        Arithmetic(config.precision, self.device)  # fp16 needs CUDA: say so before any work
+        Arithmetic.check(config.precision, self.device)  # say so before any work
         self.teacher.to(self.device)
         self.student.to(self.device)
         ids = [r.id for r in self.regions]

@@ -95,12 +95,17 @@ class Arithmetic:
     scaler, CUDA only), on ``device``. ``with arithmetic: loss = ...`` then :meth:`step`."""
 
     def __init__(self, precision: str, device: torch.device) -> None:
-        if precision == "fp16" and device.type != "cuda":
-            raise FxRebirthError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
+        self.check(precision, device)
         self.precision, self.device = precision, device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    @staticmethod
+    def check(precision: str, device: torch.device) -> None:
+        """Refuse a precision ``device`` cannot train in (fp16 needs CUDA)."""
+        if precision == "fp16" and device.type != "cuda":
+            raise FxRebirthError("precision='fp16' needs a CUDA device; on the CPU use precision='bf16'")
 
     def __enter__(self) -> None:
         if self._autocast is not None:
