@@ -2,7 +2,7 @@
 
 Two kinds of module, one protocol each:
 
-* **Exact rules** (affine, batchnorm, branches, cleanup, conv_chain, pooling): each opens with the
+* **Exact rules** (affine, batchnorm, branches, cleanup, conv_chain, lrn, pooling): each opens with the
   identities it applies and ends with a ``rules()`` function returning its rules in order. Nothing
   registers itself on import: pipelines are built from these lists.
 * **Marking passes** (streamline, inception): each has one ``mark_<family>(gm, **options) ->
@@ -13,6 +13,6 @@ Two kinds of module, one protocol each:
 May import: fxrebirth.errors, fxrebirth.equivalence, fxrebirth.graph, fxrebirth.rewrite.
 """
 
-from . import affine, batchnorm, branches, cleanup, conv_chain, inception, pooling, streamline
+from . import affine, batchnorm, branches, cleanup, conv_chain, inception, lrn, pooling, streamline
 
-__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "inception", "pooling", "streamline"]
+__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "inception", "lrn", "pooling", "streamline"]

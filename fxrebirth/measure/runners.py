@@ -85,15 +85,23 @@ def compiled_runner(model: nn.Module, x: torch.Tensor, freezing: bool = False, *
     return run
 
 
-def export_onnx(model: nn.Module, x: torch.Tensor, path: str, exporter: str = "torchscript") -> str:
+def export_onnx(model: nn.Module, x: torch.Tensor, path: str, exporter: str = "torchscript",
+                dynamic_batch: bool = False) -> str:
     """Export ``model`` to ``path`` with the TorchScript-based (``dynamo=False``, opset 17) or the
-    ``dynamo`` exporter (opset 18). The exporters print progress and, on failure, whole graphs: that
-    output is kept out of ours (it would corrupt ``--json``) and failures raise with their first line."""
+    ``dynamo`` exporter (opset 18); ``dynamic_batch`` leaves the batch size of the input and output
+    free. The exporters print progress and, on failure, whole graphs: that output is kept out of ours
+    (it would corrupt ``--json``) and failures raise with their first line."""
     dynamo = exporter == "dynamo"
     chatter = io.StringIO()
+    options: dict[str, Any] = {}
+    if dynamic_batch and dynamo:
+        options["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
+    elif dynamic_batch:
+        options.update(input_names=["input"], output_names=["output"],
+                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=dynamo, opset_version=18 if dynamo else 17)
+        torch.onnx.export(model, (x,), path, dynamo=dynamo, opset_version=18 if dynamo else 17, **options)
     return path
 
 

@@ -1,0 +1,142 @@
+"""Deployment runtimes beyond PyTorch and ONNX Runtime: OpenVINO and ExecuTorch.
+
+Both are optional extras (``pip install 'fxrebirth[openvino]'``, ``'fxrebirth[executorch]'``), imported
+only when a row or an export asks for them; :func:`unavailable` gives the one-line reason a runtime
+cannot be used here, which the speed table prints in the row instead of failing.
+
+* **OpenVINO** (CPU plugin) reads the ONNX file the ``onnxruntime`` rows use, so both run the same graph,
+  and never goes through OpenVINO's model converter (``ovc``), the part of OpenVINO that sends usage
+  telemetry. It is compiled with the latency hint, one stream and the threads torch uses. Its precision is
+  explicit: ``f32`` (``INFERENCE_PRECISION_HINT``), or ``bf16``, which OpenVINO otherwise picks by itself on
+  a CPU with AVX512-BF16 or AMX: an fp32 row must say f32 to be one. OpenVINO's thread pool has no spinning
+  setting to turn off.
+* **ExecuTorch** runs a ``.pte`` program: ``torch.export``, lowered with the XNNPACK partitioner (what
+  XNNPACK cannot run stays on ExecuTorch's portable kernels), run by the runtime's Python bindings with
+  its thread pool reset to the threads torch uses. An operator without a kernel (``avg_pool3d``, through
+  which PyTorch computes LRN) fails when the program loads; :func:`fxrebirth.frontends.deploy.lower_for`
+  rewrites LRN first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["OPENVINO_PRECISION", "unavailable", "openvino_compiled", "openvino_runner", "executorch_program",
+           "ExecutorchMethod", "executorch_method", "executorch_runner"]
+
+log = logging.getLogger(__name__)
+
+OPENVINO_PRECISION = {"openvino": "f32", "openvino bf16": "bf16"}
+"""The speed table's OpenVINO runtimes and the ``INFERENCE_PRECISION_HINT`` each forces."""
+
+_EXTRA = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
+          "executorch": ("executorch", "executorch")}
+
+
+def unavailable(runtime: str) -> str | None:
+    """Why ``runtime`` (``onnxruntime``, ``openvino``, ``openvino bf16``, ``compile(openvino)``,
+    ``executorch``) cannot run here, in one line, or None when it can (PyTorch's own runtimes always can)."""
+    family = "openvino" if "openvino" in runtime else runtime
+    if family not in _EXTRA:
+        return None
+    module, extra = _EXTRA[family]
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install 'fxrebirth[{extra}]')"
+    if runtime == "openvino bf16" and not _openvino_has_bf16():
+        return "this CPU has no bf16 arithmetic for OpenVINO (OPTIMIZATION_CAPABILITIES lacks BF16)"
+    return None
+
+
+def _openvino_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_compiled(onnx_path: str, precision: str = "f32", threads: int | None = None):
+    """The OpenVINO CPU compilation of the ONNX file ``onnx_path`` at ``precision`` (``f32`` or ``bf16``)."""
+    if precision not in ("f32", "bf16"):
+        raise ValueError(f"OpenVINO precision {precision!r}: use f32 or bf16")
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": precision,
+              "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    return core.compile_model(core.read_model(onnx_path), "CPU", config)
+
+
+def openvino_runner(onnx_path: str, x: torch.Tensor, precision: str = "f32") -> Callable[[], object]:
+    """One synchronous OpenVINO inference of ``x`` per call (one infer request, reused)."""
+    request = openvino_compiled(onnx_path, precision).create_infer_request()
+    array = x.numpy()
+    return lambda: request.infer({0: array})
+
+
+def executorch_program(model: nn.Module, x: torch.Tensor) -> bytes:
+    """The ``.pte`` program of ``model`` at ``x``'s shape, lowered to XNNPACK where it can run there."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model.eval(), (x,))
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        return lowered.to_executorch().buffer
+
+
+class ExecutorchMethod:
+    """A loaded ``forward`` method, holding the program's bytes and the loaded program: the runtime reads
+    both while it runs and keeps no reference of its own (freed, they were read as garbage shapes)."""
+
+    def __init__(self, program: bytes, threads: int | None = None) -> None:
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        portable_lib._unsafe_reset_threadpool(threads or torch.get_num_threads())
+        self.program = program
+        self.loaded = Runtime.get().load_program(program)
+        try:
+            self.method = self.loaded.load_method("forward")
+        except RuntimeError as exc:
+            missing = _missing_kernels(program)
+            if missing:
+                raise RuntimeError(f"ExecuTorch has no kernel for {', '.join(missing)}") from exc
+            raise
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.execute([x])[0]
+
+
+def executorch_method(program: bytes, threads: int | None = None) -> ExecutorchMethod:
+    """The ``forward`` method of a ``.pte`` program, loaded by the ExecuTorch runtime with ``threads``
+    XNNPACK threads (default: torch's). Raises RuntimeError naming the operators without a kernel."""
+    return ExecutorchMethod(program, threads)
+
+
+def _missing_kernels(program: bytes) -> list[str]:
+    """The operators the program calls that this ExecuTorch build has no kernel for."""
+    try:
+        from executorch.exir._serialize._program import deserialize_pte_binary
+        from executorch.extension.pybindings import portable_lib
+
+        registered = set(portable_lib._get_operator_names())
+        plan = deserialize_pte_binary(program).program.execution_plan[0]
+        used = {f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators}
+        return sorted(op for op in used if op not in registered)
+    except Exception as exc:  # noqa: BLE001 - only a better message is lost
+        log.debug("could not list the program's operators: %s", exc)
+        return []
+
+
+def executorch_runner(program: bytes, x: torch.Tensor) -> Callable[[], object]:
+    method = executorch_method(program)
+    return lambda: method(x)
