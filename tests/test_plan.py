@@ -204,3 +204,47 @@ def test_a_proposal_naming_nodes_outside_its_region_is_refused(small_plan):
     branch.region.proposal.pool = ["conv2d_0"]
     with pytest.raises(RegionError, match="must name nodes of the region"):
         edited.validate(fxrebirth.capture(model, x))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("executorch", marks=pytest.mark.thorough)])
+def test_a_plan_for_a_runtime_times_every_region_through_it(small_plan, runtime):
+    """Each region is cut out and timed A/B against its rebirth layer by the runtime itself; ExecuTorch
+    needs the regions holding LRN lowered first (the CLI passes the lowering)."""
+    pytest.importorskip(runtime)
+    from fxrebirth.frontends.deploy import lower_for
+
+    model, x, _ = small_plan
+    plan = fxrebirth.plan(model, x, repeats=1, runtime=runtime, lowering=lower_for)
+    assert plan.source.startswith(f"measured here through {runtime}, median of 5 interleaved A/B rounds")
+    assert len(plan.regions) == 11 and plan.latency_s > 0
+    assert all(r.cost_now_s > 0 and r.cost_rebirth_s > 0 for r in plan.regions)
+    assert all(r.gain_s > 0 for r in plan.selected)
+
+
+def test_a_merge_slower_on_the_target_runtime_is_never_selected(small_plan, monkeypatch):
+    """With the runtime's timings replaced by known ones, exactly the regions whose rebirth layer is
+    faster there are selected, whatever eager would say."""
+    pytest.importorskip("onnxruntime")
+    import fxrebirth.measure.timing as timing
+
+    model, x, _ = small_plan
+    calls = iter(range(10**6))
+
+    def fake(runs, rounds, **kwargs):
+        index = next(calls)
+        if set(runs) == {"model"}:
+            return {"model": 100.0}
+        slower = index % 2 == 0  # every other region's rebirth layer is slower on the "runtime"
+        return {"now": 2.0, "rebirth": 3.0 if slower else 1.0}
+
+    monkeypatch.setattr(timing, "interleaved_medians", fake)
+    plan = fxrebirth.plan(model, x, repeats=1, runtime="onnxruntime")
+    slower = [r for r in plan.regions if r.cost_rebirth_s > r.cost_now_s]
+    assert slower and len(plan.selected) == len(plan.regions) - len(slower)
+    assert not any(r.selected for r in slower)
+
+
+def test_a_plan_takes_a_runtime_or_a_latency_table_not_both(small_plan):
+    model, x, _ = small_plan
+    with pytest.raises(ValueError, match="give latency_table= or runtime=, not both"):
+        fxrebirth.plan(model, x, latency_table={}, runtime="onnxruntime")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from fxrebirth.measure.runners import ort_runner, variant_runner
+from fxrebirth.measure.runners import ARTIFACT_RUNTIMES, artifact_runner, variant_runner
 
 __all__ = ["inference_memory"]
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def inference_memory(model_path: str, runtime: str, shape: Sequence[int], timeout_s: float = 600) -> dict[str, float]:
     """Peak memory of inference in a fresh process (a process's peak only grows, so every variant needs
     its own). ``model_path``: a whole pickled module (``torch.save(model)``, a file this module wrote) for
-    the PyTorch runtimes, an ``.onnx`` file for ``onnxruntime``. Returns MB: ``baseline_mb`` (resident after
+    the PyTorch runtimes, the file a file runtime runs (``.onnx``, ``.pte``) for the others. Returns MB: ``baseline_mb`` (resident after
     importing the runtime), ``peak_mb`` (the process's peak while running inference, after loading and
     compiling and one warm-up call) and ``inference_mb`` (their difference)."""
     cmd = [sys.executable, "-m", "fxrebirth.measure.speed", "memory", model_path, runtime, ",".join(map(str, shape)),
@@ -48,11 +48,12 @@ def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> No
     /proc/self/clear_refs so that loading and compiling do not count)."""
     torch.set_num_threads(int(threads))
     x = torch.randn(*map(int, shape.split(",")))
-    if runtime == "onnxruntime":
-        __import__("onnxruntime")  # the runtime's own memory belongs to the baseline
+    package = {"onnxruntime": "onnxruntime", "executorch": "executorch.runtime"}.get(runtime, "openvino")
+    if runtime in ARTIFACT_RUNTIMES or runtime == "compile(openvino)":
+        __import__(package)  # the runtime's own memory belongs to the baseline
     baseline = _status_kb("VmRSS")
-    if runtime == "onnxruntime":
-        run = ort_runner(model_path, x)
+    if runtime in ARTIFACT_RUNTIMES:
+        run = artifact_runner(model_path, runtime, x)
     else:
         model = torch.load(model_path, weights_only=False).eval()  # written by inference_memory's caller
         run = variant_runner(model, runtime, x)

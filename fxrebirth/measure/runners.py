@@ -18,10 +18,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["RUNTIMES", "environment", "eager_runner", "compiled_runner", "export_onnx", "onnx_mb", "ort_session",
+__all__ = ["RUNTIMES", "ARTIFACT_RUNTIMES", "artifact_runner", "environment", "eager_runner", "compiled_runner", "export_onnx", "onnx_mb", "ort_session",
            "ort_runner", "variant_runner"]
 
-RUNTIMES = ("eager", "fx fuse", "inductor+freezing", "compile(fxrebirth)", "onnxruntime")
+RUNTIMES = ("eager", "fx fuse", "inductor+freezing", "compile(fxrebirth)", "onnxruntime", "openvino", "openvino bf16",
+            "compile(openvino)", "executorch")
+ARTIFACT_RUNTIMES = ("onnxruntime", "openvino", "openvino bf16", "executorch")
+"""Runtimes that run a file written from the model (``.onnx``, ``.pte``) instead of the module itself."""
 
 
 def _cpu_name() -> str:
@@ -47,6 +50,13 @@ def environment() -> dict[str, Any]:
         env["onnxruntime_intra_op_threads"] = torch.get_num_threads()
     except ImportError:
         env["onnxruntime"] = None
+    from importlib import metadata
+
+    for package in ("openvino", "executorch"):
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env[package] = None
     return env
 
 
@@ -140,4 +150,24 @@ def variant_runner(model: nn.Module, runtime: str, x: torch.Tensor) -> Callable[
         return compiled_runner(model, x, freezing=True)
     if runtime == "compile(fxrebirth)":
         return compiled_runner(model, x, backend="fxrebirth")
+    if runtime == "compile(openvino)":
+        import openvino.torch  # noqa: F401 - registers the backend
+
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+        return compiled_runner(model, x, backend="openvino", options={"device": "CPU", "config": config})
     raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+
+
+def artifact_runner(path: str, runtime: str, x: torch.Tensor) -> Callable[[], object]:
+    """A runner of the file at ``path`` (``.onnx`` for ONNX Runtime and OpenVINO, ``.pte`` for ExecuTorch)."""
+    from fxrebirth.measure import deploy
+
+    if runtime == "onnxruntime":
+        return ort_runner(path, x)
+    if runtime in deploy.OPENVINO_PRECISION:
+        return deploy.openvino_runner(path, x, deploy.OPENVINO_PRECISION[runtime])
+    if runtime == "executorch":
+        with open(path, "rb") as f:
+            return deploy.executorch_runner(f.read(), x)
+    raise ValueError(f"{runtime!r} runs no file; file runtimes: {', '.join(ARTIFACT_RUNTIMES)}")

@@ -12,7 +12,15 @@ under the same conditions. Runtimes:
 * ``compile(fxrebirth)``: ``torch.compile(backend="fxrebirth")`` (the exact tier, then Inductor with freezing);
 * ``onnxruntime``: ONNX Runtime, every graph optimisation, as many intra-op threads as torch, spinning
   off (a spinning pool steals the cores from the next variant of a round). The exporter is the faster of
-  the two for the original model (``exporter="auto"`` times both) and the same one is used for the others.
+  the two for the original model (``exporter="auto"`` times both) and the same one is used for the others;
+* ``openvino``, ``openvino bf16``: OpenVINO's CPU plugin on the same ONNX file, its precision forced
+  (f32, or bf16 where the CPU has it; :mod:`fxrebirth.measure.deploy`);
+* ``compile(openvino)``: ``torch.compile(backend="openvino")``, OpenVINO's own backend, f32;
+* ``executorch``: a ``.pte`` lowered to XNNPACK, run by ExecuTorch's runtime. ``lowering`` (given by the
+  callers that may rewrite models, :func:`fxrebirth.frontends.deploy.lower_for`) first rewrites what the
+  runtime has no kernel for, and the row says what it rewrote.
+
+A runtime that is not installed, or fails on a model, keeps its row with a one-line reason.
 
 Beside latency: size on disk (the ``state_dict`` for PyTorch runtimes, the ``.onnx`` file for ONNX Runtime),
 peak memory of inference measured in a separate process per variant (:func:`inference_memory`), and FLOPs.
@@ -41,21 +49,27 @@ from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.errors import first_line
 from fxrebirth.graph.capture import capture
 from fxrebirth.measure.memory import _memory_child, inference_memory
-from fxrebirth.measure.runners import (RUNTIMES, compiled_runner, eager_runner, environment, export_onnx, onnx_mb,
-                                       ort_runner, ort_session, variant_runner)
+from fxrebirth.measure.deploy import executorch_program, unavailable
+from fxrebirth.measure.runners import (ARTIFACT_RUNTIMES, RUNTIMES, artifact_runner, compiled_runner, eager_runner,
+                                       environment, export_onnx, onnx_mb, ort_runner, ort_session, variant_runner)
 from fxrebirth.measure.table import Row, SpeedTable
 
 __all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES",
-           "eager_latency", "benchmark", "variants_for", "layer_times"]
+           "eager_latency", "benchmark", "variants_for", "layer_times", "runtime_runner", "Lowering"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VARIANTS = (
     ("original", "eager"), ("original", "fx fuse"), ("original", "inductor+freezing"),
-    ("original", "compile(fxrebirth)"), ("original", "onnxruntime"),
-    ("exact tier", "eager"),
-    ("reborn", "eager"), ("reborn", "compile(fxrebirth)"), ("reborn", "onnxruntime"),
+    ("original", "compile(fxrebirth)"), ("original", "onnxruntime"), ("original", "openvino"),
+    ("original", "openvino bf16"), ("original", "compile(openvino)"), ("original", "executorch"),
+    ("exact tier", "eager"), ("exact tier", "executorch"),
+    ("reborn", "eager"), ("reborn", "compile(fxrebirth)"), ("reborn", "onnxruntime"), ("reborn", "openvino"),
+    ("reborn", "openvino bf16"), ("reborn", "compile(openvino)"), ("reborn", "executorch"),
 )
+
+Lowering = Callable[[nn.Module, str, torch.Tensor], tuple[nn.Module, str]]
+"""``(model, runtime, example) -> (model the runtime can run, note)``."""
 
 
 def variants_for(runtimes: Sequence[str]) -> list[tuple[str, str]]:
@@ -80,13 +94,14 @@ def benchmark(
     layers: bool = True,
     name: str = "model",
     progress: Callable[[str], None] | None = None,
+    lowering: Lowering | None = None,
 ) -> SpeedTable:
     """The speed report of ``fxrebirth bench`` and ``fxrebirth run``: :func:`speed_table` of the default
     variants under ``runtimes`` and, with ``layers``, the eager milliseconds per layer kind of the original and
     the reborn model at batch 1 (``table.layers_ms``, :func:`layer_times`)."""
     table = speed_table(model, exact=exact, reborn=reborn, image_size=image_size, batches=batches, rounds=rounds,
                         variants=variants_for(runtimes), exporter=exporter, memory=memory, name=name,
-                        progress=progress)
+                        progress=progress, lowering=lowering)
     if layers:
         table.layers_ms = layer_times(model, reborn, torch.randn(1, 3, image_size, image_size))
     return table
@@ -120,6 +135,7 @@ def speed_table(
     memory: bool = True,
     name: str = "model",
     progress: Callable[[str], None] | None = None,
+    lowering: Lowering | None = None,
 ) -> SpeedTable:
     """Measure ``variants`` ((model variant, runtime) pairs; model variants ``original``, ``exact tier``,
     ``reborn``) at every batch size, side by side. ``exact``/``reborn`` default to none: their rows are
@@ -130,8 +146,11 @@ def speed_table(
     wanted = [(v, r) for v, r in variants if models.get(v) is not None]
     say = progress or (lambda message: log.info("speed table: %s", message))
     rows = {(v, r): Row(v, r) for v, r in wanted}
+    for (_, runtime), row in rows.items():
+        row.note = f"unavailable: {unavailable(runtime)}" if unavailable(runtime) else ""
     with tempfile.TemporaryDirectory(prefix="fxrebirth-speed-") as folder:
-        chosen, exporter_ms = _measure(models, rows, folder, image_size, batches, rounds, exporter, memory, say)
+        chosen, exporter_ms = _measure(models, rows, folder, image_size, batches, rounds, exporter, memory, say,
+                                       lowering)
     return SpeedTable(model=name, image_size=image_size, batches=list(batches), rounds=rounds,
                       rows=list(rows.values()), environment=environment(), exporter=chosen, exporter_ms=exporter_ms)
 
@@ -141,12 +160,58 @@ def _in_eval(model: nn.Module | None) -> nn.Module | None:
     return copy.deepcopy(model).eval() if model is not None and model.training else model
 
 
+def _skipped(row: Row) -> bool:
+    return row.note.startswith(("failed", "unavailable"))
+
+
+def _artifact(folder: str, variant: str, runtime: str, batch: int) -> str:
+    """The file a file runtime runs: one ``.onnx`` per variant and batch (ONNX Runtime and OpenVINO share
+    it), one ``.pte`` for ExecuTorch."""
+    suffix = ".pte" if runtime == "executorch" else ".onnx"
+    return os.path.join(folder, f"{variant}-b{batch}{suffix}")
+
+
+def _write_artifact(model: nn.Module, runtime: str, x: torch.Tensor, path: str, exporter: str) -> None:
+    if os.path.exists(path):
+        return
+    if runtime == "executorch":
+        with open(path, "wb") as f:
+            f.write(executorch_program(model, x))
+    else:
+        export_onnx(model, x, path, exporter)
+
+
+def runtime_runner(model: nn.Module, runtime: str, x: torch.Tensor, folder: str, exporter: str = "torchscript",
+                   name: str = "model") -> Callable[[], object]:
+    """A runner of ``model`` at ``x`` under any of :data:`RUNTIMES`: a file runtime's file is written to
+    ``folder`` first (as ``name``), a PyTorch runtime compiles on this call."""
+    reason = unavailable(runtime)
+    if reason:
+        raise RuntimeError(f"{runtime} is unavailable: {reason}")
+    if runtime in ARTIFACT_RUNTIMES:
+        path = _artifact(folder, name, runtime, x.shape[0])
+        _write_artifact(model, runtime, x, path, exporter)
+        return artifact_runner(path, runtime, x)
+    return variant_runner(model, runtime, x)
+
+
+def _prepare(models: dict[str, nn.Module | None], key: tuple[str, str], row: Row, folder: str, x: torch.Tensor,
+             exporter: str, lowering: Lowering | None) -> Callable[[], object]:
+    """The runner of one row at ``x``'s batch; a lowering's note goes on the row."""
+    variant, runtime = key
+    model = models[variant]
+    if lowering is not None:
+        model, note = lowering(model, runtime, x)
+        row.note = note or row.note
+    return runtime_runner(model, runtime, x, folder, exporter, name=variant)
+
+
 def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Row], folder: str, image_size: int,
              batches: Sequence[int], rounds: int, exporter: str, memory: bool,
-             say: Callable[[str], None]) -> tuple[str, dict[str, float]]:
+             say: Callable[[str], None], lowering: Lowering | None) -> tuple[str, dict[str, float]]:
     """Fill ``rows`` (latency per batch, setup, size, FLOPs, memory); return the exporter used and, when
     ``exporter="auto"``, the original's latency under each exporter."""
-    model, wanted = models["original"], list(rows)
+    model = models["original"]
     exporter_ms: dict[str, float] = {}
     chosen = "torchscript" if exporter == "auto" else exporter
     for batch in batches:
@@ -155,18 +220,13 @@ def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Ro
         if exporter == "auto" and ("original", "onnxruntime") in rows and not exporter_ms:
             say("choosing the ONNX exporter")
             chosen, exporter_ms = _faster_exporter(model, x, folder, rounds)
-        for key in wanted:
-            row = rows[key]
-            if row.note.startswith("failed"):
+        for key, row in rows.items():
+            if _skipped(row):
                 continue
             say(f"batch {batch}: preparing {row.name}")
             start = time.perf_counter()
             try:
-                if key[1] == "onnxruntime":
-                    path = export_onnx(models[key[0]], x, os.path.join(folder, f"{key[0]}-b{batch}.onnx"), chosen)
-                    runs[key] = ort_runner(path, x)
-                else:
-                    runs[key] = variant_runner(models[key[0]], key[1], x)
+                runs[key] = _prepare(models, key, row, folder, x, chosen, lowering)
                 runs[key]()
             except Exception as exc:  # one runtime failing must not lose the rest of the table
                 row.note = f"failed: {type(exc).__name__}: {first_line(exc, 120)}"
@@ -179,21 +239,24 @@ def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Ro
         for key, ms in interleaved_medians(runs, rounds).items():
             rows[key].ms[batch] = ms
         del runs
-    _sizes_flops(models, rows, folder, image_size, chosen, keep_modules=memory)
+    _sizes_flops(models, rows, folder, image_size, keep_modules=memory)
     if memory:
-        for key, row in rows.items():
-            if row.note.startswith("failed"):
-                continue
-            say(f"memory of {row.name} (own process)")
-            path = os.path.join(folder, f"{key[0]}-b1.onnx") if key[1] == "onnxruntime" else \
-                os.path.join(folder, f"{key[0]}.module.pt")
-            try:
-                if key[1] == "onnxruntime" and not os.path.exists(path):
-                    export_onnx(models[key[0]], torch.randn(1, 3, image_size, image_size), path, chosen)
-                row.memory = inference_memory(path, key[1], (1, 3, image_size, image_size))
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
-                log.warning("speed table: %s", exc)
+        _memories(rows, folder, image_size, say)
     return chosen, exporter_ms
+
+
+def _memories(rows: dict[tuple[str, str], Row], folder: str, image_size: int, say: Callable[[str], None]) -> None:
+    """Peak memory of every row that ran at batch 1, each in a process of its own."""
+    for (variant, runtime), row in rows.items():
+        path = _artifact(folder, variant, runtime, 1) if runtime in ARTIFACT_RUNTIMES else \
+            os.path.join(folder, f"{variant}.module.pt")
+        if _skipped(row) or not os.path.exists(path):
+            continue
+        say(f"memory of {row.name} (own process)")
+        try:
+            row.memory = inference_memory(path, runtime, (1, 3, image_size, image_size))
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+            log.warning("speed table: %s", exc)
 
 
 def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int) -> tuple[str, dict[str, float]]:
@@ -210,9 +273,9 @@ def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int
 
 
 def _sizes_flops(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Row], folder: str,
-                 image_size: int, exporter: str, keep_modules: bool) -> None:
-    """Size on disk and FLOPs of every row; ``keep_modules`` also writes each model variant whole, for the
-    memory subprocesses to load."""
+                 image_size: int, keep_modules: bool) -> None:
+    """Size on disk (the file a file runtime ran at batch 1, else the ``state_dict``) and FLOPs of every
+    row; ``keep_modules`` also writes each model variant whole, for the memory subprocesses to load."""
     from fxrebirth.graph.capture import capture
     from fxrebirth.rewrite.cost import graph_flops
 
@@ -232,13 +295,11 @@ def _sizes_flops(models: dict[str, nn.Module | None], rows: dict[tuple[str, str]
             if v != variant:
                 continue
             row.gflops = gflops
-            onnx_path = os.path.join(folder, f"{variant}-b1.onnx")
-            if runtime == "onnxruntime":
-                if not os.path.exists(onnx_path) and not row.note.startswith("failed"):
-                    export_onnx(model, x, onnx_path, exporter)
-                row.size_mb = onnx_mb(onnx_path) if os.path.exists(onnx_path) else None
-            else:
+            path = _artifact(folder, variant, runtime, 1)
+            if runtime not in ARTIFACT_RUNTIMES:
                 row.size_mb = size
+            elif os.path.exists(path):
+                row.size_mb = onnx_mb(path) if path.endswith(".onnx") else _file_mb(path)
 
 
 def layer_breakdown(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:

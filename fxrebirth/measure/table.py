@@ -13,7 +13,13 @@ __all__ = ["Row", "SpeedTable", "layers_markdown"]
 
 # the original's row each runtime is compared with ("vs original, same runtime")
 _BASELINE = {"eager": "eager", "fx fuse": "eager", "inductor+freezing": "inductor+freezing",
-             "compile(fxrebirth)": "inductor+freezing", "onnxruntime": "onnxruntime"}
+             "compile(fxrebirth)": "inductor+freezing", "onnxruntime": "onnxruntime", "openvino": "openvino",
+             "openvino bf16": "openvino bf16", "compile(openvino)": "compile(openvino)", "executorch": "executorch"}
+
+
+def precision(runtime: str) -> str:
+    """The arithmetic a runtime's rows compute in: ``bf16`` for the runtimes named so, else ``fp32``."""
+    return "bf16" if runtime.endswith("bf16") else "fp32"
 
 
 @dataclass
@@ -65,34 +71,51 @@ class SpeedTable:
             return None
         return base.ms[batch] / row.ms[batch]
 
+    def best_original(self, batch: int, arithmetic: str = "fp32") -> Row | None:
+        """The fastest original row at ``batch`` among the runtimes computing in ``arithmetic``."""
+        timed = [r for r in self.rows if r.variant == "original" and batch in r.ms and precision(r.runtime) == arithmetic]
+        return min(timed, key=lambda r: r.ms[batch]) if timed else None
+
+    def vs_best(self, row: Row, batch: int) -> float | None:
+        """Speed-up of ``row`` over the fastest original at its precision (:meth:`best_original`)."""
+        best = self.best_original(batch, precision(row.runtime))
+        return best.ms[batch] / row.ms[batch] if best is not None and batch in row.ms else None
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for row, out in zip(self.rows, data["rows"]):
             out["speedup_same_runtime"] = {b: self.ratio(row, b) for b in row.ms}
             out["speedup_vs_original_onnxruntime"] = {b: self.ratio(row, b, "onnxruntime") for b in row.ms}
+            out["precision"] = precision(row.runtime)
+            out["speedup_vs_best_original"] = {b: self.vs_best(row, b) for b in row.ms}
+        data["best_original"] = {b: {p: getattr(self.best_original(b, p), "runtime", None) for p in ("fp32", "bf16")}
+                                 for b in self.batches}
         return data
 
     def markdown(self) -> str:
         env = self.environment
         lines = [
-            f"{self.model}, {self.image_size}x{self.image_size}, fp32, median of {self.rounds} shuffled interleaved "
+            f"{self.model}, {self.image_size}x{self.image_size}, median of {self.rounds} shuffled interleaved "
             f"rounds in one process. {env['cpu']} ({env['cpu_count']} CPUs), torch {env['torch']} with "
             f"{env['torch_threads']} threads ({env['torch_interop_threads']} inter-op), ONNX Runtime "
             f"{env.get('onnxruntime')} with {env.get('onnxruntime_intra_op_threads')} intra-op threads "
             f"(spinning off, all graph optimisations, {self.exporter} exporter"
             + (", the faster for the original: " + ", ".join(f"{k} {v:.2f} ms" for k, v in self.exporter_ms.items())
-               if self.exporter_ms else "") + f"), Python {env['python']}.", "",
+               if self.exporter_ms else "") + f"), OpenVINO {env.get('openvino')}, ExecuTorch {env.get('executorch')}"
+            f", Python {env['python']}. Rows are fp32 unless their runtime says bf16; \"vs best original\" divides "
+            "by the fastest original at the same precision"
+            + "".join(f" (batch {b}: {r.runtime})" for b in self.batches if (r := self.best_original(b))) + ".", "",
         ]
         head = ["variant", "runtime"]
         for b in self.batches:
-            head += [f"batch {b} ms", "vs original, same runtime", "vs original under ORT"]
+            head += [f"batch {b} ms", "vs original, same runtime", "vs best original"]
         head += ["size on disk MB", "inference memory MB (process peak)", "GFLOPs/image"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             cells = [row.variant, row.runtime + (f" ({row.note})" if row.note else "")]
             for b in self.batches:
                 ms = row.ms.get(b)
-                same, ort = self.ratio(row, b), self.ratio(row, b, "onnxruntime")
+                same, ort = self.ratio(row, b), self.vs_best(row, b)
                 cells += [f"{ms:.2f}" if ms is not None else "-", f"{same:.2f}x" if same else "-",
                           f"{ort:.2f}x" if ort else "-"]
             mem = row.memory

@@ -6,12 +6,15 @@ torchvision classification models (built without weights: nothing is downloaded)
 from __future__ import annotations
 
 import importlib
+import os
+import pickle
 
+import torch
 from torch import nn
 
 from fxrebirth.errors import FxRebirthError, first_line
 
-__all__ = ["PAPER_MODELS", "load_model"]
+__all__ = ["PAPER_MODELS", "load_model", "load_weights"]
 
 
 PAPER_MODELS = ("googlenet_lrn", "alexnet_lrn")
@@ -54,3 +57,24 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise FxRebirthError(f"{spec!r} did not produce a torch.nn.Module (got {type(model).__name__})")
     return model
+
+
+def load_weights(model: nn.Module, path: str, name: str = "the model") -> None:
+    """Load the ``state_dict`` file ``path`` into ``model`` (``weights_only=True``; fxrebirth's own
+    checkpoints, which hold it under ``"model"``, too), each failure a one-line error naming the file."""
+    if not os.path.exists(path):
+        raise FxRebirthError(f"--weights {path}: no such file")
+    if os.path.isdir(path):
+        raise FxRebirthError(f"--weights {path} is a directory; give the state_dict file (e.g. model.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise FxRebirthError(f"--weights {path}: cannot read it ({first_line(exc, 200)})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        raise FxRebirthError(f"--weights {path}: not a readable state_dict ({first_line(exc, 200)})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # fxrebirth's own checkpoints (the cached teacher)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise FxRebirthError(f"--weights {path} does not fit {name}: {first_line(exc)}") from None

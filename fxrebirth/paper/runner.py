@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxrebirth.frontends.deploy import lower_for
 from fxrebirth.frontends.library import optimize
 from fxrebirth.paper.data import Shapes, image_folder
 from fxrebirth.retraining.planning import Plan, plan as make_plan
@@ -54,6 +55,8 @@ class RunConfig:
     latency_rounds: int = 20
     plan_repeats: int = 3
     reduce_ratio: float | None = None
+    plan_runtime: str = "eager"
+    """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
     """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
     thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
     bench: str = "full"
@@ -101,7 +104,8 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
             plan = Plan.from_json(f.read())
         log.info("run: resuming with %s", plan_path)
     else:
-        plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio)
+        plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
+                         runtime=config.plan_runtime, lowering=lower_for)
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))
     teacher_cost = config.teacher_cost
@@ -161,7 +165,7 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
 
     return benchmark(model, exact=exact, reborn=reborn, image_size=config.plan_size, batches=config.bench_batches,
                      rounds=config.latency_rounds, runtimes=runtimes, memory=config.bench_memory,
-                     name=config.model_name, progress=say)
+                     name=config.model_name, progress=say, lowering=lower_for)
 
 
 def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport,

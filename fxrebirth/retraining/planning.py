@@ -167,6 +167,63 @@ class Plan:
         return self.table()
 
 
+def _here_or_from_table(gm: fx.GraphModule, inputs: tuple, regions: list[Region], latency_table: dict | None,
+                        repeats: int) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """As :func:`_through_runtime`, in eager PyTorch: every node profiled here and each rebirth layer timed,
+    or both read from ``latency_table`` (the roofline model for entries it lacks)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if latency_table is None:
+        costs = profile_nodes(gm, inputs, repeats=repeats)
+        source = f"measured here, eager, median of {repeats}"
+    else:
+        table = TableCost(latency_table)
+        costs = {n.name: table.node_cost(n) for n in gm.graph.nodes}
+        source = "latency table"
+    out = {}
+    for region in regions:
+        module = build_rebirth(region.proposal)
+        x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
+        if latency_table is None:
+            rebirth = _time_module(module, x, repeats)
+        else:
+            rebirth = sum(table.node_cost(n) for n in capture(module, x).graph.nodes)
+        out[region.id] = (sum(costs.get(name, 0.0) for name in region.nodes), rebirth)
+    return sum(costs.values()), out, source
+
+
+def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
+                     lowering: Any) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
+    all under ``runtime``: each region is cut out of the graph (one input, one output) and run beside a
+    freshly initialised rebirth layer of its proposal, the two timed in ``max(repeats, 5)`` interleaved
+    rounds, so that a merge is judged by the runtime that will run it (its fusions included)."""
+    import tempfile
+    import time
+
+    from fxrebirth.measure.speed import runtime_runner
+    from fxrebirth.measure.timing import interleaved_medians
+    from fxrebirth.retraining.initialise import extract_region
+
+    start, rounds = time.perf_counter(), max(repeats, 5)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, tuple[float, float]] = {}
+
+    def runner(module: nn.Module, x: torch.Tensor, folder: str, name: str):
+        module, _ = lowering(module, runtime, x) if lowering is not None else (module, "")
+        return runtime_runner(module, runtime, x, folder, name=name)
+
+    with tempfile.TemporaryDirectory(prefix="fxrebirth-plan-") as folder:
+        whole = interleaved_medians({"model": runner(gm, inputs[0], folder, "model")}, rounds)["model"] / 1e3
+        for region in regions:
+            x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
+            runs = {"now": runner(extract_region(gm, region), x, folder, f"{region.id}-now"),
+                    "rebirth": runner(build_rebirth(region.proposal).eval(), x, folder, f"{region.id}-rebirth")}
+            ms = interleaved_medians(runs, rounds)
+            out[region.id] = (ms["now"] / 1e3, ms["rebirth"] / 1e3)
+    spent = time.perf_counter() - start
+    return whole, out, f"measured here through {runtime}, median of {rounds} interleaved A/B rounds ({spent:.0f} s)"
+
+
 def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
             budget_s: float | None) -> None:
     candidates = sorted((r for r in planned if r.gain_s > 0), key=lambda r: -r.gain_s)
@@ -197,10 +254,14 @@ def plan(
     collapse_reduce: bool = False,
     repeats: int = 5,
     leaf_modules: tuple = (),
+    runtime: str = "eager",
+    lowering: Any = None,
 ) -> Plan:
     """Mark, measure and plan (see the module docstring). ``latency_table`` (``node_signature`` ->
     seconds, measured on the target) replaces profiling here; rebirth layers missing from it are
-    estimated by the roofline model."""
+    estimated by the roofline model. ``runtime`` (any of :data:`fxrebirth.measure.runners.RUNTIMES`) other
+    than ``eager`` times every region A/B through that runtime instead (:func:`_through_runtime`);
+    ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first."""
     from fxrebirth.passes import inception, streamline
 
     inputs = as_input_tuple(example_inputs)
@@ -212,24 +273,17 @@ def plan(
         kwargs["reduce_ratio"] = reduce_ratio
     regions = streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs)
     nodes = {n.name: n for n in gm.graph.nodes}
-    if latency_table is None:
-        costs = profile_nodes(gm, inputs, repeats=repeats)
-        source = f"measured here, eager, median of {repeats}"
+    if runtime != "eager" and latency_table is not None:
+        raise ValueError("give latency_table= or runtime=, not both: a table was measured on one runtime")
+    if runtime != "eager":
+        latency, measured, source = _through_runtime(gm, inputs, regions, runtime, repeats, lowering)
     else:
-        table = TableCost(latency_table)
-        costs = {n.name: table.node_cost(n) for n in gm.graph.nodes}
-        source = "latency table"
-    latency = sum(costs.values())
+        latency, measured, source = _here_or_from_table(gm, inputs, regions, latency_table, repeats)
     planned = []
     for region in regions:
-        now = sum(costs.get(name, 0.0) for name in region.nodes)
-        module = build_rebirth(region.proposal)
         x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
-        rebirth_gm = capture(module, x)
-        if latency_table is None:
-            rebirth = _time_module(module, x, repeats)
-        else:
-            rebirth = sum(table.node_cost(n) for n in rebirth_gm.graph.nodes)
+        rebirth_gm = capture(build_rebirth(region.proposal), x)
+        now, rebirth = measured[region.id]
         members = [nodes[name] for name in region.nodes]
         planned.append(PlannedRegion(
             region, now, rebirth, _depth(gm, region), region.proposal.depth,
