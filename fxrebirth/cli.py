@@ -170,6 +170,8 @@ def _bench(args: argparse.Namespace) -> int:
     from fxrebirth.frontends.deploy import lower_for
 
     model = _load(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # every runtime of the table takes torch's count
     say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))
     x = torch.randn(1, 3, args.input_size, args.input_size)
     say("exact tier")

@@ -73,6 +73,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     _model_arguments(bch)
     bch.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     bch.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    bch.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's; "
+                                                               "1 is a phone core's proxy)")
     bch.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the reborn model's plan is measured through (default eager)")
     bch.add_argument("--runtime", action="append", choices=RUNTIMES, default=None,
@@ -142,7 +144,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-_AT_LEAST_ONE = ("input_size", "image_size", "plan_size", "batch", "bench_batch", "rounds", "repeats",
+_AT_LEAST_ONE = ("threads", "input_size", "image_size", "plan_size", "batch", "bench_batch", "rounds", "repeats",
                  "latency_rounds", "train_images", "test_images", "teacher_epochs", "teacher_images")
 
 

@@ -22,9 +22,9 @@ from fxrebirth.testing.kit import check_rule
 def conv_then_lrn(draw):
     channels = draw(st.integers(1, 9))
     size = draw(st.integers(1, 7))  # odd windows pool with padding, even ones pad first (asymmetric)
-    alpha = draw(st.floats(1e-5, 2.0))
+    alpha = draw(st.floats(0.0, 2.0))
     beta = draw(st.floats(0.1, 1.5))
-    k = draw(st.floats(0.5, 3.0))
+    k = draw(st.one_of(st.just(0.0), st.floats(0.5, 3.0)))  # k = 0: the base may not be positive, pow stays
     h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     model = nn.Sequential(nn.Conv2d(2, channels, 1), nn.LocalResponseNorm(size, alpha, beta, k))
     return model, torch.randn(draw(st.integers(2, 3)), 2, h, w)
@@ -42,8 +42,17 @@ def test_the_rewrite_leaves_no_3d_pooling():
     assert report.stats("lrn_as_avg_pool2d").rewrites == 1
     assert not [n for n in gm.graph.nodes if n.target in (F.avg_pool3d, F.local_response_norm)]
     assert [n for n in gm.graph.nodes if n.target is F.avg_pool2d]
+    assert [n for n in gm.graph.nodes if n.target is torch.exp] and not [n for n in gm.graph.nodes if n.target is torch.pow]
     for size in (5, 9):  # the rewrite has no size guard: it holds at every input size
         assert_equivalent(model, gm, torch.randn(2, 3, size, size + 2))
+
+
+def test_the_power_stays_a_power_where_its_base_may_not_be_positive():
+    model = nn.LocalResponseNorm(3, alpha=1e-4, beta=0.75, k=0.0).eval()
+    x = torch.randn(2, 6, 4, 4)
+    gm, _ = fxrebirth.optimize(model, x, rules=lrn.rules())
+    assert [n for n in gm.graph.nodes if n.target is torch.pow] and not [n for n in gm.graph.nodes if n.target is torch.log]
+    assert_equivalent(model, gm, x)
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 7), (2, 6, 3, 4, 4)])
