@@ -1,0 +1,94 @@
+"""What ``torch.compile(backend="fxrebirth")`` adds per call, and what it hands the inner compiler.
+
+Not collected by the plain test command. Run::
+
+    python -m benchmarks.backend_overhead [--models resnet50 regnet_y_400mf mobilenet_v3_large] [--calls 20000]
+
+For each torchvision model (random weights, eval mode, batch 1 at 224x224, under ``torch.no_grad()``):
+
+* **the graph Inductor receives**: Dynamo's graph is captured, then handed to the backend with its inner
+  compiler replaced by a recorder. Printed: the call nodes of Dynamo's graph and of the recorded one, by
+  target, and how many inputs each takes; with every rule disabled the two should hold the same calls
+  (the backend only turns weight inputs into constants);
+* **the per-call overhead**: the backend's guarded wrapper (:func:`fxrebirth.frontends.backend._guarded`)
+  around a compiled function that does nothing, against calling that function directly, in microseconds
+  per call (median of 5 batches of ``--calls`` calls, the two interleaved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from benchmarks._common import torchvision_model
+from fxrebirth.frontends import backend
+
+MODELS = ("resnet50", "regnet_y_400mf", "mobilenet_v3_large")
+
+
+def _dynamo_graph(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, list[Any]]:
+    """Dynamo's graph of ``model`` and the inputs it is called with (the weights among them)."""
+    seen: list[tuple[torch.fx.GraphModule, list[Any]]] = []
+
+    def grab(gm, inputs):
+        seen.append((gm, list(inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab, dynamic=False)(x)
+    return seen[0]
+
+
+def _calls(gm: torch.fx.GraphModule) -> collections.Counter:
+    return collections.Counter(str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+                               if n.op in ("call_function", "call_method", "call_module"))
+
+
+def _per_call_us(run, args: list[Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(*args)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure(name: str, calls: int) -> dict[str, Any]:
+    model = torchvision_model(name, seed=1).eval()
+    x = torch.randn(1, 3, 224, 224)
+    gm, inputs = _dynamo_graph(model, x)
+    received: list[torch.fx.GraphModule] = []
+    nothing = lambda *args: None  # noqa: E731 - the compiled function whose cost is none
+    real_inner = backend._inner
+    backend._inner = lambda compiler, freezing=False: (lambda g, i: (received.append(g), nothing)[1])
+    try:
+        with torch.no_grad():
+            wrapped = backend.fxrebirth_backend(gm, inputs, {"disable": [r.name for r in backend.default_rules()]})
+    finally:
+        backend._inner = real_inner
+    same_calls = _calls(gm) == _calls(received[0])
+    rounds = {"direct": [], "guarded": []}
+    with torch.no_grad():
+        for _ in range(5):
+            rounds["direct"].append(_per_call_us(nothing, inputs, calls))
+            rounds["guarded"].append(_per_call_us(wrapped, inputs, calls))
+    direct, guarded = statistics.median(rounds["direct"]), statistics.median(rounds["guarded"])
+    return {"model": name, "dynamo_inputs": len(inputs),
+            "inner_inputs": sum(1 for n in received[0].graph.nodes if n.op == "placeholder"),
+            "same_calls_with_no_rule": same_calls, "direct_us": round(direct, 3), "guarded_us": round(guarded, 3),
+            "overhead_us": round(guarded - direct, 3)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--calls", type=int, default=20000)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for model_name in args.models:
+        print(json.dumps(measure(model_name, args.calls)))
