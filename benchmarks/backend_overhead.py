@@ -9,7 +9,8 @@ For each torchvision model (random weights, eval mode, batch 1 at 224x224, under
 * **the graph Inductor receives**: Dynamo's graph is captured, then handed to the backend with its inner
   compiler replaced by a recorder. Printed: the call nodes of Dynamo's graph and of the recorded one, by
   target, and how many inputs each takes; with every rule disabled the two should hold the same calls
-  (the backend only turns weight inputs into constants);
+  (the backend turns weight inputs into constants, and in-place ops such as ``iadd`` into their
+  out-of-place forms, which Inductor receives functionalised anyway);
 * **the per-call overhead**: the backend's guarded wrapper (:func:`fxrebirth.frontends.backend._guarded`)
   around a compiled function that does nothing, against calling that function directly, in microseconds
   per call (median of 5 batches of ``--calls`` calls, the two interleaved).
@@ -46,9 +47,13 @@ def _dynamo_graph(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.fx.Gra
     return seen[0]
 
 
+_IN_PLACE = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "truediv"}
+
+
 def _calls(gm: torch.fx.GraphModule) -> collections.Counter:
-    return collections.Counter(str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
-                               if n.op in ("call_function", "call_method", "call_module"))
+    names = (str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+             if n.op in ("call_function", "call_method", "call_module"))
+    return collections.Counter(_IN_PLACE.get(name, name) for name in names)
 
 
 def _per_call_us(run, args: list[Any], calls: int) -> float:
