@@ -82,6 +82,13 @@ def test_an_export_that_differs_from_the_model_is_refused_and_nothing_is_written
     assert not out.exists()
 
 
+def test_export_leaves_a_training_model_in_training_mode(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny_lrn().train()
+    export_model(model, torch.randn(1, 3, SIZE, SIZE), "onnx", str(tmp_path / "m.onnx"))
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     code = main(["export", "tests.test_deploy:tiny_lrn", "--to", "onnx", "--output", str(tmp_path / "no" / "m.onnx"),
                  "--input-size", str(SIZE)])

@@ -15,6 +15,7 @@ checked at them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -81,7 +82,7 @@ def export_model(model: nn.Module, x: torch.Tensor, to: str, path: str) -> Expor
     reason = unavailable({"onnx": "onnxruntime"}.get(to, to))
     if reason:
         raise FxRebirthError(f"cannot export to {to}: {reason}")
-    model = model.eval()
+    model = copy.deepcopy(model).eval() if model.training else model  # the user's module keeps its mode
     with tempfile.TemporaryDirectory(prefix="fxrebirth-export-") as folder:
         if to == "executorch":
             lowered, note = lower_for(model, to, x)

@@ -20,6 +20,7 @@ cannot be used here, which the speed table prints in the row instead of failing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import logging
@@ -88,7 +89,7 @@ def executorch_program(model: nn.Module, x: torch.Tensor) -> bytes:
     chatter = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
-        program = torch.export.export(model.eval(), (x,))
+        program = torch.export.export(copy.deepcopy(model).eval() if model.training else model, (x,))
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         return lowered.to_executorch().buffer
 

@@ -147,7 +147,8 @@ def speed_table(
     say = progress or (lambda message: log.info("speed table: %s", message))
     rows = {(v, r): Row(v, r) for v, r in wanted}
     for (_, runtime), row in rows.items():
-        row.note = f"unavailable: {unavailable(runtime)}" if unavailable(runtime) else ""
+        reason = unavailable(runtime)
+        row.note = f"unavailable: {reason}" if reason else ""
     with tempfile.TemporaryDirectory(prefix="fxrebirth-speed-") as folder:
         chosen, exporter_ms = _measure(models, rows, folder, image_size, batches, rounds, exporter, memory, say,
                                        lowering)
