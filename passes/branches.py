@@ -41,7 +41,7 @@ from ._kernel import (
 from .affine import ConstantAffineSource
 from .batchnorm import BatchNormSource
 
-__all__ = ["MergeSummedBranches", "MergeConcatBranches", "MergeSiblingConvs", "rules"]
+__all__ = ["MergeSummedBranches", "MergeConcatBranches", "MergeSiblingConvs", "rules", "stage_kernel"]
 
 _SOURCES = (BatchNormSource(), ConstantAffineSource())
 
@@ -77,7 +77,9 @@ def _branches(a: fx.Node, b: fx.Node) -> tuple[fx.Node, list[fx.Node], list[fx.N
     return None
 
 
-def _stage_kernel(node: fx.Node, ctx: RuleContext) -> Kernel | str:
+def stage_kernel(node: fx.Node, ctx: RuleContext) -> Kernel | str:
+    """The kernel of one linear stage (conv, average pooling, per-channel affine such as eval BatchNorm),
+    or why it has none."""
     kind = kind_of(node)
     if kind == "conv":
         return kernel_of_conv(node, ctx)
@@ -105,11 +107,11 @@ def _chain_kernel(x: fx.Node, chain: list[fx.Node], ctx: RuleContext) -> Kernel 
         if shape is None or len(shape) < 3:
             return f"no spatial shape recorded for {describe(x)}"
         return identity_kernel(shape[1], len(shape) - 2, ctx.device)
-    kernel = _stage_kernel(chain[-1], ctx)
+    kernel = stage_kernel(chain[-1], ctx)
     for node in reversed(chain[:-1]):
         if isinstance(kernel, str):
             return kernel
-        outer = _stage_kernel(node, ctx)
+        outer = stage_kernel(node, ctx)
         kernel = outer if isinstance(outer, str) else compose(kernel, outer)
     return kernel
 
