@@ -9,10 +9,15 @@ Two kinds of module, one protocol each:
   list[Region]`` that finds the non-linear regions only retraining can merge, records them in
   ``gm.meta`` (:func:`fxrebirth.graph.regions.record`) and returns them; it never changes the graph.
   :func:`fxrebirth.plan` calls them, streamline first.
+* **Depth compression** (depth, linearise): :func:`depth.find_segments` lists the overlapping candidate
+  segments where removing activations makes a chain one convolution (nothing recorded, nothing changed);
+  :func:`linearise.linearise` builds the student form of chosen ones and :func:`linearise.merge` merges
+  them exactly, each merge verified.
 
 May import: fxrebirth.errors, fxrebirth.equivalence, fxrebirth.graph, fxrebirth.rewrite.
 """
 
-from . import affine, batchnorm, branches, cleanup, conv_chain, inception, lrn, pooling, streamline
+from . import affine, batchnorm, branches, cleanup, conv_chain, depth, inception, linearise, lrn, pooling, streamline
 
-__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "inception", "lrn", "pooling", "streamline"]
+__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "depth", "inception", "linearise", "lrn",
+           "pooling", "streamline"]

@@ -217,16 +217,15 @@ def _valid(a: fx.Node, members: list[fx.Node], b: fx.Node) -> bool:
     return all(set(n.users) <= inside for n in members if n is not b)  # one output
 
 
-def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozenset()) -> dict[fx.Node, tuple[int, ...]]:
+def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozenset(),
+            pruned: frozenset[str] = frozenset()) -> dict[fx.Node, tuple[int, ...]]:
     """The padding ``Q_v`` each value's output carries in the student form (``a``'s is the moved ``P``;
-    ``dropped``: add operands replaced by zero, which demand nothing)."""
+    ``dropped``: add operands replaced by zero, which demand nothing; ``pruned``: convolutions replaced by
+    the identity, which pass their demand through)."""
     rank = len(_shape(a)) - 2
     q: dict[fx.Node, tuple[int, ...]] = {members[-1]: (0,) * rank}
     for node in reversed(members):
-        need = q[node]
-        if stage_of(node) in ("conv", "pool"):
-            _, stride, padding, _ = _window(node)
-            need = tuple(p + s * d for p, s, d in zip(padding, stride, need))
+        need = _demand_of(node, q, pruned)
         for x in _inputs(node):
             if x.name in dropped:
                 continue
@@ -234,8 +233,9 @@ def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozen
     return q
 
 
-def _demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]]) -> tuple[int, ...]:
-    if stage_of(user) in ("conv", "pool"):
+def _demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]], pruned: frozenset[str] = frozenset()) -> tuple[int, ...]:
+    """The padding ``user`` needs its input to carry when its own output carries ``q[user]``."""
+    if stage_of(user) in ("conv", "pool") and user.name not in pruned:
         _, stride, padding, _ = _window(user)
         return tuple(p + s * d for p, s, d in zip(padding, stride, q[user]))
     return q[user]
@@ -252,7 +252,7 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
              dropped: frozenset[str] = frozenset()) -> Geometry | None:
     """The merged convolution of the student form (``pruned`` convolutions as the identity; ``dropped``: add
     operands set to zero), or None where its paths do not line up (they always do for a valid segment)."""
-    q = demands(a, members, dropped)
+    q = demands(a, members, dropped, pruned)
     channels = _shape(a)[1]
     rank = len(_shape(a)) - 2
     field_: dict[fx.Node, tuple[tuple[int, ...], tuple[int, ...], int]] = {a: ((1,) * rank, (1,) * rank, channels)}
@@ -262,7 +262,7 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
             if x.name in dropped:
                 continue
             size, stride, groups = field_[x]
-            crop = tuple(have - want for have, want in zip(q[x], _demand_of(node, q)))
+            crop = tuple(have - want for have, want in zip(q[x], _demand_of(node, q, pruned)))
             reads.append((tuple(k + 2 * c * s for k, c, s in zip(size, crop, stride)), stride, groups))
         size, stride, groups = reads[0]
         if stage_of(node) == "add":

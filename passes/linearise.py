@@ -42,7 +42,7 @@ from fxrebirth.rewrite.rules import RuleContext
 
 from ._kernel import Kernel, compose, identity_kernel, sum_kernels
 from .branches import stage_kernel
-from .depth import Segment, _inputs, activation_input, demands, members_of, stage_of
+from .depth import Segment, _demand_of, _inputs, activation_input, demands, members_of, stage_of
 
 __all__ = ["StudentSegment", "STUDENT_KEY", "linearise", "merge"]
 
@@ -101,13 +101,14 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
     a, b = by_name[seg.input], by_name[seg.output]
     members = members_of(gm, seg)
     output = b
-    for add in [n for n in members if stage_of(n) == "add" and any(x.name in seg.dropped for x in n.args)]:
+    roles = {n: stage_of(n) for n in members}  # read before any node is erased
+    for add in [n for n in members if roles[n] == "add" and any(x.name in seg.dropped for x in n.args)]:
         keep = next(x for x in add.args if x.name not in seg.dropped)
         output = keep if add is output else output
         _remove(add, keep)
     for node in [n for n in members if n.name in seg.pruned]:
         _remove(node, node.kwargs["input"])
-    for node in [n for n in members if stage_of(n) == "activation"]:
+    for node in [n for n in members if roles[n] == "activation"]:
         _remove(node, activation_input(node))
     graph.eliminate_dead_code()
     alive = {n.name for n in graph.nodes}
@@ -120,7 +121,7 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
     nodes = [pad]
     for node in [a] + members:
         for user in users[node]:
-            want = _demand(user, q)
+            want = _demand_of(user, q)
             source = pad if node is a else node
             if want != q[node]:
                 with graph.inserting_before(user):
@@ -136,23 +137,17 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
     return StudentSegment(seg.id, a.name, pad.name, tuple(n.name for n in nodes), output.name)
 
 
-def _demand(user: fx.Node, q: dict[fx.Node, tuple[int, ...]]) -> tuple[int, ...]:
-    if stage_of(user) in ("conv", "pool"):
-        kw = user.kwargs
-        return tuple(p + s * d for p, s, d in zip(kw["padding"], kw["stride"], q[user]))
-    return q[user]
-
-
-def _example_inputs(gm: fx.GraphModule, batch: int | None = None, scale: int = 0) -> list[torch.Tensor]:
+def _example_inputs(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Random inputs of the recorded shapes, in the dtype and on the device of the model's weights (it may
+    have been converted since it was captured)."""
+    weight = next((p for p in gm.parameters() if p.is_floating_point()), None)
     out = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             meta = node.meta["tensor_meta"]
-            shape = list(meta.shape)
-            if batch is not None:
-                shape[0] = batch
-            shape[2:] = [n + scale for n in shape[2:]]
-            out.append(torch.randn(shape, dtype=meta.dtype))
+            dtype = weight.dtype if weight is not None and meta.dtype.is_floating_point else meta.dtype
+            device = weight.device if weight is not None else None
+            out.append(torch.randn(tuple(meta.shape), device=device).to(dtype))
     return out
 
 
@@ -278,5 +273,6 @@ def merge(student: fx.GraphModule) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    propagate_shapes(gm, _example_inputs(student))
     gm.meta.pop(STUDENT_KEY, None)
     return gm
