@@ -42,7 +42,9 @@ def _output_of(to: str, files: list[str], x: torch.Tensor) -> torch.Tensor:
     if to == "openvino":
         import openvino as ov
 
-        return torch.from_numpy(ov.Core().compile_model(files[0], "CPU")(x.numpy())[0].copy())
+        # f32 asked for: OpenVINO computes in bf16 by default on a CPU that has it (AMX, AVX512-BF16)
+        compiled = ov.Core().compile_model(files[0], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return torch.from_numpy(compiled(x.numpy())[0].copy())
     from executorch.runtime import Runtime
 
     with open(files[0], "rb") as f:
