@@ -233,7 +233,8 @@ def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozen
     return q
 
 
-def _demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]], pruned: frozenset[str] = frozenset()) -> tuple[int, ...]:
+def _demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]],
+               pruned: frozenset[str] = frozenset()) -> tuple[int, ...]:
     """The padding ``user`` needs its input to carry when its own output carries ``q[user]``."""
     if stage_of(user) in ("conv", "pool") and user.name not in pruned:
         _, stride, padding, _ = _window(user)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fxrebirth.equivalence import LOCAL_TOLERANCE, MIN_BATCH, flush_denormals, relative_error
 from fxrebirth.errors import EquivalenceError
 from fxrebirth.graph.capture import propagate_shapes
+from fxrebirth.graph.regions import extract
 from fxrebirth.graph.surgery import fetch_attr
 from fxrebirth.rewrite.rules import RuleContext
 
@@ -75,7 +76,8 @@ def _check_disjoint(segments: list[Segment]) -> None:
     for seg in segments:
         for name in seg.nodes:
             if name in owner:
-                raise ValueError(f"segments {owner[name].id!r} and {seg.id!r} share node {name!r}; choose disjoint ones")
+                raise ValueError(f"segments {owner[name].id!r} and {seg.id!r} share node {name!r}; "
+                                 "choose disjoint ones")
             owner[name] = seg
     for seg in segments:
         other = owner.get(seg.input)
@@ -197,25 +199,10 @@ def _kernel_of(gm: fx.GraphModule, part: StudentSegment, ctx: RuleContext) -> Ke
     return replace(env[by_name[part.output]], padding=P)
 
 
-def _extract(gm: fx.GraphModule, part: StudentSegment) -> fx.GraphModule:
-    graph = fx.Graph()
-    by_name = {n.name: n for n in gm.graph.nodes}
-    env = {part.input: graph.placeholder("x")}
-    for name in part.nodes:
-        node = by_name[name]
-        for arg in node.all_input_nodes:
-            if arg.name not in env:
-                if arg.op != "get_attr":
-                    raise EquivalenceError(f"segment {part.segment!r}: {name!r} reads {arg.name!r} from outside it")
-                env[arg.name] = graph.node_copy(arg)
-        env[name] = graph.node_copy(node, lambda n: env[n.name])
-    graph.output(env[part.output])
-    return fx.GraphModule(gm, graph)
-
-
 def _verify(gm: fx.GraphModule, part: StudentSegment, kernel: Kernel) -> float:
     """Float64 relative error of the merged conv against the student segment, worst of three sizes."""
-    sub = copy.deepcopy(_extract(gm, part)).to(torch.float64)
+    sub = extract(gm, part.input, part.nodes, part.output, f"segment {part.segment!r}")
+    sub = copy.deepcopy(sub).to(torch.float64)
     shape = list({n.name: n for n in gm.graph.nodes}[part.input].meta["tensor_meta"].shape)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[kernel.ndim]
     worst = 0.0

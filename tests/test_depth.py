@@ -181,7 +181,8 @@ def test_refuses_a_second_input_and_a_nonlinear_join():
 
 
 def test_refuses_reflect_padding_and_partial_ceil_pooling():
-    reflect = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    reflect = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
     ceil = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Conv2d(4, 4, 1))
     for model in (reflect, ceil):
         gm = fxrebirth.capture(model.eval(), torch.randn(2, 3, 11, 11))
@@ -266,3 +267,19 @@ def test_mobilenet_v2_inverted_residuals_merge_into_cheaper_dense_3x3():
     assert len(blocks) == 10  # every stride-1 inverted residual with its shortcut
     assert all(s.geometry.kernel_size == (3, 3) and s.geometry.groups == 1 for s in blocks)
     assert sum(s.geometry.growth < 1 for s in blocks) >= 9
+
+
+
+def test_a_wrong_merge_is_refused(monkeypatch):
+    """The verification can fail: a merged bias 1e-6 off (relative ~1e-7, far above 1e-9) is caught and named."""
+    from dataclasses import replace
+
+    from fxrebirth.errors import EquivalenceError
+    from fxrebirth.passes import linearise as module
+
+    gm, seg = _geometry([(8, 3, 1, 1, 1), (8, 3, 1, 1, 1)])
+    student = linearise(gm, [seg])
+    right = module._kernel_of
+    monkeypatch.setattr(module, "_kernel_of", lambda *a: replace(right(*a), bias=right(*a).bias + 1e-6))
+    with pytest.raises(EquivalenceError, match="segment 'depth:x->"):
+        merge(student)

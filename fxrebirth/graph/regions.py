@@ -31,7 +31,7 @@ import torch.fx as fx
 from fxrebirth.errors import FxRebirthError
 
 __all__ = ["Region", "RegionError", "REGION_KEY", "REGIONS_KEY", "check_regions", "regions_of", "record",
-           "to_networkx", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer"]
+           "to_networkx", "extract", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer"]
 
 REGION_KEY = "fxrebirth.region"
 REGIONS_KEY = "fxrebirth.graph.regions"
@@ -236,6 +236,26 @@ class Region:
         for key in ("nodes", "replaces"):
             data[key] = tuple(data[key])
         return cls(**data)
+
+
+def extract(gm: fx.GraphModule, input: str, nodes: Iterable[str], output: str, label: str) -> fx.GraphModule:
+    """The nodes named ``nodes`` (graph order) as a GraphModule of one input (the value ``input``) and one
+    output (``output``), sharing ``gm``'s parameters. Raises :class:`RegionError` naming ``label`` if one
+    of them reads a computed value from outside."""
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {input: graph.placeholder("x")}
+    members = set(nodes)
+    for node in gm.graph.nodes:
+        if node.name not in members:
+            continue
+        for arg in node.all_input_nodes:
+            if arg.name not in env:
+                if arg.op != "get_attr":
+                    raise RegionError(f"{label}: node {node.name!r} reads {arg.name!r} from outside")
+                env[arg.name] = graph.node_copy(arg)
+        env[node.name] = graph.node_copy(node, lambda a: env[a.name])
+    graph.output(env[output])
+    return fx.GraphModule(gm, graph)
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.surgery import device_of
 from fxrebirth.retraining.layers import InceptionRebirth
-from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError
+from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError, extract
 from fxrebirth.retraining.train import Meter, batches, world
 
 __all__ = ["Initialiser", "FITS", "extract_region", "probe_nodes", "xavier_init"]
@@ -30,20 +30,7 @@ __all__ = ["Initialiser", "FITS", "extract_region", "probe_nodes", "xavier_init"
 def extract_region(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
     """The region's nodes as a GraphModule of one input (the region's input) and one output (sharing
     ``gm``'s parameters)."""
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {region.input: graph.placeholder("x")}
-    members = set(region.nodes)
-    for node in gm.graph.nodes:
-        if node.name not in members:
-            continue
-        for arg in node.all_input_nodes:
-            if arg.name not in env:
-                if arg.op != "get_attr":
-                    raise RegionError(f"region {region.id!r}: node {node.name!r} reads {arg.name!r} from outside")
-                env[arg.name] = graph.node_copy(arg)
-        env[node.name] = graph.node_copy(node, lambda a: env[a.name])
-    graph.output(env[region.output])
-    return fx.GraphModule(gm, graph)
+    return extract(gm, region.input, region.nodes, region.output, f"region {region.id!r}")
 
 
 def probe_nodes(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
