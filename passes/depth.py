@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -171,7 +171,7 @@ class Segment:
     geometry: Geometry
     replaces: tuple[str, ...] = ()
     pruned: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = field(default=())
+    dropped: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -256,13 +256,13 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
     q = demands(a, members, dropped, pruned)
     channels = _shape(a)[1]
     rank = len(_shape(a)) - 2
-    field_: dict[fx.Node, tuple[tuple[int, ...], tuple[int, ...], int]] = {a: ((1,) * rank, (1,) * rank, channels)}
+    receptive: dict[fx.Node, tuple[tuple[int, ...], tuple[int, ...], int]] = {a: ((1,) * rank, (1,) * rank, channels)}
     for node in members:
         reads = []
         for x in _inputs(node):
             if x.name in dropped:
                 continue
-            size, stride, groups = field_[x]
+            size, stride, groups = receptive[x]
             crop = tuple(have - want for have, want in zip(q[x], _demand_of(node, q, pruned)))
             reads.append((tuple(k + 2 * c * s for k, c, s in zip(size, crop, stride)), stride, groups))
         size, stride, groups = reads[0]
@@ -276,8 +276,8 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
             stride = tuple(s * t for s, t in zip(stride, own_stride))
             own_groups = node.kwargs["groups"] if stage_of(node) == "conv" else _shape(node)[1]
             groups = math.gcd(groups, own_groups)
-        field_[node] = (size, stride, groups)
-    size, stride, groups = field_[members[-1]]
+        receptive[node] = (size, stride, groups)
+    size, stride, groups = receptive[members[-1]]
     out = _shape(members[-1])
     macs_now = sum(_macs(n) for n in members if stage_of(n) == "conv" and n.name not in pruned)
     macs_merged = out[0] * out[1] * (channels // groups) * math.prod(size) * math.prod(out[2:])

@@ -118,7 +118,8 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
     if output is a:  # the segment became the identity (a dropped branch beside an identity shortcut)
         return StudentSegment(seg.id, a.name, a.name, (), a.name)
     q = demands(a, members)
-    users = {n: [u for u in n.users if u in set(members)] for n in [a] + members}
+    inside = set(members)
+    users = {n: [u for u in n.users if u in inside] for n in [a] + members}
     pad = _insert_pad(graph, a, q[a])
     nodes = [pad]
     for node in [a] + members:
