@@ -227,7 +227,7 @@ def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozen
     for node in reversed(members):
         need = _demand_of(node, q, pruned)
         for x in _inputs(node):
-            if x.name in dropped:
+            if x.name in dropped and stage_of(node) == "add":
                 continue
             q[x] = tuple(max(o, n) for o, n in zip(q.get(x, need), need))
     return q
@@ -260,7 +260,7 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
     for node in members:
         reads = []
         for x in _inputs(node):
-            if x.name in dropped:
+            if x.name in dropped and stage_of(node) == "add":
                 continue
             size, stride, groups = receptive[x]
             crop = tuple(have - want for have, want in zip(q[x], _demand_of(node, q, pruned)))
@@ -291,15 +291,18 @@ def prunable(members: list[fx.Node]) -> list[str]:
 
 
 def _check_cuts(members: list[fx.Node], pruned: tuple[str, ...], dropped: tuple[str, ...]) -> None:
-    operands = {x.name for n in members if stage_of(n) == "add" for x in _inputs(n)}
+    inside = set(members)
+    # an operand computed inside is dropped with its branch, so nothing else may read it
+    operands = {x.name for n in members if stage_of(n) == "add" and len(set(_inputs(n))) == 2 for x in _inputs(n)
+                if x not in inside or set(x.users) == {n}}
     for name in pruned:
         if name not in prunable(members):
             raise ValueError(f"cannot prune {name!r}: not a convolution of this segment that keeps its input's "
                              f"shape (prunable: {prunable(members)})")
     for name in dropped:
         if name not in operands:
-            raise ValueError(f"cannot drop {name!r}: not an operand of an addition in this segment "
-                             f"(operands: {sorted(operands)})")
+            raise ValueError(f"cannot drop {name!r}: not an operand of an addition in this segment that only "
+                             f"the addition reads (droppable: {sorted(operands)})")
 
 
 def _splits_a_layer(node: fx.Node) -> bool:

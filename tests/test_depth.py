@@ -284,3 +284,45 @@ def test_a_wrong_merge_is_refused(monkeypatch):
     monkeypatch.setattr(module, "_kernel_of", lambda *a: replace(right(*a), bias=right(*a).bias + 1e-6))
     with pytest.raises(EquivalenceError, match="segment 'depth:x->"):
         merge(student)
+
+
+class SharedShortcut(nn.Module):
+    """``y = bn(conv(x)); out = y + bn(conv(relu(y)))``: the shortcut ``y`` is read by the branch too."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)), nn.Sequential(
+            nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + self.b(torch.relu(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropping_the_input_shortcut_keeps_the_branch_and_merges_exactly(dtype):
+    model = _randomise(Chain([(8, 3, 1, 1, 1), (8, 3, 1, 1, 1)], 8, residual=True)).to(dtype)
+    gm = fxrebirth.capture(model, torch.randn(2, 8, 16, 16, dtype=dtype))
+    nodes = list(gm.graph.nodes)
+    x, out = nodes[0], nodes[-1].args[0]
+    whole = segment_between(x, out)
+    chain = segment_between(x, out, dropped=(x.name,))  # the add's operand only: the branch still reads x
+    assert chain.geometry.kernel_size == (5, 5) and chain.geometry.macs_merged == whole.geometry.macs_merged
+    student = linearise(gm, [chain])
+    merged = merge(student)
+    bound = LOCAL_TOLERANCE if dtype == torch.float64 else tolerance(torch.float32)
+    for size in (12, 13, 17):
+        xx = torch.randn(2, 8, size, size, dtype=dtype)
+        with torch.no_grad():
+            assert relative_error(student(xx), merged(xx)) <= bound
+            assert relative_error(linearise(gm, [whole])(xx), student(xx) + xx) <= bound  # only the identity went
+
+
+def test_an_operand_the_segment_reads_elsewhere_cannot_be_dropped():
+    gm = fxrebirth.capture(_randomise(SharedShortcut()), torch.randn(2, 4, 9, 9))
+    nodes = list(gm.graph.nodes)
+    x, out = nodes[0], nodes[-1].args[0]
+    shortcut = next(a for a in out.args if len(a.users) > 1)
+    assert segment_between(x, out) is not None
+    with pytest.raises(ValueError, match="cannot drop .*droppable"):
+        segment_between(x, out, dropped=(shortcut.name,))

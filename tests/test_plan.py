@@ -235,7 +235,7 @@ def test_a_merge_slower_on_the_target_runtime_is_never_selected(small_plan, monk
         if set(runs) == {"model"}:
             return {"model": 100.0}
         slower = index % 2 == 0  # every other region's rebirth layer is slower on the "runtime"
-        return {"now": 2.0, "rebirth": 3.0 if slower else 1.0}
+        return {"now": 2.0, "new": 3.0 if slower else 1.0}
 
     monkeypatch.setattr(timing, "interleaved_medians", fake)
     plan = fxrebirth.plan(model, x, repeats=1, runtime="onnxruntime")

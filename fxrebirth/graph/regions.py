@@ -31,7 +31,7 @@ import torch.fx as fx
 from fxrebirth.errors import FxRebirthError
 
 __all__ = ["Region", "RegionError", "REGION_KEY", "REGIONS_KEY", "check_regions", "regions_of", "record",
-           "to_networkx", "extract", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer"]
+           "to_networkx", "extract", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer", "DepthProposal"]
 
 REGION_KEY = "fxrebirth.region"
 REGIONS_KEY = "fxrebirth.graph.regions"
@@ -202,6 +202,40 @@ class InceptionProposal(Proposal):
             else:
                 self.branches[index].nodes = chain
             start += size
+
+
+@dataclass
+class DepthProposal(Proposal):
+    """One convolution for a depth segment (:mod:`fxrebirth.passes.depth`): the merged layer's channels, kernel,
+    stride, padding (the segment's moved padding) and groups, once the segment's ``activations`` are the
+    identity, its ``pruned`` convolutions the identity and its ``dropped`` addition operands zero."""
+
+    type: ClassVar[str] = "depth"
+    in_channels: int
+    out_channels: int
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    groups: int
+    activations: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return 1
+
+    def summary(self, region: "Region") -> str:
+        kernel = "x".join(map(str, self.kernel_size))
+        text = f"one {kernel} conv{f' (groups {self.groups})' if self.groups > 1 else ''}, " \
+               f"{len(self.activations)} activation(s) removed"
+        cuts = [f"-{n}" for n in self.pruned + self.dropped]
+        return text + (f", {' '.join(cuts)}" if cuts else "")
+
+    def check(self, region: "Region") -> None:
+        members = set(region.nodes)
+        if not set(self.activations + self.pruned) <= members or not set(self.dropped) <= members | {region.input}:
+            raise RegionError(f"region {region.id!r}: its proposal names nodes outside the region")
 
 
 @dataclass

@@ -7,7 +7,9 @@ are a table keyed by proposal type (:data:`BUILDERS`; a new region type register
 * :class:`~fxrebirth.graph.regions.ConvProposal` (streamline regions): one ``Conv2d`` (+ ``ReLU`` when the
   region had one);
 * :class:`~fxrebirth.graph.regions.InceptionProposal` (branch regions): the module's branches without the
-  pool projection, each a sequence of ``Conv2d`` + ``ReLU``, concatenated in the original order.
+  pool projection, each a sequence of ``Conv2d`` + ``ReLU``, concatenated in the original order;
+* :class:`~fxrebirth.graph.regions.DepthProposal` (depth segments): the one merged convolution (``Conv1d``,
+  ``Conv2d`` or ``Conv3d`` by the kernel's rank), grouped where the segment stays grouped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.graph.regions import BranchLayer, ConvProposal, InceptionProposal, Proposal, RegionError
+from fxrebirth.graph.regions import BranchLayer, ConvProposal, DepthProposal, InceptionProposal, Proposal, RegionError
 from fxrebirth.graph.surgery import device_of
 
 __all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
@@ -53,7 +55,14 @@ def _inception(proposal: InceptionProposal) -> nn.Module:
     return InceptionRebirth(proposal.in_channels, [b.layers for b in proposal.branches])
 
 
-BUILDERS: dict[type[Proposal], Callable[[Any], nn.Module]] = {ConvProposal: _conv, InceptionProposal: _inception}
+def _depth(proposal: DepthProposal) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(proposal.kernel_size)]
+    return conv(proposal.in_channels, proposal.out_channels, tuple(proposal.kernel_size), tuple(proposal.stride),
+                tuple(proposal.padding), groups=proposal.groups)
+
+
+BUILDERS: dict[type[Proposal], Callable[[Any], nn.Module]] = {ConvProposal: _conv, InceptionProposal: _inception,
+                                                              DepthProposal: _depth}
 
 
 def build_rebirth(proposal: Proposal | dict[str, Any] | None) -> nn.Module:

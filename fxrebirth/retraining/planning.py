@@ -28,7 +28,7 @@ from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
 
-__all__ = ["plan", "Plan", "PlannedRegion"]
+__all__ = ["plan", "Plan", "PlannedRegion", "runtime_ab"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -191,36 +191,52 @@ def _here_or_from_table(gm: fx.GraphModule, inputs: tuple, regions: list[Region]
     return sum(costs.values()), out, source
 
 
-def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
-                     lowering: Any) -> tuple[float, dict[str, tuple[float, float]], str]:
-    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
-    all under ``runtime``: each region is cut out of the graph (one input, one output) and run beside a
-    freshly initialised rebirth layer of its proposal, the two timed in ``max(repeats, 5)`` interleaved
-    rounds, so that a merge is judged by the runtime that will run it (its fusions included)."""
+def runtime_ab(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], runtime: str, rounds: int,
+               lowering: Any = None, whole: tuple[nn.Module, torch.Tensor] | None = None
+               ) -> tuple[float | None, dict[str, tuple[float, float]], float]:
+    """Per key of ``pairs`` (``(now, new, x)``), the median seconds of ``now(x)`` and ``new(x)`` under
+    ``runtime``, the two timed in ``rounds`` interleaved A/B rounds, each after ``lowering`` where given;
+    with the median seconds of ``whole`` (a model and its input) first, and the wall seconds spent."""
     import tempfile
     import time
 
     from fxrebirth.measure.speed import runtime_runner
     from fxrebirth.measure.timing import interleaved_medians
-    from fxrebirth.retraining.initialise import extract_region
 
-    start, rounds = time.perf_counter(), max(repeats, 5)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    out: dict[str, tuple[float, float]] = {}
+    start = time.perf_counter()
 
     def runner(module: nn.Module, x: torch.Tensor, folder: str, name: str):
         module, _ = lowering(module, runtime, x) if lowering is not None else (module, "")
         return runtime_runner(module, runtime, x, folder, name=name)
 
+    out: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="fxrebirth-plan-") as folder:
-        whole = interleaved_medians({"model": runner(gm, inputs[0], folder, "model")}, rounds)["model"] / 1e3
-        for region in regions:
-            x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
-            runs = {"now": runner(extract_region(gm, region), x, folder, f"{region.id}-now"),
-                    "rebirth": runner(build_rebirth(region.proposal).eval(), x, folder, f"{region.id}-rebirth")}
+        total = None
+        if whole is not None:
+            total = interleaved_medians({"model": runner(*whole, folder, "model")}, rounds)["model"] / 1e3
+        for i, (key, (now, new, x)) in enumerate(pairs.items()):
+            runs = {"now": runner(now, x, folder, f"{i}-now"), "new": runner(new, x, folder, f"{i}-new")}
             ms = interleaved_medians(runs, rounds)
-            out[region.id] = (ms["now"] / 1e3, ms["rebirth"] / 1e3)
-    spent = time.perf_counter() - start
+            out[key] = (ms["now"] / 1e3, ms["new"] / 1e3)
+    return total, out, time.perf_counter() - start
+
+
+def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
+                     lowering: Any) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
+    all under ``runtime``: each region is cut out of the graph (one input, one output) and run beside a
+    freshly initialised rebirth layer of its proposal, the two timed in ``max(repeats, 5)`` interleaved
+    rounds (:func:`runtime_ab`), so that a merge is judged by the runtime that will run it (its fusions
+    included)."""
+    from fxrebirth.retraining.initialise import extract_region
+
+    rounds = max(repeats, 5)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pairs = {}
+    for region in regions:
+        x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
+        pairs[region.id] = (extract_region(gm, region), build_rebirth(region.proposal).eval(), x)
+    whole, out, spent = runtime_ab(pairs, runtime, rounds, lowering, (gm, inputs[0]))
     return whole, out, f"measured here through {runtime}, median of {rounds} interleaved A/B rounds ({spent:.0f} s)"
 
 

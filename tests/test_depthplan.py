@@ -1,0 +1,180 @@
+"""Depth planning (fxrebirth/retraining/depthplan.py): the dynamic programme is optimal (against brute force
+on random candidate sets), never picks a merge that is not faster, and its front never falls; importance
+is zero for a removable activation and positive for one that matters; plans round-trip through JSON and
+give back segments that merge exactly; bad requests are clear errors; the model is not changed."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxrebirth
+from fxrebirth.equivalence import relative_error, tolerance
+from fxrebirth.graph.regions import DepthProposal, Region, RegionError
+from fxrebirth.passes.depth import find_segments
+from fxrebirth.passes.linearise import linearise, merge
+from fxrebirth.retraining.depthplan import (DepthCandidate, DepthPlan, candidates, choose, importance, plan_depth,
+                                            region_of, segment_of)
+from fxrebirth.retraining.layers import build_rebirth
+
+
+def _candidate(i, span, gain, imp):
+    proposal = DepthProposal(4, 4, [3, 3], [1, 1], [1, 1], 1)
+    region = Region(f"c{i}", "depth", (f"n{i}",), "x", f"n{i}", (), proposal)
+    return DepthCandidate(region, imp, 1.0, 1.0 - gain, 1, 1, span)
+
+
+@st.composite
+def candidate_sets(draw):
+    n = draw(st.integers(1, 8))
+    out = []
+    for i in range(n):
+        start = draw(st.integers(0, 20))
+        end = start + draw(st.integers(0, 6))
+        gain = draw(st.sampled_from([-0.2, 0.0, 0.05, 0.1, 0.15, 0.3, 0.45]))
+        out.append(_candidate(i, (start, end), gain, draw(st.floats(0, 5))))
+    return out, draw(st.floats(0, 1.2))
+
+
+def _conflict_free(cands, chosen):
+    spans = sorted(cands[i].span for i in chosen)
+    return all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+
+
+@given(candidate_sets())
+@settings(max_examples=200)
+def test_the_programme_is_optimal_against_brute_force(case):
+    cands, need = case
+    unit = 0.05
+    picked, front, most = choose(cands, need, unit)
+    units = {i: int(c.gain_s // unit) for i, c in enumerate(cands)}
+    need_units = math.ceil(need / unit - 1e-9)
+    best = math.inf
+    for r in range(len(cands) + 1):
+        for subset in itertools.combinations(range(len(cands)), r):
+            if _conflict_free(cands, subset) and all(cands[i].gain_s > 0 for i in subset) and \
+                    sum(units[i] for i in subset) >= need_units:
+                best = min(best, sum(cands[i].importance for i in subset))
+    if best == math.inf:
+        assert picked == []
+    else:
+        assert _conflict_free(cands, picked) and all(cands[i].gain_s > 0 for i in picked)
+        assert sum(cands[i].gain_s for i in picked) >= need - 1e-9
+        assert sum(cands[i].importance for i in picked) == pytest.approx(best, abs=1e-9)
+    gains = [g for g, _, _ in front]
+    imps = [imp for _, imp, _ in front]
+    assert gains == sorted(gains) and imps == sorted(imps) and imps[0] == 0.0  # the first: the least (empty) set
+    assert gains[-1] <= most + 1e-12
+
+
+class Block(nn.Module):
+    """An inverted residual (expand 1x1, depthwise 3x3, project 1x1) with ReLU6, and a head."""
+
+    def __init__(self, c=8, e=3, classes=5, k=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU6())
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(c, c * e, 1), nn.BatchNorm2d(c * e), nn.ReLU6(),
+            nn.Conv2d(c * e, c * e, k, 1, k // 2, groups=c * e), nn.BatchNorm2d(c * e), nn.ReLU6(),
+            nn.Conv2d(c * e, c, 1), nn.BatchNorm2d(c)) for _ in range(2))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def _trained_like(model, seed=0):
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_importance_is_zero_where_an_activation_never_clips_and_positive_where_it_does():
+    images = torch.randn(32, 3, 16, 16, dtype=torch.float64)
+    clipping = fxrebirth.capture(_trained_like(Block(k=1)).double(), images[:2])
+    segs = [s for s in find_segments(clipping) if len(s.convs) == 3 and "blocks.0" in " ".join(s.replaces)]
+    assert importance(clipping, segs, images)[segs[0].id] > 1e-4
+    calm = _trained_like(Block(k=1))
+    for m in calm.modules():  # every pre-activation in (0, 6): ReLU6 is the identity on them
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.fill_(1e-2)
+                m.bias.fill_(3.0)
+    gm = fxrebirth.capture(calm.double(), images[:2])
+    assert importance(gm, [segment_of(gm, region_of(segs[0]))], images)[segs[0].id] == pytest.approx(0, abs=1e-12)
+
+
+def test_regions_round_trip_and_build_the_merged_layer():
+    gm = fxrebirth.capture(_trained_like(Block()), torch.randn(2, 3, 16, 16))
+    for seg in candidates(gm, prune="all"):
+        region = Region.from_dict(region_of(seg).to_dict())
+        assert isinstance(region.proposal, DepthProposal)
+        assert segment_of(gm, region) == seg
+        x = torch.randn(tuple(next(n for n in gm.graph.nodes if n.name == seg.input).meta["tensor_meta"].shape))
+        out = next(n for n in gm.graph.nodes if n.name == seg.output).meta["tensor_meta"].shape
+        assert tuple(build_rebirth(region.proposal)(x).shape) == tuple(out)
+
+
+def test_cuts_are_offered_as_asked():
+    gm = fxrebirth.capture(_trained_like(Block()), torch.randn(2, 3, 16, 16))
+    none, grown, every = (set(s.id for s in candidates(gm, prune=p)) for p in ("none", "grown", "all"))
+    assert none == {s.id for s in find_segments(gm)} and none <= grown <= every and len(every) > len(none)
+    assert any(" -" in i for i in every)
+    with pytest.raises(ValueError, match="prune="):
+        candidates(gm, prune="some")
+    other = fxrebirth.capture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)), torch.randn(2, 3, 9, 9))
+    with pytest.raises(RegionError, match="not a depth region|no such segment"):
+        segment_of(other, region_of(next(iter(candidates(gm)))))
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model = _trained_like(Block())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_depth(model, (torch.randn(1, 3, 64, 64),), torch.randn(32, 3, 16, 16), rounds=3)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the model is not changed
+    return model, plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_plan_selects_only_faster_merges_and_its_segments_merge_exactly(planned, dtype):
+    model, plan = planned
+    plan = DepthPlan.from_json(plan.to_json())  # a copy: the fixture is shared
+    assert plan.front and not plan.selected
+    target = plan.front[len(plan.front) // 2].speedup
+    plan.select(target_speedup=target)
+    assert plan.selected and all(c.gain_s > 0 for c in plan.selected)
+    assert plan.estimated_speedup >= target * (1 - 1e-9)
+    again = DepthPlan.from_json(plan.to_json())
+    assert again.to_json() == plan.to_json() and "selected" in again.table()
+    gm = fxrebirth.capture(copy.deepcopy(model).to(dtype), torch.randn(2, 3, 20, 20, dtype=dtype))
+    student = linearise(gm, again.validate(gm))
+    merged = merge(student)
+    bound = 1e-9 if dtype == torch.float64 else tolerance(torch.float32)
+    for size in (20, 23):
+        x = torch.randn(2, 3, size, size, dtype=dtype)
+        with torch.no_grad():
+            assert relative_error(student(x), merged(x)) <= bound
+
+
+def test_an_unreachable_target_or_two_goals_are_errors(planned):
+    _, plan = planned
+    with pytest.raises(ValueError, match="no set of depth merges reaches .*lower the target"):
+        plan.select(target_speedup=1000.0)
+    with pytest.raises(ValueError, match="not both"):
+        plan.select(target_speedup=1.1, budget_s=1.0)
