@@ -178,3 +178,64 @@ def test_an_unreachable_target_or_two_goals_are_errors(planned):
         plan.select(target_speedup=1000.0)
     with pytest.raises(ValueError, match="not both"):
         plan.select(target_speedup=1.1, budget_s=1.0)
+
+
+# ------------------------------------------------------------------------------------------- retraining
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from fxrebirth.paper.data import Shapes
+
+    return Shapes("train", 192, 16, seed=0), Shapes("test", 64, 16, seed=0)
+
+
+def _depth_plan(model, data):
+    calibration = torch.stack([data[i][0] for i in range(32)])
+    plan = plan_depth(model, (torch.randn(1, 3, 32, 32),), calibration, rounds=2)
+    plan.select(target_speedup=plan.front[-1].speedup)  # the most the front offers: every merge it can
+    return plan
+
+
+def test_rebirth_of_a_depth_plan_retrains_merges_and_resumes(shapes, tmp_path):
+    train, test = shapes
+    model = _trained_like(Block(classes=10))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = _depth_plan(model, train)
+    convs = lambda gm: sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.conv2d)
+    merged_away = sum(len(c.region.nodes) for c in plan.selected)
+    reborn, report = fxrebirth.rebirth(model, plan, train, test_data=test, epochs=0.5, batch_size=32,
+                                       checkpoint_dir=tmp_path, control=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    original = fxrebirth.capture(model, train[0][0][None])
+    merged = [n for n in reborn.graph.nodes if n.op == "call_function" and n.target is torch.conv2d
+              and "depth_merged" in n.kwargs["weight"].target]
+    assert len(merged) == len(plan.selected) and merged_away > 0
+    assert convs(reborn) < convs(original)
+    assert report.trained_images == 96 and report.control["trained_images"] == 96
+    assert [r["id"] for r in report.regions] == sorted((c.region.id for c in plan.selected),
+                                                       key=[c.region.id for c in plan.selected].index)
+    for size in (16, 19):  # the merged model runs at other sizes
+        assert reborn(torch.randn(2, 3, size, size)).shape == (2, 10)
+    again, _ = fxrebirth.rebirth(model, plan, train, epochs=0.5, batch_size=32, checkpoint_dir=tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(again(x), reborn(x))  # resumed from the finished checkpoint: the same model
+
+
+def test_a_depth_rebirth_refuses_what_it_cannot_do(shapes):
+    from fxrebirth.errors import FxRebirthError
+
+    train, _ = shapes
+    model = _trained_like(Block(classes=10))
+    plan = _depth_plan(model, train)
+    with pytest.raises(FxRebirthError, match="init='original'"):
+        fxrebirth.rebirth(model, plan, train, init="lstsq")
+    with pytest.raises(FxRebirthError, match="layerwise_epochs=0"):
+        fxrebirth.rebirth(model, plan, train, layerwise_epochs=1.0)
+    empty = DepthPlan.from_json(plan.to_json())
+    for c in empty.candidates:
+        c.selected = False
+    with pytest.raises(FxRebirthError, match="selects no segment"):
+        fxrebirth.rebirth(model, empty, train)
+    with pytest.raises(RegionError, match="made for a Block"):
+        fxrebirth.rebirth(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), plan, train)

@@ -1,5 +1,6 @@
 """The default teacher: the Caffe-style GoogLeNet trained on the embedded :class:`~fxrebirth.paper.data.Shapes`
-set at low resolution, trained once and cached.
+set at low resolution, trained once and cached; or, with ``arch=``, a torchvision architecture
+(``mobilenet_v2``, ``resnet18``, any of :data:`TORCHVISION_TEACHERS`) trained the same way, its BatchNorms kept.
 
 Caffe trained GoogLeNet's 22 layers with two auxiliary classifiers; here a BatchNorm after every
 convolution plays that role during training and is then folded into the convolutions (exactly:
@@ -27,7 +28,9 @@ from fxrebirth.paper.models import fold_batch_norm, googlenet_lrn, he_init
 from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
                                         resolve_device, save_checkpoint)
 
-__all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher"]
+__all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher", "TORCHVISION_TEACHERS", "build_teacher"]
+
+TORCHVISION_TEACHERS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34", "regnet_y_400mf")
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,29 @@ class TeacherConfig:
     weight_decay: float = 1e-4
     width: float = 1.0
     seed: int = 0
+    arch: str = "googlenet_lrn"
+
+    def key(self) -> str:
+        """The cache key (``arch`` joins it only when it is not the default, so older caches still load)."""
+        settings = asdict(self)
+        if self.arch == "googlenet_lrn":
+            settings.pop("arch")
+        return fingerprint(settings)
+
+
+def build_teacher(arch: str, num_classes: int, width: float = 1.0, batch_norm: bool = False) -> nn.Module:
+    """The untrained teacher architecture: ``googlenet_lrn`` (with a BatchNorm after every convolution when
+    ``batch_norm``, for training) or a torchvision one (its own BatchNorms and initialisation)."""
+    if arch == "googlenet_lrn":
+        model = googlenet_lrn(num_classes, width=width, batch_norm=batch_norm)
+        return he_init(model) if batch_norm else model
+    if arch not in TORCHVISION_TEACHERS:
+        raise ValueError(f"no teacher architecture {arch!r}; known: googlenet_lrn, {', '.join(TORCHVISION_TEACHERS)}")
+    if width != 1.0:
+        raise ValueError(f"width={width}: only googlenet_lrn takes a width")
+    import torchvision
+
+    return getattr(torchvision.models, arch)(num_classes=num_classes)
 
 
 def cache_dir() -> str:
@@ -55,18 +81,19 @@ def cache_dir() -> str:
 def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | None = None,
                   progress: ProgressFn | None = None, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Train the BatchNorm variant of ``googlenet_lrn`` on ``train_data``, fold the BatchNorms, and return the
-    plain Caffe-style model (eval mode, on the CPU) and training metadata. ``checkpoint``: a file to resume
+    plain Caffe-style model (eval mode, on the CPU) and training metadata (a torchvision ``config.arch``:
+    trained and returned as it is). ``checkpoint``: a file to resume
     from and write after every epoch. ``device``: where it trains (not part of the cache key: the same
     settings on another device give the same teacher up to rounding)."""
     torch.manual_seed(config.seed)
     num_classes = len(train_data.classes)
     where = resolve_device(device)
-    model = he_init(googlenet_lrn(num_classes, width=config.width, batch_norm=True)).to(where)
+    model = build_teacher(config.arch, num_classes, config.width, batch_norm=True).to(where)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch,
                                                    pct_start=0.15)
-    key = fingerprint(asdict(config))
+    key = config.key()
     start_epoch, wall = 0, 0.0
     state = load_checkpoint(checkpoint) if checkpoint else None
     if state is not None and state.get("key") == key:
@@ -94,10 +121,13 @@ def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | N
             save_checkpoint(checkpoint, {"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "schedule": schedule.state_dict(), "epoch": epoch + 1, "wall_s": wall})
     model.eval().cpu()
+    meta = {"epochs": config.epochs, "train_images": len(train_data), "wall_s": wall, "key": key, "arch": config.arch}
+    if config.arch != "googlenet_lrn":
+        return model, meta
     fold_batch_norm(model)
     plain = googlenet_lrn(num_classes, width=config.width)
     plain.load_state_dict(model.state_dict())
-    return plain.eval(), {"epochs": config.epochs, "train_images": len(train_data), "wall_s": wall, "key": key}
+    return plain.eval(), meta
 
 
 def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn | None = None,
@@ -106,10 +136,10 @@ def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn
     its metadata, including its held-out accuracy."""
     config = config or TeacherConfig()
     directory = directory or cache_dir()
-    key = fingerprint(asdict(config))
-    path = os.path.join(directory, f"teacher-googlenet_lrn-{key}.pt")
+    key = config.key()
+    path = os.path.join(directory, f"teacher-{config.arch}-{key}.pt")
     cached = load_checkpoint(path)
-    model = googlenet_lrn(len(Shapes.classes), width=config.width)
+    model = build_teacher(config.arch, len(Shapes.classes), config.width)
     if cached is not None:
         model.load_state_dict(cached["model"])
         log.info("teacher: loaded %s", path)

@@ -84,9 +84,6 @@ __all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------- student
-
-
 class RegionSwitch(nn.Module):
     """A region in the student: the original region's subgraph and its rebirth layer; ``active`` picks."""
 
@@ -100,22 +97,13 @@ class RegionSwitch(nn.Module):
         return self.rebirth(x) if bool(self.active) else self.original(x)
 
 
-# --------------------------------------------------------------------------------------------------- training
-
-
 class _Job:
     """One rebirth run: the student, its steps, and the checkpoint that records the finished ones."""
 
     def __init__(self, model: nn.Module, plan: Plan, train_data: Any, test_data: Any, config: RebirthConfig,
                  progress: ProgressFn | None, checkpoint_dir: str | None, control_images: int | None = None) -> None:
         self.config, self.progress, self.train_data, self.test_data = config, progress, train_data, test_data
-        if not isinstance(plan, Plan):
-            raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
-                                 "fxrebirth.plan(model, example_inputs)")
-        if not plan.selected:
-            raise FxRebirthError("the plan selects no region: nothing to rebuild")
-        if plan.model and plan.model != type(model).__name__:
-            raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
+        self._check_plan(plan, model)
         image, _ = _first(train_data, "train_data")
         model = copy.deepcopy(model).eval().cpu()  # the user's model is never touched
         num_classes = self._num_classes(model, image)
@@ -125,18 +113,8 @@ class _Job:
         self.teacher = capture(model, (image[None],))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        try:
-            plan.validate(self.teacher)
-        except RegionError as exc:
-            raise RegionError(f"the plan does not fit this model at the data's image size "
-                              f"{list(image.shape)}: {exc}") from None
-        position = {n.name: i for i, n in enumerate(self.teacher.graph.nodes)}
-        self.planned: list[PlannedRegion] = sorted(plan.selected, key=lambda r: position[r.region.output])
-        self.regions = [p.region for p in self.planned]
         torch.manual_seed(config.seed)
-        self.switches = {r.id: RegionSwitch(copy.deepcopy(extract_region(self.teacher, r)),
-                                            build_rebirth(r.proposal)) for r in self.regions}
-        self.student = rebuild(self.teacher, plan, modules=self.switches)
+        self._build_student(plan, list(image.shape))
         for p in self.student.parameters():
             p.requires_grad_(True)
         self.device = resolve_device(config.device)
@@ -157,6 +135,30 @@ class _Job:
         self.region_facts: dict[str, dict[str, Any]] = {r.id: {} for r in self.regions}
         self.eval_reference: torch.Tensor | None = None
         self.observed = 0  # forward-only images of the last end-to-end step's BatchNorm statistics
+
+    @staticmethod
+    def _check_plan(plan: Any, model: nn.Module) -> None:
+        if not isinstance(plan, Plan):
+            raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
+                                 "fxrebirth.plan(model, example_inputs)")
+        if not plan.selected:
+            raise FxRebirthError("the plan selects no region: nothing to rebuild")
+        if plan.model and plan.model != type(model).__name__:
+            raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
+
+    def _build_student(self, plan: Any, image_shape: list[int]) -> None:
+        """``self.planned``/``self.regions`` (graph order), ``self.switches`` and ``self.student``."""
+        try:
+            plan.validate(self.teacher)
+        except RegionError as exc:
+            raise RegionError(f"the plan does not fit this model at the data's image size "
+                              f"{image_shape}: {exc}") from None
+        position = {n.name: i for i, n in enumerate(self.teacher.graph.nodes)}
+        self.planned: list[Any] = sorted(plan.selected, key=lambda r: position[r.region.output])
+        self.regions = [p.region for p in self.planned]
+        self.switches = {r.id: RegionSwitch(copy.deepcopy(extract_region(self.teacher, r)),
+                                            build_rebirth(r.proposal)) for r in self.regions}
+        self.student = rebuild(self.teacher, plan, modules=self.switches)
 
     @staticmethod
     def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
@@ -314,7 +316,9 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
             resume: bool = True, progress: ProgressFn | None = None,
             latency_input: torch.Tensor | None = None, latency_rounds: int = 20, control: bool = False,
             teacher_cost: dict[str, Any] | None = None, **options: Any) -> tuple[fx.GraphModule, RebirthReport]:
-    """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring).
+    """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring);
+    with a :class:`~fxrebirth.retraining.depthplan.DepthPlan`, linearise its segments, retrain and merge
+    them (:mod:`fxrebirth.retraining.depthjob`).
 
     ``model`` is not modified. ``train_data``/``test_data``: map-style datasets of ``(image [3, H, W], label)``
     (:class:`fxrebirth.paper.data.Shapes`, :func:`~fxrebirth.paper.data.image_folder`, ...). Options are the fields of
@@ -331,7 +335,8 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         raise FxRebirthError(f"unknown rebirth option(s) {unknown}; options: {[f.name for f in fields(RebirthConfig)]}")
     config = RebirthConfig(**{**(asdict(config) if config is not None else {}), **options})
     folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
-    job = _Job(model, plan, train_data, test_data, config, progress, folder)
+    job_type = _job_type(plan)
+    job = job_type(model, plan, train_data, test_data, config, progress, folder)
     job.run(resume)
     reborn = job.result()
     report = job.report
@@ -343,7 +348,7 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
     report.teacher_cost = dict(teacher_cost) if teacher_cost else None
     evaluated = _evaluate(job.teacher, reborn, test_data, report, job.device) if test_data is not None else None
     if control:
-        scratch = _Job(model, plan, train_data, test_data, config, progress, folder,
+        scratch = job_type(model, plan, train_data, test_data, config, progress, folder,
                        control_images=report.trained_images)
         scratch.run(resume)
         report.control = _control_record(scratch, evaluated, test_data)
@@ -352,6 +357,17 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         report.latency = {**eager_latency(model, reborn, latency_input, latency_rounds),
                           "planned_speedup": plan.estimated_speedup}
     return reborn, report
+
+
+def _job_type(plan: Any) -> type[_Job]:
+    """The job for ``plan``: a rebirth plan's, or a depth plan's (:mod:`fxrebirth.retraining.depthjob`)."""
+    from fxrebirth.retraining.depthplan import DepthPlan
+
+    if isinstance(plan, DepthPlan):
+        from fxrebirth.retraining.depthjob import DepthJob
+
+        return DepthJob
+    return _Job
 
 
 def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport,

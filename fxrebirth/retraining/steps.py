@@ -172,7 +172,7 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
         for bn in norms.modules():
             bn.train()
     # feature (hint) loss: each merged region's output against the original's
-    active = [r for r in regions if bool(switches[r.id].active)]
+    active = [r for r in regions if r.id in switches and bool(switches[r.id].active)]
     features = c.feature_weight > 0 and kd_weight > 0 and bool(active)
     # one teacher forward per batch gives the logits and, with the feature loss, the regions' outputs
     logits = next(n for n in teacher.graph.nodes if n.op == "output").args[0].name
