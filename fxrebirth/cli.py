@@ -79,6 +79,11 @@ def _run(args: argparse.Namespace) -> int:
     from fxrebirth.paper.runner import RunConfig, run
     from fxrebirth.paper.teacher import TeacherConfig
 
+    from fxrebirth.paper.teacher import TORCHVISION_TEACHERS
+
+    if args.model in TORCHVISION_TEACHERS and not args.weights and not args.data:
+        return _run_depth(args)
+    args.image_size = args.image_size or 32
     model = None
     if args.model != "googlenet_lrn" or args.weights or args.data:
         if not args.weights:
@@ -92,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         options["epochs"] = args.epochs
     config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
                        plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
-                       teacher=TeacherConfig(epochs=args.teacher_epochs, width=args.width),
+                       teacher=TeacherConfig(epochs=args.teacher_epochs or 4, width=args.width),
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
                        reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
@@ -102,6 +107,34 @@ def _run(args: argparse.Namespace) -> int:
         result = run(config, progress=bars)
     finally:
         bars.close()
+    return _print_report(args, result)
+
+
+def _run_depth(args: argparse.Namespace) -> int:
+    """``fxrebirth run mobilenet_v2``: the depth job (:mod:`fxrebirth.paper.depthrun`)."""
+    from fxrebirth.paper.depthrun import DepthRunConfig, run_depth
+    from fxrebirth.paper.teacher import TeacherConfig
+    from fxrebirth.retraining.engine import RebirthConfig
+
+    targets = tuple(args.target or (1.5,))
+    if any(t <= 1 for t in targets):
+        raise FxRebirthError(f"--target {min(targets)}: a target speed-up is above 1")
+    options = {"device": args.device, "precision": args.precision, "epochs": 1.5 if args.epochs is None else args.epochs}
+    config = DepthRunConfig(model_name=args.model, out=args.out, image_size=args.image_size or 64,
+                            plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
+                            teacher=TeacherConfig(epochs=args.teacher_epochs or 6), rebirth=RebirthConfig(**options),
+                            targets=targets, plan_runtime=args.plan_for, latency_rounds=args.latency_rounds,
+                            bench=args.bench,
+                            control=not args.no_control)
+    bars = _Bars(not args.quiet and not args.json)
+    try:
+        result = run_depth(config, progress=bars)
+    finally:
+        bars.close()
+    return _print_report(args, result)
+
+
+def _print_report(args: argparse.Namespace, result: dict) -> int:
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

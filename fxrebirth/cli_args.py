@@ -107,13 +107,16 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     """The ``run`` sub-command: the main job."""
     run = sub.add_parser("run", help="the main job: teacher, plan, rebirth + retraining, evaluation, report")
     run.add_argument("model", nargs="?", default="googlenet_lrn",
-                     help="default googlenet_lrn (trained once on the embedded data and cached); other models "
+                     help="default googlenet_lrn (trained once on the embedded data and cached); mobilenet_v2, "
+                          "resnet18 (and the other architectures of fxrebirth.paper.teacher.TORCHVISION_TEACHERS): "
+                          "the depth job, teacher trained once at 64x64 and cached (docs/depth.md); other models "
                           "need --weights and --data")
     run.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
     run.add_argument("--data", metavar="PATH", help="an ImageFolder tree (PATH/<class>/<image>); default: the "
                                                     "embedded Shapes set")
     run.add_argument("--out", default="fxrebirth-report", help="report folder (default fxrebirth-report)")
-    run.add_argument("--image-size", type=int, default=32, help="training/evaluation resolution (default 32)")
+    run.add_argument("--image-size", type=int, default=None,
+                     help="training/evaluation resolution (default 32; 64 for the depth job)")
     run.add_argument("--plan-size", type=int, default=224, help="planning and timing resolution (default 224)")
     run.add_argument("--init", choices=("auto", "lstsq", "xavier", "original"), default=None,
                      help="rebirth layer initialisation (default: the library default, see docs/retraining.md)")
@@ -125,7 +128,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")
     run.add_argument("--train-images", type=int, default=20000)
     run.add_argument("--test-images", type=int, default=10000)
-    run.add_argument("--teacher-epochs", type=int, default=4)
+    run.add_argument("--teacher-epochs", type=int, default=None, help="default 4; 6 for the depth job")
+    run.add_argument("--target", type=float, action="append", default=None, metavar="X",
+                     help="depth job: a target speed-up of the plan (repeatable: one retrained point of the front "
+                          "each; default 1.5)")
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
     run.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
@@ -148,7 +154,7 @@ _AT_LEAST_ONE = ("threads", "input_size", "image_size", "plan_size", "batch", "b
                  "latency_rounds", "train_images", "test_images", "teacher_epochs", "teacher_images")
 
 
-_POSITIVE = ("target_speedup", "budget_ms", "width", "teacher_hours")
+_POSITIVE = ("target_speedup", "budget_ms", "width", "teacher_hours")  # --target: checked by the depth job
 
 
 _NOT_NEGATIVE = ("epochs",)  # 0 epochs: the initialised rebirth layers only

@@ -149,7 +149,9 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["run", "resnet18", "--weights", str(corrupt)], "not a readable state_dict"),
         (["run", "--reduce-ratio", "0"], "--reduce-ratio 0.0: give a fraction in (0, 1]"),
         (["plan", "googlenet_lrn", "--reduce-ratio", "1.5"], "--reduce-ratio 1.5: give a fraction"),
-        (["run", "resnet18"], "give --weights"),
+        (["run", "vgg11"], "give --weights"),
+        (["run", "mobilenet_v2", "--target", "0.9"], "--target 0.9: a target speed-up is above 1"),
+        (["run", "resnet18", "--device", "gpu0", "--out", str(tmp_path / "r")], "device='gpu0'"),
         # refused before the teacher trains
         (["run", "--device", "gpu0", "--out", str(tmp_path / "r")], "device='gpu0'"),
     ]
@@ -242,3 +244,25 @@ def test_multi_line_library_error_is_printed_on_one_line(capsys):
     assert main(["optimize", "alexnet_lrn", "--input-size", "32"]) == 2  # too small: its pooling fails (two-line CaptureError)
     err = capsys.readouterr().err
     assert err.startswith("fxrebirth: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+TINY_DEPTH = ["mobilenet_v2", "--train-images", "64", "--test-images", "32", "--image-size", "32",
+              "--plan-size", "64", "--teacher-epochs", "1", "--epochs", "0.5", "--target", "1.05", "--bench", "none",
+              "--no-control", "--latency-rounds", "3"]
+
+
+def test_the_depth_job_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FXREBIRTH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    assert main(["-q", "run", "--out", str(out), *TINY_DEPTH]) == 0
+    text = capsys.readouterr().out
+    assert "depth report: mobilenet_v2" in text and "Measured front" in text and "Kim et al." in text
+    result = json.loads((out / "report.json").read_text())
+    (point,) = result["points"]
+    assert point["segments"] >= 1 and point["trained_images"] == 32 and point["teacher_share"] == 0.5
+    assert point["eager"]["speedup"] > 0 and (out / "point-1.05" / "report.md").exists()
+    assert (out / "plan.json").exists() and result["plan"]["front"]
+    # a second run reads the cached teacher, the saved plan and the finished checkpoint
+    assert main(["-q", "run", "--out", str(out), *TINY_DEPTH]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["teacher"]["cached"] and again["points"][0]["top1"] == point["top1"]
