@@ -97,21 +97,25 @@ def _insert_pad(graph: fx.Graph, value: fx.Node, widths: tuple[int, ...]) -> fx.
                                                   "value": None})
 
 
-def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
+def _linearise_one(gm: fx.GraphModule, seg: Segment, renamed: dict[str, str]) -> StudentSegment:
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
-    a, b = by_name[seg.input], by_name[seg.output]
+    a, b = by_name[renamed.get(seg.input, seg.input)], by_name[seg.output]
     members = members_of(gm, seg)
     output = b
     roles = {n: stage_of(n) for n in members}  # read before any node is erased
+
+    def remove(node: fx.Node, by: fx.Node) -> None:
+        nonlocal output
+        output = by if node is output else output  # the output may be removed in turn (a shortcut's activation)
+        _remove(node, by)
+
     for add in [n for n in members if roles[n] == "add" and any(x.name in seg.dropped for x in n.args)]:
-        keep = next(x for x in add.args if x.name not in seg.dropped)
-        output = keep if add is output else output
-        _remove(add, keep)
+        remove(add, next(x for x in add.args if x.name not in seg.dropped))
     for node in [n for n in members if n.name in seg.pruned]:
-        _remove(node, node.kwargs["input"])
+        remove(node, node.kwargs["input"])
     for node in [n for n in members if roles[n] == "activation"]:
-        _remove(node, activation_input(node))
+        remove(node, activation_input(node))
     graph.eliminate_dead_code()
     alive = {n.name for n in graph.nodes}
     members = [n for n in members if n.name in alive]
@@ -123,6 +127,10 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
     pad = _insert_pad(graph, a, q[a])
     nodes = [pad]
     for node in [a] + members:
+        if node is not a:  # listed before the crops that read it (merge() walks the list in order)
+            nodes.append(node)
+            if stage_of(node) in ("conv", "pool"):
+                node.update_kwarg("padding", (0,) * len(q[a]))
         for user in users[node]:
             want = _demand_of(user, q)
             source = pad if node is a else node
@@ -133,10 +141,6 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment) -> StudentSegment:
                         "mode": "constant", "value": None})
                 nodes.append(source)
             user.replace_input_with(node, source)
-        if node is not a:
-            nodes.append(node)
-            if stage_of(node) in ("conv", "pool"):
-                node.update_kwarg("padding", (0,) * len(q[a]))
     return StudentSegment(seg.id, a.name, pad.name, tuple(n.name for n in nodes), output.name)
 
 
@@ -159,7 +163,13 @@ def linearise(gm: fx.GraphModule, segments: list[Segment]) -> fx.GraphModule:
     ``meta[STUDENT_KEY]`` lists them (:class:`StudentSegment`) for :func:`merge`."""
     _check_disjoint(segments)
     student = copy.deepcopy(gm)
-    done = [_linearise_one(student, seg) for seg in segments]
+    position = {n.name: i for i, n in enumerate(student.graph.nodes)}
+    # graph order: a segment whose output is gone (its addition became one operand) renames a later one's input
+    renamed: dict[str, str] = {}
+    done = []
+    for seg in sorted(segments, key=lambda s: position[s.output]):
+        done.append(_linearise_one(student, seg, renamed))
+        renamed[seg.output] = done[-1].output
     student.graph.lint()
     student.recompile()
     propagate_shapes(student, _example_inputs(gm))
@@ -184,7 +194,8 @@ def _kernel_of(gm: fx.GraphModule, part: StudentSegment, ctx: RuleContext) -> Ke
         role = stage_of(node)
         if node.target is F.pad:
             widths = node.kwargs["pad"][::2][::-1]
-            kernel = compose(env[node.kwargs["input"]], _crop_kernel(shape[1], tuple(-w for w in widths), ctx.device))
+            channels = node.kwargs["input"].meta["tensor_meta"].shape[1]  # the cropped value's, inside or at the input
+            kernel = compose(env[node.kwargs["input"]], _crop_kernel(channels, tuple(-w for w in widths), ctx.device))
         elif role == "add":
             x, y = node.args
             kernel = sum_kernels([env[x], env[y]], tuple(shape[2:]), tuple(node.meta["tensor_meta"].shape[2:]))

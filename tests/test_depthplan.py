@@ -239,3 +239,22 @@ def test_a_depth_rebirth_refuses_what_it_cannot_do(shapes):
         fxrebirth.rebirth(model, empty, train)
     with pytest.raises(RegionError, match="made for a Block"):
         fxrebirth.rebirth(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), plan, train)
+
+
+def test_every_pair_a_plan_may_choose_merges_exactly():
+    """Every two candidates whose spans do not overlap (what the programme may choose together), cuts included:
+    shortcuts inside a segment (the stem's activation read by the first block's addition), additions dropped
+    to a shortcut that is itself an activation, a segment reading one whose addition was dropped; in float64,
+    listed in either order."""
+    from fxrebirth.retraining.depthplan import _span
+
+    gm = fxrebirth.capture(_trained_like(Block()).double(), torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    every = candidates(gm, prune="all")
+    pairs = [(a, b) for a, b in itertools.combinations(every, 2) if _span(gm, a)[1] < _span(gm, b)[0]]
+    assert len(pairs) > 20
+    for i, (a, b) in enumerate(pairs):
+        student = linearise(gm, [b, a] if i % 2 else [a, b])
+        merged = merge(student)
+        x = torch.randn(2, 3, 16 + i % 5, 16 + i % 5, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(student(x), merged(x)) <= 1e-9, (a.id, b.id)
