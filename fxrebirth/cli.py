@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -102,12 +102,7 @@ def _run(args: argparse.Namespace) -> int:
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
                        reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
                        teacher_cost=_teacher_cost(args))
-    bars = _Bars(not args.quiet and not args.json)
-    try:
-        result = run(config, progress=bars)
-    finally:
-        bars.close()
-    return _print_report(args, result)
+    return _report_of(args, run, config)
 
 
 def _run_depth(args: argparse.Namespace) -> int:
@@ -124,17 +119,17 @@ def _run_depth(args: argparse.Namespace) -> int:
                             plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
                             teacher=TeacherConfig(epochs=args.teacher_epochs or 6), rebirth=RebirthConfig(**options),
                             targets=targets, plan_runtime=args.plan_for, latency_rounds=args.latency_rounds,
-                            bench=args.bench,
-                            control=not args.no_control)
+                            bench=args.bench, control=not args.no_control)
+    return _report_of(args, run_depth, config)
+
+
+def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:
+    """Run ``job(config)`` with progress bars (unless quiet or JSON) and print its report."""
     bars = _Bars(not args.quiet and not args.json)
     try:
-        result = run_depth(config, progress=bars)
+        result = job(config, progress=bars)
     finally:
         bars.close()
-    return _print_report(args, result)
-
-
-def _print_report(args: argparse.Namespace, result: dict) -> int:
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

@@ -258,3 +258,30 @@ def test_every_pair_a_plan_may_choose_merges_exactly():
         x = torch.randn(2, 3, 16 + i % 5, 16 + i % 5, dtype=torch.float64)
         with torch.no_grad():
             assert relative_error(student(x), merged(x)) <= 1e-9, (a.id, b.id)
+
+
+ZOO = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "timm:mobilenetv2_050"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_plans_choose_sets_that_merge_exactly_at_two_sizes(name):
+    """On models nobody here wrote: plan with every cut offered, take the front's largest set (the most
+    combinations at once), linearise and merge it, in float64 at two sizes."""
+    if name.startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(name[5:], pretrained=False, num_classes=10)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(num_classes=10)
+    model = _trained_like(model)
+    plan = plan_depth(model, (torch.randn(1, 3, 64, 64),), torch.randn(8, 3, 32, 32), rounds=2, prune="all")
+    plan.select(target_speedup=plan.front[-1].speedup)
+    assert plan.selected and all(c.gain_s > 0 for c in plan.selected)
+    gm = fxrebirth.capture(copy.deepcopy(model).double(), torch.randn(2, 3, 48, 48, dtype=torch.float64))
+    student = linearise(gm, plan.validate(gm))
+    merged = merge(student)
+    for size in (48, 53):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(student(x), merged(x)) <= 1e-9
