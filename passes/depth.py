@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -93,7 +93,7 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 def stage_of(node: fx.Node) -> str | None:
     """The linear role of ``node`` in a segment: ``"conv"``, ``"pool"`` (average pooling as a depthwise
-    convolution), ``"affine"`` (eval BatchNorm), ``"identity"`` (eval dropout), ``"add"``, ``"activation"``,
+    convolution), ``"affine"`` (eval BatchNorm), ``"identity"`` (eval dropout, ``nn.Identity``), ``"add"``, ``"activation"``,
     or ``None`` for anything else (a segment never contains it)."""
     kind = kind_of(node)
     kw = node.kwargs
@@ -109,6 +109,8 @@ def stage_of(node: fx.Node) -> str | None:
         return "affine" if not kw["training"] else None
     if kind == "dropout":
         return "identity" if not kw["training"] else None
+    if type(_module(node)) is nn.Identity and len(node.args) == 1 and not kw:  # timm's placeholders (drop, aa, se)
+        return "identity"
     if node.op == "call_function" and node.target is operator.add and len(node.args) == 2 and not node.kwargs:
         a, b = node.args
         same = isinstance(a, fx.Node) and isinstance(b, fx.Node) and _shape(a) == _shape(b) == _shape(node)
@@ -124,7 +126,7 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
         return list(node.args)
     if stage_of(node) == "activation":
         return [activation_input(node)]
-    return [node.kwargs["input"]]
+    return [node.kwargs["input"]] if "input" in node.kwargs else [node.args[0]]
 
 
 def _window(node: fx.Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -279,7 +281,7 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
         receptive[node] = (size, stride, groups)
     size, stride, groups = receptive[members[-1]]
     out = _shape(members[-1])
-    macs_now = sum(_macs(n) for n in members if stage_of(n) == "conv" and n.name not in pruned)
+    macs_now = sum(_macs(n) for n in members if stage_of(n) == "conv" and n.name not in pruned)  # the student's
     macs_merged = out[0] * out[1] * (channels // groups) * math.prod(size) * math.prod(out[2:])
     return Geometry(channels, out[1], size, stride, q[a], groups, macs_now, int(macs_merged))
 
@@ -327,6 +329,8 @@ def _segment(a: fx.Node, b: fx.Node, reached: dict[fx.Node, int], position: dict
     geo = geometry(a, live, frozenset(pruned), frozenset(dropped))
     if geo is None:
         return None
+    # what the segment costs now: every convolution of it, the pruned and dropped ones too
+    geo = replace(geo, macs_now=sum(_macs(n) for n in members if stage_of(n) == "conv"))
     replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in members))
     return Segment(a.name, b.name, tuple(n.name for n in members),
                    tuple(n.name for n in members if stage_of(n) == "activation"),

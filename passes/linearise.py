@@ -200,7 +200,7 @@ def _kernel_of(gm: fx.GraphModule, part: StudentSegment, ctx: RuleContext) -> Ke
             x, y = node.args
             kernel = sum_kernels([env[x], env[y]], tuple(shape[2:]), tuple(node.meta["tensor_meta"].shape[2:]))
         elif role == "identity":
-            kernel = env[node.kwargs["input"]]
+            kernel = env[_inputs(node)[0]]
         else:
             stage = stage_kernel(node, ctx)
             kernel = stage if isinstance(stage, str) else compose(env[_inputs(node)[0]], stage)

@@ -209,7 +209,7 @@ def test_pruning_a_conv_and_dropping_a_residual_branch():
     x, out = nodes[0], nodes[-1].args[0]
     second = seg.convs[1]
     pruned = segment_between(x, out, pruned=(second,))
-    assert pruned.geometry.kernel_size == (3, 3) and pruned.geometry.growth == 1.0
+    assert pruned.geometry.kernel_size == (3, 3) and pruned.geometry.growth == 0.5  # one 3x3 of the two
     student = linearise(gm, [pruned])
     assert second not in {n.name for n in student.graph.nodes}
     xx = torch.randn(2, 8, 12, 12)

@@ -276,12 +276,42 @@ def test_zoo_plans_choose_sets_that_merge_exactly_at_two_sizes(name):
         model = getattr(torchvision.models, name)(num_classes=10)
     model = _trained_like(model)
     plan = plan_depth(model, (torch.randn(1, 3, 64, 64),), torch.randn(8, 3, 32, 32), rounds=2, prune="all")
+    assert plan.candidates and plan.front
+    per_mac = plan.latency_s / sum(c.macs_now for c in plan.candidates)  # any disjoint set saves < the latency
+    for c in plan.candidates:  # gains from MACs, so that the set chosen does not depend on the machine's noise
+        c.latency_now_s, c.latency_merged_s = c.macs_now * per_mac, c.macs_merged * per_mac
+    plan.select()  # the front of these gains
     plan.select(target_speedup=plan.front[-1].speedup)
-    assert plan.selected and all(c.gain_s > 0 for c in plan.selected)
+    chosen = [c.region.id for c in plan.selected]
+    assert len(chosen) >= 2 and all(c.gain_s > 0 for c in plan.selected)
     gm = fxrebirth.capture(copy.deepcopy(model).double(), torch.randn(2, 3, 48, 48, dtype=torch.float64))
     student = linearise(gm, plan.validate(gm))
     merged = merge(student)
     for size in (48, 53):
         x = torch.randn(2, 3, size, size, dtype=torch.float64)
         with torch.no_grad():
-            assert relative_error(student(x), merged(x)) <= 1e-9
+            assert relative_error(student(x), merged(x)) <= 1e-9, chosen
+
+
+def test_random_sets_of_mobilenet_v2_candidates_merge_exactly():
+    """Seeded random conflict-free sets of every candidate and cut of torchvision mobilenet_v2, in float64."""
+    import random
+
+    import torchvision
+    from fxrebirth.retraining.depthplan import _span
+
+    model = _trained_like(torchvision.models.mobilenet_v2(num_classes=10)).double()
+    gm = fxrebirth.capture(model, torch.randn(2, 3, 48, 48, dtype=torch.float64))
+    every = candidates(gm, prune="all")
+    spans = {s.id: _span(gm, s) for s in every}
+    rng = random.Random(0)
+    for _ in range(8):
+        chosen: list = []
+        for s in rng.sample(every, len(every)):
+            if rng.random() < 0.5 and all(spans[s.id][1] < spans[o.id][0] or spans[o.id][1] < spans[s.id][0]
+                                          for o in chosen):
+                chosen.append(s)
+        student = linearise(gm, chosen)
+        x = torch.randn(2, 3, 53, 53, dtype=torch.float64)
+        with torch.no_grad():
+            assert relative_error(student(x), merge(student)(x)) <= 1e-9, [s.id for s in chosen]
