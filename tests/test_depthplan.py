@@ -43,6 +43,16 @@ def candidate_sets(draw):
     return out, draw(st.floats(0, 1.2))
 
 
+def test_gains_that_reach_the_whole_latency_are_capped_not_a_division_by_zero():
+    """Noisy A/B timings of small layers can add up to more than the model's own latency."""
+    cands = [_candidate(i, (2 * i, 2 * i + 1), 0.4, 0.1 * i) for i in range(4)]  # 1.6 s saved of 1 s
+    plan = DepthPlan("m", [1, 3, 8, 8], [2, 3, 8, 8], 1.0, "test", cands)
+    plan.select()
+    assert plan.front and all(math.isfinite(p.speedup) for p in plan.front)
+    plan.select(target_speedup=2.0)
+    assert plan.selected and math.isfinite(plan.front[-1].speedup)
+
+
 def _conflict_free(cands, chosen):
     spans = sorted(cands[i].span for i in chosen)
     return all(a[1] < b[0] for a, b in zip(spans, spans[1:]))

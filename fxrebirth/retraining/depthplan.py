@@ -163,16 +163,17 @@ class FrontPoint:
     chosen: list[str]
 
 
-def choose(cands: list[DepthCandidate], need_s: float, unit_s: float
+def choose(cands: list[DepthCandidate], need_s: float, unit_s: float, limit_s: float = math.inf
            ) -> tuple[list[int], list[tuple[float, float, list[str]]], float]:
     """The dynamic programme of the module docstring (``unit_s``: the gain grid's step). Returns the indices
     (into ``cands``) of the least important conflict-free set saving at least ``need_s`` (``[]`` if none
     does), the front as ``(gain_s, summed importance, chosen ids)`` at each gain where the least importance
-    rises (``best[n][g]`` never falls as ``g`` grows), and the most any set saves on the grid."""
+    rises (``best[n][g]`` never falls as ``g`` grows), and the most any set saves on the grid. The grid stops
+    at ``limit_s`` (a set saving more counts as saving that much)."""
     usable = sorted((i for i, c in enumerate(cands) if c.gain_s > 0), key=lambda i: cands[i].span[1])
     ends = [cands[i].span[1] for i in usable]
     weights = [int(cands[i].gain_s // unit_s) for i in usable]
-    top = sum(weights)
+    top = min(sum(weights), int(limit_s // unit_s) if math.isfinite(limit_s) else sum(weights))
     inf = math.inf
     best = [[0.0] + [inf] * top]
     take: list[list[bool]] = [[False] * (top + 1)]
@@ -227,7 +228,8 @@ class DepthPlan:
 
     @property
     def estimated_speedup(self) -> float:
-        return self.latency_s / self.estimated_latency_s
+        left = self.estimated_latency_s
+        return self.latency_s / left if left > 0 else math.inf
 
     def select(self, target_speedup: float | None = None, budget_s: float | None = None,
                steps: int = 2000) -> None:
@@ -238,7 +240,10 @@ class DepthPlan:
         goal = budget_s if budget_s is not None else self.latency_s / target_speedup if target_speedup else None
         unit = self.latency_s / steps
         need = self.latency_s - goal if goal is not None else 0.0
-        picked, front, most = choose(self.candidates, need, unit)
+        if sum(c.gain_s for c in self.candidates if c.gain_s > 0) >= self.latency_s:
+            log.warning("depth plan: the candidates' summed gains reach the whole latency (noisy timings, or "
+                        "gains that do not add up); the estimate is capped one grid step below it")
+        picked, front, most = choose(self.candidates, need, unit, self.latency_s - unit)
         for c in self.candidates:
             c.selected = False
         for i in picked:
