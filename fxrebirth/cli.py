@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -101,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
                        reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
+                       plan_table=args.table,
                        teacher_cost=_teacher_cost(args))
     return _report_of(args, run, config)
 
@@ -118,7 +120,8 @@ def _run_depth(args: argparse.Namespace) -> int:
     config = DepthRunConfig(model_name=args.model, out=args.out, image_size=args.image_size or 64,
                             plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
                             teacher=TeacherConfig(epochs=args.teacher_epochs or 6), rebirth=RebirthConfig(**options),
-                            targets=targets, plan_runtime=args.plan_for, latency_rounds=args.latency_rounds,
+                            targets=targets, plan_runtime=args.plan_for, plan_table=args.table,
+                            latency_rounds=args.latency_rounds,
                             bench=args.bench, control=not args.no_control)
     return _report_of(args, run_depth, config)
 
@@ -160,12 +163,29 @@ def _plan(args: argparse.Namespace) -> int:
     x = torch.randn(1, 3, args.input_size, args.input_size)
     budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
     result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
-                  reduce_ratio=args.reduce_ratio, runtime=args.runtime, lowering=lower_for)
+                  reduce_ratio=args.reduce_ratio, runtime=args.runtime, lowering=lower_for, device_table=args.table)
     if args.save:
         _write(args.save, result.to_json(indent=1))
     print(result.to_json(indent=1) if args.json else result.table())
     if args.save and not args.json:
         print(f"saved: {args.save}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from fxrebirth.retraining.profiling import profile
+
+    model = _load(args)
+    x = torch.randn(1, 3, args.input_size, args.input_size)
+    manifest = profile(model, x, args.out, depth=args.depth, reduce_ratio=args.reduce_ratio)
+    with open(manifest) as f:
+        pairs = len(json.load(f)["pairs"])
+    use = (f"fxrebirth run {args.model} --plan-size {args.input_size} --table" if args.depth
+           else f"fxrebirth plan {args.model} --input-size {args.input_size} --table")
+    print(f"bundle: {args.out} (the whole model and {pairs} candidate pairs as ONNX, {os.path.basename(manifest)})\n"
+          f"on the device (Python with numpy and onnxruntime or openvino; no torch):\n"
+          f"  python time_on_device.py . --runtime openvino    # inside the copied folder\n"
+          f"then here:\n  {use} {os.path.join(args.out, 'latency-openvino.json')}")
     return 0
 
 
@@ -255,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_args(args)
-        commands = {"plan": _plan, "optimize": _optimize, "bench": _bench, "run": _run, "export": _export}
+        commands = {"plan": _plan, "optimize": _optimize, "profile": _profile, "bench": _bench, "run": _run,
+                    "export": _export}
         return commands[args.command](args)
     except FxRebirthError as exc:
         print(f"fxrebirth: error: {_one_line(exc)}", file=sys.stderr)

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="errors only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_optimize_parser, _plan_parser, _bench_parser, _run_parser, _export_parser):
+    for add in (_optimize_parser, _plan_parser, _profile_parser, _bench_parser, _run_parser, _export_parser):
         add(sub)
     return parser
 
@@ -62,9 +62,22 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     pln.add_argument("--repeats", type=int, default=5, help="timing repeats per node (default 5)")
     pln.add_argument("--runtime", choices=_PLAN_RUNTIMES, default="eager", help="time every region A/B through this "
                      "runtime (default eager: every node profiled); the plan then merges what is faster there")
+    pln.add_argument("--table", metavar="PATH", help="the A/B timings measured on the device: the latency-*.json "
+                     "that time_on_device.py wrote from a bundle of `fxrebirth profile` (instead of --runtime)")
     pln.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``profile`` sub-command: a bundle of micro-models to time on the device."""
+    prf = sub.add_parser("profile", help="export what the planner times (ONNX micro-models, a manifest and a script "
+                         "that needs only the runtime) to time on the device that will run the model")
+    _model_arguments(prf)
+    prf.add_argument("--out", required=True, metavar="DIR", help="the bundle's folder")
+    prf.add_argument("--depth", action="store_true", help="the depth planner's candidates (fxrebirth run "
+                     "mobilenet_v2 --table), not the rebirth regions (fxrebirth plan --table)")
+    prf.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -138,6 +151,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                                                         "0.5; thinner is faster and costs more accuracy)")
     run.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the plan times every region through (default eager)")
+    run.add_argument("--table", metavar="PATH", help="plan with the timings measured on the device from a bundle of "
+                     "`fxrebirth profile MODEL --input-size PLAN_SIZE` (--depth for torchvision models), instead of "
+                     "--plan-for")
     run.add_argument("--bench", choices=("full", "fast", "none"), default="full",
                      help="the speed table: every runtime (default), eager and ONNX Runtime only, or none")
     run.add_argument("--bench-batch", type=int, nargs="+", default=[1, 8], help="speed table batch sizes")
@@ -184,6 +200,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise FxRebirthError(f"{_flag(dest)} {value}: give a number >= 0")
     if getattr(args, "reduce_ratio", None) is not None and not 0 < args.reduce_ratio <= 1:
         raise FxRebirthError(f"--reduce-ratio {args.reduce_ratio}: give a fraction in (0, 1]")
+    table = getattr(args, "table", None)
+    if table:
+        timed_on = getattr(args, "runtime", None) or getattr(args, "plan_for", None)
+        if timed_on not in (None, "eager"):
+            raise FxRebirthError(f"give --table or --{'runtime' if args.command == 'plan' else 'plan-for'} "
+                                 f"{timed_on}, not both: the table was measured on one runtime")
+        if not os.path.isfile(table):
+            raise FxRebirthError(f"--table {table}: no such file (time_on_device.py writes it into the bundle)")
     weights = getattr(args, "weights", None)
     if weights:
         if not os.path.exists(weights):

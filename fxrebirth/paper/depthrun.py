@@ -68,6 +68,7 @@ class DepthRunConfig:
     targets: tuple[float, ...] = (1.5,)
     calibration_images: int = 256
     plan_runtime: str = "eager"
+    plan_table: str | None = None  # a device table of `fxrebirth profile --depth` instead of timing on plan_runtime
     plan_rounds: int = 20
     prune: str = "grown"
     latency_rounds: int = 20
@@ -87,7 +88,7 @@ def _plan(config: DepthRunConfig, model: nn.Module, train: Any) -> DepthPlan:
     calibration = torch.stack([train[i][0] for i in range(min(config.calibration_images, len(train)))])
     example = torch.randn(1, 3, config.plan_size, config.plan_size)
     plan = plan_depth(model, (example,), calibration, runtime=config.plan_runtime, rounds=config.plan_rounds,
-                      prune=config.prune, lowering=lower_for)
+                      prune=config.prune, lowering=lower_for, device_table=config.plan_table)
     with open(path, "w") as f:
         f.write(plan.to_json(indent=1))
     return plan

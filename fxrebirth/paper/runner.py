@@ -55,10 +55,12 @@ class RunConfig:
     latency_rounds: int = 20
     plan_repeats: int = 3
     reduce_ratio: float | None = None
-    plan_runtime: str = "eager"
-    """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
     """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
     thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
+    plan_runtime: str = "eager"
+    """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
+    plan_table: str | None = None
+    """A device table of ``fxrebirth profile`` (:func:`fxrebirth.plan`'s ``device_table``) instead."""
     bench: str = "full"
     """The speed table's runtimes: ``full`` (every runtime of :mod:`fxrebirth.measure.speed`), ``fast`` (eager and
     ONNX Runtime: no compilation) or ``none``."""
@@ -105,7 +107,7 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
         log.info("run: resuming with %s", plan_path)
     else:
         plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
-                         runtime=config.plan_runtime, lowering=lower_for)
+                         runtime=config.plan_runtime, lowering=lower_for, device_table=config.plan_table)
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))
     teacher_cost = config.teacher_cost

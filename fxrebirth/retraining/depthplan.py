@@ -53,7 +53,7 @@ from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable,
 from fxrebirth.passes.linearise import linearise
 from fxrebirth.retraining.layers import build_rebirth
 
-__all__ = ["plan_depth", "DepthPlan", "DepthCandidate", "FrontPoint", "candidates", "importance", "choose",
+__all__ = ["plan_depth", "segment_pairs", "DepthPlan", "DepthCandidate", "FrontPoint", "candidates", "importance", "choose",
            "region_of", "segment_of"]
 
 log = logging.getLogger(__name__)
@@ -302,14 +302,28 @@ def _span(gm: fx.GraphModule, seg: Segment) -> tuple[int, int]:
     return min(position[n] for n in seg.nodes), position[seg.output]
 
 
+def segment_pairs(deploy: fx.GraphModule, segs: list[Segment]) -> dict[str, tuple[nn.Module, nn.Module, torch.Tensor]]:
+    """Per candidate: its layers cut out of ``deploy``, its merged convolution (freshly initialised) and a
+    random input of its shape: what the planner times A/B."""
+    pairs = {}
+    for seg in segs:
+        x = torch.randn(_shape_of(deploy, seg.input))
+        pairs[seg.id] = (extract(deploy, seg.input, seg.nodes, seg.output, seg.id),
+                         build_rebirth(region_of(seg).proposal).eval(), x)
+    return pairs
+
+
 def plan_depth(model: nn.Module, example_inputs: Any, calibration: torch.Tensor, *, runtime: str = "eager",
                target_speedup: float | None = None, budget_s: float | None = None, max_convs: int = 4,
-               prune: str = "grown", rounds: int = 20, lowering: Any = None, batch: int = 64) -> DepthPlan:
+               prune: str = "grown", rounds: int = 20, lowering: Any = None, batch: int = 64,
+               device_table: Any = None) -> DepthPlan:
     """Plan depth merges (see the module docstring): ``example_inputs`` at the deployment size (latency),
     ``calibration`` images at the training size (importance). ``runtime``: any of
     :data:`fxrebirth.measure.runners.RUNTIMES`; ``lowering`` as in :func:`fxrebirth.retraining.planning.plan`.
-    Neither a target nor a budget: nothing selected, the front computed. The model is not changed."""
-    from fxrebirth.retraining.planning import runtime_ab
+    ``device_table``: the A/B timings read from a table measured on the device (see
+    :func:`fxrebirth.retraining.profiling.profile`). Neither a target nor a budget: nothing selected, the
+    front computed. The model is not changed."""
+    from fxrebirth.retraining.planning import timed_pairs
 
     inputs = as_input_tuple(example_inputs)
     frozen = copy.deepcopy(model).eval()
@@ -320,16 +334,11 @@ def plan_depth(model: nn.Module, example_inputs: Any, calibration: torch.Tensor,
     weights = importance(calib, [segment_of(calib, region_of(s), max_convs) for s in segs], calibration, batch)
     log.info("importance of %d candidates on %d images: %.1f s", len(segs), len(calibration),
              time.perf_counter() - start)
-    pairs = {}
-    for seg in segs:
-        x = torch.randn(_shape_of(deploy, seg.input))
-        pairs[seg.id] = (extract(deploy, seg.input, seg.nodes, seg.output, seg.id),
-                         build_rebirth(region_of(seg).proposal).eval(), x)
     with torch.no_grad():
-        whole, measured, spent = runtime_ab(pairs, runtime, rounds, lowering, (deploy, inputs[0]))
+        whole, measured, source = timed_pairs(segment_pairs(deploy, segs), (deploy, inputs[0]), "depth", runtime,
+                                              rounds, lowering, device_table)
     cands = [DepthCandidate(region_of(s), weights[s.id], *measured[s.id], s.geometry.macs_now, s.geometry.macs_merged,
                             _span(deploy, s)) for s in segs]
-    source = f"{runtime}, median of {rounds} interleaved A/B rounds per candidate ({spent:.0f} s)"
     shape = list(inputs[0].shape)
     plan = DepthPlan(type(model).__name__, shape, list(calibration.shape), whole, source, cands)
     plan.select(target_speedup, budget_s)

@@ -28,7 +28,7 @@ from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
 
-__all__ = ["plan", "Plan", "PlannedRegion", "runtime_ab"]
+__all__ = ["plan", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -221,23 +221,42 @@ def runtime_ab(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], runt
     return total, out, time.perf_counter() - start
 
 
-def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
-                     lowering: Any) -> tuple[float, dict[str, tuple[float, float]], str]:
-    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
-    all under ``runtime``: each region is cut out of the graph (one input, one output) and run beside a
-    freshly initialised rebirth layer of its proposal, the two timed in ``max(repeats, 5)`` interleaved
-    rounds (:func:`runtime_ab`), so that a merge is judged by the runtime that will run it (its fusions
-    included)."""
+def region_pairs(gm: fx.GraphModule, regions: list[Region]) -> dict[str, tuple[nn.Module, nn.Module, torch.Tensor]]:
+    """Per region: the region cut out of the graph (one input, one output), a freshly initialised rebirth
+    layer of its proposal, and a random input of the region's shape: what :func:`runtime_ab` times."""
     from fxrebirth.retraining.initialise import extract_region
 
-    rounds = max(repeats, 5)
     nodes = {n.name: n for n in gm.graph.nodes}
     pairs = {}
     for region in regions:
         x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
         pairs[region.id] = (extract_region(gm, region), build_rebirth(region.proposal).eval(), x)
-    whole, out, spent = runtime_ab(pairs, runtime, rounds, lowering, (gm, inputs[0]))
-    return whole, out, f"measured here through {runtime}, median of {rounds} interleaved A/B rounds ({spent:.0f} s)"
+    return pairs
+
+
+def timed_pairs(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], whole: tuple[nn.Module, torch.Tensor],
+                planner: str, runtime: str, rounds: int, lowering: Any, device_table: Any
+                ) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """The whole model's seconds, ``(now, new)`` seconds per pair, and where they come from: timed here
+    through ``runtime`` in ``rounds`` interleaved A/B rounds (:func:`runtime_ab`), or read from
+    ``device_table``, a table measured on the device (:func:`fxrebirth.measure.bundle.read_table`)."""
+    if device_table is not None:
+        from fxrebirth.measure.bundle import read_table
+
+        return read_table(device_table, planner, {k: tuple(x.shape) for k, (_, _, x) in pairs.items()},
+                          tuple(whole[1].shape))
+    total, out, spent = runtime_ab(pairs, runtime, rounds, lowering, whole)
+    return total, out, f"measured here through {runtime}, median of {rounds} interleaved A/B rounds ({spent:.0f} s)"
+
+
+def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
+                     lowering: Any, device_table: Any = None) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
+    all under ``runtime``: each pair of :func:`region_pairs` timed in ``max(repeats, 5)`` interleaved
+    rounds, so that a merge is judged by the runtime that will run it (its fusions included), or read
+    from ``device_table``."""
+    return timed_pairs(region_pairs(gm, regions), (gm, inputs[0]), "regions", runtime, max(repeats, 5), lowering,
+                       device_table)
 
 
 def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
@@ -272,12 +291,15 @@ def plan(
     leaf_modules: tuple = (),
     runtime: str = "eager",
     lowering: Any = None,
+    device_table: Any = None,
 ) -> Plan:
     """Mark, measure and plan (see the module docstring). ``latency_table`` (``node_signature`` ->
     seconds, measured on the target) replaces profiling here; rebirth layers missing from it are
     estimated by the roofline model. ``runtime`` (any of :data:`fxrebirth.measure.runners.RUNTIMES`) other
     than ``eager`` times every region A/B through that runtime instead (:func:`_through_runtime`);
-    ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first."""
+    ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first.
+    ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
+    a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here."""
     from fxrebirth.passes import inception, streamline
 
     inputs = as_input_tuple(example_inputs)
@@ -289,10 +311,10 @@ def plan(
         kwargs["reduce_ratio"] = reduce_ratio
     regions = streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs)
     nodes = {n.name: n for n in gm.graph.nodes}
-    if runtime != "eager" and latency_table is not None:
-        raise ValueError("give latency_table= or runtime=, not both: a table was measured on one runtime")
-    if runtime != "eager":
-        latency, measured, source = _through_runtime(gm, inputs, regions, runtime, repeats, lowering)
+    if (runtime != "eager") + (latency_table is not None) + (device_table is not None) > 1:
+        raise ValueError("give one of latency_table=, device_table= or runtime=: each was measured on one runtime")
+    if runtime != "eager" or device_table is not None:
+        latency, measured, source = _through_runtime(gm, inputs, regions, runtime, repeats, lowering, device_table)
     else:
         latency, measured, source = _here_or_from_table(gm, inputs, regions, latency_table, repeats)
     planned = []
