@@ -156,3 +156,44 @@ def test_vs_best_original_divides_by_the_fastest_original_at_the_rows_precision(
     data = table.to_dict()
     assert data["best_original"][1] == {"fp32": "openvino", "bf16": "openvino bf16"}
     assert data["rows"][4]["precision"] == "bf16"
+
+
+def test_openvino_runs_the_caffe_googlenet_at_32x32_once_its_wide_ceil_windows_are_padded(tmp_path):
+    """At 32x32 the GoogLeNet's pool4 sees a 2x2 map with a 3x3 ceil-mode window, which OpenVINO's ONNX
+    reader refuses; the lowering pads it with -inf (exact at this size) and OpenVINO then computes the
+    model, in f32 within the whole-model tolerance, at any batch."""
+    pytest.importorskip("openvino")
+    from fxrebirth.measure.runners import export_onnx
+    from fxrebirth.paper.models import googlenet_lrn
+
+    model, x = googlenet_lrn(width=0.25).eval(), torch.randn(2, 3, 32, 32)
+    assert frontend.needs_lowering(model, "openvino") and not frontend.needs_lowering(model, "onnxruntime")
+    plain = export_onnx(model, x, str(tmp_path / "plain.onnx"), dynamic_batch=True)
+    with pytest.raises(RuntimeError, match="larger than the data shape after padding"):
+        deploy.OpenVINOModule(plain)
+    lowered, note = lower_for(model, "openvino", x)
+    assert note.startswith("1 ceil-mode max pooling(s) wider than their input")
+    path = export_onnx(lowered, x, str(tmp_path / "lowered.onnx"), dynamic_batch=True)
+    module = deploy.OpenVINOModule(path, "f32")
+    for batch in (2, 5):
+        xb = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert relative_error(module(xb), model(xb)) <= 1e-5
+    at_224 = torch.randn(1, 3, 224, 224)
+    assert lower_for(model, "openvino", at_224) == (model, "")  # every window fits there: nothing changes
+
+
+def test_a_runtime_accuracy_is_what_that_runtime_computes_or_nothing_where_it_cannot_run(monkeypatch):
+    pytest.importorskip("openvino")
+    from fxrebirth.paper.data import Shapes
+    from fxrebirth.paper.models import googlenet_lrn
+    from fxrebirth.paper.runner import runtime_accuracies
+    from fxrebirth.retraining.train import evaluate
+
+    torch.manual_seed(0)
+    model, test = googlenet_lrn(width=0.25).eval(), Shapes("test", 120, 32, seed=0)
+    got = runtime_accuracies({"original": model}, test, 32, runtime="openvino")
+    assert set(got) == {"original (openvino)"}
+    assert abs(got["original (openvino)"] - evaluate(model, test).top1) <= 1 / 120  # f32: the same predictions
+    monkeypatch.setattr(deploy, "unavailable", lambda runtime: "not here")
+    assert runtime_accuracies({"original": model}, test, 32) == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import pytest
+import hypothesis
 from hypothesis import strategies as st
 from torch import nn
 
@@ -104,3 +105,72 @@ def test_ceil_mode_average_pool_merge_is_guarded_at_sizes_with_a_partial_window(
             assert fxrebirth.relative_error(model(x), module(x)) <= 1e-5
         with pytest.raises(fxrebirth.ShapeGuardError, match="merge_conv_chain"):
             module(torch.randn(2, 3, 19, 19))  # a partial last window: the merged conv would be wrong
+
+
+# -------------------------------------------- ceil-mode max pooling in floor mode (a lowering for OpenVINO)
+
+
+@st.composite
+def ceil_max_pools(draw):
+    """A conv and a ceil-mode max pooling of random geometry at a random size whose output is not empty."""
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = tuple(draw(st.integers(0, ki // 2)) for ki in k)
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    size = (draw(st.integers(1, 11)), draw(st.integers(1, 11)))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.MaxPool2d(k, s, p, d, ceil_mode=True))
+    x = torch.randn(2, 2, *size)
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError:
+        hypothesis.assume(False)  # PyTorch's own output would be empty
+    return model, x
+
+
+def _partial_windows(model, x) -> int:
+    """1 where PyTorch's ceil mode gives more windows than floor mode would (computed from its output)."""
+    pool = model[1]
+    with torch.no_grad():
+        out = model(x).shape[2:]
+    floor = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+             zip(x.shape[2:], pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
+    return int(any(o > f for o, f in zip(out, floor)))
+
+
+@pytest.mark.fxrebirth_rule
+def test_a_ceil_mode_max_pooling_is_floor_mode_after_a_minus_infinity_pad():
+    """Exact wherever a last window is partial (f64, f32), guarded to the size it was made at (the kit
+    accepts the guard's error at the other sizes), refused where every window is whole."""
+    check_rule(pooling.PadCeilMaxPool(), ceil_max_pools(), expected_rewrites=_partial_windows)
+
+
+def test_the_ceil_pool_lowering_refuses_indices_and_whole_windows_and_guards_other_sizes():
+    x = torch.randn(2, 3, 7, 7)
+    class Net(nn.Module):
+        def __init__(self, pool):
+            super().__init__()
+            self.pool = pool
+
+        def forward(self, x):
+            return self.pool(x)[0] if self.pool.return_indices else self.pool(x)
+
+    reasons = []
+    for pool in (nn.MaxPool2d(3, 2, ceil_mode=True, return_indices=True),
+                 nn.MaxPool2d(3, 2, ceil_mode=True),  # 7 -> windows at 0, 2, 4: whole
+                 nn.MaxPool2d(2, 2, ceil_mode=True)):  # 7 -> a partial last window
+        model = Net(pool).eval()
+        gm, report = fxrebirth.optimize(model, x, rules=pooling.lowering_rules())
+        stats = report.stats("pad_ceil_max_pool")
+        reasons.append((stats.rewrites, [r.reason for r in stats.refusals]))
+        assert_equivalent(model, gm, x)
+    assert reasons[0][0] == 0 and "returns indices" in reasons[0][1][0]
+    assert reasons[1][0] == 0 and "no partial window at this size" in reasons[1][1][0]
+    assert reasons[2][0] == 1
+    with pytest.raises(fxrebirth.ShapeGuardError, match="padded for a 7x7 input"):
+        gm(torch.randn(2, 3, 8, 8))
+    wider = nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)).eval()
+    _, report = fxrebirth.optimize(wider, torch.randn(2, 3, 8, 8), rules=pooling.lowering_rules(wider_only=True))
+    assert "fits in its padded input" in report.stats("pad_ceil_max_pool").refusals[0].reason
+    _, report = fxrebirth.optimize(wider, torch.randn(2, 3, 2, 8), rules=pooling.lowering_rules(wider_only=True))
+    assert report.stats("pad_ceil_max_pool").rewrites == 1

@@ -4,7 +4,10 @@ one verified export, ``fxrebirth export`` (:func:`export_model`).
 A runtime may lack a kernel the model needs. ExecuTorch has none for ``avg_pool3d``, through which
 PyTorch computes local response normalisation, so for ExecuTorch every LRN is first rewritten exactly
 into a 2-D average pooling (:class:`fxrebirth.passes.lrn.LrnAsAvgPool2d`, verified like every exact
-rewrite). Other runtimes take the model as it is.
+rewrite). OpenVINO refuses a ceil-mode max pooling whose window is wider than its padded input (the
+Caffe GoogLeNet's at 32x32), so for OpenVINO those are written in floor mode after a -inf pad
+(:class:`fxrebirth.passes.pooling.PadCeilMaxPool`, exact at the example's size and guarded to it).
+Other runtimes take the model as it is.
 
 An export is written only after its file, run by its own runtime, matched the model it came from: the
 norm-wise relative error of the outputs on a random batch at most the float32 whole-model tolerance
@@ -36,15 +39,20 @@ TARGETS = ("onnx", "openvino", "executorch")
 
 
 def needs_lowering(model: nn.Module, runtime: str) -> bool:
-    """Whether ``model`` holds an operation ``runtime`` has no kernel for (LRN, for ExecuTorch)."""
-    if runtime != "executorch":
-        return False
-    return any(isinstance(m, nn.LocalResponseNorm) for m in model.modules()) or _calls_lrn(model)
+    """Whether ``model`` may hold an operation ``runtime`` cannot run: LRN for ExecuTorch, a ceil-mode max
+    pooling for OpenVINO (whether its window fits is known only at a size: :func:`lower_for` looks)."""
+    if runtime == "executorch":
+        return any(isinstance(m, nn.LocalResponseNorm) for m in model.modules()) or _calls(model, "local_response_norm")
+    if runtime.startswith("openvino"):
+        return any(isinstance(m, nn.MaxPool2d) and m.ceil_mode for m in model.modules()) or \
+            _calls(model, "max_pool2d", ceil_mode=True)
+    return False
 
 
-def _calls_lrn(model: nn.Module) -> bool:
+def _calls(model: nn.Module, name: str, **kwargs: object) -> bool:
     graph = getattr(model, "graph", None)
-    return graph is not None and any(getattr(n.target, "__name__", "") == "local_response_norm" for n in graph.nodes)
+    return graph is not None and any(getattr(n.target, "__name__", "") == name and
+                                     all(n.kwargs.get(k) == v for k, v in kwargs.items()) for n in graph.nodes)
 
 
 def lower_for(model: nn.Module, runtime: str, x: torch.Tensor) -> tuple[nn.Module, str]:
@@ -53,11 +61,16 @@ def lower_for(model: nn.Module, runtime: str, x: torch.Tensor) -> tuple[nn.Modul
     if not needs_lowering(model, runtime):
         return model, ""
     from fxrebirth.frontends.library import optimize
-    from fxrebirth.passes import lrn
+    from fxrebirth.passes import lrn, pooling
 
-    lowered, report = optimize(model, x, rules=lrn.rules())
-    count = report.rules["lrn_as_avg_pool2d"].rewrites if "lrn_as_avg_pool2d" in report.rules else 0
-    return lowered, f"{count} LRN rewritten exactly as avg_pool2d" if count else ""
+    if runtime == "executorch":
+        rules, name, what = lrn.rules(), "lrn_as_avg_pool2d", "LRN rewritten exactly as avg_pool2d"
+    else:
+        rules, name = pooling.lowering_rules(wider_only=True), "pad_ceil_max_pool"
+        what = "ceil-mode max pooling(s) wider than their input padded with -inf (exact at this size)"
+    lowered, report = optimize(model, x, rules=rules)
+    count = report.rules[name].rewrites if name in report.rules else 0
+    return (lowered, f"{count} {what}") if count else (model, "")
 
 
 @dataclass
@@ -84,12 +97,11 @@ def export_model(model: nn.Module, x: torch.Tensor, to: str, path: str) -> Expor
         raise FxRebirthError(f"cannot export to {to}: {reason}")
     model = copy.deepcopy(model).eval() if model.training else model  # the user's module keeps its mode
     with tempfile.TemporaryDirectory(prefix="fxrebirth-export-") as folder:
+        lowered, note = lower_for(model, to, x)
         if to == "executorch":
-            lowered, note = lower_for(model, to, x)
             files, probe = _executorch(lowered, x, folder)
         else:
-            note = ""
-            files, probe = _onnx_or_openvino(model, x, folder, to)
+            files, probe = _onnx_or_openvino(lowered, x, folder, to)
         with torch.no_grad():
             error = relative_error(model(probe), _run(to, files, probe))
         if error > tolerance(torch.float32):

@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["OPENVINO_PRECISION", "unavailable", "openvino_compiled", "openvino_runner", "executorch_program",
+__all__ = ["OPENVINO_PRECISION", "unavailable", "openvino_compiled", "openvino_runner", "OpenVINOModule",
+           "executorch_program",
            "ExecutorchMethod", "executorch_method", "executorch_runner"]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,22 @@ def openvino_runner(onnx_path: str, x: torch.Tensor, precision: str = "f32") -> 
     request = openvino_compiled(onnx_path, precision).create_infer_request()
     array = x.numpy()
     return lambda: request.infer({0: array})
+
+
+class OpenVINOModule(nn.Module):
+    """An ONNX file compiled by OpenVINO's CPU plugin at ``precision``, called like the model it was
+    exported from (float32 tensors in and out): what evaluates a runtime's own accuracy, e.g. in bf16.
+    Export with a free batch dimension (``export_onnx(..., dynamic_batch=True)``) to call it on batches
+    of any size."""
+
+    def __init__(self, onnx_path: str, precision: str = "f32") -> None:
+        super().__init__()
+        self.precision = precision
+        self._compiled = openvino_compiled(onnx_path, precision)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._compiled(x.detach().float().contiguous().numpy())
+        return torch.from_numpy(out[0].copy())
 
 
 def executorch_program(model: nn.Module, x: torch.Tensor) -> bytes:

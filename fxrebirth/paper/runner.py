@@ -127,6 +127,8 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     result = {"environment": environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
               "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": latency,
               "accuracy": _accuracies(report, exact, test)}
+    if config.bench == "full":
+        result["accuracy"].update(runtime_accuracies({"original": model, "reborn": reborn}, test, config.image_size))
     table = _speed(config, model, exact, reborn, progress)
     if table is not None:
         result["speed"] = table.to_dict()
@@ -147,6 +149,34 @@ def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str,
         log.warning("run: the exact tier was not evaluated at the training size: %s", exc)
         exact_top1 = None
     return {"original": teacher, "exact tier": exact_top1, "reborn": student}
+
+
+def runtime_accuracies(models: dict[str, nn.Module], test: Any, image_size: int,
+                       runtime: str = "openvino bf16") -> dict[str, float]:
+    """Held-out top-1 of each model as ``runtime`` computes it (OpenVINO at the precision it names: a
+    bf16 row's accuracy), keyed ``"<name> (<runtime>)"``; nothing when the runtime is unavailable here
+    (logged). Each model is exported at the test images' size with a free batch dimension."""
+    import tempfile
+
+    from fxrebirth.measure.deploy import OPENVINO_PRECISION, OpenVINOModule, unavailable
+    from fxrebirth.measure.runners import export_onnx
+
+    reason = unavailable(runtime)
+    if reason:
+        log.info("run: no %s accuracy: %s", runtime, reason)
+        return {}
+    out = {}
+    x = torch.randn(2, 3, image_size, image_size)
+    with tempfile.TemporaryDirectory(prefix="fxrebirth-accuracy-") as folder, torch.no_grad():
+        for name, model in models.items():
+            lowered, _ = lower_for(model.eval(), runtime, x)  # OpenVINO: ceil-mode windows wider than the input
+            path = export_onnx(lowered, x, os.path.join(folder, f"{name}.onnx"), dynamic_batch=True)
+            reference = evaluate(model, test).predictions
+            got = evaluate(OpenVINOModule(path, OPENVINO_PRECISION[runtime]), test, reference=reference)
+            log.info("run: %s under %s: top-1 %.2f%%, %.2f%% of its predictions as in f32 eager", name, runtime,
+                     100 * got.top1, 100 * got.agreement)
+            out[f"{name} ({runtime})"] = got.top1
+    return out
 
 
 def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Module,
