@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
-from fxrebirth.passes import batchnorm, branches, cleanup
+from fxrebirth.passes import batchnorm, branches, cleanup, lrn, pooling
 from fxrebirth.testing import randomize_batchnorm
 from fxrebirth.testing.kit import check_rule
 from fxrebirth.testing.strategies import conv_configs
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _every_rule() -> list[fxrebirth.Rule]:
-    rules = {r.name: r for r in fxrebirth.default_rules() + batchnorm.rules(standalone_to_affine=True)}
+    lowerings = lrn.rules() + pooling.lowering_rules()  # for runtimes that lack an operation; proven the same way
+    rules = {r.name: r for r in fxrebirth.default_rules() + batchnorm.rules(standalone_to_affine=True) + lowerings}
     return [rules[name] for name in sorted(rules)]
 
 
@@ -54,6 +55,7 @@ PROVEN_IN = {
     "merge_flattened_conv_into_linear": "test_pooling.py", "fold_pad_into_conv": "test_pooling.py",
     "commute_global_pool": "test_pooling.py",
     "merge_summed_branches": "test_branches.py", "merge_concat_branches": "test_branches.py",
+    "lrn_as_avg_pool2d": "test_lrn.py", "pad_ceil_max_pool": "test_pooling.py",
 }
 """Where the rules not proven in this file are: each file calls ``check_rule`` on the rule's class."""
 
