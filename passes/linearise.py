@@ -171,6 +171,7 @@ def linearise(gm: fx.GraphModule, segments: list[Segment]) -> fx.GraphModule:
         done.append(_linearise_one(student, seg, renamed))
         renamed[seg.output] = done[-1].output
     student.graph.lint()
+    student.delete_all_unused_submodules()  # pruned layers: parameters nothing reads (DDP refuses them)
     student.recompile()
     propagate_shapes(student, _example_inputs(gm))
     student.meta[STUDENT_KEY] = done

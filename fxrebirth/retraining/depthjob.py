@@ -12,8 +12,9 @@ and the scratch control; see that module) on another student:
   alone, is refused).
 * **Training**: end to end, every weight of the student, with the engine's loss (``kd_weight * T^2 KL +
   (1 - kd_weight) CE``), the model's own BatchNorms normalising with batch statistics (and updating their
-  running statistics) while it trains, as fine-tuning a BatchNorm network does; evaluation and the merge
-  use the running statistics.
+  running statistics) while it trains, as fine-tuning a BatchNorm network does
+  (``train_batch_norm=False``: with their running statistics, fixed); evaluation and the merge use the
+  running statistics.
 * **Result**: :func:`fxrebirth.passes.linearise.merge` of the trained student: each segment becomes one
   convolution, verified in float64 (1e-9) at three sizes, or :class:`~fxrebirth.errors.EquivalenceError`.
 * **Control**: the student form with every weight re-initialised (He), trained on the same budget with the
@@ -73,7 +74,7 @@ class DepthJob(_Job):
         self.student = linearise(self.teacher, [segments[i] for i in order])
 
     def end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
-        _batch_statistics(self.student, True)
+        _batch_statistics(self.student, self.config.train_batch_norm)  # False: the running statistics stay
         try:
             return super().end_to_end(stage, epochs, seed, kd_weight)
         finally:
