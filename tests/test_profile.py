@@ -200,3 +200,13 @@ def test_the_command_line_profiles_plans_from_the_table_and_refuses_bad_use(tmp_
     assert "no such file" in capsys.readouterr().err
     assert main(["plan", "googlenet_lrn", "--input-size", "72", "--table", str(table)]) == 2
     assert "this plan is at [1, 3, 72, 72]" in capsys.readouterr().err
+
+
+def test_a_depth_plan_takes_a_device_table_or_a_runtime_not_both(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Inverted().eval(), torch.randn(1, 3, 32, 32)
+    folder = tmp_path / "depth"
+    profile(model, x, str(folder), depth=True)
+    table = time_bundle(str(folder), "onnxruntime", rounds=1, threads=2)
+    with pytest.raises(ValueError, match="give device_table= or runtime='openvino', not both"):
+        plan_depth(model, (x,), torch.randn(8, 3, 16, 16), runtime="openvino", device_table=table)

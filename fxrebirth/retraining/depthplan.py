@@ -53,8 +53,8 @@ from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable,
 from fxrebirth.passes.linearise import linearise
 from fxrebirth.retraining.layers import build_rebirth
 
-__all__ = ["plan_depth", "segment_pairs", "DepthPlan", "DepthCandidate", "FrontPoint", "candidates", "importance", "choose",
-           "region_of", "segment_of"]
+__all__ = ["plan_depth", "segment_pairs", "DepthPlan", "DepthCandidate", "FrontPoint", "candidates", "importance",
+           "choose", "region_of", "segment_of"]
 
 log = logging.getLogger(__name__)
 PRUNE = ("grown", "all", "none")

@@ -243,6 +243,10 @@ def timed_pairs(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], who
     if device_table is not None:
         from fxrebirth.measure.bundle import read_table
 
+        if runtime != "eager":
+            raise ValueError(f"give device_table= or runtime={runtime!r}, not both: the table was measured on one "
+                             "runtime")
+
         return read_table(device_table, planner, {k: tuple(x.shape) for k, (_, _, x) in pairs.items()},
                           tuple(whole[1].shape))
     total, out, spent = runtime_ab(pairs, runtime, rounds, lowering, whole)
