@@ -50,3 +50,24 @@ def reset_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_and_two_processes():
+    """``run(script, *args) -> (state dict alone, state dict as two gloo ranks under torchrun)``: the
+    data-parallel check both retraining jobs share; ``script`` saves to the path given last."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    def run(script, *args: str) -> tuple[dict, dict]:
+        single, double = script.with_name("single.pt"), script.with_name("ddp.pt")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, str(script), *args, str(single)], check=True, timeout=300, env=env)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), *args, str(double)], check=True, timeout=300, env=env)
+        return torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+
+    return run

@@ -346,30 +346,23 @@ with open(sys.argv[1]) as f:
 reborn, _ = fxrebirth.rebirth(model, plan, Shapes("train", 128, 16, seed=0), epochs=1.0, batch_size=32,
                               train_batch_norm=False, eval_images=32)
 if not distributed or dist.get_rank() == 0:
-    torch.save(reborn.state_dict(), sys.argv[2])
+    torch.save(reborn.state_dict(), sys.argv[-1])
 if distributed:
     dist.destroy_process_group()
 """
 
 
-def test_a_depth_rebirth_on_two_processes_matches_one(shapes, tmp_path):
+def test_a_depth_rebirth_on_two_processes_matches_one(shapes, tmp_path, one_and_two_processes):
     """The depth job under torchrun (gloo, two ranks, each half of every batch) trains the same merged
     model as one process: the engine's data-parallel path, reached through the depth job's student."""
     import os
-    import subprocess
-    import sys
 
     torch.manual_seed(0)
     plan = _depth_plan(_trained_like(Block(classes=10)), shapes[0])
     plan_path, script = tmp_path / "plan.json", tmp_path / "ddp.py"
     plan_path.write_text(plan.to_json())
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__)))
-    single, double = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(script), str(plan_path), str(single)], check=True, timeout=300, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(script), str(plan_path), str(double)], check=True, timeout=300, env=env)
-    a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    a, b = one_and_two_processes(script, str(plan_path))
     assert a.keys() == b.keys() and any("depth_merged" in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)  # sums in another order, via Adam
