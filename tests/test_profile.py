@@ -210,3 +210,10 @@ def test_a_depth_plan_takes_a_device_table_or_a_runtime_not_both(tmp_path):
     table = time_bundle(str(folder), "onnxruntime", rounds=1, threads=2)
     with pytest.raises(ValueError, match="give device_table= or runtime='openvino', not both"):
         plan_depth(model, (x,), torch.randn(8, 3, 16, 16), runtime="openvino", device_table=table)
+
+
+def test_a_bundle_refuses_a_reduce_ratio_the_planner_refuses(bundle, tmp_path):
+    model, x, _ = bundle
+    with pytest.raises(ValueError, match=r"reduce_ratio=1.5: give a fraction of the reduce layers' width in \(0, 1\]"):
+        profile(model, x, str(tmp_path / "b"), reduce_ratio=1.5)
+    assert not (tmp_path / "b").exists()

@@ -45,6 +45,8 @@ def profile(model: nn.Module, example_inputs: Any, folder: str, *, depth: bool =
 
         gm = capture(model, inputs, leaf_modules=leaf_modules)
         kwargs: dict[str, Any] = {"collapse_reduce": collapse_reduce}
+        if reduce_ratio is not None and not 0 < reduce_ratio <= 1:  # as plan() refuses it
+            raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
         if reduce_ratio is not None:
             kwargs["reduce_ratio"] = reduce_ratio
         pairs = region_pairs(gm, streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs))
