@@ -5,8 +5,11 @@ region, and a later step trains one convolution to replace it. The proposed rebi
 
     conv'(x; kernel k', stride s_conv * s_pool, padding p') [+ ReLU when the chain had one]
 
-with ``k'`` at least the chain's receptive field ``d(k - 1) + 1 + (k_pool - 1) * s_conv`` (one more
-where ceil-mode pooling needs an even kernel) and ``p'`` the padding that makes its output size equal
+with ``k'`` chosen by the kernel policy: ``"field"`` (the default) at least the chain's receptive field
+``d(k - 1) + 1 + (k_pool - 1) * s_conv`` (one more where ceil-mode pooling needs an even kernel), so the
+rebirth layer sees every input pixel the chain did; ``"conv"`` the first convolution's own extent
+``d(k - 1) + 1``, as DeepRebirth does (the pooling only multiplies the stride), which costs
+``(k' / field)^2`` of the FLOPs and sees less. ``p'`` is the padding that makes its output size equal
 the chain's for every input size the chain accepts (ceil-mode pooling included); where no symmetric
 padding does for every size, the proposal records for which input sizes it does (``valid_from``,
 ``valid_to``).
@@ -24,7 +27,9 @@ from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.regions import ConvProposal, Region, record
 
-__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage"]
+__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage", "KERNEL_POLICIES"]
+
+KERNEL_POLICIES = ("field", "conv")
 
 _FOLLOWERS = ("batch_norm", "relu", "lrn", "max_pool", "avg_pool")
 _NONLINEAR = ("lrn", "max_pool", "avg_pool")
@@ -75,15 +80,22 @@ def chain_output_size(stages: list[Stage], size: int, dim: int) -> int:
     return size
 
 
-def propose_conv(stages: list[Stage], size: int, dim: int, max_size: int = 512) -> dict[str, int]:
+def propose_conv(stages: list[Stage], size: int, dim: int, max_size: int = 512,
+                 kernel_policy: str = "field") -> dict[str, int]:
     """Kernel, stride and padding along ``dim`` whose output size equals the chain's for every input size
     the chain accepts up to ``max_size``, or failing that for the widest run of sizes around ``size``
-    (``valid_from`` .. ``valid_to``; ``valid_to`` None means every larger size)."""
+    (``valid_from`` .. ``valid_to``; ``valid_to`` None means every larger size). The kernel is the one
+    nearest the policy's target (see the module docstring) among those, never smaller when a kernel at
+    least as large does as well."""
+    if kernel_policy not in KERNEL_POLICIES:
+        raise ValueError(f"kernel policy {kernel_policy!r}: use one of {', '.join(KERNEL_POLICIES)}")
     stride = math.prod(st.stride[dim] for st in stages)
     field, jump = 1, 1
     for st in stages:
         field += st.dilation[dim] * (st.kernel[dim] - 1) * jump
         jump *= st.stride[dim]
+    if kernel_policy == "conv":
+        field = stages[0].dilation[dim] * (stages[0].kernel[dim] - 1) + 1
     sizes = [n for n in range(1, max_size + 1) if chain_output_size(stages, n, dim) >= 1]
     best: tuple | None = None
     for kernel in sorted(range(max(1, field - 2 * stride), field + 2 * stride + 1), key=lambda k: abs(k - field)):
@@ -127,8 +139,10 @@ def _follow(conv: fx.Node) -> list[fx.Node]:
     return chain
 
 
-def mark_streamline(gm: fx.GraphModule) -> list[Region]:
-    """Mark every streamline region of ``gm`` (which must carry shape metadata); return the new regions."""
+def mark_streamline(gm: fx.GraphModule, kernel_policy: str = "field") -> list[Region]:
+    """Mark every streamline region of ``gm`` (which must carry shape metadata); return the new regions.
+    ``kernel_policy``: how large the proposed convolution's kernel is (``"field"`` or ``"conv"``, see the
+    module docstring)."""
     regions, taken = [], set()
     for node in gm.graph.nodes:
         if kind_of(node) != "conv" or node in taken or len(node.kwargs["weight"].meta["tensor_meta"].shape) != 4:
@@ -140,7 +154,7 @@ def mark_streamline(gm: fx.GraphModule) -> list[Region]:
         in_shape = x.meta["tensor_meta"].shape
         out_shape = chain[-1].meta["tensor_meta"].shape
         stages = _stages(chain)
-        dims = [propose_conv(stages, in_shape[2 + d], d) for d in range(2)]
+        dims = [propose_conv(stages, in_shape[2 + d], d, kernel_policy=kernel_policy) for d in range(2)]
         proposal = ConvProposal(
             in_channels=in_shape[1], out_channels=out_shape[1], kernel_size=[d["kernel"] for d in dims],
             stride=[d["stride"] for d in dims], padding=[d["padding"] for d in dims],

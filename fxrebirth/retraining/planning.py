@@ -28,7 +28,7 @@ from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
 
-__all__ = ["plan", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs"]
+__all__ = ["plan", "mark_regions", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -281,6 +281,20 @@ def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_
         current -= r.gain_s
 
 
+def mark_regions(gm: fx.GraphModule, *, reduce_ratio: float | None = None, collapse_reduce: bool = False,
+                 streamline_kernel: str = "field") -> list[Region]:
+    """The streamline and inception regions of the captured ``gm``, their rebirth layers proposed with
+    these options (what :func:`plan` and :func:`~fxrebirth.retraining.profiling.profile` both mark)."""
+    from fxrebirth.passes import inception, streamline
+
+    kwargs: dict[str, Any] = {"collapse_reduce": collapse_reduce}
+    if reduce_ratio is not None and not 0 < reduce_ratio <= 1:
+        raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
+    if reduce_ratio is not None:
+        kwargs["reduce_ratio"] = reduce_ratio
+    return streamline.mark_streamline(gm, streamline_kernel) + inception.mark_inception(gm, **kwargs)
+
+
 def plan(
     model: nn.Module,
     example_inputs: Any,
@@ -291,6 +305,7 @@ def plan(
     latency_table: dict[str, float] | None = None,
     reduce_ratio: float | None = None,
     collapse_reduce: bool = False,
+    streamline_kernel: str = "field",
     repeats: int = 5,
     leaf_modules: tuple = (),
     runtime: str = "eager",
@@ -303,17 +318,14 @@ def plan(
     than ``eager`` times every region A/B through that runtime instead (:func:`_through_runtime`);
     ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first.
     ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
-    a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here."""
-    from fxrebirth.passes import inception, streamline
+    a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here.
+    ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"`` or ``"conv"``,
+    :mod:`fxrebirth.passes.streamline`)."""
 
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs, leaf_modules=leaf_modules)
-    kwargs = {"collapse_reduce": collapse_reduce}
-    if reduce_ratio is not None and not 0 < reduce_ratio <= 1:
-        raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
-    if reduce_ratio is not None:
-        kwargs["reduce_ratio"] = reduce_ratio
-    regions = streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs)
+    regions = mark_regions(gm, reduce_ratio=reduce_ratio, collapse_reduce=collapse_reduce,
+                           streamline_kernel=streamline_kernel)
     nodes = {n.name: n for n in gm.graph.nodes}
     if (runtime != "eager") + (latency_table is not None) + (device_table is not None) > 1:
         raise ValueError("give one of latency_table=, device_table= or runtime=: each was measured on one runtime")

@@ -25,12 +25,12 @@ __all__ = ["profile"]
 
 def profile(model: nn.Module, example_inputs: Any, folder: str, *, depth: bool = False, max_convs: int = 4,
             prune: str = "grown", reduce_ratio: float | None = None, collapse_reduce: bool = False,
-            leaf_modules: tuple = ()) -> str:
+            streamline_kernel: str = "field", leaf_modules: tuple = ()) -> str:
     """Write the profile bundle of ``model`` at ``example_inputs`` (the deployment input) to ``folder``;
     return the manifest's path. ``depth``: the candidates of
     :func:`~fxrebirth.retraining.depthplan.plan_depth` (with ``max_convs``, ``prune``), otherwise the regions
     of :func:`~fxrebirth.retraining.planning.plan` (with ``reduce_ratio``, ``collapse_reduce``,
-    ``leaf_modules``). The model is not changed."""
+    ``streamline_kernel``, ``leaf_modules``). The model is not changed."""
     inputs = as_input_tuple(example_inputs)
     if depth:
         import copy
@@ -40,14 +40,9 @@ def profile(model: nn.Module, example_inputs: Any, folder: str, *, depth: bool =
         gm = capture(copy.deepcopy(model).eval(), inputs, copy_model=False)
         pairs = segment_pairs(gm, candidates(gm, max_convs, prune))
     else:
-        from fxrebirth.passes import inception, streamline
-        from fxrebirth.retraining.planning import region_pairs
+        from fxrebirth.retraining.planning import mark_regions, region_pairs
 
         gm = capture(model, inputs, leaf_modules=leaf_modules)
-        kwargs: dict[str, Any] = {"collapse_reduce": collapse_reduce}
-        if reduce_ratio is not None and not 0 < reduce_ratio <= 1:  # as plan() refuses it
-            raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
-        if reduce_ratio is not None:
-            kwargs["reduce_ratio"] = reduce_ratio
-        pairs = region_pairs(gm, streamline.mark_streamline(gm) + inception.mark_inception(gm, **kwargs))
+        pairs = region_pairs(gm, mark_regions(gm, reduce_ratio=reduce_ratio, collapse_reduce=collapse_reduce,
+                                              streamline_kernel=streamline_kernel))
     return write_bundle(folder, type(model).__name__, "depth" if depth else "regions", pairs, (gm, inputs[0]))
