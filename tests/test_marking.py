@@ -166,3 +166,25 @@ def test_random_inception_modules_keep_their_output_shape(spec, size, ratio):
     for region in regions:
         with torch.no_grad():
             assert build_rebirth(region.proposal)(x).shape == model(x).shape
+
+
+@given(model=chains(), sizes=st.lists(st.integers(12, 80), min_size=2, max_size=3))
+def test_conv_kernel_policy_keeps_the_region_shape_at_every_size_and_never_a_larger_kernel(model, sizes):
+    """DeepRebirth's geometry ("conv": the first convolution's kernel, the pooling's stride multiplied in)
+    must reproduce the chain's output size as the receptive-field default does, at every size."""
+    for size in sizes:
+        gm = fxrebirth.capture(model.eval(), torch.randn(1, 3, size, size))
+        (paper,) = mark_streamline(gm, kernel_policy="conv")
+        (field,) = mark_streamline(fxrebirth.capture(model.eval(), torch.randn(1, 3, size, size)))
+        out = gm.graph.find_nodes(op="output")[0].args[0]
+        with torch.no_grad():
+            got = build_rebirth(paper.proposal)(torch.zeros(2, 3, size, size)).shape
+        assert tuple(got)[1:] == tuple(out.meta["tensor_meta"].shape)[1:]
+        assert all(p <= f for p, f in zip(paper.proposal.kernel_size, field.proposal.kernel_size))
+        assert paper.proposal.stride == field.proposal.stride
+
+
+def test_an_unknown_kernel_policy_is_refused_by_name():
+    gm = fxrebirth.capture(googlenet_lrn(width=0.25).eval(), torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="kernel policy 'huge'"):
+        mark_streamline(gm, kernel_policy="huge")
