@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
                        reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
-                       plan_table=args.table,
+                       plan_table=args.table, streamline_kernel=args.streamline_kernel,
                        teacher_cost=_teacher_cost(args))
     return _report_of(args, run, config)
 
@@ -163,7 +163,8 @@ def _plan(args: argparse.Namespace) -> int:
     x = torch.randn(1, 3, args.input_size, args.input_size)
     budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
     result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
-                  reduce_ratio=args.reduce_ratio, runtime=args.runtime, lowering=lower_for, device_table=args.table)
+                  reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel, runtime=args.runtime,
+                  lowering=lower_for, device_table=args.table)
     if args.save:
         _write(args.save, result.to_json(indent=1))
     print(result.to_json(indent=1) if args.json else result.table())
@@ -177,7 +178,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    manifest = profile(model, x, args.out, depth=args.depth, reduce_ratio=args.reduce_ratio)
+    manifest = profile(model, x, args.out, depth=args.depth, reduce_ratio=args.reduce_ratio,
+                       streamline_kernel=args.streamline_kernel)
     with open(manifest) as f:
         pairs = len(json.load(f)["pairs"])
     use = (f"fxrebirth run {args.model} --plan-size {args.input_size} --table" if args.depth

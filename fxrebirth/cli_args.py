@@ -64,6 +64,9 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                      "runtime (default eager: every node profiled); the plan then merges what is faster there")
     pln.add_argument("--table", metavar="PATH", help="the A/B timings measured on the device: the latency-*.json "
                      "that time_on_device.py wrote from a bundle of `fxrebirth profile` (instead of --runtime)")
+    pln.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
+                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
+                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
     pln.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -77,6 +80,9 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     prf.add_argument("--out", required=True, metavar="DIR", help="the bundle's folder")
     prf.add_argument("--depth", action="store_true", help="the depth planner's candidates (fxrebirth run "
                      "mobilenet_v2 --table), not the rebirth regions (fxrebirth plan --table)")
+    prf.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
+                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
+                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
     prf.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
 
 
@@ -147,6 +153,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                           "each; default 1.5)")
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
+    run.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
+                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
+                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
     run.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
                                                         "0.5; thinner is faster and costs more accuracy)")
     run.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",

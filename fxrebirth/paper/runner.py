@@ -57,6 +57,9 @@ class RunConfig:
     reduce_ratio: float | None = None
     """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
     thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
+    streamline_kernel: str = "field"
+    """The streamline rebirth layers' kernel policy: ``field`` (covers the chain's receptive field) or
+    ``conv`` (the first convolution's kernel, DeepRebirth's geometry; fewer FLOPs, docs/results.md)."""
     plan_runtime: str = "eager"
     """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
     plan_table: str | None = None
@@ -107,7 +110,8 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
         log.info("run: resuming with %s", plan_path)
     else:
         plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
-                         runtime=config.plan_runtime, lowering=lower_for, device_table=config.plan_table)
+                         streamline_kernel=config.streamline_kernel, runtime=config.plan_runtime,
+                         lowering=lower_for, device_table=config.plan_table)
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))
     teacher_cost = config.teacher_cost
