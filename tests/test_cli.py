@@ -136,6 +136,10 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     again = json.loads((out / "report.json").read_text())
     assert again["teacher"]["cached"] is True and again["rebirth"]["resumed_from"]
     assert again["rebirth"]["student"] == rebirth["student"]
+    # resuming under other planning settings would train the old plan's layers: refused, named
+    capsys.readouterr()
+    assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--streamline-kernel", "conv"]) == 2
+    assert "streamline_kernel: 'field' there, 'conv' now" in capsys.readouterr().err
 
 
 def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxrebirth.errors import FxRebirthError
 from fxrebirth.frontends.deploy import lower_for
 from fxrebirth.frontends.library import optimize
 from fxrebirth.paper.data import Shapes, image_folder
@@ -32,9 +33,13 @@ from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment
 from fxrebirth.measure.table import layers_markdown
 from fxrebirth.retraining.train import Arithmetic, Progress, ProgressFn, evaluate, resolve_device
 
-__all__ = ["RunConfig", "run", "write_report"]
+__all__ = ["ResumeMismatch", "RunConfig", "run", "write_report"]
 
 log = logging.getLogger(__name__)
+
+
+class ResumeMismatch(FxRebirthError, ValueError):
+    """The report folder holds a checkpointed run planned with other settings than the ones given."""
 
 
 @dataclass
@@ -100,20 +105,8 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
         train.classes = test.classes = folder.classes
     model = model.eval()
     example = torch.randn(1, 3, config.plan_size, config.plan_size)
-    plan_path = os.path.join(config.out, "plan.json")
     checkpoint_dir = os.path.join(config.out, "checkpoints")
-    if os.path.exists(plan_path) and os.path.exists(os.path.join(checkpoint_dir, "rebirth.ckpt")):
-        # resuming: the plan the checkpoint was trained for (planning again could select other regions
-        # where timings are close)
-        with open(plan_path) as f:
-            plan = Plan.from_json(f.read())
-        log.info("run: resuming with %s", plan_path)
-    else:
-        plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
-                         streamline_kernel=config.streamline_kernel, runtime=config.plan_runtime,
-                         lowering=lower_for, device_table=config.plan_table)
-        with open(plan_path, "w") as f:
-            f.write(plan.to_json(indent=1))
+    plan = _plan(config, model, example, checkpoint_dir)
     teacher_cost = config.teacher_cost
     if "epochs" in teacher_meta:  # the default teacher, trained here
         teacher_cost = {"images": teacher_meta["epochs"] * teacher_meta["train_images"],
@@ -138,6 +131,41 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn, example)
     write_report(config.out, result, plan, report, table)
     return result
+
+
+def _plan_settings(config: RunConfig) -> dict[str, Any]:
+    return {"reduce_ratio": config.reduce_ratio, "streamline_kernel": config.streamline_kernel,
+            "plan_runtime": config.plan_runtime, "plan_table": config.plan_table, "plan_size": config.plan_size}
+
+
+def _plan(config: RunConfig, model: nn.Module, example: torch.Tensor, checkpoint_dir: str) -> Plan:
+    """The plan of this run: the saved one when a checkpoint resumes (planning again could select other
+    regions where timings are close), refused when it was made with other planning settings."""
+    plan_path = os.path.join(config.out, "plan.json")
+    settings_path = os.path.join(config.out, "plan-settings.json")
+    settings = _plan_settings(config)
+    if os.path.exists(plan_path) and os.path.exists(os.path.join(checkpoint_dir, "rebirth.ckpt")):
+        saved = None
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                saved = json.load(f)
+        if saved is not None and saved != settings:
+            changed = ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                                if saved.get(k) != v)
+            raise ResumeMismatch(f"{config.out} holds a run planned with other settings ({changed}); resume it "
+                             "with the same settings, or give a fresh --out")
+        with open(plan_path) as f:
+            plan = Plan.from_json(f.read())
+        log.info("run: resuming with %s", plan_path)
+        return plan
+    plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
+                     streamline_kernel=config.streamline_kernel, runtime=config.plan_runtime,
+                     lowering=lower_for, device_table=config.plan_table)
+    with open(plan_path, "w") as f:
+        f.write(plan.to_json(indent=1))
+    with open(settings_path, "w") as f:
+        json.dump(settings, f, indent=1)
+    return plan
 
 
 def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str, float | None]:
