@@ -11,9 +11,10 @@ For each torchvision model (random weights, eval mode, batch 1 at 224x224, under
   target, and how many inputs each takes; with every rule disabled the two should hold the same calls
   (the backend turns weight inputs into constants, and in-place ops such as ``iadd`` into their
   out-of-place forms, which Inductor receives functionalised anyway);
-* **the per-call overhead**: the backend's guarded wrapper (:func:`fxrebirth.frontends.backend._guarded`)
-  around a compiled function that does nothing, against calling that function directly, in microseconds
-  per call (median of 5 batches of ``--calls`` calls, the two interleaved).
+* **the per-call overhead** of each guard (:data:`fxrebirth.frontends.backend.GUARDS`): the backend's
+  wrapper around a compiled function that does nothing, against calling that function directly, in
+  microseconds per call (median of 5 batches of ``--calls`` calls, all variants interleaved), with the
+  spread of the 5 batches.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _per_call_us(run, args: list[Any], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(name: str, calls: int) -> dict[str, Any]:
+def measure(name: str, calls: int, guards: tuple[str, ...] = backend.GUARDS) -> dict[str, Any]:
     model = torchvision_model(name, seed=1).eval()
     x = torch.randn(1, 3, 224, 224)
     gm, inputs = _dynamo_graph(model, x)
@@ -71,22 +72,26 @@ def measure(name: str, calls: int) -> dict[str, Any]:
     nothing = lambda *args: None  # noqa: E731 - the compiled function whose cost is none
     real_inner = backend._inner
     backend._inner = lambda compiler, freezing=False: (lambda g, i: (received.append(g), nothing)[1])
+    disabled = [r.name for r in backend.default_rules()]
     try:
         with torch.no_grad():
-            wrapped = backend.fxrebirth_backend(gm, inputs, {"disable": [r.name for r in backend.default_rules()]})
+            wrapped = {guard: backend.fxrebirth_backend(gm, inputs, {"disable": disabled, "guard": guard})
+                       for guard in guards}
     finally:
         backend._inner = real_inner
     same_calls = _calls(gm) == _calls(received[0])
-    rounds = {"direct": [], "guarded": []}
+    runs = {"direct": nothing, **wrapped}
+    rounds: dict[str, list[float]] = {key: [] for key in runs}
     with torch.no_grad():
-        for _ in range(5):
-            rounds["direct"].append(_per_call_us(nothing, inputs, calls))
-            rounds["guarded"].append(_per_call_us(wrapped, inputs, calls))
-    direct, guarded = statistics.median(rounds["direct"]), statistics.median(rounds["guarded"])
+        for _ in range(5):  # interleaved: each batch of calls of every variant in turn
+            for key, run in runs.items():
+                rounds[key].append(_per_call_us(run, inputs, calls))
+    median = {key: statistics.median(values) for key, values in rounds.items()}
     return {"model": name, "dynamo_inputs": len(inputs),
             "inner_inputs": sum(1 for n in received[0].graph.nodes if n.op == "placeholder"),
-            "same_calls_with_no_rule": same_calls, "direct_us": round(direct, 3), "guarded_us": round(guarded, 3),
-            "overhead_us": round(guarded - direct, 3)}
+            "same_calls_with_no_rule": same_calls, "direct_us": round(median["direct"], 3),
+            "overhead_us": {guard: round(median[guard] - median["direct"], 3) for guard in guards},
+            "spread_us": {guard: round(max(rounds[guard]) - min(rounds[guard]), 3) for guard in guards}}
 
 
 if __name__ == "__main__":

@@ -193,6 +193,7 @@ def test_rules_option_replaces_the_rule_list(caplog):
     ({"compiler": "eager", "disable": "remove_dropout"}, r"disable='remove_dropout' is a string; pass a list"),
     ({"compiler": "eager", "disable": ["no_such_rule"]}, r"unknown rule name\(s\) \['no_such_rule'\] in the backend option disable"),
     ({"compiler": "eager", "freezing": "yes"}, r"freezing='yes' must be True or False"),
+    ({"compiler": "eager", "guard": "version"}, r"guard='version': use one of 'weights', 'identity', 'none'"),
     ({"compiler": "eager", "rules": [nn.ReLU]}, r"rules\[0\] is the class ReLU, not a fxrebirth Rule"),
 ])
 def test_bad_option_values_are_clear_errors(options, message):

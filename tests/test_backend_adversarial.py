@@ -467,6 +467,57 @@ def test_contract_training_through_the_compiled_model_is_seen(compiler):
         assert_close(reference(x), compiled(x))
 
 
+def _compiled_with_guard(guard):
+    model = net(4)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="fxrebirth", options={**EAGER, "guard": guard})
+    with torch.no_grad():
+        before = model(x)
+        assert_close(before, compiled(x))
+    return model, compiled, x, before
+
+
+@pytest.mark.parametrize("guard", ["identity", "none"])
+def test_weaker_guards_do_not_see_in_place_updates_until_reset(guard):
+    """Documented: under guard='identity' or 'none' an in-place update keeps the folded weights (Inductor's
+    freezing contract); torch._dynamo.reset() picks up the new ones."""
+    model, compiled, x, before = _compiled_with_guard(guard)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+        assert relative_error(model(x), before) > 1e-2
+        assert_close(before, compiled(x))
+        torch._dynamo.reset()
+        assert_close(model(x), torch.compile(model, backend="fxrebirth", options={**EAGER, "guard": guard})(x))
+
+
+def test_identity_guard_sees_a_new_parameter_object_and_none_does_not():
+    for guard, seen in (("identity", True), ("none", False)):
+        torch._dynamo.reset()
+        model, compiled, x, before = _compiled_with_guard(guard)
+        with torch.no_grad():
+            model[3].weight = nn.Parameter(torch.randn_like(model[3].weight))
+            model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items()}, assign=True)
+            assert relative_error(model(x), before) > 1e-2
+            assert_close(model(x) if seen else before, compiled(x))
+
+
+def test_identity_guard_falls_back_unoptimised_when_the_new_weights_do_not_optimise(monkeypatch):
+    """A rebuild that fails (the pipeline raising on the new weights) leaves the graph running unoptimised
+    from the user's current weights, never the old folded ones."""
+    model, compiled, x, _ = _compiled_with_guard("identity")
+    import fxrebirth.frontends.backend as backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(backend, "optimize", broken)
+    with torch.no_grad():
+        model[3].weight = nn.Parameter(torch.randn_like(model[3].weight))
+        assert_close(model(x), compiled(x))
+        model[3].weight = nn.Parameter(torch.randn_like(model[3].weight))
+        assert_close(model(x), compiled(x))
+
+
 def test_contract_inference_tensor_update_is_not_seen_until_reset():
     """Documented: inference tensors have no version counter, so an in-place update of one (allowed
     under inference_mode) is not seen; torch._dynamo.reset() picks it up."""
