@@ -229,7 +229,8 @@ def _bench(args: argparse.Namespace) -> int:
     reborn, planned = None, None
     if not args.no_reborn:
         say("planning the rebirth (timing every region)")
-        planned = make_plan(model, x, repeats=3, runtime=args.plan_for, lowering=lower_for)
+        planned = make_plan(model, x, repeats=3, runtime=args.plan_for, lowering=lower_for,
+                            reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel)
         if args.all_regions:
             for region in planned.regions:
                 region.selected = True

@@ -53,6 +53,15 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    """The rebirth layers' geometry: the arguments of every sub-command that plans rebirth layers."""
+    parser.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
+                        help="streamline rebirth layers' kernel: field covers the chain's receptive field "
+                             "(default); conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
+    parser.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
+                                                           "0.5; thinner is faster and costs more accuracy)")
+
+
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     """The ``plan`` sub-command: the rebirth plan."""
     pln = sub.add_parser("plan", help="mark non-linear regions, measure them, and print the rebirth plan")
@@ -64,10 +73,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                      "runtime (default eager: every node profiled); the plan then merges what is faster there")
     pln.add_argument("--table", metavar="PATH", help="the A/B timings measured on the device: the latency-*.json "
                      "that time_on_device.py wrote from a bundle of `fxrebirth profile` (instead of --runtime)")
-    pln.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
-                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
-                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
-    pln.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
+    _geometry_arguments(pln)
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -80,10 +86,7 @@ def _profile_parser(sub: argparse._SubParsersAction) -> None:
     prf.add_argument("--out", required=True, metavar="DIR", help="the bundle's folder")
     prf.add_argument("--depth", action="store_true", help="the depth planner's candidates (fxrebirth run "
                      "mobilenet_v2 --table), not the rebirth regions (fxrebirth plan --table)")
-    prf.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
-                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
-                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
-    prf.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default 0.5)")
+    _geometry_arguments(prf)
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +97,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bch.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
     bch.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's; "
                                                                "1 is a phone core's proxy)")
+    _geometry_arguments(bch)
     bch.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the reborn model's plan is measured through (default eager)")
     bch.add_argument("--runtime", action="append", choices=RUNTIMES, default=None,
@@ -153,11 +157,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                           "each; default 1.5)")
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
-    run.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
-                     help="streamline rebirth layers' kernel: field covers the chain's receptive field (default); "
-                          "conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
-    run.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
-                                                        "0.5; thinner is faster and costs more accuracy)")
+    _geometry_arguments(run)
     run.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the plan times every region through (default eager)")
     run.add_argument("--table", metavar="PATH", help="plan with the timings measured on the device from a bundle of "

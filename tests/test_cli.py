@@ -87,6 +87,36 @@ def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
     assert [r.region.id for r in plan.regions][:2] == ["streamline:conv1.conv", "streamline:conv2.conv"]
 
 
+
+def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
+    """--streamline-kernel conv reaches the planner from plan and bench. GoogLeNet's conv1 (7x7 stride 2,
+    padded, then a 3x3 stride-2 pooling) becomes a 7x7 stride-4 rebirth layer instead of the 11x11 of its
+    field. AlexNet's unpadded conv1 (11x11 stride 4, pooled) keeps its 19x19 field under either policy: an
+    unpadded chain's output size floor((n - 19) / 8) + 1 is reproduced at every size only by a kernel of
+    19 + 2 * padding, so nothing smaller is offered."""
+    import fxrebirth
+
+    kernels = {}
+    for model, size in (("googlenet_lrn", "64"), ("alexnet_lrn", "96")):
+        for policy in ("field", "conv"):
+            target = tmp_path / f"{model}-{policy}.json"
+            assert main(["-q", "plan", model, "--input-size", size, "--repeats", "1", "--streamline-kernel",
+                         policy, "--save", str(target)]) == 0
+            first = fxrebirth.Plan.from_json(target.read_text()).regions[0].region.proposal
+            kernels[model, policy] = (tuple(first.kernel_size), tuple(first.stride))
+    assert kernels == {("googlenet_lrn", "field"): ((11, 11), (4, 4)), ("googlenet_lrn", "conv"): ((7, 7), (4, 4)),
+                       ("alexnet_lrn", "field"): ((19, 19), (8, 8)), ("alexnet_lrn", "conv"): ((19, 19), (8, 8))}
+    gflops = {}
+    for policy in ("field", "conv"):  # the reborn rows' work follows the policy
+        capsys.readouterr()
+        assert main(["bench", "googlenet_lrn", "--input-size", "64", "--batch", "2", "--rounds", "1", "--runtime",
+                     "eager", "--no-memory", "--all-regions", "--streamline-kernel", policy, "--json"]) == 0
+        rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+        gflops[policy] = rows["reborn"]["gflops"]
+        assert rows["original"]["gflops"] > gflops[policy]
+    assert gflops["conv"] < gflops["field"]
+
+
 TINY_RUN = ["--image-size", "32", "--plan-size", "32", "--train-images", "64", "--test-images", "40",
             "--teacher-epochs", "1", "--width", "0.125", "--epochs", "0.25", "--latency-rounds", "2",
             "--bench", "fast", "--bench-batch", "1", "2"]
