@@ -17,7 +17,7 @@ when the user turned Inductor's own ``freezing`` on (``torch._inductor.config.fr
      ops that can mutate (:func:`~fxrebirth.frontends.backend_checks._may_mutate`) and confirmed by
      running the graph once on copies of its inputs
      (:func:`~fxrebirth.frontends.backend_checks._mutated_inputs`). Such graphs record the statistics
-     BatchNorm updated (:class:`_StatisticsLog`; PyTorch's batch_norm does not bump their version
+     BatchNorm updated (:class:`~fxrebirth.frontends.backend_guard.StatisticsLog`; PyTorch's batch_norm does not bump their version
      counter), so a folded inference graph of the same model notices the new statistics and folds again;
    * the graph takes unspecialised scalars (``dynamic=True`` makes module float attributes such as
      BatchNorm's ``eps`` graph inputs): they are not constants, so nothing that reads them can be folded.
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -78,6 +77,7 @@ import torch.fx as fx
 from fxrebirth.frontends.backend_checks import (
     _attributes, _devices, _fetch, _hint, _is_weight, _norm_statistics, _why_not_fold,
 )
+from fxrebirth.frontends.backend_guard import GUARDS, STATISTICS, guarded, picker
 from fxrebirth.frontends.library import default_rules, optimize
 from fxrebirth.errors import PipelineError, first_line
 from fxrebirth.rewrite.rules import Rule
@@ -85,10 +85,6 @@ from fxrebirth.rewrite.validate import validate_bool, validate_names, validate_r
 
 __all__ = ["fxrebirth_backend", "BackendOptions", "GUARDS"]
 
-GUARDS = ("weights", "identity", "none")
-"""The backend's per-call guards, from the safest: ``weights`` (identity, version counter and storage of
-every folded weight, and statistics updated through the backend), ``identity`` (only whether the weight
-objects passed are the ones folded) and ``none`` (Inductor's freezing contract: weights are constants)."""
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()  # reasons already logged (each once per process)
@@ -189,42 +185,8 @@ def _bake(gm: fx.GraphModule, inputs: Sequence[Any], weights: list[int]) -> fx.G
     return baked
 
 
-def _picker(indices: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """``args -> tuple(args[i] for i in indices)`` in C (``itemgetter`` returns a bare item for one index)."""
-    if len(indices) > 1:
-        return operator.itemgetter(*indices)
-    return lambda args: tuple(args[i] for i in indices)
-
-
-class _StatisticsLog:
-    """Which tensors a training-mode normalisation updated through this backend, and when.
-
-    PyTorch's batch_norm updates ``running_mean``/``running_var`` without bumping their version counter,
-    and bumping it ourselves breaks the backward pass (eager batch_norm saves them for it). So the
-    graphs that update statistics record the tensors here (``updated[id(t)] = generation``); a folded
-    graph compares one integer per call (``generation``) and, when it moved, looks whether one of its
-    own weights was updated since it last looked. The folded graph holds its weights, so their ids are
-    not reused while it looks."""
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self.updated: dict[int, int] = {}
-
-    def record(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.generation += 1
-        for t in tensors:
-            self.updated[id(t)] = self.generation
-
-    def changed_since(self, generation: int, tensors: Sequence[Any]) -> bool:
-        get = self.updated.get
-        return any(get(id(t), 0) > generation for t in tensors)
-
-
-_STATISTICS = _StatisticsLog()
-
-
 def _recording(compiled: Callable[..., Any], gm: fx.GraphModule) -> Callable[..., Any]:
-    """``compiled``, recording after every call the statistics it updated (see :class:`_StatisticsLog`)."""
+    """``compiled``, recording after every call the statistics it updated (see :class:`~fxrebirth.frontends.backend_guard.StatisticsLog`)."""
     placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     at: list[int] = []
     fixed: list[torch.Tensor] = []
@@ -236,11 +198,11 @@ def _recording(compiled: Callable[..., Any], gm: fx.GraphModule) -> Callable[...
                 fixed.append(_fetch(gm, stat.target))
     if not at and not fixed:
         return compiled
-    pick = _picker(at)
+    pick = picker(at)
 
     def run(*args: Any) -> Any:
         out = compiled(*args)
-        _STATISTICS.record([*pick(args), *fixed])
+        STATISTICS.record([*pick(args), *fixed])
         return out
 
     return run
@@ -257,11 +219,12 @@ def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
         return _unchanged(gm, example_inputs, opts.compiler)
     weights, others, attrs = _split_inputs(gm, example_inputs)
     build = _builder(gm, opts, weights, others)
-    generation_at_build = _STATISTICS.generation
+    generation_at_build = STATISTICS.generation
     compiled = build(example_inputs)
     if compiled is None:
         return _unchanged(gm, example_inputs, opts.compiler)
-    return _guarded(gm, example_inputs, opts, build, compiled, weights, others, attrs, generation_at_build)
+    return guarded(opts.guard, example_inputs, build, compiled, lambda args: _unchanged(gm, args, opts.compiler),
+                   weights, others, attrs, generation_at_build)
 
 
 def _may_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
@@ -314,98 +277,6 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
     return build
 
 
-def _same_storage(tensors: list[Any]) -> Callable[[], bool]:
-    """``check()``: whether every tensor still has the storage it has now (``p.data = t`` changes it).
-
-    One C++ call over the list where PyTorch has it (``torch._C._tensors_data_ptrs_at_indices_equal``,
-    the check CUDA graph trees make of their static inputs; 1.7x faster than ``data_ptr()`` per tensor
-    from Python, benchmarks/backend_overhead.py), otherwise ``data_ptr()`` per tensor."""
-    pointers = [t.data_ptr() for t in tensors]
-    batched = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-    if batched is not None:
-        indices = list(range(len(tensors)))
-        return lambda: batched(tensors, pointers, indices)
-    data_ptr = operator.methodcaller("data_ptr")
-    return lambda: list(map(data_ptr, tensors)) == pointers
 
 
-def _lightly_guarded(guard: str, build: Callable[[Sequence[Any]], Callable[..., Any] | None],
-                     compiled: Callable[..., Any], pick_weights: Callable[[Sequence[Any]], tuple[Any, ...]],
-                     pick_others: Callable[[Sequence[Any]], tuple[Any, ...]],
-                     example_inputs: Sequence[Any],
-                     unchanged: Callable[[Sequence[Any]], Callable[..., Any]]) -> Callable[..., Any]:
-    """``compiled`` under a weaker contract than :func:`_guarded`'s: ``"none"`` checks nothing (the weights
-    are constants until ``torch._dynamo.reset()``, as under Inductor's freezing); ``"identity"`` builds
-    again only when another tensor object is passed for a weight (``module.weight = nn.Parameter(...)``,
-    ``load_state_dict(..., assign=True)``); in-place updates are not seen."""
-    if guard == "none":
-        return lambda *args: compiled(*pick_others(args))
-    folded = pick_weights(example_inputs)
-    is_ = operator.is_
-    fallback: Callable[..., Any] | None = None
 
-    def run(*args: Any) -> Any:
-        nonlocal compiled, folded, fallback
-        if fallback is not None:
-            return fallback(*args)
-        current = pick_weights(args)
-        if not all(map(is_, current, folded)):
-            log.info("fxrebirth backend: other weight objects than those folded; optimising again")
-            rebuilt = build(args)
-            if rebuilt is None:  # logged by build: the graph runs unoptimised from now on
-                fallback = unchanged(args)
-                return fallback(*args)
-            compiled, folded = rebuilt, current
-        return compiled(*pick_others(args))
-
-    return run
-
-
-def _guarded(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions,
-             build: Callable[[Sequence[Any]], Callable[..., Any] | None], compiled: Callable[..., Any],
-             weights: list[int], others: list[int], attrs: list[Any], seen: int) -> Callable[..., Any]:
-    """``compiled`` (built from the weights in ``example_inputs`` when the statistics log stood at ``seen``)
-    behind the per-call guard, which builds again when the weights changed.
-
-    The guard runs on every call, so it is three C-level passes over the weights: the objects passed
-    must be the ones folded; then (those being the folded objects) their version counters, bumped by
-    every in-place update, and their storage, changed by ``p.data = t``. Inference tensors have no
-    version counter: for them only identity and storage are compared. One integer comparison more
-    notices statistics updated by a training-mode graph of this backend (:class:`_StatisticsLog`)."""
-    version = operator.attrgetter("_version")
-    pick_weights, pick_others = _picker(weights), _picker(others)
-    if opts.guard != "weights":
-        return _lightly_guarded(opts.guard, build, compiled, pick_weights, pick_others, example_inputs,
-                                lambda args: _unchanged(gm, args, opts.compiler))
-    statistics = _STATISTICS
-
-    def watch(current: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any], list[int], Callable[[], bool]]:
-        tracked = list(current) + attrs
-        versioned = [t for t in tracked if not t.is_inference()]
-        return list(current), tracked, versioned, list(map(version, versioned)), _same_storage(tracked)
-
-    folded, tracked, versioned, versions, pointers = watch(pick_weights(example_inputs))
-    fallback: Callable[..., Any] | None = None
-
-    def run(*args: Any) -> Any:
-        nonlocal compiled, fallback, folded, tracked, versioned, versions, pointers, seen
-        if fallback is not None:
-            return fallback(*args)
-        current = pick_weights(args)
-        updated = statistics.generation != seen and statistics.changed_since(seen, tracked)
-        if (updated or not all(map(operator.is_, current, folded)) or list(map(version, versioned)) != versions
-                or not pointers()):
-            log.info("fxrebirth backend: weights changed since they were folded; optimising again")
-            generation = statistics.generation
-            rebuilt = build(args)
-            if rebuilt is None:
-                fallback = _unchanged(gm, args, opts.compiler)
-                return fallback(*args)
-            compiled = rebuilt
-            folded, tracked, versioned, versions, pointers = watch(current)
-            seen = generation
-        else:
-            seen = statistics.generation
-        return compiled(*pick_others(args))
-
-    return run
