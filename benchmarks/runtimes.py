@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from typing import Callable
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 
 from benchmarks._common import build  # noqa: E402 - the same models as the exact-tier latency benchmark
-from fxrebirth.measure.timing import interleaved_medians  # noqa: E402
+from fxrebirth.measure.timing import interleaved_medians, interleaved_times, ratio_spread  # noqa: E402
 
 import fxrebirth  # noqa: E402
 from fxrebirth.measure.speed import compiled_runner, export_onnx, ort_runner  # noqa: E402
@@ -70,16 +71,21 @@ def compare(name: str, rounds: int, compile_only: bool = False, batch: int = 1) 
     runs["inductor"], setup["inductor"] = _compiled(model, x)
     runs["inductor_freezing"], setup["inductor_freezing"] = _freezing(model, x)
     runs["fxrebirth_backend"], setup["fxrebirth_backend"] = _compiled(model, x, backend="fxrebirth")
+    runs["fxrebirth_guard_none"], setup["fxrebirth_guard_none"] = _compiled(
+        model, x, backend="fxrebirth", options={"guard": "none"})
     runs["fxrebirth_no_freezing"], setup["fxrebirth_no_freezing"] = _compiled(
         model, x, backend="fxrebirth", options={"freezing": False})
     if not compile_only:
         runs["ort_torchscript"], setup["ort_torchscript"] = _onnx(model, x, dynamo=False)
         runs["ort_dynamo"], setup["ort_dynamo"] = _onnx(model, x, dynamo=True)
-    med = interleaved_medians(runs, rounds)
+    times = interleaved_times(runs, rounds)
+    med = {key: statistics.median(values) for key, values in times.items()}
     print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
     for key in med:
         print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
-    print(f"  fxrebirth backend / Inductor with freezing: {med['fxrebirth_backend'] / med['inductor_freezing']:.3f}")
+    for key in ("fxrebirth_backend", "fxrebirth_guard_none"):
+        ratio, q1, q3 = ratio_spread(times[key], times["inductor_freezing"])
+        print(f"  {key} / Inductor with freezing, per round: {ratio:.3f} [IQR {q1:.3f}, {q3:.3f}]")
     if compile_only:
         return
     best = "ort_torchscript" if med["ort_torchscript"] <= med["ort_dynamo"] else "ort_dynamo"
