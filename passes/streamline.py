@@ -9,7 +9,9 @@ with ``k'`` chosen by the kernel policy: ``"field"`` (the default) at least the 
 ``d(k - 1) + 1 + (k_pool - 1) * s_conv`` (one more where ceil-mode pooling needs an even kernel), so the
 rebirth layer sees every input pixel the chain did; ``"conv"`` the first convolution's own extent
 ``d(k - 1) + 1``, as DeepRebirth does (the pooling only multiplies the stride), which costs
-``(k' / field)^2`` of the FLOPs and sees less. ``p'`` is the padding that makes its output size equal
+``(k' / field)^2`` of the FLOPs and sees less. Every policy ranks first the kernels that give the
+chain's output size at every input size, so where no kernel near the target does, the nearest one that
+does is taken (AlexNet's unpadded conv1 keeps its 19x19 field under ``"conv"``). ``p'`` is the padding that makes its output size equal
 the chain's for every input size the chain accepts (ceil-mode pooling included); where no symmetric
 padding does for every size, the proposal records for which input sizes it does (``valid_from``,
 ``valid_to``).
