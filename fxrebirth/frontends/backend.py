@@ -17,8 +17,9 @@ when the user turned Inductor's own ``freezing`` on (``torch._inductor.config.fr
      ops that can mutate (:func:`~fxrebirth.frontends.backend_checks._may_mutate`) and confirmed by
      running the graph once on copies of its inputs
      (:func:`~fxrebirth.frontends.backend_checks._mutated_inputs`). Such graphs record the statistics
-     BatchNorm updated (:class:`~fxrebirth.frontends.backend_guard.StatisticsLog`; PyTorch's batch_norm does not bump their version
-     counter), so a folded inference graph of the same model notices the new statistics and folds again;
+     BatchNorm updated (:class:`~fxrebirth.frontends.backend_guard.StatisticsLog`; PyTorch's batch_norm
+     does not bump their version counter), so a folded inference graph of the same model notices the new
+     statistics and folds again;
    * the graph takes unspecialised scalars (``dynamic=True`` makes module float attributes such as
      BatchNorm's ``eps`` graph inputs): they are not constants, so nothing that reads them can be folded.
      Symbolic sizes alone (the default ``dynamic=None`` once a second batch size is seen) do fold;
@@ -84,7 +85,6 @@ from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_bool, validate_names, validate_rules
 
 __all__ = ["fxrebirth_backend", "BackendOptions", "GUARDS"]
-
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()  # reasons already logged (each once per process)
@@ -186,7 +186,8 @@ def _bake(gm: fx.GraphModule, inputs: Sequence[Any], weights: list[int]) -> fx.G
 
 
 def _recording(compiled: Callable[..., Any], gm: fx.GraphModule) -> Callable[..., Any]:
-    """``compiled``, recording after every call the statistics it updated (see :class:`~fxrebirth.frontends.backend_guard.StatisticsLog`)."""
+    """``compiled``, recording after every call the statistics it updated
+    (:class:`~fxrebirth.frontends.backend_guard.StatisticsLog`)."""
     placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     at: list[int] = []
     fixed: list[torch.Tensor] = []
@@ -275,8 +276,3 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
         return inner(optimized, kept)
 
     return build
-
-
-
-
-

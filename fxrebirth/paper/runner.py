@@ -152,8 +152,8 @@ def _plan(config: RunConfig, model: nn.Module, example: torch.Tensor, checkpoint
         if saved is not None and saved != settings:
             changed = ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items()
                                 if saved.get(k) != v)
-            raise ResumeMismatch(f"{config.out} holds a run planned with other settings ({changed}); resume it "
-                             "with the same settings, or give a fresh --out")
+            raise ResumeMismatch(f"{config.out} holds a run planned with other settings ({changed}); resume "
+                                 "it with the same settings, or give a fresh --out")
         with open(plan_path) as f:
             plan = Plan.from_json(f.read())
         log.info("run: resuming with %s", plan_path)
