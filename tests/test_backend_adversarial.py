@@ -501,6 +501,22 @@ def test_identity_guard_sees_a_new_parameter_object_and_none_does_not():
             assert_close(model(x) if seen else before, compiled(x))
 
 
+@pytest.mark.parametrize("guard", ["weights", "identity", "none"])
+def test_under_inductor_freezing_dynamo_guards_identity_for_every_guard(guard):
+    """With Inductor's freezing setting on, Dynamo hands the weights over as attributes of the graph and
+    guards each by identity, so a new Parameter object recompiles and the new weights are folded under
+    every guard, "none" included. In-place updates stay the default guard's alone."""
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        model, compiled, x, before = _compiled_with_guard(guard)
+        model[3].weight = nn.Parameter(torch.randn_like(model[3].weight))
+        replaced = model(x)
+        assert relative_error(replaced, before) > 1e-2
+        assert_close(replaced, compiled(x))
+        model[0].weight.mul_(2.0)
+        assert relative_error(model(x), replaced) > 1e-2
+        assert_close(model(x) if guard == "weights" else replaced, compiled(x))
+
+
 def test_identity_guard_falls_back_unoptimised_when_the_new_weights_do_not_optimise(monkeypatch):
     """A rebuild that fails (the pipeline raising on the new weights) leaves the graph running unoptimised
     from the user's current weights, never the old folded ones."""
