@@ -15,6 +15,7 @@ times are the first call's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -72,8 +73,53 @@ def _builders(model: torch.nn.Module, x: torch.Tensor, eager: Callable[[], objec
     return builders
 
 
+def _print_ratios(times: dict[str, list[float]]) -> None:
+    """Per-round time ratios of every compiled row to Inductor with freezing; with the A/A control, also to
+    the mean of the two identical baselines in each round (two compiles of one model were measured up to 5%
+    apart at batch 1, for the whole process; the mean is unbiased, where the faster of the two is not)."""
+    baseline = times["inductor_freezing"]
+    both = [(a + b) / 2 for a, b in zip(baseline, times.get("inductor_freezing_again", baseline))]
+    for key in (k for k in times if k.startswith(("inductor_freezing_", "fxrebirth_"))):
+        ratio, q1, q3 = ratio_spread(times[key], baseline)
+        line = f"  {key} / Inductor with freezing, per round: {ratio:.3f} [IQR {q1:.3f}, {q3:.3f}]"
+        if "inductor_freezing_again" in times and key.startswith("fxrebirth_"):
+            ratio, q1, q3 = ratio_spread(times[key], both)
+            line += f"; / both baselines: {ratio:.3f} [IQR {q1:.3f}, {q3:.3f}]"
+        print(line)
+
+
+def _save(path: str, name: str, batch: int, times: dict[str, list[float]]) -> None:
+    """Adds the per-round milliseconds of ``name`` at ``batch`` to the JSON file ``path``."""
+    results = json.loads(open(path).read()) if os.path.exists(path) else {}
+    results[f"{name}@{batch}"] = times
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+TABLE_ROWS = ("inductor_freezing_again", "fxrebirth_backend", "fxrebirth_guard_none", "fxrebirth_freezing_config",
+              "fxrebirth_freezing_config_identity")
+
+
+def table(path: str) -> str:
+    """The markdown table of docs/results.md from a ``--json-out`` file: per model and batch size, Inductor
+    with freezing in ms and each row's median per-round time ratio to the mean of the two baselines, with
+    its interquartile range (the A/A row against the first baseline alone)."""
+    results = json.loads(open(path).read())
+    lines = ["| model @ batch | Inductor + freezing, ms | " + " | ".join(TABLE_ROWS) + " |",
+             "|---|---|" + "---|" * len(TABLE_ROWS)]
+    for key, times in results.items():
+        base, again = times["inductor_freezing"], times["inductor_freezing_again"]
+        both = [(a + b) / 2 for a, b in zip(base, again)]
+        cells = []
+        for row in TABLE_ROWS:
+            ratio, q1, q3 = ratio_spread(times[row], base if row == "inductor_freezing_again" else both)
+            cells.append(f"{ratio:.3f} [{q1:.3f}, {q3:.3f}]")
+        lines.append(f"| {key} | {statistics.median(base):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def compare(name: str, rounds: int, compile_only: bool = False, batch: int = 1,
-            rows: list[str] | None = None) -> None:
+            rows: list[str] | None = None, json_out: str | None = None) -> None:
     """Every row (or only ``rows``, beside eager and Inductor with freezing) for ``name``, timed side by side."""
     model, x = build(name, "eager")
     x = torch.randn(batch, *x.shape[1:])
@@ -94,9 +140,9 @@ def compare(name: str, rounds: int, compile_only: bool = False, batch: int = 1,
     print(f"\n{name} (fxrebirth: {report.rewrites} rewrites)")
     for key in med:
         print(f"  {key:<20} {med[key]:8.2f} ms  ({med[key] / med['eager']:.3f}x eager)  setup {setup[key]:6.1f} s")
-    for key in (k for k in runs if k.startswith(("inductor_freezing_", "fxrebirth_"))):
-        ratio, q1, q3 = ratio_spread(times[key], times["inductor_freezing"])
-        print(f"  {key} / Inductor with freezing, per round: {ratio:.3f} [IQR {q1:.3f}, {q3:.3f}]")
+    _print_ratios(times)
+    if json_out:
+        _save(json_out, name, batch, times)
     if compile_only:
         return
     best = "ort_torchscript" if med["ort_torchscript"] <= med["ort_dynamo"] else "ort_dynamo"
@@ -117,7 +163,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rows", nargs="+", default=None,
                         help="only these torch.compile rows, beside eager and Inductor with freezing")
+    parser.add_argument("--json-out", default=None, help="add every row's per-round milliseconds to this file")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print the docs table of a --json-out file")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        raise SystemExit(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 224x224, fp32")
     for model_name in args.models:
-        compare(model_name, args.rounds, args.compile_only, args.batch, args.rows)
+        compare(model_name, args.rounds, args.compile_only, args.batch, args.rows, args.json_out)

@@ -60,12 +60,20 @@ def test_inductor_freezing_set_in_code(compiler, caplog):
     assert folded(caplog)
 
 
-def test_inductor_freezing_set_in_code_with_inductor_inside():
+@pytest.mark.parametrize("freezing", [True, False])
+def test_inductor_inside_with_and_without_the_freezing_setting(freezing, caplog, monkeypatch):
+    """Both match eager; without the setting the log says once how to get Dynamo's identity guards."""
+    import fxrebirth.frontends.backend as backend
+
+    monkeypatch.setattr(backend, "_said", set())
     model = net()
     x = torch.randn(2, 3, 8, 8)
-    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+    with torch._inductor.config.patch(freezing=freezing), torch.no_grad(), \
+            caplog.at_level("INFO", logger="fxrebirth"):
         compiled = torch.compile(model, backend="fxrebirth")
         assert_close(model(x), compiled(x))
+    assert folded(caplog)
+    assert ("torch._inductor.config.freezing = True" in caplog.text) is not freezing
 
 
 def test_inductor_freezing_set_by_environment():
