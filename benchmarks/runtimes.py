@@ -73,12 +73,18 @@ def _builders(model: torch.nn.Module, x: torch.Tensor, eager: Callable[[], objec
     return builders
 
 
+def _both_baselines(times: dict[str, list[float]]) -> list[float]:
+    """Per round, the mean time of the two identical Inductor-with-freezing compiles (the first alone
+    without the A/A row)."""
+    baseline = times["inductor_freezing"]
+    return [(a + b) / 2 for a, b in zip(baseline, times.get("inductor_freezing_again", baseline))]
+
+
 def _print_ratios(times: dict[str, list[float]]) -> None:
     """Per-round time ratios of every compiled row to Inductor with freezing; with the A/A control, also to
     the mean of the two identical baselines in each round (two compiles of one model were measured up to 5%
     apart at batch 1, for the whole process; the mean is unbiased, where the faster of the two is not)."""
-    baseline = times["inductor_freezing"]
-    both = [(a + b) / 2 for a, b in zip(baseline, times.get("inductor_freezing_again", baseline))]
+    baseline, both = times["inductor_freezing"], _both_baselines(times)
     for key in (k for k in times if k.startswith(("inductor_freezing_", "fxrebirth_"))):
         ratio, q1, q3 = ratio_spread(times[key], baseline)
         line = f"  {key} / Inductor with freezing, per round: {ratio:.3f} [IQR {q1:.3f}, {q3:.3f}]"
@@ -108,8 +114,7 @@ def table(path: str) -> str:
     lines = ["| model @ batch | Inductor + freezing, ms | " + " | ".join(TABLE_ROWS) + " |",
              "|---|---|" + "---|" * len(TABLE_ROWS)]
     for key, times in results.items():
-        base, again = times["inductor_freezing"], times["inductor_freezing_again"]
-        both = [(a + b) / 2 for a, b in zip(base, again)]
+        base, both = times["inductor_freezing"], _both_baselines(times)
         cells = []
         for row in TABLE_ROWS:
             ratio, q1, q3 = ratio_spread(times[row], base if row == "inductor_freezing_again" else both)
