@@ -399,3 +399,21 @@ def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None
     assert [(p.reborn_top1, p.control_top1) for p in again] == [(p.reborn_top1, p.control_top1) for p in points]
     with pytest.raises(fxrebirth.FxRebirthError, match="distill schedule"):
         budget_curve(model, plan, train, test, [16], schedule="paper")
+
+
+def test_the_teacher_curve_trains_each_budget_once_and_reads_its_gains_from_the_cache(tmp_path) -> None:
+    from fxrebirth.paper.teacher import TeacherConfig, teacher_curve, teacher_curve_table
+
+    config = TeacherConfig(train_images=64, test_images=32, batch_size=32, width=0.125)
+    points = teacher_curve([2, 1], config, directory=str(tmp_path))
+    assert [(p.epochs, p.images) for p in points] == [(1, 64), (2, 128)]
+    assert all(p.top1_interval[0] <= p.top1 <= p.top1_interval[1] for p in points)
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("teacher-googlenet_lrn-")]) == 2
+    table = teacher_curve_table(points)
+    gain = 100 * (points[1].top1 - points[0].top1)
+    assert f"| 2 (128) | {points[1].top1:.2%}" in table and f"| {gain:+.2f} pt |" in table
+    assert table.splitlines()[2].split("|")[3].strip() == ""  # the first teacher has no half to compare with
+    again = teacher_curve([1, 2], config, directory=str(tmp_path))  # from the cache: the same teachers
+    assert [(p.top1, p.wall_s) for p in again] == [(p.top1, p.wall_s) for p in points]
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        teacher_curve([0], config, directory=str(tmp_path))
