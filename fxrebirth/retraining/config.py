@@ -5,17 +5,21 @@ schedules it may name (:data:`INITS`, :data:`SCHEDULES`). What each option does 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from fxrebirth.errors import FxRebirthError
+from fxrebirth.retraining.augment import Augment, parse_augment
 
 __all__ = ["RebirthConfig", "INITS", "SCHEDULES", "PRECISIONS"]
 
 INITS = ("auto", "lstsq", "xavier", "original")
 SCHEDULES = ("distill", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# options added after checkpoints were in use, with their defaults: they join a job's key only when set
+_LATER_OPTIONS = {"augment": "none", "shift": 0.0625, "mixup_alpha": 1.0}
 
 
 @dataclass
@@ -44,6 +48,13 @@ class RebirthConfig:
     train_batch_norm: bool = True
     """Train end to end with a BatchNorm after every convolution, folded away afterwards
     (:mod:`fxrebirth.retraining.batchnorm`)."""
+    augment: str = "none"
+    """Augmentation of every gradient step's batches, the teacher seeing the same images: ``none`` or
+    transforms from ``flip``, ``shift``, ``mixup`` joined by ``+`` (:mod:`fxrebirth.retraining.augment`)."""
+    shift: float = 0.0625
+    """``shift``'s largest move, as a share of the image width (2 pixels at 32)."""
+    mixup_alpha: float = 1.0
+    """``mixup``'s ``lam ~ Beta(alpha, alpha)`` (1: uniform)."""
     eval_images: int = 2000
     """Held-out images evaluated after every step (the final evaluation uses the whole test set)."""
     seed: int = 0
@@ -63,6 +74,7 @@ class RebirthConfig:
             raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
         if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
             raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
+        self.augmentation()  # a bad spec is an error now, not after calibration
         if self.precision not in PRECISIONS:
             raise FxRebirthError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
         if self.device != "auto":
@@ -70,3 +82,13 @@ class RebirthConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise FxRebirthError(f"device={self.device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+
+    def augmentation(self) -> Augment:
+        """The :class:`~fxrebirth.retraining.augment.Augment` that ``augment``, ``shift`` and ``mixup_alpha`` name."""
+        return Augment(parse_augment(self.augment), self.shift, self.mixup_alpha)
+
+    def key_settings(self) -> dict[str, Any]:
+        """The options that identify a checkpointed job: all but ``device`` (a job may resume on another), and
+        the later options only when set (so that older checkpoints still resume)."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "device" and not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])}

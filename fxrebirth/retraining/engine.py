@@ -125,9 +125,8 @@ class _Job:
         # the scratch control (control_images: the rebirth run's budget) or the rebirth run itself
         self.steps = schedule(config, ids) if control_images is None else \
             control_schedule(config, ids, control_images, len(train_data))
-        # the plan's regions, not its timings; not the device, so that a job may resume on another
-        settings = {k: v for k, v in asdict(config).items() if k != "device"}
-        self.key = fingerprint(settings, [r.region.to_dict() for r in self.planned], len(train_data),
+        # the plan's regions, not its timings
+        self.key = fingerprint(config.key_settings(), [r.region.to_dict() for r in self.planned], len(train_data),
                                model.state_dict(), control_images)
         name = "rebirth.ckpt" if control_images is None else "control.ckpt"
         self.path = os.path.join(checkpoint_dir, name) if checkpoint_dir else None

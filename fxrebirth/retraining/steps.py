@@ -246,12 +246,14 @@ def _train(loss_of: Callable[[torch.Tensor, Any], torch.Tensor], optimizer: torc
            reduce: Callable[[], None], data: Any, config: RebirthConfig, images: int, seed: int,
            meter: Meter) -> tuple[float | None, list]:
     """The loop both steps share: ``images`` images in batches seeded by ``seed`` on the parameters' device,
-    the forward pass in ``config.precision``, the gradients averaged over the ranks by ``reduce`` before each
-    optimiser step; returns the last loss and the loss curve."""
+    augmented by ``config.augment`` (the teacher's targets come from the same augmented images), the forward
+    pass in ``config.precision``, the gradients averaged over the ranks by ``reduce`` before each optimiser
+    step; returns the last loss and the loss curve."""
     curve, loss_value = [], None
     device = next(p.device for g in optimizer.param_groups for p in g["params"])
     arithmetic = Arithmetic(config.precision, device)
-    for x, y in batches(data, config.batch_size, seed=seed, images=images, device=device):
+    for x, y in batches(data, config.batch_size, seed=seed, images=images, augment=config.augmentation(),
+                        device=device):
         with arithmetic:
             loss = loss_of(x, y)
         arithmetic.step(loss, optimizer, reduce)

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fxrebirth.errors import FxRebirthError
+from fxrebirth.retraining.augment import Augment, MixedLabels
 from fxrebirth.retraining.data import accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
@@ -135,14 +136,16 @@ def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: int | None = None,
-            augment: bool = False, device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            augment: bool | Augment = False, device: torch.device | str | None = None) -> Iterator[tuple[Any, Any]]:
     """``(x, y)`` batches: shuffled with ``seed`` (None: in order), ``images`` in all (default one pass; more
-    than the dataset wraps around with a new permutation), horizontally flipped at random when ``augment``,
-    moved to ``device`` when given (the order and flips do not depend on it).
+    than the dataset wraps around with a new permutation), augmented by ``augment`` (an
+    :class:`~fxrebirth.retraining.augment.Augment`; ``True``: random horizontal flips), moved to ``device`` when
+    given (the order and augmentation do not depend on it; under mixup ``y`` is a ``MixedLabels``).
 
     Under torch.distributed each rank gets its share of every global batch (rows ``rank::world``), so a
     data-parallel run sees the same global batches as a single process."""
     rank, size = world()
+    augment = Augment(("flip",)) if augment is True else augment
     total = len(data) if images is None else images
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     fast = _tensors(data)
@@ -165,8 +168,7 @@ def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: 
                 x, y = next(loader_iter)
                 x, y = x[:n], torch.as_tensor(y)[:n]
             if augment:
-                flip = torch.rand(n, generator=generator) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                x, y = augment(x, y, generator)
             done += n
             x, y = x[rank::size], y[rank::size]
             yield (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
@@ -274,17 +276,19 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student, teacher) / scale.clamp(min=1e-12)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor, temperature: float,
-            kd_weight: float) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | MixedLabels,
+            temperature: float, kd_weight: float) -> torch.Tensor:
     """``kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - kd_weight) * CE(student, labels)``
-    (Hinton et al., 2015: the T^2 keeps the soft term's gradients on the scale of the hard term's)."""
+    (Hinton et al., 2015: the T^2 keeps the soft term's gradients on the scale of the hard term's); mixup's
+    labels give their mixed cross-entropy."""
     loss = torch.zeros((), dtype=student.dtype)
     if kd_weight > 0:
         kl = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
                       reduction="batchmean", log_target=True)
         loss = loss + kd_weight * temperature ** 2 * kl
     if kd_weight < 1:
-        loss = loss + (1 - kd_weight) * F.cross_entropy(student, labels)
+        hard = labels.cross_entropy(student) if isinstance(labels, MixedLabels) else F.cross_entropy(student, labels)
+        loss = loss + (1 - kd_weight) * hard
     return loss
 
 
