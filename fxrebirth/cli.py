@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
             raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (a model trained on your data); "
                                  "only googlenet_lrn has a default teacher")
         model = _load(args)
-    options = {"schedule": args.schedule, "device": args.device, "precision": args.precision}
+    options = {"schedule": args.schedule, "device": args.device, "precision": args.precision, "augment": args.augment}
     if args.init is not None:
         options["init"] = args.init
     if args.epochs is not None:
@@ -116,7 +116,8 @@ def _run_depth(args: argparse.Namespace) -> int:
     targets = tuple(args.target or (1.5,))
     if any(t <= 1 for t in targets):
         raise FxRebirthError(f"--target {min(targets)}: a target speed-up is above 1")
-    options = {"device": args.device, "precision": args.precision, "epochs": 1.5 if args.epochs is None else args.epochs}
+    options = {"device": args.device, "precision": args.precision, "augment": args.augment,
+               "epochs": 1.5 if args.epochs is None else args.epochs}
     config = DepthRunConfig(model_name=args.model, out=args.out, image_size=args.image_size or 64,
                             plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
                             teacher=TeacherConfig(epochs=args.teacher_epochs or 6), rebirth=RebirthConfig(**options),

@@ -149,6 +149,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="retraining arithmetic: fp32 (default), bf16 autocast (CPU or GPU), fp16 (CUDA only)")
     run.add_argument("--epochs", type=float, default=None, help="end-to-end epochs (per step for --schedule paper)")
+    run.add_argument("--augment", default="none", metavar="SPEC",
+                     help="augment the retraining batches: none (default) or flip, shift, mixup joined by + "
+                          "(the teacher sees the same images; measured no gain on the embedded data)")
     run.add_argument("--train-images", type=int, default=20000)
     run.add_argument("--test-images", type=int, default=10000)
     run.add_argument("--teacher-epochs", type=int, default=None, help="default 4; 6 for the depth job")

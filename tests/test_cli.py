@@ -188,6 +188,7 @@ def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["run", "resnet18", "--device", "gpu0", "--out", str(tmp_path / "r")], "device='gpu0'"),
         # refused before the teacher trains
         (["run", "--device", "gpu0", "--out", str(tmp_path / "r")], "device='gpu0'"),
+        (["run", "--augment", "flip+rotate", "--out", str(tmp_path / "r")], "augment='flip+rotate'"),
     ]
     if not torch.cuda.is_available():
         cases += [(["run", "--precision", "fp16", "--out", str(tmp_path / "r")], "fp16' needs a CUDA device"),
