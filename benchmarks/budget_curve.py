@@ -26,20 +26,26 @@ from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
 
 
-def main(budgets: list[int], cache: str, teacher_epochs: int = 4, init: str = "original") -> str:
-    config = TeacherConfig(epochs=teacher_epochs)
-    teacher, meta = default_teacher(config)
+def cached_plan(teacher: torch.nn.Module, cache: str) -> fxrebirth.Plan:
+    """The plan at 224x224 with every region selected, saved in ``cache`` on first use and read back after
+    (shared by every teacher, so that every run merges the same regions)."""
     os.makedirs(cache, exist_ok=True)
     plan_path = os.path.join(cache, "plan.json")
     if os.path.exists(plan_path):
         with open(plan_path) as f:
-            plan = fxrebirth.Plan.from_json(f.read())
-    else:
-        plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3)
-        for r in plan.regions:
-            r.selected = True
-        with open(plan_path, "w") as f:
-            f.write(plan.to_json(indent=1))
+            return fxrebirth.Plan.from_json(f.read())
+    plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3)
+    for r in plan.regions:
+        r.selected = True
+    with open(plan_path, "w") as f:
+        f.write(plan.to_json(indent=1))
+    return plan
+
+
+def main(budgets: list[int], cache: str, teacher_epochs: int = 4, init: str = "original") -> str:
+    config = TeacherConfig(epochs=teacher_epochs)
+    teacher, meta = default_teacher(config)
+    plan = cached_plan(teacher, cache)
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)
     cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
