@@ -26,19 +26,25 @@ from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
 
 
-def cached_plan(teacher: torch.nn.Module, cache: str) -> fxrebirth.Plan:
-    """The plan at 224x224 with every region selected, saved in ``cache`` on first use and read back after
-    (shared by every teacher, so that every run merges the same regions)."""
+def cached_plan(teacher: torch.nn.Module, cache: str, *, keep: tuple[str, ...] = (), **planning) -> fxrebirth.Plan:
+    """The plan at 224x224 with every region selected but those ``keep`` names (region ids, or prefixes such
+    as ``"streamline:"``: :meth:`fxrebirth.Plan.keep`), saved in ``cache`` on first use and read back after
+    (shared by every teacher, so that every run merges the same regions). ``planning``: options of
+    :func:`fxrebirth.plan` that change the rebirth layers' geometry (``reduce_ratio``, ``streamline_kernel``);
+    each set of them has a file of its own (the defaults keep ``plan.json``, the name older caches have)."""
     os.makedirs(cache, exist_ok=True)
-    plan_path = os.path.join(cache, "plan.json")
+    suffix = "".join(f"-{k}={planning[k]}" for k in sorted(planning))
+    plan_path = os.path.join(cache, f"plan{suffix}.json")
     if os.path.exists(plan_path):
         with open(plan_path) as f:
-            return fxrebirth.Plan.from_json(f.read())
-    plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3)
-    for r in plan.regions:
-        r.selected = True
-    with open(plan_path, "w") as f:
-        f.write(plan.to_json(indent=1))
+            plan = fxrebirth.Plan.from_json(f.read())
+    else:
+        plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3, **planning)
+        for r in plan.regions:
+            r.selected = True
+        with open(plan_path, "w") as f:
+            f.write(plan.to_json(indent=1))
+    plan.keep(keep)
     return plan
 
 

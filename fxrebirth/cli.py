@@ -83,6 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     from fxrebirth.paper.teacher import TORCHVISION_TEACHERS
 
     if args.model in TORCHVISION_TEACHERS and not args.weights and not args.data:
+        if args.keep:
+            raise FxRebirthError("--keep selects among rebirth regions; the depth job of "
+                                 f"{args.model} plans depth segments (use --target)")
         return _run_depth(args)
     args.image_size = args.image_size or 32
     model = None
@@ -102,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
                        rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
                        bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
                        reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
-                       plan_table=args.table, streamline_kernel=args.streamline_kernel,
+                       plan_table=args.table, streamline_kernel=args.streamline_kernel, keep=tuple(args.keep),
                        teacher_cost=_teacher_cost(args))
     return _report_of(args, run, config)
 
@@ -165,7 +168,7 @@ def _plan(args: argparse.Namespace) -> int:
     budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
     result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
                   reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel, runtime=args.runtime,
-                  lowering=lower_for, device_table=args.table)
+                  lowering=lower_for, device_table=args.table, keep=args.keep)
     if args.save:
         _write(args.save, result.to_json(indent=1))
     print(result.to_json(indent=1) if args.json else result.table())
@@ -231,10 +234,11 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.no_reborn:
         say("planning the rebirth (timing every region)")
         planned = make_plan(model, x, repeats=3, runtime=args.plan_for, lowering=lower_for,
-                            reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel)
+                            reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel, keep=args.keep)
         if args.all_regions:
             for region in planned.regions:
                 region.selected = True
+            planned.keep(args.keep)
         if planned.selected:
             reborn = rebuild(capture(model, (x,)), planned).eval()
         else:

@@ -62,6 +62,13 @@ def _geometry_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "0.5; thinner is faster and costs more accuracy)")
 
 
+def _keep_argument(parser: argparse.ArgumentParser) -> None:
+    """Regions the plan must leave as they are: the arguments of every sub-command that selects regions."""
+    parser.add_argument("--keep", action="append", default=[], metavar="REGION",
+                        help="never merge this region: an id of the plan's table (streamline:conv1.conv) or a prefix "
+                             "(streamline:); repeatable. Trades speed for accuracy where a region costs more of it")
+
+
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     """The ``plan`` sub-command: the rebirth plan."""
     pln = sub.add_parser("plan", help="mark non-linear regions, measure them, and print the rebirth plan")
@@ -74,6 +81,7 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     pln.add_argument("--table", metavar="PATH", help="the A/B timings measured on the device: the latency-*.json "
                      "that time_on_device.py wrote from a bundle of `fxrebirth profile` (instead of --runtime)")
     _geometry_arguments(pln)
+    _keep_argument(pln)
     pln.add_argument("--save", metavar="PATH", help="write the plan as JSON")
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -98,6 +106,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bch.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's; "
                                                                "1 is a phone core's proxy)")
     _geometry_arguments(bch)
+    _keep_argument(bch)
     bch.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the reborn model's plan is measured through (default eager)")
     bch.add_argument("--runtime", action="append", choices=RUNTIMES, default=None,
@@ -161,6 +170,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--width", type=float, default=1.0, help="googlenet_lrn channel multiplier (default 1)")
     run.add_argument("--latency-rounds", type=int, default=20)
     _geometry_arguments(run)
+    _keep_argument(run)
     run.add_argument("--plan-for", choices=_PLAN_RUNTIMES, default="eager",
                      help="the runtime the plan times every region through (default eager)")
     run.add_argument("--table", metavar="PATH", help="plan with the timings measured on the device from a bundle of "

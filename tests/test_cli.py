@@ -117,6 +117,25 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
     assert gflops["conv"] < gflops["field"]
 
 
+def test_plan_keep_leaves_regions_unmerged_and_a_typo_is_an_error(tmp_path, capsys):
+    import fxrebirth
+
+    target = tmp_path / "plan.json"
+    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--repeats", "1", "--keep", "streamline:",
+                 "--keep", "branch:blocks.inception5b", "--save", str(target)]) == 0
+    plan = fxrebirth.Plan.from_json(target.read_text())
+    assert len(plan.regions) == 11
+    kept = {r.region.id for r in plan.regions if not r.selected}
+    assert {"streamline:conv1.conv", "streamline:conv2.conv", "branch:blocks.inception5b"} <= kept
+    capsys.readouterr()
+    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--repeats", "1", "--keep", "conv1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "keep 'conv1': no region has that id or prefix" in err
+    assert "streamline:conv1.conv" in err
+    assert main(["-q", "run", "mobilenet_v2", "--keep", "streamline:"]) == 2
+    assert "--keep selects among rebirth regions" in capsys.readouterr().err
+
+
 TINY_RUN = ["--image-size", "32", "--plan-size", "32", "--train-images", "64", "--test-images", "40",
             "--teacher-epochs", "1", "--width", "0.125", "--epochs", "0.25", "--latency-rounds", "2",
             "--bench", "fast", "--bench-batch", "1", "2"]
@@ -170,6 +189,8 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--streamline-kernel", "conv"]) == 2
     assert "streamline_kernel: 'field' there, 'conv' now" in capsys.readouterr().err
+    assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--keep", "streamline:conv1.conv"]) == 2
+    assert "keep: None there, ['streamline:conv1.conv'] now" in capsys.readouterr().err
 
 
 def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):

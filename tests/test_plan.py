@@ -88,6 +88,35 @@ def test_drop_and_targets(small_plan):
         fxrebirth.plan(model, x, select="some", latency_table=table)
 
 
+def test_keep_leaves_the_named_regions_unmerged(small_plan):
+    """keep= takes ids and id prefixes: those regions are measured and listed but never selected, also when a
+    target speed-up then has to be met by other regions; a name that matches nothing is an error naming the
+    ids, never a plan that silently merges the region the user meant to keep."""
+    from fxrebirth.rewrite.cost import measure_latency
+
+    model, x, _ = small_plan
+    table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)  # fixed costs: no timing noise
+    every = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0)
+    assert any(r.region.kind == "streamline" for r in every.selected)
+    kept = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0, keep=["streamline:", "branch:blocks.inception3a"])
+    assert len(kept.regions) == 11
+    assert {r.region.id for r in every.selected} - {r.region.id for r in kept.selected} == {
+        r.region.id for r in every.selected if r.region.kind == "streamline" or r.region.id.endswith("inception3a")}
+    one = fxrebirth.plan(model, x, latency_table=table, target_speedup=1.0 + 1e-9, keep=[every.selected[0].region.id])
+    best_other = max((r for r in one.regions if r.region.id != every.selected[0].region.id), key=lambda r: r.gain_s)
+    assert [r.region.id for r in one.selected] == [best_other.region.id]
+    edited = fxrebirth.Plan.from_json(every.to_json())
+    edited.keep(("streamline:conv2.conv",))
+    assert "streamline:conv2.conv" in {r.region.id for r in every.selected}  # a copy: every is untouched
+    assert "streamline:conv2.conv" not in {r.region.id for r in edited.selected}
+    assert len(edited.selected) == len(every.selected) - 1
+    for bad in (["streamline:conv9"], ["inception3a"]):  # a prefix, not a substring
+        with pytest.raises(RegionError, match="no region has that id or prefix; regions: streamline:conv1.conv"):
+            fxrebirth.plan(model, x, latency_table=table, keep=bad)
+        with pytest.raises(RegionError, match=bad[0]):
+            edited.keep(bad)
+
+
 def test_latency_table_from_another_device(small_plan):
     from fxrebirth.rewrite.cost import measure_latency
 

@@ -65,6 +65,9 @@ class RunConfig:
     streamline_kernel: str = "field"
     """The streamline rebirth layers' kernel policy: ``field`` (covers the chain's receptive field) or
     ``conv`` (the first convolution's kernel, DeepRebirth's geometry; fewer FLOPs, docs/results.md)."""
+    keep: tuple[str, ...] = ()
+    """Regions never merged (ids or id prefixes, :func:`fxrebirth.retraining.planning.kept_ids`): the
+    original layers stay, for accuracy (docs/results.md measures what each region costs)."""
     plan_runtime: str = "eager"
     """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
     plan_table: str | None = None
@@ -134,8 +137,11 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
 
 
 def _plan_settings(config: RunConfig) -> dict[str, Any]:
-    return {"reduce_ratio": config.reduce_ratio, "streamline_kernel": config.streamline_kernel,
-            "plan_runtime": config.plan_runtime, "plan_table": config.plan_table, "plan_size": config.plan_size}
+    settings = {"reduce_ratio": config.reduce_ratio, "streamline_kernel": config.streamline_kernel,
+                "plan_runtime": config.plan_runtime, "plan_table": config.plan_table, "plan_size": config.plan_size}
+    if config.keep:  # only when set, so that runs saved before the option existed still resume
+        settings["keep"] = list(config.keep)
+    return settings
 
 
 def _plan(config: RunConfig, model: nn.Module, example: torch.Tensor, checkpoint_dir: str) -> Plan:
@@ -160,7 +166,7 @@ def _plan(config: RunConfig, model: nn.Module, example: torch.Tensor, checkpoint
         return plan
     plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
                      streamline_kernel=config.streamline_kernel, runtime=config.plan_runtime,
-                     lowering=lower_for, device_table=config.plan_table)
+                     lowering=lower_for, device_table=config.plan_table, keep=config.keep)
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
     with open(settings_path, "w") as f:

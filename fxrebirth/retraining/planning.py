@@ -8,8 +8,10 @@ gain, and whether it is selected. The gain is known before any training.
 
 Selection: every region whose rebirth layer is faster (``select="all"``), or the biggest gains first
 until a ``target_speedup`` or a latency ``budget_s`` is met. Regions whose rebirth layer would be slower
-are never selected. A Plan is plain data: JSON in and out, editable (drop a region, change a width);
-:meth:`Plan.validate` rejects an edited plan that would not fit the model, with the reason.
+are never selected, nor those ``keep`` names (an id such as ``"streamline:conv1.conv"``, or a prefix such as
+``"streamline:"``): the way to trade speed for accuracy where a region costs more accuracy than its gain is
+worth (docs/results.md measures what each region of the paper's GoogLeNet costs). A Plan is plain data:
+JSON in and out, editable (drop a region, change a width); :meth:`Plan.validate` rejects an edited plan that would not fit the model, with the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
 
-__all__ = ["plan", "mark_regions", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs"]
+__all__ = ["plan", "mark_regions", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs", "kept_ids"]
 
 
 def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -115,6 +117,12 @@ class Plan:
     def drop(self, region_id: str) -> None:
         """Deselect a region by id (``KeyError`` naming the known ids if there is none)."""
         self._get(region_id).selected = False
+
+    def keep(self, names: "list[str] | tuple[str, ...]") -> None:
+        """Deselect every region whose id is one of ``names`` or starts with one of them (the original layers
+        stay); :class:`RegionError` naming the known ids for a name that matches no region."""
+        for region_id in kept_ids([r.region.id for r in self.regions], names):
+            self.drop(region_id)
 
     def _get(self, region_id: str) -> PlannedRegion:
         for r in self.regions:
@@ -263,9 +271,22 @@ def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], r
                        device_table)
 
 
+def kept_ids(ids: list[str], names: "list[str] | tuple[str, ...]") -> list[str]:
+    """The region ids that ``names`` keep: equal to a name or starting with it. :class:`RegionError` for a name
+    that matches none, naming the ids there are (a typo must not silently merge the region it meant)."""
+    kept = []
+    for name in names:
+        matched = [i for i in ids if i == name or i.startswith(name)]
+        if not matched:
+            raise RegionError(f"keep {name!r}: no region has that id or prefix; regions: {', '.join(ids)}")
+        kept += [i for i in matched if i not in kept]
+    return kept
+
+
 def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
-            budget_s: float | None) -> None:
-    candidates = sorted((r for r in planned if r.gain_s > 0), key=lambda r: -r.gain_s)
+            budget_s: float | None, keep: "list[str] | tuple[str, ...]" = ()) -> None:
+    kept = set(kept_ids([r.region.id for r in planned], keep))
+    candidates = sorted((r for r in planned if r.gain_s > 0 and r.region.id not in kept), key=lambda r: -r.gain_s)
     if target_speedup is None and budget_s is None:
         if select != "all":
             raise ValueError(f"select={select!r}: use 'all', or give target_speedup= or budget_s=")
@@ -306,6 +327,7 @@ def plan(
     reduce_ratio: float | None = None,
     collapse_reduce: bool = False,
     streamline_kernel: str = "field",
+    keep: "list[str] | tuple[str, ...]" = (),
     repeats: int = 5,
     leaf_modules: tuple = (),
     runtime: str = "eager",
@@ -320,7 +342,8 @@ def plan(
     ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
     a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here.
     ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"`` or ``"conv"``,
-    :mod:`fxrebirth.passes.streamline`)."""
+    :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected (:func:`kept_ids`);
+    they are still measured and listed."""
 
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs, leaf_modules=leaf_modules)
@@ -345,6 +368,6 @@ def plan(
             bytes_now=sum(node_bytes(n) for n in members),
             bytes_rebirth=sum(node_bytes(n) for n in rebirth_gm.graph.nodes if n.op == "call_function"),
         ))
-    _select(planned, latency, select, target_speedup, budget_s)
+    _select(planned, latency, select, target_speedup, budget_s, keep)
     shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
     return Plan(type(model).__name__, shape, latency, source, planned)
