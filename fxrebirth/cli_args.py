@@ -55,9 +55,10 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
 
 def _geometry_arguments(parser: argparse.ArgumentParser) -> None:
     """The rebirth layers' geometry: the arguments of every sub-command that plans rebirth layers."""
-    parser.add_argument("--streamline-kernel", choices=("field", "conv"), default="field",
+    parser.add_argument("--streamline-kernel", choices=("field", "conv", "pool"), default="field",
                         help="streamline rebirth layers' kernel: field covers the chain's receptive field "
-                             "(default); conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs)")
+                             "(default); conv keeps the first convolution's kernel, as DeepRebirth does (fewer FLOPs); "
+                             "pool keeps the convolution and its max-pooling and removes only the LRN")
     parser.add_argument("--reduce-ratio", type=float, help="inception reduce-layer width in rebirth layers (default "
                                                            "0.5; thinner is faster and costs more accuracy)")
 

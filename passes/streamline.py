@@ -15,6 +15,13 @@ does is taken (AlexNet's unpadded conv1 keeps its 19x19 field under ``"conv"``).
 the chain's for every input size the chain accepts (ceil-mode pooling included); where no symmetric
 padding does for every size, the proposal records for which input sizes it does (``valid_from``,
 ``valid_to``).
+
+The ``"pool"`` policy removes less: the rebirth layer is the first convolution as it is (its kernel, stride
+and padding) [+ ReLU], followed by the chain's own max-pooling; only the normalisation (LRN; BatchNorm, which
+the exact tier folds anyway) goes. Since ``maxpool(relu(x)) = relu(maxpool(x))``, the order of ReLU and pooling
+in the chain does not matter, and the output size is the chain's at every input size. It keeps the pooling's
+invariance, which a strided convolution has to learn back, and marks only chains with an LRN (without one
+there is nothing to remove) whose pooling is a max-pooling without dilation and whose convolution has none.
 Marking changes nothing in the graph.
 """
 
@@ -27,11 +34,11 @@ import torch.fx as fx
 
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.graph.regions import ConvProposal, Region, record
+from fxrebirth.graph.regions import ConvProposal, PoolStage, Region, record
 
 __all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage", "KERNEL_POLICIES"]
 
-KERNEL_POLICIES = ("field", "conv")
+KERNEL_POLICIES = ("field", "conv", "pool")
 
 _FOLLOWERS = ("batch_norm", "relu", "lrn", "max_pool", "avg_pool")
 _NONLINEAR = ("lrn", "max_pool", "avg_pool")
@@ -89,8 +96,8 @@ def propose_conv(stages: list[Stage], size: int, dim: int, max_size: int = 512,
     (``valid_from`` .. ``valid_to``; ``valid_to`` None means every larger size). The kernel is the one
     nearest the policy's target (see the module docstring) among those, never smaller when a kernel at
     least as large does as well."""
-    if kernel_policy not in KERNEL_POLICIES:
-        raise ValueError(f"kernel policy {kernel_policy!r}: use one of {', '.join(KERNEL_POLICIES)}")
+    if kernel_policy not in ("field", "conv"):
+        raise ValueError(f"kernel policy {kernel_policy!r}: a merged convolution's kernel is 'field' or 'conv'")
     stride = math.prod(st.stride[dim] for st in stages)
     field, jump = 1, 1
     for st in stages:
@@ -141,10 +148,49 @@ def _follow(conv: fx.Node) -> list[fx.Node]:
     return chain
 
 
+def _keeping_pool(chain: list[fx.Node], in_shape: tuple[int, ...], out_channels: int) -> ConvProposal | None:
+    """The ``"pool"`` policy's proposal: the chain's convolution and max-pooling, its normalisation removed
+    (None where the chain has no LRN, or a pooling or dilation this form does not keep)."""
+    kinds = [kind_of(n) for n in chain]
+    conv, pools = chain[0], [n for n in chain if kind_of(n) in ("max_pool", "avg_pool")]
+    if "lrn" not in kinds or "avg_pool" in kinds or any(d != 1 for d in conv.kwargs["dilation"]):
+        return None
+    pool = None
+    if pools:
+        kw = pools[0].kwargs
+        if any(d != 1 for d in kw.get("dilation", (1,))):
+            return None
+        pool = PoolStage(list(kw["kernel_size"]), list(kw["stride"]), list(kw["padding"]), bool(kw["ceil_mode"]))
+    stages = _stages(chain)
+    smallest = [next(n for n in range(1, 513) if chain_output_size(stages, n, d) >= 1) for d in range(2)]
+    return ConvProposal(in_channels=in_shape[1], out_channels=out_channels,
+                        kernel_size=list(conv.kwargs["weight"].meta["tensor_meta"].shape[2:]),
+                        stride=list(conv.kwargs["stride"]), padding=list(conv.kwargs["padding"]),
+                        relu="relu" in kinds, valid_from=smallest, valid_to=[None, None], pool=pool)
+
+
+def _propose(chain: list[fx.Node], x: fx.Node, kernel_policy: str) -> ConvProposal | None:
+    """The rebirth layer the policy proposes for ``chain`` (read from ``x``), or None: not marked."""
+    in_shape = x.meta["tensor_meta"].shape
+    out_channels = chain[-1].meta["tensor_meta"].shape[1]
+    if kernel_policy == "pool":
+        return _keeping_pool(chain, in_shape, out_channels)
+    stages = _stages(chain)
+    dims = [propose_conv(stages, in_shape[2 + d], d, kernel_policy=kernel_policy) for d in range(2)]
+    return ConvProposal(
+        in_channels=in_shape[1], out_channels=out_channels, kernel_size=[d["kernel"] for d in dims],
+        stride=[d["stride"] for d in dims], padding=[d["padding"] for d in dims],
+        relu=any(kind_of(n) == "relu" for n in chain), valid_from=[d["valid_from"] for d in dims],
+        valid_to=[d["valid_to"] for d in dims])
+
+
 def mark_streamline(gm: fx.GraphModule, kernel_policy: str = "field") -> list[Region]:
     """Mark every streamline region of ``gm`` (which must carry shape metadata); return the new regions.
-    ``kernel_policy``: how large the proposed convolution's kernel is (``"field"`` or ``"conv"``, see the
-    module docstring)."""
+    ``kernel_policy``: how large the proposed convolution's kernel is (``"field"`` or ``"conv"``), or
+    ``"pool"`` (the convolution as it is and the pooling kept, the normalisation removed; see the module
+    docstring)."""
+    if kernel_policy not in KERNEL_POLICIES:
+        raise ValueError(f"kernel policy {kernel_policy!r}: use one of {', '.join(KERNEL_POLICIES)}")
     regions, taken = [], set()
     for node in gm.graph.nodes:
         if kind_of(node) != "conv" or node in taken or len(node.kwargs["weight"].meta["tensor_meta"].shape) != 4:
@@ -153,15 +199,9 @@ def mark_streamline(gm: fx.GraphModule, kernel_policy: str = "field") -> list[Re
         if not any(kind_of(n) in _NONLINEAR for n in chain) or any(n in taken for n in chain):
             continue
         x = node.kwargs["input"]
-        in_shape = x.meta["tensor_meta"].shape
-        out_shape = chain[-1].meta["tensor_meta"].shape
-        stages = _stages(chain)
-        dims = [propose_conv(stages, in_shape[2 + d], d, kernel_policy=kernel_policy) for d in range(2)]
-        proposal = ConvProposal(
-            in_channels=in_shape[1], out_channels=out_shape[1], kernel_size=[d["kernel"] for d in dims],
-            stride=[d["stride"] for d in dims], padding=[d["padding"] for d in dims],
-            relu=any(kind_of(n) == "relu" for n in chain), valid_from=[d["valid_from"] for d in dims],
-            valid_to=[d["valid_to"] for d in dims])
+        proposal = _propose(chain, x, kernel_policy)
+        if proposal is None:
+            continue
         replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in chain))
         name = str(node.meta.get(SOURCE_KEY, node.name))
         regions.append(Region(f"streamline:{name}", "streamline", tuple(n.name for n in chain), x.name,

@@ -93,19 +93,21 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
     padded, then a 3x3 stride-2 pooling) becomes a 7x7 stride-4 rebirth layer instead of the 11x11 of its
     field. AlexNet's unpadded conv1 (11x11 stride 4, pooled) keeps its 19x19 field under either policy: an
     unpadded chain's output size floor((n - 19) / 8) + 1 is reproduced at every size only by a kernel of
-    19 + 2 * padding, so nothing smaller is offered."""
+    19 + 2 * padding, so nothing smaller is offered. --streamline-kernel pool keeps each first convolution as it
+    is (its stride too: the pooling stays after it)."""
     import fxrebirth
 
     kernels = {}
     for model, size in (("googlenet_lrn", "64"), ("alexnet_lrn", "96")):
-        for policy in ("field", "conv"):
+        for policy in ("field", "conv", "pool"):
             target = tmp_path / f"{model}-{policy}.json"
             assert main(["-q", "plan", model, "--input-size", size, "--repeats", "1", "--streamline-kernel",
                          policy, "--save", str(target)]) == 0
             first = fxrebirth.Plan.from_json(target.read_text()).regions[0].region.proposal
             kernels[model, policy] = (tuple(first.kernel_size), tuple(first.stride))
     assert kernels == {("googlenet_lrn", "field"): ((11, 11), (4, 4)), ("googlenet_lrn", "conv"): ((7, 7), (4, 4)),
-                       ("alexnet_lrn", "field"): ((19, 19), (8, 8)), ("alexnet_lrn", "conv"): ((19, 19), (8, 8))}
+                       ("alexnet_lrn", "field"): ((19, 19), (8, 8)), ("alexnet_lrn", "conv"): ((19, 19), (8, 8)),
+                       ("googlenet_lrn", "pool"): ((7, 7), (2, 2)), ("alexnet_lrn", "pool"): ((11, 11), (4, 4))}
     gflops = {}
     for policy in ("field", "conv"):  # the reborn rows' work follows the policy
         capsys.readouterr()

@@ -188,3 +188,41 @@ def test_an_unknown_kernel_policy_is_refused_by_name():
     gm = fxrebirth.capture(googlenet_lrn(width=0.25).eval(), torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="kernel policy 'huge'"):
         mark_streamline(gm, kernel_policy="huge")
+
+
+@given(model=chains(), sizes=st.lists(st.integers(12, 80), min_size=2, max_size=3),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_pool_policy_removes_only_the_normalisation_at_every_size(model, sizes, dtype):
+    """The "pool" policy marks exactly the chains with an LRN and a max-pooling (or no pooling). Its rebirth
+    layer, initialised with the original weights, computes the chain with its normalisation layers (LRN,
+    BatchNorm) removed, at every size: maxpool(relu(x)) = relu(maxpool(x)), so the order does not matter.
+    A chain without an LRN, or with an average pooling, is not marked."""
+    from fxrebirth.equivalence import relative_error, tolerance
+    from fxrebirth.retraining.initialise import Initialiser
+
+    model = model.eval().to(dtype)
+    kinds = {type(m) for m in model}
+    without_norm = nn.Sequential(*(m for m in model if not isinstance(m, (nn.LocalResponseNorm, nn.BatchNorm2d))))
+    for size in sizes:
+        x = torch.randn(2, 3, size, size, dtype=dtype)
+        try:
+            with torch.no_grad():
+                model(x)
+        except RuntimeError:  # a stride-4 conv then a pooling: some sizes are too small for the chain itself
+            continue
+        gm = fxrebirth.capture(model, x)
+        regions = mark_streamline(gm, kernel_policy="pool")
+        if nn.LocalResponseNorm not in kinds or nn.AvgPool2d in kinds:
+            assert regions == []
+            continue
+        (region,) = regions
+        assert region.proposal.pool is not None and region.proposal.kernel_size == list(model[0].kernel_size)
+        rebirth = build_rebirth(region.proposal).to(dtype)
+        with torch.no_grad():
+            assert Initialiser(gm, [region], "lstsq", 1e-3).apply(region, rebirth)["fit"] == "original"
+            expected, got = without_norm(x), rebirth(x)
+        assert got.shape == model(x).shape
+        bound = 1e-9 if dtype == torch.float64 else tolerance(dtype)
+        assert relative_error(expected, got) <= bound
+        again = type(region.proposal).from_dict(region.proposal.to_dict())
+        assert again == region.proposal  # the kept pooling survives plan.json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 import signal
 import subprocess
@@ -113,6 +115,29 @@ def test_rebirth_does_not_touch_the_model_and_training_lowers_the_loss() -> None
     assert kd[-1][1] < kd[0][1]
     assert report.retraining_epochs == pytest.approx(1.25)
     assert report.student["images"] == 64 and 0 <= report.student["agreement"] <= 1
+
+
+def test_the_pool_policy_starts_from_the_model_without_its_lrn_at_two_sizes() -> None:
+    """streamline_kernel="pool": the stem's rebirth layers keep the convolution and the max-pooling and drop
+    only the LRN, so with the original weights and no training the reborn model (stem regions only) is the
+    original with its LRN layers removed, at the planning size and another; it survives plan.json."""
+    torch.manual_seed(0)
+    model = googlenet_lrn(10, width=0.125).eval()
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 32, 32), repeats=1, streamline_kernel="pool", keep=["branch:"])
+    plan = fxrebirth.Plan.from_json(plan.to_json())
+    for r in plan.regions:
+        r.selected = r.region.kind == "streamline"
+    assert [r.region.id for r in plan.selected] == ["streamline:conv1.conv", "streamline:conv2.conv"]
+    gm, report = rebirth(model, plan, Shapes("train", 64, 32), init="original", epochs=0, train_batch_norm=False)
+    without_lrn = copy.deepcopy(model)
+    without_lrn.norm1, without_lrn.norm2 = nn.Identity(), nn.Identity()
+    assert not any(isinstance(m, nn.LocalResponseNorm) for m in gm.modules()) and "local_response_norm" not in gm.code
+    kept_pools = [m for name, m in gm.named_modules() if name.startswith("rebirth_") and isinstance(m, nn.MaxPool2d)]
+    assert [m.kernel_size for m in kept_pools] == [(3, 3), (3, 3)]
+    for size in (32, 48):
+        x = torch.randn(2, 3, size, size)
+        assert fxrebirth.relative_error(without_lrn(x), gm(x)) <= 1e-5
+    assert [f["fit"] for f in report.regions] == ["original", "original"]
 
 
 def test_paper_schedule_merges_bottom_up_one_region_per_step() -> None:

@@ -31,7 +31,8 @@ import torch.fx as fx
 from fxrebirth.errors import FxRebirthError
 
 __all__ = ["Region", "RegionError", "REGION_KEY", "REGIONS_KEY", "check_regions", "regions_of", "record",
-           "to_networkx", "extract", "Proposal", "ConvProposal", "InceptionProposal", "InceptionBranch", "BranchLayer", "DepthProposal"]
+           "to_networkx", "extract", "Proposal", "ConvProposal", "PoolStage", "InceptionProposal", "InceptionBranch",
+           "BranchLayer", "DepthProposal"]
 
 REGION_KEY = "fxrebirth.region"
 REGIONS_KEY = "fxrebirth.graph.regions"
@@ -92,8 +93,20 @@ class Proposal:
 
 
 @dataclass
+class PoolStage:
+    """A max-pooling that a streamline rebirth layer keeps after its convolution (the ``"pool"`` policy of
+    :mod:`fxrebirth.passes.streamline`), with the region's own window."""
+
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    ceil_mode: bool
+
+
+@dataclass
 class ConvProposal(Proposal):
-    """One convolution (+ ReLU when the region had one) for a streamline region; ``valid_from``/``valid_to``
+    """One convolution (+ ReLU when the region had one) for a streamline region, followed by ``pool`` where
+    the proposal keeps the region's pooling (then only its normalisation is removed); ``valid_from``/``valid_to``
     per spatial dimension: the input sizes for which its output size equals the region's (``None``: every
     larger size)."""
 
@@ -106,10 +119,26 @@ class ConvProposal(Proposal):
     relu: bool
     valid_from: list[int] | None = None
     valid_to: list[int | None] | None = None
+    pool: PoolStage | None = None
 
     @property
     def depth(self) -> int:
         return 1
+
+    def summary(self, region: "Region") -> str:
+        kept = f"; keeps the {'x'.join(map(str, self.pool.kernel_size))} max-pool" if self.pool else ""
+        return ", ".join(region.replaces) + kept
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.pool is None:
+            data.pop("pool")  # a plan without it reads as older versions wrote it
+        return data
+
+    @classmethod
+    def _from_data(cls, data: dict[str, Any], region_nodes: tuple[str, ...]) -> "Proposal":
+        pool = data.get("pool")
+        return cls(**{**data, "pool": PoolStage(**pool) if pool is not None else None})
 
 
 @dataclass

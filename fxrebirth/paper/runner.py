@@ -63,8 +63,9 @@ class RunConfig:
     """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
     thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
     streamline_kernel: str = "field"
-    """The streamline rebirth layers' kernel policy: ``field`` (covers the chain's receptive field) or
-    ``conv`` (the first convolution's kernel, DeepRebirth's geometry; fewer FLOPs, docs/results.md)."""
+    """The streamline rebirth layers' kernel policy: ``field`` (covers the chain's receptive field),
+    ``conv`` (the first convolution's kernel, DeepRebirth's geometry; fewer FLOPs, docs/results.md) or
+    ``pool`` (the convolution and its max-pooling kept, only the LRN removed)."""
     keep: tuple[str, ...] = ()
     """Regions never merged (ids or id prefixes, :func:`fxrebirth.retraining.planning.kept_ids`): the
     original layers stay, for accuracy (docs/results.md measures what each region costs)."""

@@ -151,10 +151,13 @@ class _Fit:
 
 class _ConvFit(_Fit):
     """A streamline region's one convolution: ridge-fitted from the region's input patches to its output,
-    or the original convolution's kernel placed where the pooling window's centre reads."""
+    or the original convolution's kernel placed where the pooling window's centre reads. Where the proposal
+    keeps the pooling, the convolution is the original's, copied (also for ``lstsq``: nothing to fit)."""
 
     def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
                    targets: dict[str, torch.Tensor]) -> None:
+        if self.region.proposal.pool is not None:
+            return  # the original kernel, unchanged, is the layer's best fit to its own output: nothing to fit
         conv = _convs(rebirth)[0]
         region = self.region
         self.stats.setdefault(0, _Ridge()).add(_patches(values[region.input], conv), _rows(targets[region.output]))
@@ -169,7 +172,8 @@ class _ConvFit(_Fit):
         nodes = self.init.nodes
         first = nodes[self.region.nodes[0]]
         w, b = self.init.param(first, "weight"), self.init.param(first, "bias")
-        pool = next((nodes[n] for n in self.region.nodes if kind_of(nodes[n]) in ("max_pool", "avg_pool")), None)
+        pool = None if self.region.proposal.pool is not None else \
+            next((nodes[n] for n in self.region.nodes if kind_of(nodes[n]) in ("max_pool", "avg_pool")), None)
         conv.weight.zero_()
         offsets = []
         for d in range(2):

@@ -5,7 +5,7 @@
 are a table keyed by proposal type (:data:`BUILDERS`; a new region type registers its own):
 
 * :class:`~fxrebirth.graph.regions.ConvProposal` (streamline regions): one ``Conv2d`` (+ ``ReLU`` when the
-  region had one);
+  region had one), then the region's ``MaxPool2d`` where the proposal keeps it;
 * :class:`~fxrebirth.graph.regions.InceptionProposal` (branch regions): the module's branches without the
   pool projection, each a sequence of ``Conv2d`` + ``ReLU``, concatenated in the original order;
 * :class:`~fxrebirth.graph.regions.DepthProposal` (depth segments): the one merged convolution (``Conv1d``,
@@ -28,7 +28,12 @@ __all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
 def _conv(proposal: ConvProposal) -> nn.Module:
     conv = nn.Conv2d(proposal.in_channels, proposal.out_channels, tuple(proposal.kernel_size),
                      tuple(proposal.stride), tuple(proposal.padding))
-    return nn.Sequential(conv, nn.ReLU()) if proposal.relu else nn.Sequential(conv)
+    layers = [conv, nn.ReLU()] if proposal.relu else [conv]
+    if proposal.pool is not None:
+        pool = proposal.pool
+        layers.append(nn.MaxPool2d(tuple(pool.kernel_size), tuple(pool.stride), tuple(pool.padding),
+                                   ceil_mode=pool.ceil_mode))
+    return nn.Sequential(*layers)
 
 
 class InceptionRebirth(nn.Module):

@@ -341,8 +341,8 @@ def plan(
     ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first.
     ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
     a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here.
-    ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"`` or ``"conv"``,
-    :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected (:func:`kept_ids`);
+    ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"``, ``"conv"`` or
+    ``"pool"``, :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected (:func:`kept_ids`);
     they are still measured and listed."""
 
     inputs = as_input_tuple(example_inputs)
