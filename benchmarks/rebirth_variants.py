@@ -9,7 +9,8 @@ Not collected by the plain test command. Run::
 Each variant is a name and options of :class:`~fxrebirth.retraining.config.RebirthConfig`, plus
 ``"images"`` (its retraining budget, images forward and backward; default ``--images``), ``"control"``
 (also train the scratch control) and ``"plan"`` (the geometry: ``{"keep": [region ids or prefixes left unmerged],
-"reduce_ratio": 1.0, "streamline_kernel": "conv"}``, any of them; default every region of the default plan).
+"reduce_ratio": 1.0, "streamline_kernel": "conv", "swap": {region id: {"streamline_kernel": "pool"}}}``, any of
+them; default every region of the default plan).
 Every variant merges the regions of the plan that ``benchmarks.budget_curve`` saved in ``--cache`` (made on
 first use), checkpoints under
 ``--cache/variants/``, and appends one line to ``--cache/variants-t<epochs>-<eval>.jsonl``; a variant
@@ -42,6 +43,21 @@ from fxrebirth.retraining.engine import rebirth
 from fxrebirth.retraining.layers import rebuild
 
 
+def geometry_plan(model: torch.nn.Module, cache: str, geometry: dict) -> fxrebirth.Plan:
+    """The cached plan of a variant's ``"plan"`` spec: ``keep`` and the planning options of
+    :func:`~benchmarks.budget_curve.cached_plan`, and ``swap`` (region id -> planning options): that region's
+    proposal taken from the plan those options give (one region under another policy)."""
+    planning = {k: v for k, v in geometry.items() if k not in ("keep", "swap")}
+    plan = cached_plan(model, cache, **planning)
+    for region_id, other in geometry.get("swap", {}).items():
+        donor = next((r for r in cached_plan(model, cache, **other).regions if r.region.id == region_id), None)
+        if donor is None:
+            raise SystemExit(f"swap {region_id!r}: no such region; regions: {[r.region.id for r in plan.regions]}")
+        plan.regions = [donor if r.region.id == region_id else r for r in plan.regions]
+    plan.keep(tuple(geometry.get("keep", ())))
+    return plan
+
+
 def main(variants: dict, teacher_epochs: int, images: int, evaluate_on: str, cache: str) -> list[dict]:
     config = TeacherConfig(epochs=teacher_epochs)
     teacher, _ = default_teacher(config)
@@ -59,8 +75,7 @@ def main(variants: dict, teacher_epochs: int, images: int, evaluate_on: str, cac
         options = dict(spec)
         budget, control = options.pop("images", images), options.pop("control", False)
         geometry = options.pop("plan", {})
-        plan = cached_plan(teacher, cache, keep=tuple(geometry.get("keep", ())),
-                           **{k: v for k, v in geometry.items() if k != "keep"})
+        plan = geometry_plan(teacher, cache, geometry)
         options.setdefault("epochs", budget / len(train))
         start = time.perf_counter()
         _, report = rebirth(teacher, plan, train, test_data=scored, control=control, **options,
@@ -72,6 +87,7 @@ def main(variants: dict, teacher_epochs: int, images: int, evaluate_on: str, cac
                   "wall_s": round(time.perf_counter() - start, 1)}
         if control:
             record["control"] = report.control["top1"]
+            record["reborn_minus_control"] = list(report.control["reborn_minus_control"])
         done[name] = record
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -90,8 +106,7 @@ def speed(variants: dict, rounds: int, cache: str) -> list[dict]:
         geometry = spec.get("plan", {})
         key = json.dumps(geometry, sort_keys=True)
         if key not in names:
-            plan = cached_plan(teacher, cache, keep=tuple(geometry.get("keep", ())),
-                               **{k: v for k, v in geometry.items() if k != "keep"})
+            plan = geometry_plan(teacher, cache, geometry)
             names[key] = name
             runs[name] = rebuild(gm, plan).eval()
     with torch.inference_mode():
