@@ -11,7 +11,8 @@ until a ``target_speedup`` or a latency ``budget_s`` is met. Regions whose rebir
 are never selected, nor those ``keep`` names (an id such as ``"streamline:conv1.conv"``, or a prefix such as
 ``"streamline:"``): the way to trade speed for accuracy where a region costs more accuracy than its gain is
 worth (docs/results.md measures what each region of the paper's GoogLeNet costs). A Plan is plain data:
-JSON in and out, editable (drop a region, change a width); :meth:`Plan.validate` rejects an edited plan that would not fit the model, with the reason.
+JSON in and out, editable (drop a region, change a width); :meth:`Plan.validate` rejects an edited plan
+that would not fit the model, with the reason.
 """
 
 from __future__ import annotations
@@ -342,8 +343,8 @@ def plan(
     ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
     a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here.
     ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"``, ``"conv"`` or
-    ``"pool"``, :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected (:func:`kept_ids`);
-    they are still measured and listed."""
+    ``"pool"``, :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected
+    (:func:`kept_ids`); they are still measured and listed."""
 
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs, leaf_modules=leaf_modules)
