@@ -10,10 +10,9 @@ Each variant is a name and options of :class:`~fxrebirth.retraining.config.Rebir
 ``"images"`` (its retraining budget, images forward and backward; default ``--images``), ``"control"``
 (also train the scratch control) and ``"plan"`` (the geometry: ``{"keep": [region ids or prefixes left unmerged],
 "reduce_ratio": 1.0, "streamline_kernel": "conv", "swap": {region id: {"streamline_kernel": "pool"}}}``, any of
-them; default every region of the default plan).
-Every variant merges the regions of the plan that ``benchmarks.budget_curve`` saved in ``--cache`` (made on
-first use), checkpoints under
-``--cache/variants/``, and appends one line to ``--cache/variants-t<epochs>-<eval>.jsonl``; a variant
+them; default every region of the default plan). Every variant merges the regions of the plan that
+``benchmarks.budget_curve`` saved in ``--cache`` (made on first use), checkpoints under ``--cache/variants/``,
+and appends one line to ``--cache/variants-t<epochs>-<eval>.jsonl``; a variant
 already there is skipped, so an interrupted sweep resumes. ``--eval validation`` scores on 5,000 images
 drawn apart from the test set (``Shapes("test", 5000, seed=1)``), for screening without touching the test
 set; ``test`` on the test set of the docs tables.
