@@ -155,9 +155,9 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
         except Exception as exc:  # noqa: BLE001 - float64 impossible, or the model does not accept this variant
             if to64 and not usable:
                 try:
-                    state = _state(original, False)
-                    usable.append((inputs, _calls(original, state, inputs, False, seed)))
-                    to64 = False
+                    state32 = _state(original, False)  # kept only where it runs: a later fallback reads ``state``
+                    usable.append((inputs, _calls(original, state32, inputs, False, seed)))
+                    state, to64 = state32, False
                     result.precision = f"{storage_dtype(original)} (the original does not run in float64: " \
                                        f"{first_line(exc, 120)})"
                     continue
