@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fxrebirth.equivalence import LOCAL_TOLERANCE, MIN_BATCH, flush_denormals, relative_error
 from fxrebirth.errors import EquivalenceError
 from fxrebirth.graph.capture import propagate_shapes
+from fxrebirth.graph.mutation import eliminate_dead_code, mutated_input, tainted
 from fxrebirth.graph.regions import extract
 from fxrebirth.graph.surgery import fetch_attr
 from fxrebirth.rewrite.rules import RuleContext
@@ -91,8 +92,25 @@ def _remove(node: fx.Node, by: fx.Node) -> None:
     node.graph.erase_node(node)
 
 
-def _insert_pad(graph: fx.Graph, value: fx.Node, widths: tuple[int, ...]) -> fx.Node:
-    with graph.inserting_after(value):
+def _check_no_write_between(seg: Segment, a: fx.Node, members: list[fx.Node]) -> None:
+    """The student reads ``a`` once, just before its first layer that reads it; refused (ValueError naming the
+    segment and the write) when an in-place write between that layer and the segment's last node may touch
+    ``a`` or a member: the student and the merged convolution would not see it where the original does."""
+    inside = set(members)
+    node = next((n for n in members if a in n.all_input_nodes), members[-1])
+    while node is not members[-1]:
+        node = node.next
+        if node not in inside and mutated_input(node) is not None:
+            touched = tainted(a.graph, [node])
+            if a in touched or inside & touched:
+                raise ValueError(f"segment {seg.id!r}: {node.name!r} writes in place between its layers; choose "
+                                 "a segment that no in-place statement interrupts")
+
+
+def _insert_pad(graph: fx.Graph, value: fx.Node, widths: tuple[int, ...], before: fx.Node) -> fx.Node:
+    """``F.pad`` of ``value``, just before ``before`` (the segment's first layer that reads it): after any
+    in-place write to ``value`` before the segment, as the original layers read it."""
+    with graph.inserting_before(before):
         return graph.call_function(F.pad, kwargs={"input": value, "pad": _pad_widths(widths), "mode": "constant",
                                                   "value": None})
 
@@ -102,6 +120,7 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment, renamed: dict[str, str]) ->
     by_name = {n.name: n for n in graph.nodes}
     a, b = by_name[renamed.get(seg.input, seg.input)], by_name[seg.output]
     members = members_of(gm, seg)
+    _check_no_write_between(seg, a, members)
     output = b
     roles = {n: stage_of(n) for n in members}  # read before any node is erased
 
@@ -116,7 +135,7 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment, renamed: dict[str, str]) ->
         remove(node, node.kwargs["input"])
     for node in [n for n in members if roles[n] == "activation"]:
         remove(node, activation_input(node))
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     alive = {n.name for n in graph.nodes}
     members = [n for n in members if n.name in alive]
     if output is a:  # the segment became the identity (a dropped branch beside an identity shortcut)
@@ -124,7 +143,7 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment, renamed: dict[str, str]) ->
     q = demands(a, members)
     inside = set(members)
     users = {n: [u for u in n.users if u in inside] for n in [a] + members}
-    pad = _insert_pad(graph, a, q[a])
+    pad = _insert_pad(graph, a, q[a], before=next((n for n in members if n in users[a]), members[0]))
     nodes = [pad]
     for node in [a] + members:
         if node is not a:  # listed before the crops that read it (merge() walks the list in order)
@@ -270,7 +289,7 @@ def merge(student: fx.GraphModule) -> fx.GraphModule:
         log.info("merged %s into one %s convolution (float64 error %.1e)", part.segment,
                  "x".join(map(str, kernel.size)), error)
         _emit(gm, part, kernel, index)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, _example_inputs(student))

@@ -89,6 +89,7 @@ from fxrebirth.frontends.backend_checks import (
 from fxrebirth.frontends.backend_guard import GUARDS, STATISTICS, guarded, picker
 from fxrebirth.frontends.library import default_rules, optimize
 from fxrebirth.errors import PipelineError, first_line
+from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_bool, validate_names, validate_rules
 
@@ -188,7 +189,7 @@ def _bake(gm: fx.GraphModule, inputs: Sequence[Any], weights: list[int]) -> fx.G
         if node.op != "placeholder":
             env[node] = graph.node_copy(node, env.__getitem__)
     baked = fx.GraphModule(root, graph)
-    baked.graph.eliminate_dead_code()
+    eliminate_dead_code(baked.graph)  # mutation-aware: torch.fx's own rule deletes y.clamp_(0, 6)
     baked.recompile()
     return baked
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
+from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.surgery import device_of
 from fxrebirth.retraining.layers import InceptionRebirth
@@ -40,7 +41,7 @@ def probe_nodes(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tuple(nodes[n] for n in names),)
     probe = fx.GraphModule(gm, graph)
-    probe.graph.eliminate_dead_code()
+    eliminate_dead_code(probe.graph)  # mutation-aware: a probed value may be written in place before
     probe.recompile()
     return probe
 

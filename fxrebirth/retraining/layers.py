@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fxrebirth.graph.regions import BranchLayer, ConvProposal, DepthProposal, InceptionProposal, Proposal, RegionError
+from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.graph.surgery import device_of
 
 __all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
@@ -111,7 +112,7 @@ def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Modul
         new.meta["tensor_meta"] = old.meta.get("tensor_meta")
         new.meta["fxrebirth.replaces"] = region.replaces
         old.replace_all_uses_with(new)
-    out.graph.eliminate_dead_code()
+    eliminate_dead_code(out.graph)  # mutation-aware: keeps in-place statements outside the regions
     out.delete_all_unused_submodules()
     out.recompile()
     return out

@@ -1,0 +1,297 @@
+"""Side effects kept at every stage of every entry point, outputs that never alias, and the
+``torch.compile`` backend's own options and recompiles (issue 37).
+
+Every case compares against the eager model: the in-place statements torch.fx records but calls pure
+(``y.clamp_(0, 6)``, ``torch.relu_(y)``, ``out[:, :4].sigmoid_()``) must still run after the backend,
+the retraining tier (rebirth layers, initialisation) and the depth student's linearisation; a returned
+value must not become another returned value or the caller's input; every ``torch.compile`` mode works.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxrebirth
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- 1. one dead-code elimination everywhere ----------------------------------------------------------
+
+def test_only_the_mutation_aware_dead_code_elimination_is_called():
+    """torch.fx's own ``Graph.eliminate_dead_code()`` deletes ``y.clamp_(0, 6)`` (it calls every method
+    pure); every stage must call :func:`fxrebirth.graph.mutation.eliminate_dead_code` instead."""
+    plain = re.compile(r"\.eliminate_dead_code\(")
+    offenders = []
+    for folder in ("fxrebirth", "passes"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "mutation.py" and path.parent.name == "graph":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if plain.search(line.split("#")[0]):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "torch.fx's plain dead-code elimination drops in-place ops:\n" + "\n".join(offenders)
+    assert (ROOT / "fxrebirth" / "graph" / "mutation.py").read_text().count(".eliminate_dead_code(") == 1
+
+
+class _InPlace(nn.Module):
+    """conv -> BN -> one in-place statement whose result is not reassigned, as user code writes it."""
+
+    def __init__(self, statement: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU(inplace=True)
+        self.statement = statement
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        s = self.statement
+        if s == "clamp_":
+            y.clamp_(0, 0.5)
+        elif s == "torch.relu_":
+            torch.relu_(y)
+        elif s == "mul_":
+            y.mul_(2)
+        elif s == "yolo":  # a detection head: sigmoid of the box channels, in place, through a view
+            b, c, h, w = y.shape
+            y = y.view(b, 2, c // 2, h, w).permute(0, 1, 3, 4, 2)
+            y[..., :2].sigmoid_()
+        elif s == "slice_sigmoid_":
+            y[:, :4].sigmoid_()
+        elif s == "setitem":
+            y[:, 1:3] = 0.25
+        elif s == "imul_slice":
+            y[:, :2] *= 3
+        elif s == "masked_fill_":
+            y.masked_fill_(y > 0.3, -1.0)
+        elif s == "F.relu_inplace":
+            F.relu(y, inplace=True)
+        elif s == "module_inplace_on_view":
+            self.act(y[:, 2:])
+        elif s == "copy_":
+            y[:, :1].copy_(x[:, :1])
+        return y
+
+
+STATEMENTS = ["clamp_", "torch.relu_", "mul_", "yolo", "slice_sigmoid_", "setitem", "imul_slice", "masked_fill_",
+              "F.relu_inplace", "module_inplace_on_view", "copy_"]
+
+
+def _trained(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def _compiled(model: nn.Module, compiler: str = "eager", **kwargs) -> nn.Module:
+    torch._dynamo.reset()
+    return torch.compile(model, backend="fxrebirth", options={"compiler": compiler}, **kwargs)
+
+
+def _folded(caplog) -> bool:
+    return any("rewrites in a graph" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("statement", STATEMENTS)
+def test_the_backend_keeps_in_place_statements(statement, caplog):
+    caplog.set_level("INFO", logger="fxrebirth")
+    model = _trained(_InPlace(statement))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x.clone())
+        got = _compiled(model)(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert _folded(caplog), "the graph was not folded: the case tests nothing"
+
+
+@pytest.mark.parametrize("statement", ["clamp_", "yolo"])
+def test_the_backend_keeps_in_place_statements_under_inductor(statement, caplog):
+    caplog.set_level("INFO", logger="fxrebirth")
+    model = _trained(_InPlace(statement))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x.clone())
+        got = _compiled(model, "inductor")(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert _folded(caplog)
+
+
+@pytest.mark.parametrize("statement", ["clamp_", "slice_sigmoid_", "setitem", "module_inplace_on_view"])
+def test_optimize_keeps_in_place_statements(statement):
+    model = _trained(_InPlace(statement))
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = fxrebirth.optimize(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-5)
+
+
+# -- 2. the retraining tier -----------------------------------------------------------------------------
+
+class _RegionBetween(nn.Module):
+    """stem -> [conv -> avg-pool: a streamline region] -> head, with an in-place write through a view
+    before the region (into its input) or after it (into the returned logits)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, 2)
+        self.head = nn.Linear(6, 4)
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.where == "before":
+            x[:, :1].sigmoid_()
+        elif self.where == "before_setitem":
+            x[:, 1] = 0.5
+        out = self.head(self.pool(self.conv(x)).mean((2, 3)))
+        if self.where == "after":
+            out[:, :2].sigmoid_()
+        elif self.where == "after_clamp":
+            out[:, 2:].clamp_(-0.1, 0.1)
+        return out
+
+
+def _plan_all(model: nn.Module) -> fxrebirth.Plan:
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 12, 12), repeats=1)
+    for r in plan.regions:  # every region, whatever this machine's timings say
+        r.selected = True
+    assert plan.selected, "no region: the case tests nothing"
+    return plan
+
+
+@pytest.mark.parametrize("where", ["before", "before_setitem", "after", "after_clamp"])
+def test_rebirth_layers_and_initialisation_keep_in_place_statements(where):
+    """conv -> avg-pool is exactly one convolution: least squares reproduces it, so the reborn model must
+    equal the original, in-place statements outside the region included."""
+    from fxrebirth.retraining.engine import rebirth
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = _RegionBetween(where).eval()
+    plan = _plan_all(model)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 12, 12, generator=g), torch.randint(0, 4, (64,), generator=g))
+    data.labels, data.classes = data.tensors[1], ["0", "1", "2", "3"]
+    reborn, _ = rebirth(model, plan, data, init="lstsq", epochs=0, layerwise_epochs=0, calibration_images=64,
+                        ridge=1e-9, batch_size=16)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(reborn(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["after", "after_clamp"])
+def test_rebuild_keeps_in_place_statements(where):
+    from fxrebirth.retraining.layers import rebuild
+
+    model = _RegionBetween(where).eval()
+    plan = _plan_all(model)
+    gm = fxrebirth.capture(model, torch.randn(1, 3, 12, 12))
+    reborn = rebuild(gm, plan)
+    written = [n for n in reborn.graph.nodes if isinstance(n.target, str) and n.target.endswith("_")
+               and n.op == "call_method"]
+    assert written, reborn.code
+
+
+class _DepthThenHead(nn.Module):
+    """conv -> ReLU -> conv (a depth segment) -> ReLU -> conv head, and an in-place statement on a view
+    of the head's output (outside the segment) or of the segment's input."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+        self.where = where
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        if self.where == "input":
+            x[:, :1].tanh_()
+        out = self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+        if self.where == "output":
+            out[:, :2].sigmoid_()
+        elif self.where == "setitem":
+            out[:, 3] = 0
+        return out
+
+
+@pytest.mark.parametrize("where", ["input", "output", "setitem"])
+def test_linearise_and_merge_keep_in_place_statements(where):
+    from fxrebirth.passes.depth import find_segments
+    from fxrebirth.passes.linearise import linearise, merge
+
+    torch.manual_seed(0)
+    model = _DepthThenHead(where).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxrebirth.capture(model, x)
+    segment = next(s for s in find_segments(gm) if s.replaces == ("a", "relu", "b"))
+    student = linearise(gm, [segment])
+    merged = merge(student)
+    with torch.no_grad():
+        # the student drops the segment's ReLU and moves its padding to the input: away from the border it
+        # is the model without that ReLU, in-place statement kept
+        reference = model.head(torch.relu(model.b(model.a(_prefix(model, x.clone())))))
+        _suffix(model, reference)
+        got = student(x.clone())
+        torch.testing.assert_close(got[..., 2:-2, 2:-2], reference[..., 2:-2, 2:-2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(x.clone()), got, rtol=1e-5, atol=1e-5)
+
+
+def _prefix(model: _DepthThenHead, x: torch.Tensor) -> torch.Tensor:
+    x = x * 2
+    if model.where == "input":
+        x[:, :1].tanh_()
+    return x
+
+
+def _suffix(model: _DepthThenHead, out: torch.Tensor) -> None:
+    if model.where == "output":
+        out[:, :2].sigmoid_()
+    elif model.where == "setitem":
+        out[:, 3] = 0
+
+
+class _WriteInsideResidual(nn.Module):
+    """``x + b(relu(a(x)))`` with ``x`` written in place between ``a`` and the addition: the student pads
+    ``x`` once, so it cannot read it both before and after the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        h = self.a(x)
+        x[:, :1].tanh_()
+        return x + self.b(torch.relu(h))
+
+
+def test_linearise_refuses_a_segment_an_in_place_write_interrupts():
+    from fxrebirth.passes.depth import find_segments
+    from fxrebirth.passes.linearise import linearise
+
+    model = _WriteInsideResidual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxrebirth.capture(model, x)
+    segments = [s for s in find_segments(gm) if "add" in s.nodes]
+    assert segments, gm.code
+    for segment in segments:
+        with pytest.raises(ValueError, match="writes in place between its layers"):
+            linearise(gm, [segment])
