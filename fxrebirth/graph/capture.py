@@ -342,7 +342,7 @@ def capture(
         lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
     else:
         root = copy_module(model) if copy_model else model
-        graph, _, opaque = _trace(root, leaf_modules)
+        graph, _, opaque = _trace(root, leaf_modules, inputs)
         if opaque:
             log.info("capture of %s: %s", type(model).__name__, "; ".join(opaque))
     _lower_module_calls(graph, root)

@@ -4,18 +4,32 @@ canonical.
 This module owns what torch.fx's own tracer lacks or gets wrong for fxrebirth: a proxy that records
 in-place operators and ``y[i] = v`` as the mutations they are, a tracer that keeps modules with hooks as
 opaque calls (and the root's own hooks on the GraphModule), the refusal of global module hooks, and a
-trace error that names the module it failed in.
+trace error that names the module it failed in. With :mod:`fxrebirth.graph.contexts`, it also keeps what a
+trace cannot record (grad-mode and autocast regions: the module holding one stays an opaque call) and
+resolves Python conditions on sizes at the example's sizes, guarded. Non-tensor arguments of the root's
+``forward`` (``embed=False``, ``mask=None``) are traced as the constants the example or the default gives,
+and the graph checks that a call passes the same value.
+
+torch.fx's ``Tracer.trace`` patches process-wide state while it runs (``nn.Module.__call__`` and
+``__getattr__``, wrapped functions in module globals, its ``is_fx_tracing`` flag) and puts it back at the
+end; two traces overlapping in two threads would put back each other's patches in the wrong order and
+leave the process patched. Every trace here holds one process-wide lock, and the tracer passes calls from
+other threads (which go through the same patched ``__call__`` meanwhile) straight to the module.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
+import threading
 from typing import Any, Iterable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from fxrebirth.errors import CaptureError, first_line
+from fxrebirth.graph.contexts import ContextRegion, RegionWatch, StaticConditions, _NotStatic, record_condition
 
 __all__ = ["has_hooks", "OPAQUE_KEY"]
 
@@ -53,6 +67,10 @@ def _setitem(self: fx.Proxy, key: Any, value: Any) -> None:
 _Proxy.__setitem__ = _setitem  # type: ignore[method-assign]
 
 
+_TRACE_LOCK = threading.RLock()
+"""Held by every trace (see the module docstring)."""
+
+
 class _Tracer(fx.Tracer):
     """A tracer that remembers which module it is inside, so errors can name it. Buffers read in traced
     code are graph values (``proxy_buffer_attributes``): otherwise ``self.count.add_(1)`` runs once, on
@@ -60,10 +78,13 @@ class _Tracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[type[nn.Module]] = (), conditions: StaticConditions | None = None) -> None:
         super().__init__()
         self._extra_leaves = tuple(leaf_modules)
         self._fxr_modules: list[str] = []
+        self._thread = threading.get_ident()
+        self.regions = RegionWatch()
+        self.conditions = conditions
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -76,10 +97,26 @@ class _Tracer(fx.Tracer):
             return True  # kept as a call of the (copied) module, so its hooks run at every call
         return super().is_leaf_module(m, module_qualified_name)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val  # another thread's module, through torch.fx's patched __getattr__
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self._fxr_modules.append(self.path_of_module(m) if self.root is not m else "")
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)  # another thread's call, through torch.fx's patched __call__
+        path = self.path_of_module(m) if self.root is not m else ""
+        self.regions.check(self._fxr_modules[-1] if self._fxr_modules else "")
+        self._fxr_modules.append(path)
+        leaf = self.is_leaf_module(m, path)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if not leaf:
+                self.regions.enter(path, m)
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            finally:
+                if not leaf:
+                    self.regions.leave()
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self._fxr_modules[-1]
@@ -87,12 +124,37 @@ class _Tracer(fx.Tracer):
         finally:
             self._fxr_modules.pop()
 
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        self.regions.check(self._fxr_modules[-1] if self._fxr_modules else "")
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A condition on sizes (``if x.shape[-1] != 28``) is taken at the example's sizes, with a guard."""
+        if self.conditions is not None:
+            try:
+                value = self.conditions.value(obj.node)
+            except _NotStatic:
+                pass
+            else:
+                return record_condition(self, obj.node, value, self._fxr_modules[-1] if self._fxr_modules else "")
+        return super().to_bool(obj)
+
+    def trace_root(self, root: nn.Module, concrete_args: dict[str, Any]) -> fx.Graph:
+        """``trace`` under the process-wide lock, with gradients on (so that a ``no_grad`` region shows)."""
+        with _TRACE_LOCK, torch.set_grad_enabled(True):
+            self.regions.enter("", root)
+            return self.trace(root, concrete_args=concrete_args or None)
+
 
 def has_hooks(module: nn.Module) -> bool:
     """Does ``module`` have forward hooks or pre-hooks (the old-style ``spectral_norm`` and
-    ``weight_norm`` are pre-hooks)? Such a module is kept as an opaque call: lowering it to a functional
-    call would drop its hooks, and tracing through it would run them once, at trace time."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    ``weight_norm`` are pre-hooks), or backward hooks (full, pre, or the old ``register_backward_hook``)?
+    Such a module is kept as an opaque call: lowering it to a functional call would drop its hooks, and
+    tracing through it would run forward hooks once, at trace time, and lose backward hooks (torch
+    attaches them to the module call's inputs and outputs)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
@@ -100,21 +162,28 @@ def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
     carries them (each receives the GraphModule as its module: a hook that reads attributes the graph does
     not use fails, and the whole-model check then refuses the model)."""
     for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+                 "_backward_pre_hooks"):
         if getattr(root, name, None):
             getattr(gm, name).update(getattr(root, name))
+    if root._backward_hooks:
+        gm._is_full_backward_hook = root._is_full_backward_hook
 
 
 def _refuse_global_hooks() -> None:
     from torch.nn.modules import module as module_mod
 
-    hooks = getattr(module_mod, "_global_forward_hooks", {}), getattr(module_mod, "_global_forward_pre_hooks", {})
-    if any(hooks):
-        raise CaptureError(
-            "global module forward hooks are registered (torch.nn.modules.module.register_module_forward_hook "
-            "or register_module_forward_pre_hook): they run at every module call, which a rewritten graph "
-            "cannot keep. Remove them (handle.remove()) before optimizing and register them again afterwards."
-        )
+    forward = [getattr(module_mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
+    backward = [getattr(module_mod, name, None) for name in ("_global_backward_hooks", "_global_backward_pre_hooks")]
+    for hooks, kind, names in ((forward, "forward", "register_module_forward_hook or register_module_forward_pre_hook"),
+                               (backward, "backward", "register_module_full_backward_hook, "
+                                "register_module_full_backward_pre_hook or register_module_backward_hook")):
+        if any(hooks):
+            raise CaptureError(
+                f"global module {kind} hooks are registered (torch.nn.modules.module.{names}): they run at every "
+                "module call, which a rewritten graph cannot keep. Remove them (handle.remove()) before optimizing "
+                "and register them again afterwards."
+            )
 
 
 OPAQUE_KEY = "fxrebirth.opaque"
@@ -124,29 +193,84 @@ MAX_OPAQUE = 16
 """Module types capture may make opaque on its own before it gives up with :class:`CaptureError`."""
 
 
-def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> tuple[fx.Graph, _Tracer, list[str]]:
+def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
+           inputs: Sequence[Any] = ()) -> tuple[fx.Graph, _Tracer, list[str]]:
     """The traced graph, the tracer, and what was kept opaque: a submodule whose forward torch.fx cannot
-    trace (Python control flow on a traced size, as timm's ``Conv2dSame`` computes its padding) becomes an
-    opaque call of its type, which runs exactly as written and is never rewritten; the rest is traced.
-    Only the root itself failing, or more than :data:`MAX_OPAQUE` such types, is a :class:`CaptureError`."""
+    trace (Python control flow on a traced size, as timm's ``Conv2dSame`` computes its padding), or whose
+    forward holds a grad-mode or autocast region, becomes an opaque call of its type, which runs exactly
+    as written and is never rewritten; the rest is traced. Only the root itself failing, or more than
+    :data:`MAX_OPAQUE` such types, is a :class:`CaptureError`."""
     leaves, opaque = list(leaf_modules), []
+    concrete = _constant_arguments(model, inputs)
     while True:
-        tracer = _Tracer(leaves)
+        tracer = _Tracer(leaves, StaticConditions(model, inputs))
         try:
-            return tracer.trace(model), tracer, opaque
+            graph = tracer.trace_root(model, concrete)
+            _name_constant_arguments(graph, concrete)
+            return graph, tracer, opaque
+        except ContextRegion as region:
+            where = region.path or "<root>"
+            why = (f"its forward holds {region.construct}, which a traced graph does not record (the operations "
+                   "in it would run in the caller's mode)")
+            fix = ("move the region into a submodule's forward (fxrebirth keeps that submodule as an opaque call, "
+                   "which runs it exactly), or optimise the modules it calls")
         except Exception as exc:  # torch raises TraceError, TypeError, NotImplementedError... from user code
-            where = tracer.failed_in or "<root>"
-            sub = model.get_submodule(where) if where != "<root>" else model
-            if where == "<root>" or len(opaque) >= MAX_OPAQUE or type(sub) in leaves:
-                raise CaptureError(
-                    f"cannot trace module '{where}' ({type(sub).__name__}): {type(exc).__name__}: {exc}\n"
-                    "fxrebirth needs a static graph. Fixes: pass leaf_modules=[" + type(sub).__name__ + "] so this "
-                    "module is kept as an opaque call (it is then never rewritten), or make its control flow "
-                    "independent of tensor values."
-                ) from None
-            leaves.append(type(sub))
-            opaque.append(f"{type(sub).__name__} (first at '{where}'): torch.fx cannot trace it "
-                          f"({type(exc).__name__}: {first_line(exc, 120)}); kept as an opaque call, never rewritten")
+            where, why = tracer.failed_in or "<root>", f"{type(exc).__name__}: {exc}"
+            fix = ("pass leaf_modules=[{name}] so this module is kept as an opaque call (it is then never rewritten), "
+                   "or make its control flow independent of tensor values")
+        sub = model.get_submodule(where) if where != "<root>" else model
+        if where == "<root>" or len(opaque) >= MAX_OPAQUE or type(sub) in leaves:
+            raise CaptureError(f"cannot trace module '{where}' ({type(sub).__name__}): {why}\nfxrebirth needs a "
+                               f"static graph. Fixes: {fix.format(name=type(sub).__name__)}.") from None
+        leaves.append(type(sub))
+        opaque.append(f"{type(sub).__name__} (first at '{where}'): torch.fx cannot trace it "
+                      f"({first_line(why, 120)}); kept as an opaque call, never rewritten")
+
+
+_CONSTANT_TYPES = (bool, int, float, str, type(None))
+
+
+def _constant_arguments(model: nn.Module, inputs: Sequence[Any]) -> dict[str, Any]:
+    """The root's non-tensor ``forward`` arguments, as the example (or, past it, the default) gives them:
+    traced as constants (``concrete_args``); the graph asserts that a call passes the same value."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    concrete: dict[str, Any] = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        if index < len(inputs):
+            if isinstance(inputs[index], _CONSTANT_TYPES):
+                concrete[parameter.name] = inputs[index]
+        elif parameter.default is not parameter.empty and isinstance(parameter.default, _CONSTANT_TYPES):
+            concrete[parameter.name] = parameter.default
+    return concrete
+
+
+def _name_constant_arguments(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """torch.fx names a constant argument's placeholder ``embed_1`` and checks ``None`` with a function it
+    treats as pure (dead-code elimination would drop it): the placeholder gets its own name back and the
+    check becomes ``torch._assert``, with a message that says what to do."""
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    for node in list(graph.nodes):
+        name = node.target[:-2] if node.op == "placeholder" and str(node.target).endswith("_1") else None
+        if name not in concrete:
+            continue
+        node.target = name
+        message = (f"forward argument '{name}' was captured as the constant {concrete[name]!r} (the example's or the "
+                   "default); this call passes another value. Optimise again with example_inputs that pass the "
+                   "value you use.")
+        for user in list(node.users):
+            if user.target is _assert_is_none:
+                with graph.inserting_before(user):
+                    same = graph.call_function(operator.is_, (node, None))
+                user.target, user.args = torch._assert, (same, message)
+            for check in list(user.users) if user.target is operator.eq else ():
+                if check.target is torch._assert:
+                    check.args = (check.args[0], message)
 
 
 def _has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
