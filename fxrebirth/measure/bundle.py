@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.errors import FxRebirthError
+from fxrebirth.errors import FxRebirthError, first_line
 from fxrebirth.measure import devicetimer, timing
 from fxrebirth.measure.runners import export_onnx
 
@@ -64,10 +64,14 @@ def _load(table: str | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(table, dict):
         return table, "latency table"
     try:
-        with open(table) as f:
+        with open(table, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TableMismatch(f"latency table {table}: cannot be read ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
+        raise TableMismatch(f"latency table {table}: cannot be read as JSON ({first_line(exc, 120)}); give the "
+                            "latency-*.json that time_on_device.py wrote") from None
+    if not isinstance(data, dict):
+        raise TableMismatch(f"latency table {table}: a JSON object is expected, got a {type(data).__name__}; give the "
+                            "latency-*.json that time_on_device.py wrote")
     folder = os.path.dirname(table)
     manifest = os.path.join(folder, "manifest.json")
     if os.path.exists(manifest) and data.get("manifest_sha256") != devicetimer.manifest_digest(folder):
@@ -89,6 +93,18 @@ def read_table(table: str | dict[str, Any], planner: str, pairs: dict[str, tuple
     if data.get("planner") != planner:
         raise TableMismatch(f"{name} was profiled for the {data.get('planner')!r} planner, this is the {planner!r} "
                             f"one: run `fxrebirth profile` with{'' if planner == 'depth' else 'out'} --depth")
+    try:
+        return _timings(data, name, pairs, whole_shape)
+    except TableMismatch:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TableMismatch(f"{name}: a {devicetimer.TABLE_FORMAT} table with a missing or malformed entry "
+                            f"({type(exc).__name__}: {first_line(exc, 80)}); time the bundle again") from None
+
+
+def _timings(data: dict[str, Any], name: str, pairs: dict[str, tuple[int, ...]],
+             whole_shape: tuple[int, ...]) -> tuple[float, dict[str, tuple[float, float]], str]:
+    """:func:`read_table`'s timings from a table of the right format and planner."""
     again = "run `fxrebirth profile` again with this model and these options, and time the new bundle"
     if tuple(data["whole"]["input_shape"]) != tuple(whole_shape):
         raise TableMismatch(f"{name} was measured at input {data['whole']['input_shape']}, this plan is at "

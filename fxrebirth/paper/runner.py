@@ -26,9 +26,10 @@ from fxrebirth.errors import FxRebirthError
 from fxrebirth.frontends.deploy import lower_for
 from fxrebirth.frontends.library import optimize
 from fxrebirth.paper.data import Shapes, image_folder
-from fxrebirth.retraining.planning import Plan, plan as make_plan
+from fxrebirth.graph.capture import capture
+from fxrebirth.retraining.planning import Plan, kept_ids, mark_regions, plan as make_plan
 from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
-from fxrebirth.paper.teacher import TeacherConfig, default_teacher
+from fxrebirth.paper.teacher import TeacherConfig, build_teacher, default_teacher
 from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment, layer_times, variants_for
 from fxrebirth.measure.table import layers_markdown
 from fxrebirth.retraining.train import Arithmetic, Progress, ProgressFn, evaluate, resolve_device
@@ -90,6 +91,7 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     """Run the main job and write its report folder; return the report as a dict."""
     # a device or precision this machine lacks is refused before the teacher trains
     Arithmetic.check(config.rebirth.precision, resolve_device(config.rebirth.device))
+    _check_keep(config)
     os.makedirs(config.out, exist_ok=True)
     if config.data is None:
         teacher_config = TeacherConfig(**{**config.teacher.__dict__, "image_size": config.image_size,
@@ -135,6 +137,18 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn, example)
     write_report(config.out, result, plan, report, table)
     return result
+
+
+def _check_keep(config: RunConfig) -> None:
+    """Refuse a ``keep`` that names no region before anything trains: the regions and their ids come from the
+    architecture alone, so the untrained default teacher (or the given model) is marked, nothing timed."""
+    if not config.keep:
+        return
+    model = config.model if config.model is not None else build_teacher(config.teacher.arch, len(Shapes.classes),
+                                                                         config.teacher.width)
+    gm = capture(model.eval(), (torch.randn(1, 3, config.plan_size, config.plan_size),), variants=False)
+    ids = [r.id for r in mark_regions(gm, reduce_ratio=config.reduce_ratio, streamline_kernel=config.streamline_kernel)]
+    kept_ids(ids, config.keep)
 
 
 def _plan_settings(config: RunConfig) -> dict[str, Any]:

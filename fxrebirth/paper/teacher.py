@@ -25,7 +25,7 @@ from torch import nn
 
 from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.models import fold_batch_norm, googlenet_lrn, he_init
-from fxrebirth.retraining.train import (Meter, ProgressFn, batches, evaluate, fingerprint, load_checkpoint,
+from fxrebirth.retraining.train import (Meter, ProgressFn, batch_count, batches, evaluate, fingerprint, load_checkpoint,
                                         resolve_device, save_checkpoint)
 
 __all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher", "TORCHVISION_TEACHERS", "build_teacher",
@@ -91,7 +91,7 @@ def train_teacher(config: TeacherConfig, train_data: Any, *, checkpoint: str | N
     where = resolve_device(device)
     model = build_teacher(config.arch, num_classes, config.width, batch_norm=True).to(where)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_data) // config.batch_size)
+    steps_per_epoch = batch_count(len(train_data), config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch,
                                                    pct_start=0.15)
     key = config.key()

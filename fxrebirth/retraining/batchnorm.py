@@ -30,16 +30,24 @@ __all__ = ["TrainingBatchNorm"]
 
 
 class _ObservingBatchNorm(nn.BatchNorm2d):
-    """A BatchNorm that, while ``observing``, passes its input through and only accumulates statistics."""
+    """A BatchNorm that, while ``observing``, passes its input through and only accumulates statistics.
+
+    A batch with one value per channel (one image whose feature map is 1x1: a batch size of 1, a data-parallel
+    share of one) has no batch statistics: it is not observed, and in training it is normalised with the
+    running statistics, as in eval mode, instead of failing ("Expected more than 1 value per channel")."""
 
     observing = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lone = x.numel() <= x.shape[1]
         if self.observing:
-            with torch.no_grad():
-                F.batch_norm(x, self.running_mean, self.running_var, None, None, True, 0.0 if self.momentum is None
-                             else self.momentum, self.eps)
+            if not lone:
+                with torch.no_grad():
+                    F.batch_norm(x, self.running_mean, self.running_var, None, None, True,
+                                 0.0 if self.momentum is None else self.momentum, self.eps)
             return x
+        if lone and self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)
 
 

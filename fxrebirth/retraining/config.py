@@ -12,14 +12,22 @@ import torch
 
 from fxrebirth.errors import FxRebirthError
 from fxrebirth.retraining.augment import Augment, parse_augment
+from fxrebirth.rewrite.validate import COUNT, NOT_NEGATIVE, POSITIVE, Range, validate_bool, validate_numbers
 
-__all__ = ["RebirthConfig", "INITS", "SCHEDULES", "PRECISIONS"]
+__all__ = ["RebirthConfig", "INITS", "SCHEDULES", "PRECISIONS", "RANGES"]
 
 INITS = ("auto", "lstsq", "xavier", "original")
 SCHEDULES = ("distill", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # options added after checkpoints were in use, with their defaults: they join a job's key only when set
 _LATER_OPTIONS = {"augment": "none", "shift": 0.0625, "mixup_alpha": 1.0}
+_WHOLE = Range(0, integer=True)
+RANGES = {"epochs": NOT_NEGATIVE, "layerwise_epochs": NOT_NEGATIVE, "calibration_images": _WHOLE,
+          "ridge": NOT_NEGATIVE, "batch_size": COUNT, "lr": POSITIVE, "new_layer_lr_mult": POSITIVE,
+          "layerwise_lr": POSITIVE, "temperature": POSITIVE, "kd_weight": Range(0, 1), "feature_weight": NOT_NEGATIVE,
+          "warmup": Range(0, 1, open_high=True), "eval_images": _WHOLE, "seed": Range(integer=True)}
+"""The numeric options of :class:`RebirthConfig` and the values each accepts, checked when a config is made
+(``shift`` and ``mixup_alpha`` by :class:`~fxrebirth.retraining.augment.Augment`)."""
 
 
 @dataclass
@@ -72,8 +80,8 @@ class RebirthConfig:
             raise FxRebirthError(f"init={self.init!r}: choose one of {INITS}")
         if self.schedule not in SCHEDULES:
             raise FxRebirthError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
-        if self.epochs < 0 or self.layerwise_epochs < 0 or self.calibration_images < 0 or self.batch_size < 1:
-            raise FxRebirthError("epochs, layerwise_epochs and calibration_images must be >= 0, batch_size >= 1")
+        validate_numbers("rebirth", asdict(self), RANGES)
+        validate_bool("train_batch_norm", self.train_batch_norm)
         self.augmentation()  # a bad spec is an error now, not after calibration
         if self.precision not in PRECISIONS:
             raise FxRebirthError(f"precision={self.precision!r}: choose one of {PRECISIONS}")

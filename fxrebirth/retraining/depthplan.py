@@ -52,6 +52,7 @@ from fxrebirth.graph.regions import DepthProposal, Region, RegionError, check_re
 from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable, segment_between, stage_of
 from fxrebirth.passes.linearise import linearise
 from fxrebirth.retraining.layers import build_rebirth
+from fxrebirth.rewrite.validate import COUNT, NOT_NEGATIVE, POSITIVE, validate_numbers
 
 __all__ = ["plan_depth", "segment_pairs", "DepthPlan", "DepthCandidate", "FrontPoint", "candidates", "importance",
            "choose", "region_of", "segment_of"]
@@ -313,6 +314,9 @@ def segment_pairs(deploy: fx.GraphModule, segs: list[Segment]) -> dict[str, tupl
     return pairs
 
 
+_RANGES = {"target_speedup": POSITIVE, "budget_s": NOT_NEGATIVE, "max_convs": COUNT, "rounds": COUNT, "batch": COUNT}
+
+
 def plan_depth(model: nn.Module, example_inputs: Any, calibration: torch.Tensor, *, runtime: str = "eager",
                target_speedup: float | None = None, budget_s: float | None = None, max_convs: int = 4,
                prune: str = "grown", rounds: int = 20, lowering: Any = None, batch: int = 64,
@@ -323,9 +327,15 @@ def plan_depth(model: nn.Module, example_inputs: Any, calibration: torch.Tensor,
     ``device_table``: the A/B timings read from a table measured on the device (see
     :func:`fxrebirth.retraining.profiling.profile`). Neither a target nor a budget: nothing selected, the
     front computed. The model is not changed."""
-    from fxrebirth.retraining.planning import timed_pairs
+    from fxrebirth.retraining.planning import check_example, timed_pairs
 
+    validate_numbers("plan_depth", {"target_speedup": target_speedup, "budget_s": budget_s, "max_convs": max_convs,
+                                    "rounds": rounds, "batch": batch}, _RANGES, optional=("target_speedup", "budget_s"))
     inputs = as_input_tuple(example_inputs)
+    check_example("plan_depth", inputs)
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or len(calibration) == 0:
+        shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise RegionError(f"plan_depth: calibration must be a batch of images [N >= 1, C, H, W], got {shape}")
     frozen = copy.deepcopy(model).eval()
     deploy = capture(frozen, inputs, copy_model=False)
     calib = capture(frozen, (calibration[:2],), copy_model=False)

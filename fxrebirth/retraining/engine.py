@@ -276,7 +276,7 @@ class _Job:
             return
         subset = torch.utils.data.Subset(self.test_data, range(min(self.config.eval_images, len(self.test_data))))
         if self.eval_reference is None:
-            self.eval_reference = evaluate(self.teacher, subset, device=self.device).predictions
+            self.eval_reference = evaluate(self.teacher, subset, device=self.device, name="test_data").predictions
         result = evaluate(self.student, subset, reference=self.eval_reference, device=self.device)
         record.top1, record.agreement = result.top1, result.agreement
 
@@ -373,7 +373,7 @@ def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: Reb
               device: torch.device) -> tuple[Any, Any, Any]:
     """Both models' accuracy on ``test_data`` (on ``device``) and the paired interval of their difference,
     into ``report``; returns the two evaluations and the labels."""
-    teacher_eval = evaluate(teacher, test_data, device=device)
+    teacher_eval = evaluate(teacher, test_data, device=device, name="test_data")
     student_eval = evaluate(reborn, test_data, reference=teacher_eval.predictions, device=device)
     report.teacher, report.student = teacher_eval.to_dict(), student_eval.to_dict()
     labels = torch.cat([y for _, y in batches(test_data, 1000)])

@@ -30,6 +30,7 @@ from fxrebirth.rewrite.cost import TableCost, graph_flops, median_seconds, node_
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.retraining.layers import build_rebirth
 from fxrebirth.graph.regions import Region, RegionError, check_regions
+from fxrebirth.rewrite.validate import COUNT, NOT_NEGATIVE, POSITIVE, Range, validate_numbers
 
 __all__ = ["plan", "mark_regions", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs", "kept_ids"]
 
@@ -317,6 +318,20 @@ def mark_regions(gm: fx.GraphModule, *, reduce_ratio: float | None = None, colla
     return streamline.mark_streamline(gm, streamline_kernel) + inception.mark_inception(gm, **kwargs)
 
 
+PLAN_RANGES = {"target_speedup": POSITIVE, "budget_s": NOT_NEGATIVE, "repeats": COUNT,
+               "reduce_ratio": Range(0, 1, open_low=True)}
+"""The numeric options of :func:`plan` and the values each accepts (the first three may be None)."""
+
+
+def check_example(owner: str, inputs: tuple) -> None:
+    """Raise :class:`RegionError` when the first example input is a tensor of batch 0: a plan times and
+    shapes its regions on it, and an empty batch measures nothing."""
+    first = inputs[0] if inputs else None
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] == 0:
+        raise RegionError(f"{owner}: the example input has batch 0 (shape {list(first.shape)}); give at least one "
+                          "image, e.g. torch.randn(1, 3, H, W)")
+
+
 def plan(
     model: nn.Module,
     example_inputs: Any,
@@ -346,7 +361,11 @@ def plan(
     ``"pool"``, :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected
     (:func:`kept_ids`); they are still measured and listed."""
 
+    validate_numbers("plan", {"target_speedup": target_speedup, "budget_s": budget_s, "repeats": repeats,
+                              "reduce_ratio": reduce_ratio}, PLAN_RANGES, optional=("target_speedup", "budget_s",
+                                                                                    "reduce_ratio"))
     inputs = as_input_tuple(example_inputs)
+    check_example("plan", inputs)
     gm = capture(model, inputs, leaf_modules=leaf_modules)
     regions = mark_regions(gm, reduce_ratio=reduce_ratio, collapse_reduce=collapse_reduce,
                            streamline_kernel=streamline_kernel)

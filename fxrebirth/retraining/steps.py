@@ -195,7 +195,9 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
         if norms is not None:  # the rebirth layers' BatchNorms live outside the DDP module
             all_reduce_grads(norms.hooked_parameters())
 
-    loss_value, curve = _train(loss_of, optimizer, schedule, reduce, data, c, images, seed, meter)
+    out = next(n for n in teacher.graph.nodes if n.op == "output").args[0].meta.get("tensor_meta")
+    classes = out.shape[1] if out is not None and len(out.shape) == 2 else None
+    loss_value, curve = _train(loss_of, optimizer, schedule, reduce, data, c, images, seed, meter, classes)
     for hook in hooks:
         hook.remove()
     if norms is not None:
@@ -244,16 +246,17 @@ def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: T
 
 def _train(loss_of: Callable[[torch.Tensor, Any], torch.Tensor], optimizer: torch.optim.Optimizer, schedule: Any,
            reduce: Callable[[], None], data: Any, config: RebirthConfig, images: int, seed: int,
-           meter: Meter) -> tuple[float | None, list]:
+           meter: Meter, classes: int | None = None) -> tuple[float | None, list]:
     """The loop both steps share: ``images`` images in batches seeded by ``seed`` on the parameters' device,
     augmented by ``config.augment`` (the teacher's targets come from the same augmented images), the forward
     pass in ``config.precision``, the gradients averaged over the ranks by ``reduce`` before each optimiser
-    step; returns the last loss and the loss curve."""
+    step; returns the last loss and the loss curve. ``classes``: the labels are checked against it as each batch is
+    drawn (a clear error naming the item, before the loss indexes with it)."""
     curve, loss_value = [], None
     device = next(p.device for g in optimizer.param_groups for p in g["params"])
     arithmetic = Arithmetic(config.precision, device)
     for x, y in batches(data, config.batch_size, seed=seed, images=images, augment=config.augmentation(),
-                        device=device):
+                        device=device, classes=classes, name="train_data"):
         with arithmetic:
             loss = loss_of(x, y)
         arithmetic.step(loss, optimizer, reduce)

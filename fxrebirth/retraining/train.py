@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fxrebirth.errors import FxRebirthError
 from fxrebirth.retraining.augment import Augment, MixedLabels
-from fxrebirth.retraining.data import accuracy_interval
+from fxrebirth.retraining.data import DataError, accuracy_interval
 
 __all__ = ["Progress", "ProgressFn", "batches", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
-           "world", "fingerprint", "Meter", "batch_count",
+           "world", "fingerprint", "Meter", "batch_count", "pass_sizes", "check_labels",
            "kd_loss", "feature_loss", "all_reduce_grads", "resolve_device", "Arithmetic"]
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,61 @@ def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
     return fast() if callable(fast) else None
 
 
+class _Indexed(Dataset):
+    """``data``'s items with their index: ``(x, y, i)`` (the order a loader draws is unchanged)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y = self.data[i]
+        return x, y, i
+
+
+def pass_sizes(images: int, batch_size: int) -> list[int]:
+    """The batch sizes of one pass over ``images`` images: full batches, then the rest, except that a rest of
+    ONE image joins the batch before it (a training-mode BatchNorm cannot normalise a lone image whose
+    feature map is 1x1: "Expected more than 1 value per channel")."""
+    sizes = [batch_size] * (images // batch_size) + ([images % batch_size] if images % batch_size else [])
+    if batch_size > 1 and len(sizes) > 1 and sizes[-1] == 1:
+        sizes = sizes[:-2] + [sizes[-2] + 1]
+    return sizes
+
+
+def check_labels(y: Any, index: Any, classes: int | None, name: str) -> None:
+    """Raise :class:`~fxrebirth.retraining.data.DataError` naming the item, its label and the class count when an
+    integer label of ``y`` (items ``index`` of the dataset ``name``) is outside ``0 .. classes - 1``."""
+    if classes is None or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex():
+        return
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        at = int(bad.nonzero()[0, 0])
+        raise DataError(f"{name}: item {int(index[at])} has label {int(y[at])}, out of range for a model with {classes} "
+                        f"classes (labels 0 to {classes - 1}); fix the labels or the model's number of outputs")
+
+
+def _rows(loader_iter: Iterator, n: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The next ``n`` rows of an indexed loader (one loader batch, or two where a lone last image joined)."""
+    xs, ys, ids = [], [], []
+    while sum(len(i) for i in ids) < n:
+        x, y, i = next(loader_iter)
+        xs.append(x), ys.append(torch.as_tensor(y)), ids.append(torch.as_tensor(i))
+    x, y, i = (torch.cat(v) if len(v) > 1 else v[0] for v in (xs, ys, ids))
+    return x[:n], y[:n], i[:n]
+
+
 def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: int | None = None,
-            augment: bool | Augment = False, device: torch.device | str | None = None) -> Iterator[tuple[Any, Any]]:
+            augment: bool | Augment = False, device: torch.device | str | None = None,
+            classes: int | None = None, name: str = "data") -> Iterator[tuple[Any, Any]]:
     """``(x, y)`` batches: shuffled with ``seed`` (None: in order), ``images`` in all (default one pass; more
     than the dataset wraps around with a new permutation), augmented by ``augment`` (an
     :class:`~fxrebirth.retraining.augment.Augment`; ``True``: random horizontal flips), moved to ``device`` when
-    given (the order and augmentation do not depend on it; under mixup ``y`` is a ``MixedLabels``).
+    given (the order and augmentation do not depend on it; under mixup ``y`` is a ``MixedLabels``). A pass
+    never ends on a batch of one image (:func:`pass_sizes`). With ``classes``, every label is checked when its
+    batch is drawn (:func:`check_labels`: a clear error naming the item, never an IndexError in the loss).
 
     Under torch.distributed each rank gets its share of every global batch (rows ``rank::world``), so a
     data-parallel run sees the same global batches as a single process."""
@@ -150,36 +199,34 @@ def batches(data: Dataset, batch_size: int, *, seed: int | None = None, images: 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     fast = _tensors(data)
     loader_iter: Iterator | None = None
-    done, epoch = 0, 0
+    done = 0
     while done < total:
         if fast is not None:
             order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
         else:
-            loader_iter = iter(DataLoader(data, batch_size=batch_size, shuffle=generator is not None,
+            loader_iter = iter(DataLoader(_Indexed(data), batch_size=batch_size, shuffle=generator is not None,
                                           generator=generator, num_workers=0))
-        for start in range(0, len(data), batch_size):
-            n = min(batch_size, total - done, len(data) - start)
-            if n <= 0:
-                break
+        start = 0
+        for n in pass_sizes(min(len(data), total - done), batch_size):
             if fast is not None:
                 idx = order[start:start + n]
                 x, y = fast[0][idx], fast[1][idx]
             else:
-                x, y = next(loader_iter)
-                x, y = x[:n], torch.as_tensor(y)[:n]
+                x, y, idx = _rows(loader_iter, n)
+            check_labels(y, idx, classes, name)
             if augment:
                 x, y = augment(x, y, generator)
-            done += n
+            done, start = done + n, start + n
             x, y = x[rank::size], y[rank::size]
             yield (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        epoch += 1
 
 
 def batch_count(length: int, batch_size: int, images: int | None = None) -> int:
-    """How many batches :func:`batches` yields (a pass over the data ends with a short batch)."""
+    """How many batches :func:`batches` yields (a pass over the data ends with a short batch, never of one
+    image where the batch size is larger)."""
     images = length if images is None else images
     full, rest = divmod(images, length)
-    return full * -(-length // batch_size) + -(-rest // batch_size)
+    return full * len(pass_sizes(length, batch_size)) + len(pass_sizes(rest, batch_size))
 
 
 @dataclass
@@ -201,15 +248,18 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 500, reference: torch.Tensor | None = None,
-             device: torch.device | str = "cpu") -> Evaluation:
+             device: torch.device | str = "cpu", name: str = "evaluation data") -> Evaluation:
     """Evaluate ``model`` (in eval mode) on every item of ``data``; ``reference``: another model's top-1
-    predictions on the same data, for the agreement."""
+    predictions on the same data, for the agreement. A label outside the model's outputs is a
+    :class:`~fxrebirth.retraining.data.DataError` naming the item of ``data`` (``name``)."""
     was_training = model.training
     model.eval()
     preds, top5_hits, labels = [], 0, []
     for x, y in batches(data, batch_size, device=device):
         logits = model(x).float().cpu()
         y = y.cpu()
+        seen = sum(len(t) for t in labels)  # in order: the items' indices (a bad label would count as wrong)
+        check_labels(y, range(seen, seen + len(y)), logits.shape[1] if logits.dim() == 2 else None, name)
         preds.append(logits.argmax(1))
         labels.append(y)
         if logits.shape[1] > 10:

@@ -4,10 +4,18 @@ and what to pass instead (:class:`~fxrebirth.errors.PipelineError`).
 Wrong types used to surface far from their cause (a rule class passed for an instance failed inside the
 pipeline with ``TypeError: ... missing 1 required positional argument``; ``disable="dropout"`` disabled
 nothing and complained about the rules ``'d'``, ``'r'``, ...). :func:`validate_options` runs them all.
+
+The numeric options of the retraining tier (``plan``, ``plan_depth``, ``rebirth``) are checked here too,
+each against a :class:`Range` (:func:`validate_numbers`): NaN, an infinity, a bool or a value outside the
+range is an :class:`OptionError` naming the option and the range, before anything is measured or trained
+(a NaN learning rate used to return a model that outputs NaN).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -15,7 +23,8 @@ from torch import nn
 from fxrebirth.errors import PipelineError
 
 __all__ = ["validate_options", "validate_rules", "validate_names", "validate_cost_model",
-           "validate_leaf_modules", "validate_bool"]
+           "validate_leaf_modules", "validate_bool", "OptionError", "Range", "POSITIVE", "NOT_NEGATIVE", "COUNT",
+           "validate_number", "validate_numbers"]
 
 _CONTAINERS = (list, tuple)
 _NAME_CONTAINERS = (list, tuple, set, frozenset)
@@ -131,3 +140,71 @@ def validate_options(**options: Any) -> None:
     for key in _BOOLS:
         if key in options:
             validate_bool(key, options[key])
+
+
+class OptionError(PipelineError, ValueError):
+    """A numeric option outside the values it accepts (a ``ValueError`` too, as such errors were before)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: a finite number (a whole one when ``integer``) between ``low``
+    and ``high`` (None: unbounded), each bound included unless ``open_low`` / ``open_high``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        """The range in words, as an error states it (``a number in (0, 1]``, ``a whole number >= 1``)."""
+        noun = "a whole number" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.open_low else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{noun} {'<' if self.open_high else '<='} {self.high:g}"
+        return f"a finite {noun[2:]}"
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is in the range (never a bool, NaN or an infinity)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if self.integer and not isinstance(value, numbers.Integral):
+            return False
+        value = float(value)
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+
+POSITIVE = Range(0, open_low=True)
+"""A finite number > 0."""
+NOT_NEGATIVE = Range(0)
+"""A finite number >= 0."""
+COUNT = Range(1, integer=True)
+"""A whole number >= 1."""
+
+
+def validate_number(owner: str, option: str, value: Any, allowed: Range, *, optional: bool = False) -> None:
+    """Raise :class:`OptionError` (one line: ``owner``'s ``option``, the value, the range) unless ``value``
+    is in ``allowed`` (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    if not allowed.holds(value):
+        unset = " or None" if optional else ""
+        raise OptionError(f"{owner}: {option}={value!r} is out of range; give {allowed.describe()}{unset}")
+
+
+def validate_numbers(owner: str, values: dict[str, Any], ranges: dict[str, Range],
+                     optional: tuple[str, ...] = ()) -> None:
+    """:func:`validate_number` for each option of ``ranges`` present in ``values`` (those in ``optional`` may
+    be None): the one place where the numeric options of ``plan``, ``plan_depth`` and ``rebirth`` are checked."""
+    for option, allowed in ranges.items():
+        if option in values:
+            validate_number(owner, option, values[option], allowed, optional=option in optional)
