@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -51,6 +52,21 @@ def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:
 ON_MISMATCH = ("raise", "fallback")
 
 
+def _outside_inference_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function`` with inference mode off (thread-local, restored): called inside
+    ``torch.inference_mode()``, every copy and run would make inference tensors, which keep no version
+    counter (the mutation checks read it) and cannot be used where autograd records. The result is an
+    ordinary module that runs in inference mode as well."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_outside_inference_mode
 def optimize(
     model: nn.Module,
     example_inputs: Any,

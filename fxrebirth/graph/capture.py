@@ -31,6 +31,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxrebirth.graph.aten import lower_aten
+from fxrebirth.graph.copying import copy_module
 from fxrebirth.equivalence import flush_denormals
 from fxrebirth.errors import CaptureError, first_line
 from fxrebirth.graph.metadata import resolve_metadata
@@ -45,18 +46,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_KEY = "fxrebirth.source"
 """``node.meta`` key: qualified name of the module the node was lowered from."""
-
-
-def copy_module(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``. Tensors that are not graph leaves, which ``copy.deepcopy`` refuses (the
-    old-style ``weight_norm`` keeps its computed ``weight`` as one, recomputed by a pre-hook at every
-    call), are copied detached."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -328,12 +317,18 @@ def capture(
     and kept, as mutations no rewrite touches, where it is not. ``variants`` also records the shapes at
     the variants of the example (batch >= 2, other sizes: :mod:`fxrebirth.graph.variants`) for verification.
     Raises :class:`CaptureError` naming the module that cannot be traced, or the node at which the
-    example inputs fail.
+    example inputs fail. Works inside ``torch.inference_mode()`` (the capture itself runs outside it).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     _refuse_global_hooks()
+    with torch.inference_mode(False):  # called inside inference_mode: the copy must be ordinary tensors
+        return _capture(model, inputs, leaf_modules, copy_model, variants)
+
+
+def _capture(model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module]], copy_model: bool,
+             variants: bool) -> fx.GraphModule:
     opaque: list[str] = []
     if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import operator
-import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -133,13 +133,17 @@ class _SymbolicRun(fx.Interpreter):
     cannot run on symbolic sizes (``F.interpolate`` to a symbolic size has no symbolic kernel) gets a
     tensor of fresh symbols: what follows from it is static only if it is static whatever its size."""
 
-    def __init__(self, gm: fx.GraphModule, fresh: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, fresh: Callable[[Sequence[int], torch.dtype], torch.Tensor],
+                 budget_s: float | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.extra_traceback = False
         self.fresh = fresh
         self.opaque: list[fx.Node] = []
+        self.deadline = time.monotonic() + (SYMBOLIC_BUDGET_S if budget_s is None else budget_s)
 
     def run_node(self, n: fx.Node) -> Any:
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime(f"over {SYMBOLIC_BUDGET_S:g} s at node {n.name}")
         if n.op == "call_function" and _hashable(n.target) and n.target in _CHECKS:
             return None
         try:
@@ -157,7 +161,8 @@ class _SymbolicRun(fx.Interpreter):
 SYMBOLIC_BUDGET_S = 10.0
 """Seconds the symbolic run may take. Shape algebra on some graphs (hundreds of floor divisions in a
 vision transformer's window partitions) sends sympy's simplifier into minutes; past the budget the run
-is abandoned and only ranks, dtypes and devices fold."""
+is abandoned and only ranks, dtypes and devices fold. The budget is a deadline the run checks before
+each node (no signal, no timer: the caller's ``SIGALRM`` and other threads are left alone)."""
 
 
 class _OutOfTime(Exception):
@@ -165,37 +170,22 @@ class _OutOfTime(Exception):
 
 
 @contextmanager
-def _deadline(seconds: float) -> Iterator[bool]:
-    """Raise :class:`_OutOfTime` inside the block after ``seconds`` (a SIGALRM timer: main thread, Unix);
-    yields whether the block is bounded (when it cannot be, the caller skips the work)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield False
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise _OutOfTime(f"over {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield True
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextmanager
 def _quiet_fake_tensors() -> Iterator[None]:
     """torch logs an ERROR with a traceback for every op whose meta kernel rejects symbolic sizes (e.g.
     ``F.pad`` by amounts computed from a symbolic size in an opaque module); this run expects and handles
-    those (fresh symbols), so they are not the user's errors."""
+    those (fresh symbols), so they are not the user's errors. A filter drops this thread's records only
+    (the logger's level is left alone: another thread may be logging through it)."""
     logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    thread = threading.get_ident()
+
+    def other_threads(record: logging.LogRecord) -> bool:
+        return record.thread != thread
+
+    logger.addFilter(other_threads)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(other_threads)
 
 
 def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any] | None:
@@ -224,13 +214,9 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
 
     runner = _SymbolicRun(gm, fresh)
     try:
-        with _deadline(SYMBOLIC_BUDGET_S) as bounded:
-            if not bounded:
-                log.debug("symbolic shape run skipped outside the main thread (it cannot be time-bounded)")
-                return None
-            with _no_side_effects(gm), _quiet_fake_tensors(), mode:
-                fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
-                runner.run(*fakes)
+        with _no_side_effects(gm), _quiet_fake_tensors(), mode:
+            fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
+            runner.run(*fakes)
     except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove
         log.debug("symbolic shape run failed, only ranks, dtypes and devices are resolved: %s", exc)
         return None

@@ -202,7 +202,7 @@ class RooflineCost(CostModel):
     def _rate(self, node: fx.Node) -> float:
         if kind_of(node) in ("conv", "conv_transpose"):
             shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-            rows = shape[0] * math.prod(shape[2:]) if shape is not None else self.half_rate_rows
+            rows = max(shape[0] * math.prod(shape[2:]), 1) if shape is not None else self.half_rate_rows  # an empty batch: no work
             return self.peak_flops_per_s * rows / (rows + self.half_rate_rows)
         return self.peak_flops_per_s
 
