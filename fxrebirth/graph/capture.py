@@ -334,12 +334,14 @@ def _capture(model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[t
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)
         root = copy_module(model) if copy_model else model
         graph = root.graph if copy_model else copy.deepcopy(model.graph)
-        lower_aten(graph)  # torch.export programs: ATen operators become canonical calls
     else:
         root = copy_module(model) if copy_model else model
         graph, _, opaque = _trace(root, leaf_modules, inputs)
         if opaque:
             log.info("capture of %s: %s", type(model).__name__, "; ".join(opaque))
+    # torch.export programs: ATen operators become canonical calls, also when traced again (an unlifted
+    # program calls its ``_guards_fn`` module, which sends it down the tracing path)
+    lower_aten(graph)
     _lower_module_calls(graph, root)
     canonicalize(graph)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
