@@ -295,3 +295,107 @@ def test_linearise_refuses_a_segment_an_in_place_write_interrupts():
     for segment in segments:
         with pytest.raises(ValueError, match="writes in place between its layers"):
             linearise(gm, [segment])
+
+
+# -- 3. outputs never alias where the original's did not --------------------------------------------------
+
+class _Returns(nn.Module):
+    """Returns values that a no-op removal could make another output, a view of one, the input or a buffer."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.2)
+        self.id = nn.Identity()
+        self.register_buffer("scale", torch.full((4,), 0.5))
+        self.case = case
+
+    def forward(self, x: torch.Tensor):
+        y = self.conv(x)
+        c = self.case
+        cases = {
+            "y_mul1": lambda: (y, y * 1.0), "y_add0": lambda: (y, y + 0), "y_div1_view": lambda: (y, (y / 1).view(2, -1)),
+            "y_sub0_slice": lambda: (y, (y - 0)[:, :2]), "chain": lambda: (y, y * 1, (y * 1) + 0),
+            "dict": lambda: {"boxes": y, "scores": y * 1.0}, "x_mul1": lambda: (x * 1.0, y), "x_add0": lambda: x + 0,
+            "x_sub0_flatten": lambda: ((x - 0).flatten(1), y), "buffer_mul1": lambda: (y, self.scale * 1.0),
+            # the original shares memory here: kept as it is
+            "y_view": lambda: (y, y.view(y.shape)), "y_identity": lambda: (y, self.id(y)),
+            "y_dropout": lambda: (y, self.drop(y)), "x_identity": lambda: (self.id(x), y),
+            "x_dropout_mul1": lambda: (self.drop(x) * 1.0, y),
+        }
+        return cases[c]()
+
+
+ALIAS_CASES = ["y_mul1", "y_add0", "y_div1_view", "y_sub0_slice", "chain", "dict", "x_mul1", "x_add0", "x_sub0_flatten",
+               "buffer_mul1", "y_view", "y_identity", "y_dropout", "x_identity", "x_dropout_mul1"]
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def _sharing(outs: list[torch.Tensor], x: torch.Tensor, module: nn.Module) -> tuple:
+    """Which outputs are the same object / share storage with another output, the input, a weight."""
+    ptr = [o.untyped_storage().data_ptr() for o in outs]
+    weights = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    n = len(outs)
+    return ({(i, j) for i in range(n) for j in range(i + 1, n) if outs[i] is outs[j]},
+            {(i, j) for i in range(n) for j in range(i + 1, n) if ptr[i] == ptr[j]},
+            {i for i in range(n) if outs[i] is x}, {i for i in range(n) if ptr[i] == x.untyped_storage().data_ptr()},
+            {i for i in range(n) if ptr[i] in weights})
+
+
+def _check_sharing(model: nn.Module, optimized, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = _sharing(_leaves(model(x)), x, model)
+        outs = _leaves(optimized(x))
+        assert _sharing(outs, x, optimized if isinstance(optimized, nn.Module) else model) == expected
+        # what a user does next: writes into one output in place; the input and the model do not change
+        kept, again = x.clone(), _leaves(optimized(x))
+        before = [o.clone() for o in again]
+        again[0].clamp_(-0.01, 0.01)
+        if 0 not in expected[3]:
+            assert torch.equal(x, kept), "writing into an output changed the caller's input"
+        for j, (o, b) in enumerate(zip(again[1:], before[1:]), 1):
+            if (0, j) not in expected[1]:
+                assert torch.equal(o, b), f"writing into output 0 changed output {j}"
+
+
+@pytest.mark.parametrize("case", ALIAS_CASES)
+def test_optimize_keeps_outputs_apart(case):
+    torch.manual_seed(0)
+    model = _Returns(case).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = fxrebirth.optimize(model, x)
+    _check_sharing(model, gm, x)
+
+
+@pytest.mark.parametrize("case", ["y_mul1", "x_add0", "chain", "y_dropout", "x_identity", "buffer_mul1"])
+def test_the_backend_keeps_outputs_apart(case):
+    torch.manual_seed(0)
+    model = _Returns(case).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        compiled = _compiled(model)
+        compiled(x)
+    _check_sharing(model, compiled, x)
+
+
+@pytest.mark.parametrize("case", ["y_mul1", "x_mul1"])
+def test_optimize_exported_keeps_outputs_apart(case):
+    from fxrebirth.frontends.export import optimize_exported
+
+    torch.manual_seed(0)
+    model = _Returns(case).eval()
+    x = torch.randn(2, 3, 8, 8)
+    program, _ = optimize_exported(torch.export.export(model, (x,)))
+    _check_sharing(model, program.module(), x)
+
+
+def test_a_removed_no_op_is_what_made_outputs_share():
+    """The cases above test something: the cleanup does remove the no-op (the output got a copy back)."""
+    gm, report = fxrebirth.optimize(_Returns("y_mul1").eval(), torch.randn(2, 3, 8, 8))
+    assert report.rewrites >= 1
+    assert any(n.target is torch.clone for n in gm.graph.nodes), gm.code

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from fxrebirth.graph.ops import OPS
 
-__all__ = ["mutated_input", "is_impure", "functionalize", "tainted", "eliminate_dead_code"]
+__all__ = ["mutated_input", "is_impure", "functionalize", "tainted", "eliminate_dead_code", "returns_new_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,11 @@ def _fresh(node: Any) -> bool:
         return isinstance(module, _FRESH_MODULES) and not getattr(module, "inplace", False) \
             and not (module._forward_hooks or module._forward_pre_hooks)
     return False
+
+
+def returns_new_memory(node: Any) -> bool:
+    """Does ``node`` compute new memory, never a view or an argument itself? (False when unknown.)"""
+    return _fresh(node)
 
 
 def _hashable(target: Any) -> bool:

@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from fxrebirth.errors import PipelineError
 from fxrebirth.rewrite.cost import CostModel, RooflineCost
+from fxrebirth.graph.aliasing import keep_output_aliases, output_aliases
 from fxrebirth.graph.guards import check_size, is_guard
 from fxrebirth.graph.metadata import SYMBOLIC_KEY, reads_only_shape
 from fxrebirth.graph.mutation import eliminate_dead_code, is_impure, mutated_input, tainted
@@ -365,6 +366,7 @@ class Pipeline:
         modified_any = False
         rolled_back: dict[str, set[fx.Node]] = {rule.name: set() for rule in self.rules}
         mutated = tainted(gm.graph)
+        aliases = output_aliases(gm.graph)
         for phase in sorted({rule.phase for rule in self.rules}):
             active = [p for p in self.passes if p.rule.phase <= phase]
             for _ in range(self.max_iterations):
@@ -379,6 +381,7 @@ class Pipeline:
             else:
                 log.warning("pipeline did not reach a fixpoint in %d iterations", self.max_iterations)
         if modified_any:
+            keep_output_aliases(gm, aliases)  # a removed no-op must not make outputs share memory
             gm.recompile()
         report.passes_s += time.perf_counter() - start
         return PassResult(gm, modified_any, report), report
