@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["LOCAL_TOLERANCE", "MIN_BATCH", "TOLERANCES", "WEIGHT_ROUNDING", "unit_roundoff", "tolerance", "relative_error", "identical", "flush_denormals"]
+__all__ = ["LOCAL_TOLERANCE", "MIN_BATCH", "TOLERANCES", "NOISE_FACTOR", "NOISE_SAMPLES", "WEIGHT_ROUNDING", "unit_roundoff", "tolerance", "relative_error", "identical", "flush_denormals"]
 
 LOCAL_TOLERANCE = 1e-9
 """Largest accepted float64 relative error of one rewrite checked locally (correct ones measure ~1e-15)."""
@@ -43,6 +43,13 @@ TOLERANCES: dict[torch.dtype, float] = {
 float64 is tight enough to expose an algebra bug (correct folds measure ~1e-15); float32 allows the
 extra rounding of folded weights and a different summation order (measured ~3e-7 on torchvision
 models, bound 1e-5); half precisions are bounded by their 3 (bfloat16: 2) significant digits."""
+
+NOISE_FACTOR = 8.0
+"""How many times the original's own rounding error the optimised model may have in the model's dtype
+(see the module docstring; measured in benchmarks/float32_noise.py)."""
+
+NOISE_SAMPLES = 8
+"""Samples (inputs) the rounding criterion judges on before it refuses a model."""
 
 
 WEIGHT_ROUNDING = 8.0

@@ -20,6 +20,7 @@ from fxrebirth.graph.metadata import GUARDS_KEY
 from fxrebirth.graph.tracing import OPAQUE_KEY
 from fxrebirth.errors import EquivalenceError, PipelineError
 from fxrebirth.rewrite.pipeline import Pipeline
+from fxrebirth.rewrite.precision import first_failing, float32_check, judge
 from fxrebirth.rewrite.report import Report
 from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_options
@@ -120,7 +121,8 @@ def optimize(
     if not check_output:
         log.info("optimized %s: %d rewrites", report.model, report.rewrites)
         return gm, report
-    gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, selected, settings, report))
+    gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, selected, settings, report),
+                       frozen)
     log.info("optimized %s: %d rewrites", report.model, report.rewrites)
     return gm, report
 
@@ -179,24 +181,27 @@ def _note_skipped_checks(report: Report, verify: bool, check_output: bool) -> No
 
 def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], report: Report,
                   run: Callable[[int | None, Report], fx.GraphModule], on_mismatch: str,
-                  twin: Callable[[], "_Twin | None"]) -> fx.GraphModule:
+                  twin: Callable[[], "_Twin | None"], frozen: bool = True) -> fx.GraphModule:
     """The whole-model check of :func:`optimize`: ``gm``, or on a mismatch the model captured with no rewrite
     (``on_mismatch="fallback"``); raises :class:`~fxrebirth.errors.EquivalenceError` (``"raise"``). Above
-    the bound, the float64 ``twin`` tells float32 rounding from a wrong rewrite (:func:`_within_rounding`)."""
+    the bound, the float64 ``twin`` tells float32 rounding from a wrong rewrite (:func:`_within_rounding`);
+    the gradients are compared where the model trains (``frozen=False``); then the rounding criterion
+    (:func:`~fxrebirth.rewrite.precision.float32_check`) gives the error figure users see."""
     start = time.perf_counter()
-    outcome = compare(model, gm, inputs)
-    report.output_error = outcome.error
+    outcome = compare(model, gm, inputs, gradients=not frozen)
+    report.output_error = report.output_error64 = outcome.error
     report.checks += [f"whole model vs original ({outcome.precision}) at {c}" for c in outcome.checked]
     limit = bound(model)
+    message = None
     if outcome.error > limit:
         verdict = _within_rounding(model, gm, outcome, limit, report, lambda k: run(k, Report()),
                                    twin() if outcome.precision == "float64" else None)
-        if verdict is None:
-            report.check_s = time.perf_counter() - start
-            return gm
-        message = (f"the optimised {report.model} differs from the original: relative error {outcome.error:.2e} "
-                   f"> {limit:.0e} at input {describe_inputs(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
-                   f"{verdict}")
+        if verdict is not None:
+            message = (f"the optimised {report.model} differs from the original: relative error {outcome.error:.2e} "
+                       f"> {limit:.0e} at input {describe_inputs(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
+                       f"{verdict}")
+    message = message or _rounding_verdict(model, gm, outcome, report, lambda k: run(k, Report()))
+    if message is not None:
         if on_mismatch == "raise":
             raise EquivalenceError(message + ". Pass on_mismatch='fallback' to get the model unoptimised instead.")
         log.warning("%s; returning the model captured with no rewrite (on_mismatch='fallback')", message)
@@ -204,6 +209,27 @@ def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
         report.checks.append(f"fallback: {message}; the model is returned with no rewrite")
     report.check_s = time.perf_counter() - start
     return gm
+
+
+def _rounding_verdict(model: nn.Module, gm: fx.GraphModule, outcome: Comparison, report: Report,
+                      replay: Callable[[int], fx.GraphModule]) -> str | None:
+    """The rounding criterion on ``gm`` (:func:`~fxrebirth.rewrite.precision.float32_check`): None when it
+    holds (its figure becomes ``report.output_error``), else why not, naming the first rewrite whose
+    result fails it at the same inputs."""
+    check = float32_check(model, gm, outcome)
+    if check is None:
+        return None
+    report.output_error = check.error
+    report.checks.append(f"rounding: {check.describe()}")
+    if check.passed:
+        return None
+    applied = len(report.applied)
+    index = first_failing(applied, lambda k: not judge(model, replay(k), check.references).passed)
+    where = (f"the first rewrite that makes it so is #{index} of {applied}: rule {report.applied[index - 1][0]!r} "
+             f"at {report.applied[index - 1][1]} (disable it with disable=[{report.applied[index - 1][0]!r}])"
+             if index else "the captured graph itself (no rewrite) does so; please report this model")
+    return (f"the optimised {report.model} loses precision in {check.context} that the original does not: "
+            f"{check.describe()}; {where}")
 
 
 class _Twin:

@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from fxrebirth.graph.capture import copy_module
-from fxrebirth.equivalence import flush_denormals, relative_error, tolerance, unit_roundoff
+from fxrebirth.equivalence import MIN_BATCH, flush_denormals, relative_error, tolerance, unit_roundoff
 from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
 from fxrebirth.graph.metadata import reads_only_shape
 from fxrebirth.graph.variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
+__all__ = ["Comparison", "compare", "gradient_error", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
            "weight_rounding", "adopt_weights"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class Comparison:
     precision: str = "float64"
     checked: list[str] = field(default_factory=list)
     detail: str = ""
+    references: list[tuple[tuple[Any, ...], Any]] = field(default_factory=list, repr=False)
+    """``(inputs, output)`` of the original's first call at each checked input, in float64 where the check
+    ran in float64 (the exact reference of :mod:`fxrebirth.rewrite.precision`)."""
 
     @property
     def ran(self) -> bool:
@@ -123,16 +126,87 @@ def _float64_bytes(model: nn.Module) -> int:
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
+
+
+def _gradients(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool,
+               seed: int) -> tuple[list[bool], list[Any], dict[str, torch.Tensor | None]]:
+    """What a backward pass gives: which outputs require grad, and the gradients of ``<outputs, v>`` (``v`` a
+    seeded random cotangent) with respect to the floating-point inputs and to each parameter that requires
+    grad (None where no gradient reaches it), from a fresh copy of ``state``."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        leaves = {k: v.detach().clone().requires_grad_(k in trained and v.is_floating_point()) for k, v in state.items()}
+        xs = tuple(x.requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                   for x in _cast_inputs(inputs, to64))
+        torch.manual_seed(seed)
+        outputs = [o for o in torch.utils._pytree.tree_leaves(torch.func.functional_call(model, leaves, xs, strict=False))
+                   if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        generator = torch.Generator().manual_seed(seed)
+        vectors = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o) for o in outputs]
+        flags = [o.requires_grad for o in outputs]
+        wrt = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad] + [leaves[k] for k in sorted(trained)]
+        pairs = [(o, v) for o, v in zip(outputs, vectors) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [v for _, v in pairs], allow_unused=True) \
+            if pairs and wrt else [None] * len(wrt)
+    count = len(wrt) - len(trained)
+    return flags, [g.detach() if g is not None else None for g in grads[:count]], \
+        {k: (g.detach() if g is not None else None) for k, g in zip(sorted(trained), grads[count:])}
+
+
+def _nonzero(grad: torch.Tensor | None) -> bool:
+    return grad is not None and bool((grad != 0).any())
+
+
+def gradient_error(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], *, to64: bool = True,
+                   seed: int = 0) -> tuple[float, str]:
+    """``(error, note)``: how far ``candidate``'s backward pass is from ``original``'s at ``inputs`` (both from
+    copies of their state, float64 with ``to64``): the worst relative error over the gradients with respect
+    to the inputs and to every parameter (by name). A gradient that reaches a parameter or an input in one
+    model and not in the other (a lost ``torch.no_grad()`` region, a lost backward hook that zeroes it),
+    or an output that requires grad in one only, is an infinite error, named in ``note``."""
+    with flush_denormals():
+        try:
+            theirs = _gradients(original, _state(original, to64), inputs, to64, seed)
+        except Exception as exc:  # noqa: BLE001 - nothing to compare with
+            return 0.0, f"not compared: the original's backward raises {type(exc).__name__}: {first_line(exc, 120)}"
+        try:
+            mine = _gradients(candidate, _state(candidate, to64), inputs, to64, seed)
+        except Exception as exc:  # noqa: BLE001 - the optimised model's backward fails where the original's runs
+            return float("inf"), f"the optimised model's backward raises {type(exc).__name__}: {first_line(exc, 200)}"
+    if mine[0] != theirs[0]:
+        return float("inf"), f"outputs that require grad: {theirs[0]} in the original, {mine[0]} optimised"
+    worst, note = 0.0, ""
+    named = [(f"input {i}", a, b) for i, (a, b) in enumerate(zip(theirs[1], mine[1]))]
+    named += [(f"parameter {k!r}", theirs[2].get(k), mine[2].get(k)) for k in sorted(set(theirs[2]) | set(mine[2]))]
+    for what, reference, actual in named:
+        if _nonzero(reference) != _nonzero(actual):
+            where = "the optimised model" if _nonzero(actual) else "the original"
+            return float("inf"), f"a gradient reaches {what} only in {where}"
+        if reference is None or actual is None:
+            continue
+        error = relative_error(reference, actual)
+        if error > worst:
+            worst, note = error, f"worst at the gradient of {what}"
+    return worst, note
 
 
 def compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], *, seed: int = 0,
-            exactly: bool = False) -> Comparison:
+            exactly: bool = False, gradients: bool = False) -> Comparison:
     """Worst error of ``candidate`` against ``original`` over :func:`check_inputs` (see the module
     docstring); with ``exactly``, at ``example`` itself only (to probe one input that failed). Both run
-    with denormals flushed (:func:`fxrebirth.equivalence.flush_denormals`)."""
+    with denormals flushed (:func:`fxrebirth.equivalence.flush_denormals`). With ``gradients`` (a model
+    that trains) the backward passes are compared too, at the first checked input (:func:`gradient_error`)."""
     with flush_denormals():
-        return _compare(original, candidate, example, seed, exactly)
+        result = _compare(original, candidate, example, seed, exactly)
+    if gradients and result.references:
+        inputs = result.references[0][0]
+        error, note = gradient_error(original, candidate, inputs, to64=result.precision == "float64", seed=seed)
+        result.checked.append(f"{describe_inputs(inputs)}, gradients: {error:.1e}" + (f" ({note})" if note else ""))
+        if error > result.error:
+            result.error, result.worst, result.detail = error, inputs, f"gradients: {note}"
+    return result
 
 
 def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], seed: int,
@@ -147,6 +221,7 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
         to64 = False
         result.precision = f"{storage_dtype(original)} (a float64 copy of the weights would take {size / 2**30:.1f} GiB)"
     usable: list[tuple[tuple[Any, ...], list[Any]]] = []
+    refused = ""
     state = _state(original, to64)
     for inputs in sets:
         try:
@@ -164,14 +239,18 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
                 except Exception:  # noqa: BLE001 - not a dtype matter: this variant does not run
                     pass
             log.debug("the original does not run at %s: %s", describe_inputs(inputs), exc)
+            refused = refused or f"{describe_inputs(inputs)}: {first_line(exc, 120)}"
+    only = None
     if not usable:  # a model that runs only at its example's batch: the example itself
         inputs = tuple(example)
         usable.append((inputs, _calls(original, state, inputs, to64, seed)))
-        result.checked.append("note: the original does not run at batch >= 2 or another size; checked at the example")
+        only = f" (the example's batch only: the original does not run at batch >= {MIN_BATCH} or another size: " \
+               f"{refused})"
     del state  # the original's float64 copy is not needed beside the candidate's
+    result.references = [(inputs, reference[0][0]) for inputs, reference in usable]
     candidate_state = _state(candidate, to64)
     for inputs, reference in usable:
-        where = describe_inputs(inputs)
+        where = describe_inputs(inputs) + (only or "")
         try:
             actual = _calls(candidate, candidate_state, inputs, to64, seed, len(reference))
         except ShapeGuardError:

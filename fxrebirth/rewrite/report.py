@@ -58,6 +58,9 @@ class Report:
     ``applied``: every rewrite in the order applied, as ``(rule, node)``; ``guards``: the size guards the
     rewrites recorded (:mod:`fxrebirth.graph.guards`); ``checks``: what the whole-model check compared and at
     which inputs, or what was skipped (``verify=False``, ``check_output=False``) and any fallback.
+    ``output_error``: the optimised model against the original, both run in the model's dtype (what users
+    see; the rounding criterion, :mod:`fxrebirth.rewrite.precision`), or the float64 figure where there is
+    no float32 one; ``output_error64``: the same comparison in float64 (the algebra's error).
     """
 
     model: str = ""
@@ -75,6 +78,7 @@ class Report:
     check_s: float = 0.0
     verified: bool = True
     output_error: float | None = None
+    output_error64: float | None = None
     applied: list[tuple[str, str]] = field(default_factory=list)
     guards: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
@@ -142,7 +146,9 @@ class Report:
         timing += f", {self.iterations} iteration(s) to fixpoint"
         lines.append(timing + (f", whole-model check {self.check_s:.2f} s" if self.check_s else ""))
         if self.output_error is not None:
-            lines.append(f"  whole-model relative error (worst of the checked inputs): {self.output_error:.1e}")
+            lines.append(f"  whole-model relative error (worst of the checked inputs): {self.output_error:.1e}"
+                         + (f" (in float64: {self.output_error64:.1e})" if self.output_error64 is not None
+                            and self.output_error64 != self.output_error else ""))
         if self.guards:
             lines.append(f"  size guards ({len(self.guards)}; each raises ShapeGuardError at sizes where its rewrite "
                          "would be wrong):")
