@@ -79,19 +79,37 @@ CANCELLING = [
 
 
 @pytest.mark.parametrize("name, make, data, rule", CANCELLING, ids=[c[0] for c in CANCELLING])
-def test_a_fold_that_cancels_in_float32_is_refused_naming_it(name, make, data, rule):
+def test_a_fold_that_cancels_in_float32_is_rolled_back_naming_it(name, make, data, rule):
     torch.manual_seed(0)
     model, x = make().eval(), data()
     own, _ = _float32_error(model, model, x)
-    with pytest.raises(EquivalenceError, match=rf"loses precision in float32.*rule '{rule}'"):
-        fxrebirth.optimize(model, x)
-    gm, report = fxrebirth.optimize(model, x, on_mismatch="fallback")
-    assert report.rewrites >= 1 and any(c.startswith("fallback:") and rule in c for c in report.checks)
+    gm, report = fxrebirth.optimize(model, x)
+    (refusal,) = [r for r in report.stats(rule).refusals if "rolled back by the whole-model check" in r.reason]
+    assert "from the exact output" in refusal.reason
+    assert any(c.startswith(f"{rule!r} at {refusal.node}: rolled back") for c in report.checks)
     _, mine = _float32_error(model, gm, x)
-    assert mine <= max(tolerance(torch.float32), NOISE_FACTOR * own)  # the model returned adds no noise
+    assert mine <= max(tolerance(torch.float32), NOISE_FACTOR * own)  # the model returned adds no such noise
+    assert report.output_error <= max(tolerance(torch.float32), NOISE_FACTOR * own)
+    assert report.output_error64 is not None and "rounding: float32" in str(report)
+
+
+@pytest.mark.parametrize("on_mismatch", ["raise", "fallback"])
+def test_without_rollbacks_left_the_rewrite_is_named_in_the_error_or_the_fallback(monkeypatch, on_mismatch):
+    from fxrebirth.frontends import library
+
+    monkeypatch.setattr(library, "ROLLBACKS", 0)
+    torch.manual_seed(0)
+    model, x = OffsetConv1d().eval(), torch.randn(1, 3, 40) - 2e4
+    if on_mismatch == "raise":
+        with pytest.raises(EquivalenceError, match=r"loses precision in float32.*rule 'affine_into_following'"):
+            fxrebirth.optimize(model, x)
+        return
+    gm, report = fxrebirth.optimize(model, x, on_mismatch="fallback")
+    assert any(c.startswith("fallback:") and "affine_into_following" in c for c in report.checks)
     assert report.output_error > tolerance(torch.float32)  # the figure users would have seen
-    assert report.output_error64 is not None and report.output_error64 < report.output_error
-    assert "in float64:" in str(report)
+    assert report.output_error64 < report.output_error and "in float64:" in str(report)
+    with torch.no_grad():
+        assert relative_error(model(x), gm(x)) <= tolerance(torch.float32)
 
 
 def test_the_criterion_called_directly_sees_the_cancellation_the_float64_check_accepts():

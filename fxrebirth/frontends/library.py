@@ -20,7 +20,7 @@ from fxrebirth.graph.metadata import GUARDS_KEY
 from fxrebirth.graph.tracing import OPAQUE_KEY
 from fxrebirth.errors import EquivalenceError, PipelineError
 from fxrebirth.rewrite.pipeline import Pipeline
-from fxrebirth.rewrite.precision import first_failing, float32_check, judge
+from fxrebirth.rewrite.precision import ROLLBACKS, Imprecise, first_failing, float32_check, judge, refusing
 from fxrebirth.rewrite.report import Report
 from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_options
@@ -112,19 +112,28 @@ def optimize(
     inputs = as_input_tuple(example_inputs)
     disable, force = tuple(disable), frozenset(force)
     selected = _select(default_rules() if rules is None else list(rules), disable)
-    gm, report = _captured(model, inputs, leaf_modules)
     settings = dict(leaf_modules=leaf_modules, verify=verify, frozen=frozen, cost_model=cost_model, force=force)
-    run = _replayer(model, inputs, gm, selected, **settings)
-    run(None, report)
-    _record_after(gm, inputs, report)
-    _note_skipped_checks(report, verify, check_output)
-    if not check_output:
+    refused: dict[tuple[str, str], str] = {}  # rewrites the rounding criterion rolled back: run again without
+    while True:
+        rules_now = refusing(selected, refused)
+        gm, report = _captured(model, inputs, leaf_modules)
+        run = _replayer(model, inputs, gm, rules_now, **settings)
+        run(None, report)
+        _record_after(gm, inputs, report)
+        _note_skipped_checks(report, verify, check_output)
+        if not check_output:
+            log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+            return gm, report
+        report.checks += [f"{rule!r} at {site}: {why}" for (rule, site), why in refused.items()]
+        try:
+            gm = _check_output(model, gm, inputs, report, run, on_mismatch,
+                               lambda: _twin(model, inputs, rules_now, settings, report), frozen, len(refused) < ROLLBACKS)
+        except Imprecise as rollback:
+            log.warning("%s: rewrite %s rolled back", report.model, rollback)
+            refused[rollback.rule, rollback.site] = rollback.reason
+            continue
         log.info("optimized %s: %d rewrites", report.model, report.rewrites)
         return gm, report
-    gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, selected, settings, report),
-                       frozen)
-    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
-    return gm, report
 
 
 def _captured(model: nn.Module, inputs: tuple[Any, ...],
@@ -181,12 +190,13 @@ def _note_skipped_checks(report: Report, verify: bool, check_output: bool) -> No
 
 def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...], report: Report,
                   run: Callable[[int | None, Report], fx.GraphModule], on_mismatch: str,
-                  twin: Callable[[], "_Twin | None"], frozen: bool = True) -> fx.GraphModule:
+                  twin: Callable[[], "_Twin | None"], frozen: bool = True, refuse: bool = False) -> fx.GraphModule:
     """The whole-model check of :func:`optimize`: ``gm``, or on a mismatch the model captured with no rewrite
     (``on_mismatch="fallback"``); raises :class:`~fxrebirth.errors.EquivalenceError` (``"raise"``). Above
     the bound, the float64 ``twin`` tells float32 rounding from a wrong rewrite (:func:`_within_rounding`);
     the gradients are compared where the model trains (``frozen=False``); then the rounding criterion
-    (:func:`~fxrebirth.rewrite.precision.float32_check`) gives the error figure users see."""
+    (:func:`~fxrebirth.rewrite.precision.float32_check`) gives the error figure users see; where it fails,
+    with ``refuse``, :class:`~fxrebirth.rewrite.precision.Imprecise` names the rewrite to roll back."""
     start = time.perf_counter()
     outcome = compare(model, gm, inputs, gradients=not frozen)
     report.output_error = report.output_error64 = outcome.error
@@ -200,7 +210,7 @@ def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
             message = (f"the optimised {report.model} differs from the original: relative error {outcome.error:.2e} "
                        f"> {limit:.0e} at input {describe_inputs(outcome.worst)}{' (' + outcome.detail + ')' if outcome.detail else ''}; "
                        f"{verdict}")
-    message = message or _rounding_verdict(model, gm, outcome, report, lambda k: run(k, Report()))
+    message = message or _rounding_verdict(model, gm, outcome, report, lambda k: run(k, Report()), refuse)
     if message is not None:
         if on_mismatch == "raise":
             raise EquivalenceError(message + ". Pass on_mismatch='fallback' to get the model unoptimised instead.")
@@ -212,10 +222,11 @@ def _check_output(model: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...],
 
 
 def _rounding_verdict(model: nn.Module, gm: fx.GraphModule, outcome: Comparison, report: Report,
-                      replay: Callable[[int], fx.GraphModule]) -> str | None:
+                      replay: Callable[[int], fx.GraphModule], refuse: bool) -> str | None:
     """The rounding criterion on ``gm`` (:func:`~fxrebirth.rewrite.precision.float32_check`): None when it
-    holds (its figure becomes ``report.output_error``), else why not, naming the first rewrite whose
-    result fails it at the same inputs."""
+    holds (its figure becomes ``report.output_error``); else the first rewrite whose result fails it at
+    the same inputs is named: raised as :class:`~fxrebirth.rewrite.precision.Imprecise` with ``refuse``
+    (the caller runs again without it), or returned in a sentence saying why."""
     check = float32_check(model, gm, outcome)
     if check is None:
         return None
@@ -225,6 +236,12 @@ def _rounding_verdict(model: nn.Module, gm: fx.GraphModule, outcome: Comparison,
         return None
     applied = len(report.applied)
     index = first_failing(applied, lambda k: not judge(model, replay(k), check.references).passed)
+    if index and refuse:
+        rule, site = report.applied[index - 1]
+        raise Imprecise(rule, site, f"rolled back by the whole-model check: in {check.context} the model with it is "
+                                    f"{check.optimised:.1e} from the exact output, the original {check.original:.1e} "
+                                    f"(limit {check.limit:.1e}: its new constants cancel in {check.context}, as a large shift folded "
+                                    "into the following layer does)")
     where = (f"the first rewrite that makes it so is #{index} of {applied}: rule {report.applied[index - 1][0]!r} "
              f"at {report.applied[index - 1][1]} (disable it with disable=[{report.applied[index - 1][0]!r}])"
              if index else "the captured graph itself (no rewrite) does so; please report this model")

@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from fxrebirth.equivalence import NOISE_FACTOR, NOISE_SAMPLES, flush_denormals, relative_error, tolerance
 from fxrebirth.graph.variants import batch_of, variant_inputs
 from fxrebirth.rewrite.endtoend import Comparison, _calls, _state, describe_inputs, storage_dtype
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe
 
-__all__ = ["Float32Check", "float32_check", "judge", "autocast_context", "first_failing"]
+__all__ = ["Float32Check", "float32_check", "judge", "autocast_context", "first_failing", "ROLLBACKS", "Imprecise",
+           "Refusing", "refusing"]
 
 
 @dataclass
@@ -149,3 +152,45 @@ def first_failing(count: int, bad: Callable[[int], bool]) -> int:
         middle = (low + high) // 2
         low, high = (low, middle) if bad(middle) else (middle, high)
     return high
+
+
+ROLLBACKS = 8
+"""Rewrites :func:`fxrebirth.optimize` rolls back for the rounding criterion before it gives up (each
+costs one more capture and pipeline run)."""
+
+
+class Imprecise(Exception):
+    """The rounding criterion failed and names the rewrite that first makes it fail: ``rule`` at ``site``
+    (:func:`fxrebirth.rewrite.rules.describe` of its output), for the caller to refuse it and run again."""
+
+    def __init__(self, rule: str, site: str, reason: str) -> None:
+        super().__init__(f"{rule!r} at {site}: {reason}")
+        self.rule, self.site, self.reason = rule, site, reason
+
+
+class Refusing(Rule):
+    """``rule``, refusing the sites of ``refused`` (``{site: reason}``): how a rewrite that the whole-model
+    check rolled back is refused in the next run, with its reason in the report."""
+
+    def __init__(self, rule: Rule, refused: dict[str, str]) -> None:
+        self.rule, self.refused = rule, refused
+        self.name, self.identity, self.phase = rule.name, rule.identity, rule.phase
+        self.changes_parameters, self.gated = rule.changes_parameters, rule.gated
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        return self.rule.pattern(node, ctx)
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        reason = self.refused.get(describe(match.output))
+        return reason if reason is not None else self.rule.check(match, ctx)
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> Any:
+        return self.rule.rewrite(match, ctx)
+
+
+def refusing(rules: Sequence[Rule], refused: dict[tuple[str, str], str]) -> tuple[Rule, ...]:
+    """``rules`` with each ``(rule, site)`` of ``refused`` refused (:class:`Refusing`), in the same order."""
+    sites: dict[str, dict[str, str]] = {}
+    for (rule, site), reason in refused.items():
+        sites.setdefault(rule, {})[site] = reason
+    return tuple(Refusing(r, sites[r.name]) if r.name in sites else r for r in rules)
