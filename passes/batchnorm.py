@@ -19,6 +19,10 @@ Refused, with the reason: BatchNorm in training mode (it normalises with batch s
 its running statistics), BatchNorm without running statistics (``track_running_stats=False``), a
 layer output with other users, non-constant statistics.
 
+A BatchNorm after an activation and before a pooling (``relu -> bn -> pool``) has no layer beside it;
+:class:`BatchNormPastPool` moves it past the pooling where they commute, so that it meets, and folds into,
+the next convolution (or is refused with the reason it does not commute).
+
 A BatchNorm with nothing to fold into can be rewritten as one ``torch.addcmul(t, x, s)``
 (:class:`BatchNormToAffine`, opt-in: on this project's CPU the eager BatchNorm kernel measured faster
 than ``addcmul``, 70 us vs 184 us on 1x64x112x112, so it is not in the default pipeline).
@@ -35,7 +39,7 @@ from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hin
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 
-__all__ = ["BatchNormSource", "BatchNormToAffine", "scale_and_shift", "fold_batchnorm_", "rules"]
+__all__ = ["BatchNormSource", "BatchNormToAffine", "BatchNormPastPool", "scale_and_shift", "fold_batchnorm_", "rules"]
 
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -123,12 +127,64 @@ class BatchNormToAffine(Rule):
         return ctx.call(torch.addcmul, like=node, input=shift, tensor1=node.kwargs["input"], tensor2=scale)
 
 
+class BatchNormPastPool(Rule):
+    """An eval-mode BatchNorm moved past the pooling after it, where they commute: BatchNorm AFTER an
+    activation (``conv -> relu -> bn -> pool -> conv``, as many shipped models write it) has no layer before
+    it to fold into, and after the move it meets the next convolution, which ``bn_into_following`` folds it
+    into (or refuses with its reason, a zero-padded convolution and a non-zero shift). The move alone makes
+    the BatchNorm run on the pooled, smaller tensor.
+
+    Max-pooling commutes with ``x * s + t`` when every ``s > 0`` (an increasing map keeps each window's
+    maximum); average pooling for any ``s`` when every window averages real inputs only (no padding, no
+    ceil-mode windows past the border, no divisor override). Refused otherwise, with that reason."""
+
+    name = "bn_past_pool"
+    identity = "pool(x * s + t) = pool(x) * s + t (max-pool: s > 0; average pool: windows of real inputs only)"
+
+    def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
+        if kind_of(node) not in ("max_pool", "avg_pool") or not isinstance(node.kwargs["input"], fx.Node):
+            return None
+        bn = node.kwargs["input"]
+        x = BatchNormSource().input_of(bn)
+        if x is None or len(bn.users) != 1 or not isinstance(x, fx.Node):
+            return None
+        return Match(output=node, inputs=(x,), nodes=(bn, node))
+
+    @staticmethod
+    def _affine(match: Match, ctx: RuleContext) -> Affine | str:
+        return match.computed("affine", lambda: BatchNormSource().affine(match.nodes[0], ctx))
+
+    def check(self, match: Match, ctx: RuleContext) -> str | None:
+        bn, pool = match.nodes
+        affine = self._affine(match, ctx)
+        if isinstance(affine, str):
+            return affine
+        kw = pool.kwargs
+        if kind_of(pool) == "max_pool":
+            if kw["return_indices"]:
+                return f"{describe(pool)} returns its indices"
+            if not bool((affine.scale > 0).all()):
+                return (f"BatchNorm {describe(bn)} has a scale <= 0 in some channel, which does not commute with the "
+                        f"maximum of {describe(pool)}: no layer to fold it into")
+            return None
+        if any(p != 0 for p in kw["padding"]) or kw["ceil_mode"] or kw.get("divisor_override") is not None:
+            return (f"{describe(pool)} averages windows with padding, ceil-mode or a divisor override, where the "
+                    f"shift of BatchNorm {describe(bn)} does not commute: no layer to fold it into")
+        return None
+
+    def rewrite(self, match: Match, ctx: RuleContext) -> fx.Node:
+        bn, pool = match.nodes
+        pooled = ctx.call(pool.target, like=pool, **{**pool.kwargs, "input": match.inputs[0]})
+        return ctx.call(bn.target, like=pool, **{**bn.kwargs, "input": pooled})
+
+
 def rules(*, standalone_to_affine: bool = False) -> list[Rule]:
     """The BatchNorm folding rules, in the order they should run."""
     source = BatchNormSource()
     out: list[Rule] = [
         FoldIntoPreceding("bn_into_preceding", source, "BatchNorm"),
         FoldIntoFollowing("bn_into_following", source, "BatchNorm"),
+        BatchNormPastPool(),
     ]
     if standalone_to_affine:
         out.append(BatchNormToAffine())

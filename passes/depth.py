@@ -52,11 +52,17 @@ from fxrebirth.graph.ops import kind_of
 __all__ = ["ACTIVATION_FUNCTIONS", "ACTIVATION_MODULES", "is_activation", "stage_of", "Segment", "Geometry",
            "find_segments", "segment_between", "members_of", "demands", "geometry", "prunable"]
 
+_aten = torch.ops.aten
 ACTIVATION_FUNCTIONS = frozenset({
     F.relu, F.relu6, torch.relu, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.hardtanh, F.elu, F.mish,
-    F.selu, F.celu, F.softplus,
+    F.selu, F.celu, F.softplus, F.prelu,
+    # as torch.export records them (one ATen operator each; ReLU6 is hardtanh there)
+    _aten.relu.default, _aten.relu6.default, _aten.hardtanh.default, _aten.hardswish.default, _aten.silu.default,
+    _aten.gelu.default, _aten.leaky_relu.default, _aten.elu.default, _aten.mish.default, _aten.selu.default,
+    _aten.celu.default, _aten.softplus.default, _aten.prelu.default, _aten._prelu_kernel.default,
 })
-"""Element-wise activations a segment may remove (called as functions)."""
+"""Element-wise activations a segment may remove and a marking pass recognises (called as functions, or as
+the ATen operators of an exported program)."""
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh, nn.ELU,
                       nn.Mish, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU)

@@ -13,6 +13,7 @@ The absorbing branch is a neighbour of the pool branch in the concatenation, so 
 its position. Collapsing a reduce + kxk pair into one kxk on the full input is an option
 (``collapse_reduce``), not the default: on GoogLeNet it multiplies an inception module's cost about 5x.
 The region is the whole module (input ``x``, output the concatenation); nothing in the graph changes.
+A branch's activations may be any element-wise ones (:func:`is_branch_activation`); its rebirth layers use ReLU.
 """
 
 from __future__ import annotations
@@ -26,19 +27,34 @@ from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.regions import BranchLayer, InceptionBranch, InceptionProposal, Region, record
 
-__all__ = ["mark_inception", "branch_chain", "DEFAULT_REDUCE_RATIO"]
+from .depth import activation_input, stage_of
+
+__all__ = ["mark_inception", "branch_chain", "is_branch_activation", "DEFAULT_REDUCE_RATIO"]
 
 DEFAULT_REDUCE_RATIO = 0.5
 _BRANCH_KINDS = ("conv", "batch_norm", "relu", "max_pool", "avg_pool")
+
+
+def is_branch_activation(node: fx.Node) -> bool:
+    """Whether ``node`` is an element-wise activation (ReLU, or any of :func:`~fxrebirth.passes.depth.is_activation`'s
+    table: ReLU6, PReLU, SiLU, Hardswish... as a function, module or ATen operator) of a branch."""
+    return kind_of(node) == "relu" or stage_of(node) == "activation"
+
+
+def _branch_input(node: fx.Node) -> Any:
+    """The value a branch node reads, or None when it is not a branch node."""
+    if kind_of(node) in _BRANCH_KINDS:
+        return node.kwargs["input"]
+    return activation_input(node) if is_branch_activation(node) else None
 
 
 def branch_chain(t: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(x, [nodes from x's user to t])``: walk back from a cat input while nodes have one user."""
     chain: list[fx.Node] = []
     node = t
-    while isinstance(node, fx.Node) and kind_of(node) in _BRANCH_KINDS and len(node.users) == 1:
+    while isinstance(node, fx.Node) and len(node.users) == 1 and _branch_input(node) is not None:
         chain.insert(0, node)
-        node = node.kwargs["input"]
+        node = _branch_input(node)
     return (node, chain) if chain and isinstance(node, fx.Node) else None
 
 
@@ -48,7 +64,7 @@ def _conv_layers(chain: list[fx.Node]) -> list[BranchLayer]:
         if kind_of(node) != "conv":
             continue
         shape = node.kwargs["weight"].meta["tensor_meta"].shape
-        relu = any(kind_of(n) == "relu" for n in chain[i + 1:i + 3])
+        relu = any(is_branch_activation(n) for n in chain[i + 1:i + 3])
         layers.append(BranchLayer(out_channels=shape[0], kernel_size=list(shape[2:]),
                                   stride=list(node.kwargs["stride"]), padding=list(node.kwargs["padding"]),
                                   relu=relu))

@@ -1,5 +1,10 @@
 r"""Streamline marking (DeepRebirth's "streamline merging"): conv -> [BN] -> [ReLU] -> {LRN, pool} chains.
 
+The activation may be any element-wise one of the table :data:`fxrebirth.passes.depth.ACTIVATION_FUNCTIONS` /
+``ACTIVATION_MODULES`` (ReLU, ReLU6, PReLU, SiLU, Hardswish, GELU, LeakyReLU...; as a function, a module or an
+ATen operator of an exported program); the rebirth layer's activation is a ReLU (``relu=True``), which
+retraining adapts to.
+
 No identity makes such a chain one layer (LRN and max-pooling are non-linear): the chain is *marked* as a
 region, and a later step trains one convolution to replace it. The proposed rebirth layer is
 
@@ -35,6 +40,8 @@ import torch.fx as fx
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.regions import ConvProposal, PoolStage, Region, record
+
+from .depth import activation_input, stage_of
 
 __all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage", "KERNEL_POLICIES"]
 
@@ -128,14 +135,26 @@ def propose_conv(stages: list[Stage], size: int, dim: int, max_size: int = 512,
     return best[1]
 
 
+def _role(node: fx.Node) -> tuple[str | None, fx.Node | None]:
+    """A chain member's family (``"batch_norm"``, ``"relu"`` for ANY element-wise activation of
+    :func:`~fxrebirth.passes.depth.is_activation`'s table, ``"lrn"``, ``"max_pool"``, ``"avg_pool"``) and the
+    value it reads, or ``(None, None)``."""
+    kind = kind_of(node)
+    if kind in _FOLLOWERS:
+        return kind, node.kwargs["input"]
+    if stage_of(node) == "activation":  # ReLU6, PReLU, SiLU, Hardswish, GELU, LeakyReLU... (functions, modules, ATen)
+        return "relu", activation_input(node)
+    return None, None
+
+
 def _follow(conv: fx.Node) -> list[fx.Node]:
-    """The longest chain conv -> [BN] -> [ReLU] -> LRN/pool (each kind at most once, one user each)."""
+    """The longest chain conv -> [BN] -> [activation] -> LRN/pool (each kind at most once, one user each)."""
     chain, seen = [conv], set()
     node = conv
     while len(node.users) == 1:
         (user,) = node.users
-        kind = kind_of(user)
-        if kind not in _FOLLOWERS or user.kwargs["input"] is not node:
+        kind, read = _role(user)
+        if kind is None or read is not node:
             break
         family = "pool" if kind in ("max_pool", "avg_pool") else kind
         if family in seen or (kind == "batch_norm" and seen - {"batch_norm"}):
@@ -143,7 +162,7 @@ def _follow(conv: fx.Node) -> list[fx.Node]:
         seen.add(family)
         chain.append(user)
         node = user
-    while chain and kind_of(chain[-1]) in ("batch_norm", "relu"):
+    while chain and _role(chain[-1])[0] in ("batch_norm", "relu"):
         chain.pop()  # a chain must end on the layer that made it non-linear
     return chain
 
@@ -151,7 +170,7 @@ def _follow(conv: fx.Node) -> list[fx.Node]:
 def _keeping_pool(chain: list[fx.Node], in_shape: tuple[int, ...], out_channels: int) -> ConvProposal | None:
     """The ``"pool"`` policy's proposal: the chain's convolution and max-pooling, its normalisation removed
     (None where the chain has no LRN, or a pooling or dilation this form does not keep)."""
-    kinds = [kind_of(n) for n in chain]
+    kinds = [_role(n)[0] for n in chain]
     conv, pools = chain[0], [n for n in chain if kind_of(n) in ("max_pool", "avg_pool")]
     if "lrn" not in kinds or "avg_pool" in kinds or any(d != 1 for d in conv.kwargs["dilation"]):
         return None
@@ -180,7 +199,7 @@ def _propose(chain: list[fx.Node], x: fx.Node, kernel_policy: str) -> ConvPropos
     return ConvProposal(
         in_channels=in_shape[1], out_channels=out_channels, kernel_size=[d["kernel"] for d in dims],
         stride=[d["stride"] for d in dims], padding=[d["padding"] for d in dims],
-        relu=any(kind_of(n) == "relu" for n in chain), valid_from=[d["valid_from"] for d in dims],
+        relu=any(_role(n)[0] == "relu" for n in chain), valid_from=[d["valid_from"] for d in dims],
         valid_to=[d["valid_to"] for d in dims])
 
 

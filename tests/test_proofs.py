@@ -56,6 +56,7 @@ PROVEN_IN = {
     "commute_global_pool": "test_pooling.py",
     "merge_summed_branches": "test_branches.py", "merge_concat_branches": "test_branches.py",
     "lrn_as_avg_pool2d": "test_lrn.py", "pad_ceil_max_pool": "test_pooling.py",
+    "bn_past_pool": "test_never_wrong_retraining.py",
 }
 """Where the rules not proven in this file are: each file calls ``check_rule`` on the rule's class."""
 

@@ -37,7 +37,7 @@ def default_rules() -> list[Rule]:
     from fxrebirth.passes import affine, batchnorm, branches, cleanup, conv_chain, pooling
 
     bn, aff = batchnorm.rules(), affine.rules()
-    return (cleanup.rules() + [bn[0], aff[0], bn[1], aff[1]] + pooling.rules() + conv_chain.rules()
+    return (cleanup.rules() + [bn[0], aff[0], bn[1], aff[1], bn[2]] + pooling.rules() + conv_chain.rules()
             + branches.rules())
 
 

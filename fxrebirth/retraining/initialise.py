@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.surgery import device_of
+from fxrebirth.passes.inception import is_branch_activation
 from fxrebirth.retraining.layers import InceptionRebirth
 from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError, extract
 from fxrebirth.retraining.train import Meter, batches, world
@@ -118,7 +119,7 @@ class _Branch:
             if kind_of(node) != "conv":
                 continue
             after = i
-            while after + 1 < len(members) and kind_of(members[after + 1]) == "relu":
+            while after + 1 < len(members) and is_branch_activation(members[after + 1]):
                 after += 1
             convs.append(node)
             acts.append(members[after])
