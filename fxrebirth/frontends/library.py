@@ -115,25 +115,30 @@ def optimize(
     settings = dict(leaf_modules=leaf_modules, verify=verify, frozen=frozen, cost_model=cost_model, force=force)
     refused: dict[tuple[str, str], str] = {}  # rewrites the rounding criterion rolled back: run again without
     while True:
-        rules_now = refusing(selected, refused)
-        gm, report = _captured(model, inputs, leaf_modules)
-        run = _replayer(model, inputs, gm, rules_now, **settings)
-        run(None, report)
-        _record_after(gm, inputs, report)
-        _note_skipped_checks(report, verify, check_output)
-        if not check_output:
-            log.info("optimized %s: %d rewrites", report.model, report.rewrites)
-            return gm, report
-        report.checks += [f"{rule!r} at {site}: {why}" for (rule, site), why in refused.items()]
         try:
-            gm = _check_output(model, gm, inputs, report, run, on_mismatch,
-                               lambda: _twin(model, inputs, rules_now, settings, report), frozen, len(refused) < ROLLBACKS)
+            return _attempt(model, inputs, selected, settings, check_output, on_mismatch, refused)
         except Imprecise as rollback:
-            log.warning("%s: rewrite %s rolled back", report.model, rollback)
+            log.warning("%s: rewrite %s rolled back", type(model).__name__, rollback)
             refused[rollback.rule, rollback.site] = rollback.reason
-            continue
-        log.info("optimized %s: %d rewrites", report.model, report.rewrites)
-        return gm, report
+
+
+def _attempt(model: nn.Module, inputs: tuple[Any, ...], selected: tuple[Rule, ...], settings: dict[str, Any],
+             check_output: bool, on_mismatch: str,
+             refused: dict[tuple[str, str], str]) -> tuple[fx.GraphModule, Report]:
+    """Capture, the pipeline with ``selected`` less the ``refused`` rewrites, and the whole-model check, which
+    raises :class:`~fxrebirth.rewrite.precision.Imprecise` to have one more rolled back."""
+    rules = refusing(selected, refused)
+    gm, report = _captured(model, inputs, settings["leaf_modules"])
+    run = _replayer(model, inputs, gm, rules, **settings)
+    run(None, report)
+    _record_after(gm, inputs, report)
+    _note_skipped_checks(report, settings["verify"], check_output)
+    report.checks += [f"{rule!r} at {site}: {why}" for (rule, site), why in refused.items()]
+    if check_output:
+        gm = _check_output(model, gm, inputs, report, run, on_mismatch, lambda: _twin(model, inputs, rules, settings, report),
+                           settings["frozen"], len(refused) < ROLLBACKS)
+    log.info("optimized %s: %d rewrites", report.model, report.rewrites)
+    return gm, report
 
 
 def _captured(model: nn.Module, inputs: tuple[Any, ...],

@@ -15,7 +15,12 @@ as the original does.
 
 A variant at which the original raises is skipped (the model does not accept it); one at which the
 optimised model raises :class:`~fxrebirth.errors.ShapeGuardError` is recorded as guarded; any other
-exception of the optimised model is an infinite error.
+exception of the optimised model is an infinite error. Where the original runs at no variant (a flatten
+into a Linear sized for the example's batch), the example itself is checked and the result says why.
+
+The original's output at each checked input is kept (``Comparison.references``: the exact reference of
+the rounding criterion, :mod:`fxrebirth.rewrite.precision`). With ``gradients`` the backward passes are
+compared too (:func:`gradient_error`): what a lost ``no_grad`` region or backward hook changes.
 """
 
 from __future__ import annotations
