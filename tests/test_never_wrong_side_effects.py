@@ -399,3 +399,124 @@ def test_a_removed_no_op_is_what_made_outputs_share():
     gm, report = fxrebirth.optimize(_Returns("y_mul1").eval(), torch.randn(2, 3, 8, 8))
     assert report.rewrites >= 1
     assert any(n.target is torch.clone for n in gm.graph.nodes), gm.code
+
+
+# -- 4. every torch.compile mode ---------------------------------------------------------------------------
+
+def _conv_bn() -> nn.Module:
+    return _trained(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("mode", [None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_every_torch_compile_mode_reaches_inductor_with_its_settings(mode, monkeypatch, caplog):
+    """Dynamo passes a mode other than "default" to a custom backend as ``mode=``; the backend folds, then
+    gives Inductor that mode's settings (recorded here instead of compiling) and freezing."""
+    import torch._inductor.compile_fx as inductor
+    from torch._inductor import list_mode_options
+
+    seen = []
+
+    def fake_compile(gm, inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile)
+    caplog.set_level("INFO", logger="fxrebirth")
+    model, x = _conv_bn(), torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="fxrebirth", mode=mode)(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert seen == [{**list_mode_options(mode or "default"), "freezing": True}]
+    assert _folded(caplog)
+
+
+def test_a_torch_compile_mode_with_inductor_for_real():
+    model, x = _conv_bn(), torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="fxrebirth", mode="max-autotune-no-cudagraphs")(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_mode_is_a_clear_error():
+    from fxrebirth.errors import PipelineError
+    from fxrebirth.frontends.backend import BackendOptions
+
+    with pytest.raises(PipelineError, match="mode='fastest' is not a mode torch knows; use one of .*max-autotune"):
+        BackendOptions.from_dict(None, "fastest")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="mode='fastest'"), torch.no_grad():
+        torch.compile(_conv_bn(), backend="fxrebirth", mode="fastest")(torch.randn(1, 3, 8, 8))
+
+
+def test_a_mode_applies_to_the_graph_compiled_unchanged(monkeypatch):
+    """With gradients on nothing is folded; the unchanged graph still gets the mode's settings."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def fake_compile(gm, inputs, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile)
+    torch._dynamo.reset()
+    torch.compile(_conv_bn(), backend="fxrebirth", mode="max-autotune-no-cudagraphs")(torch.randn(1, 3, 8, 8))
+    assert seen and all(s.get("max_autotune") is True and "freezing" not in s for s in seen)
+
+
+# -- 5. a compiled model runs wherever the original runs ------------------------------------------------------
+
+class _CeilPool(nn.Module):
+    """conv -> ceil-mode average pooling -> conv: merged into one convolution exactly where the pooling's
+    last window is whole (a size guard), which a dynamic-shape recompile must not turn into an error."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(kernel, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.pool(self.conv(x)))
+
+
+@pytest.mark.parametrize("kernel, sizes", [(2, [8, 10, 9, 11, 12]), (3, [9, 11, 10, 12, 13]),
+                                           (2, [(8, 10), (10, 12), (8, 9), (7, 12)])])
+def test_a_dynamic_recompile_runs_at_every_size_eager_runs(kernel, sizes, caplog):
+    torch.manual_seed(0)
+    model = _CeilPool(kernel).eval()
+    compiled = _compiled(model)
+    caplog.set_level("INFO", logger="fxrebirth")
+    with torch.no_grad():
+        for size in sizes:
+            h, w = size if isinstance(size, tuple) else (size, size)
+            x = torch.randn(2, 3, h, w)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("rewrites in a graph" in m for m in messages)
+    assert any("calls at such sizes run the graph unfolded" in m for m in messages), "no size failed a guard"
+
+
+def test_a_dynamic_recompile_runs_at_every_size_under_inductor():
+    torch.manual_seed(0)
+    model = _CeilPool(2).eval()
+    compiled = _compiled(model, "inductor")
+    with torch.no_grad():
+        for size in (8, 10, 9):
+            x = torch.randn(1, 3, size, size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_size_the_original_refuses_is_refused_as_eager_refuses():
+    """The fallback is the original graph: where eager raises, the compiled model raises the same."""
+    model = _CeilPool(2).eval()
+    compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(torch.randn(1, 3, 8, 8))
+        compiled(torch.randn(1, 3, 10, 10))
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, 4, 9, 9))
+        with pytest.raises(RuntimeError):
+            compiled(torch.randn(1, 4, 9, 9))

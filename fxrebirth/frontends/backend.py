@@ -88,7 +88,7 @@ from fxrebirth.frontends.backend_checks import (
 )
 from fxrebirth.frontends.backend_guard import GUARDS, STATISTICS, guarded, picker
 from fxrebirth.frontends.library import default_rules, optimize
-from fxrebirth.errors import PipelineError, first_line
+from fxrebirth.errors import PipelineError, ShapeGuardError, first_line
 from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_bool, validate_names, validate_rules
@@ -118,10 +118,17 @@ class BackendOptions:
     rules: tuple[Rule, ...] | None = field(default=None)
     guard: str = "weights"
     """What each call checks before it uses the folded weights (:data:`GUARDS`, the module docstring)."""
+    mode: str = "default"
+    """``torch.compile``'s ``mode``: Inductor's settings for it apply to the inner compile."""
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> "BackendOptions":
+    def from_dict(cls, options: dict[str, Any] | None, mode: str | None = None) -> "BackendOptions":
+        """The options, checked (a :class:`PipelineError` names what is wrong); ``mode`` is ``torch.compile``'s."""
         options = dict(options or {})
+        mode = "default" if mode is None else mode
+        if mode != "default" and mode not in _modes():
+            raise PipelineError(f"torch.compile mode={mode!r} is not a mode torch knows; use one of "
+                                f"{', '.join(map(repr, _modes()))}")
         known_options = ("compiler", "freezing", "verify", "check_output", "disable", "force", "rules", "guard")
         unknown = set(options) - set(known_options)
         if unknown:
@@ -143,7 +150,7 @@ class BackendOptions:
         for key in ("disable", "force", "rules"):
             if key in options and options[key] is not None:
                 options[key] = tuple(options[key])
-        opts = cls(**options)
+        opts = cls(**options, mode=mode)
         known = {r.name for r in (opts.rules if opts.rules is not None else default_rules())}
         for key in ("disable", "force"):
             unknown = sorted(set(getattr(opts, key)) - known)
@@ -153,13 +160,26 @@ class BackendOptions:
         return opts
 
 
-def _inner(compiler: str, freezing: bool = False) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
+def _modes() -> dict[str, dict[str, Any]]:
+    """``torch.compile``'s modes and the Inductor settings each stands for, as Inductor reads them."""
+    from torch._inductor import list_mode_options
+
+    return list_mode_options()
+
+
+def _inner(compiler: str, freezing: bool = False,
+           mode: str = "default") -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
+    """The inner compiler; Inductor with the settings ``torch.compile`` gives its ``mode`` (as it does when
+    Inductor is the backend: ``torch._inductor.list_mode_options``), and ``freezing``."""
     if compiler == "eager":
         return lambda gm, inputs: gm.forward
+    patches = dict(_modes()[mode]) if compiler == "inductor" and mode != "default" else {}
     if compiler == "inductor" and freezing:
+        patches["freezing"] = True
+    if patches:
         from torch._inductor.compile_fx import compile_fx
 
-        return functools.partial(compile_fx, config_patches={"freezing": True})
+        return functools.partial(compile_fx, config_patches=patches)
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(compiler)
@@ -218,15 +238,17 @@ def _recording(compiled: Callable[..., Any], gm: fx.GraphModule) -> Callable[...
     return run
 
 
-def _unchanged(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str) -> Callable[..., Any]:
-    return _recording(_inner(compiler)(gm, example_inputs), gm)
+def _unchanged(gm: fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions) -> Callable[..., Any]:
+    return _recording(_inner(opts.compiler, mode=opts.mode)(gm, example_inputs), gm)
 
 
-def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):
-    """The Dynamo backend (see the module docstring)."""
-    opts = BackendOptions.from_dict(options)
+def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+                      mode: str | None = None):
+    """The Dynamo backend (see the module docstring). ``torch.compile`` passes ``mode`` (other than
+    "default") as a keyword of its own, and never together with ``options``."""
+    opts = BackendOptions.from_dict(options, mode)
     if not _may_fold(gm, example_inputs):
-        return _unchanged(gm, example_inputs, opts.compiler)
+        return _unchanged(gm, example_inputs, opts)
     weights, others, attrs = _split_inputs(gm, example_inputs)
     if weights and opts.compiler == "inductor":
         _say_once("weights-as-inputs", "fxrebirth backend: Dynamo passed the weights as graph inputs and checks "
@@ -236,9 +258,30 @@ def fxrebirth_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options
     generation_at_build = STATISTICS.generation
     compiled = build(example_inputs)
     if compiled is None:
-        return _unchanged(gm, example_inputs, opts.compiler)
-    return guarded(opts.guard, example_inputs, build, compiled, lambda args: _unchanged(gm, args, opts.compiler),
-                   weights, others, attrs, generation_at_build)
+        return _unchanged(gm, example_inputs, opts)
+    run = guarded(opts.guard, example_inputs, build, compiled, lambda args: _unchanged(gm, args, opts),
+                  weights, others, attrs, generation_at_build)
+    return _at_every_size(run, gm)
+
+
+def _at_every_size(run: Callable[..., Any], gm: fx.GraphModule) -> Callable[..., Any]:
+    """``run``, except at a size where a size guard of the folded graph fails (a rewrite exact only at some
+    sizes, folded at a size Dynamo then made dynamic): that call runs ``gm``, the graph Dynamo handed over,
+    unfolded and uncompiled, so the compiled model runs wherever the original does. Checked by the guard
+    itself; the fallback costs nothing until a guard fails."""
+    said: list[str] = []
+
+    def call(*args: Any) -> Any:
+        try:
+            return run(*args)
+        except ShapeGuardError as exc:
+            if not said:
+                said.append(str(exc))
+                log.warning("fxrebirth backend: a rewrite folded at another size is not exact at this one (%s); "
+                            "calls at such sizes run the graph unfolded", first_line(exc))
+            return gm(*args)
+
+    return call
 
 
 def _may_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
@@ -268,7 +311,7 @@ def _split_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[li
 def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
              others: list[int]) -> Callable[[Sequence[Any]], Callable[..., Any] | None]:
     """``build(inputs)``: ``gm`` with the weights in ``inputs`` folded, optimised and compiled."""
-    inner = _inner(opts.compiler, opts.freezing)
+    inner = _inner(opts.compiler, opts.freezing, opts.mode)
 
     def build(inputs: Sequence[Any]) -> Callable[..., Any] | None:
         """The folded graph compiled, or None (logged) when the pipeline fails on it."""
