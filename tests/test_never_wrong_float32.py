@@ -339,3 +339,26 @@ def test_optimize_under_the_callers_autocast_judges_under_it():
     assert rounding and "under the caller's autocast (cpu, bfloat16)" in rounding[0]
     assert "within the limit" in rounding[0]
     assert tolerance(torch.float32) < report.output_error <= tolerance(torch.bfloat16)  # bfloat16's noise
+
+
+def test_the_new_checks_never_run_the_users_hooked_model():
+    """Hooks that write to their module (as spectral_norm's does) run on copies only."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    randomize_batchnorm(model)
+    model[0].seen = model[3].backward_seen = 0
+
+    def forward_seen(module, args):
+        module.seen += 1
+
+    def backward_seen(module, grad_in, grad_out):
+        module.backward_seen += 1
+
+    model[0].register_forward_pre_hook(forward_seen)
+    model[3].register_full_backward_hook(backward_seen)
+    x = torch.randn(1, 3, 8, 8)
+    for frozen in (True, False):
+        model.train(not frozen)
+        _, report = fxrebirth.optimize(model, x, frozen=frozen)
+        assert any(c.startswith("rounding:") for c in report.checks) and (frozen or "gradients:" in str(report))
+    assert model[0].seen == 0 and model[3].backward_seen == 0

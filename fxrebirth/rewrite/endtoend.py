@@ -39,7 +39,7 @@ from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
 from fxrebirth.graph.metadata import reads_only_shape
 from fxrebirth.graph.variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "gradient_error", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
+__all__ = ["Comparison", "compare", "gradient_error", "runnable", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
            "weight_rounding", "adopt_weights"]
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,12 @@ def _has_hooks(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def runnable(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it where it has hooks (a hook may write to its module: spectral_norm sets
+    ``.weight``): what a check may run without touching the user's model."""
+    return copy_module(model) if _has_hooks(model) else model
+
+
 def _gradients(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool,
                seed: int) -> tuple[list[bool], list[Any], dict[str, torch.Tensor | None]]:
     """What a backward pass gives: which outputs require grad, and the gradients of ``<outputs, v>`` (``v`` a
@@ -171,6 +177,7 @@ def gradient_error(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
     to the inputs and to every parameter (by name). A gradient that reaches a parameter or an input in one
     model and not in the other (a lost ``torch.no_grad()`` region, a lost backward hook that zeroes it),
     or an output that requires grad in one only, is an infinite error, named in ``note``."""
+    original = runnable(original)
     with flush_denormals():
         try:
             theirs = _gradients(original, _state(original, to64), inputs, to64, seed)
@@ -218,8 +225,7 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
              exactly: bool) -> Comparison:
     result = Comparison()
     sets = [tuple(example)] if exactly else check_inputs(example, seed)
-    if _has_hooks(original):
-        original = copy_module(original)  # a hook may write to its module (spectral_norm sets .weight)
+    original = runnable(original)
     to64 = True
     size = _float64_bytes(original)
     if size > FLOAT64_LIMIT:
@@ -279,6 +285,7 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
 def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[Any], seed: int = 0) -> tuple[float, float]:
     """``(own, candidate)``: how far the original and the candidate, each run in its own dtype at ``inputs``,
     are from the original run in float64 (norm-wise relative errors; the float32 rounding each carries)."""
+    original = runnable(original)
     with flush_denormals():
         exact = _calls(original, _state(original, True), inputs, True, seed)
         count = len(exact)

@@ -27,7 +27,7 @@ from torch import nn
 
 from fxrebirth.equivalence import NOISE_FACTOR, NOISE_SAMPLES, flush_denormals, relative_error, tolerance
 from fxrebirth.graph.variants import batch_of, variant_inputs
-from fxrebirth.rewrite.endtoend import Comparison, _calls, _state, describe_inputs, storage_dtype
+from fxrebirth.rewrite.endtoend import Comparison, _calls, _state, describe_inputs, runnable, storage_dtype
 from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe
 
 __all__ = ["Float32Check", "float32_check", "judge", "autocast_context", "first_failing", "ROLLBACKS", "Imprecise",
@@ -81,6 +81,7 @@ def judge(original: nn.Module, candidate: nn.Module, references: Sequence[tuple[
           seed: int = 0) -> Float32Check:
     """The criterion at ``references`` (``(inputs, the original's float64 output)`` pairs): both models run
     in their own dtype from copies of their state, and the worst of each figure over the pairs counts."""
+    original = runnable(original)
     dtype = str(storage_dtype(original)).split(".")[-1]
     result = Float32Check(0.0, 0.0, 0.0, 0.0, 0, " ".join(filter(None, [dtype, autocast_context()])),
                           references=list(references))
@@ -116,6 +117,7 @@ def _more(original: nn.Module, first: tuple[Any, ...], seed: int) -> list[tuple[
     shapes, since the model may run at no other."""
     batch = batch_of(first) or 1
     draws = []
+    original = runnable(original)
     state = _state(original, True)
     with flush_denormals():
         for index in range(1, -(-NOISE_SAMPLES // batch)):
