@@ -161,14 +161,18 @@ def check_size(x: torch.Tensor, condition: tuple, message: str) -> None:
         x.tracer.create_proxy("call_function", check_size, (x, condition, message), {})
         return None
     guard = SizeGuard.from_data(condition)
-    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
-        axes = _onnx_dynamic_axes()
-        if axes:
-            raise _dynamic_refusal(f"dynamic_axes {axes}", message)
-    if torch.compiler.is_exporting():
-        _check_exported(guard.condition(x.shape), x, message)
-    elif not guard.holds(x.shape):
-        raise ShapeGuardError(f"input of shape {tuple(x.shape)} at this point: {message}")
+    shape = x.shape
+    if torch.jit.is_tracing():  # sizes are traced tensors; the trace runs at the example's sizes
+        if torch.onnx.is_in_onnx_export():
+            axes = _onnx_dynamic_axes()
+            if axes:
+                raise _dynamic_refusal(f"dynamic_axes {axes}", message)
+        shape = tuple(int(n) for n in shape)
+    elif torch.compiler.is_exporting():
+        return _check_exported(guard.condition(shape), x, message)
+    if not guard.holds(shape):
+        raise ShapeGuardError(f"input of shape {tuple(shape)} at this point: {message}")
+    return None
 
 
 def _check_exported(holds: Any, x: torch.Tensor, message: str) -> None:
