@@ -89,6 +89,7 @@ from fxrebirth.frontends.backend_checks import (
 from fxrebirth.frontends.backend_guard import GUARDS, STATISTICS, guarded, picker
 from fxrebirth.frontends.library import default_rules, optimize
 from fxrebirth.errors import PipelineError, ShapeGuardError, first_line
+from fxrebirth.graph.guards import guarded_rule, is_guard
 from fxrebirth.graph.mutation import eliminate_dead_code
 from fxrebirth.rewrite.rules import Rule
 from fxrebirth.rewrite.validate import validate_bool, validate_names, validate_rules
@@ -297,6 +298,22 @@ def _may_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
     return True
 
 
+def _has_dynamic_sizes(gm: fx.GraphModule) -> bool:
+    """Does Dynamo pass sizes as symbols (``dynamic=None`` after a size changed, or ``dynamic=True``)?"""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and
+                                               not all(isinstance(d, int) for d in value.shape)):
+            return True
+    return False
+
+
+def _guarded_rules(gm: fx.GraphModule) -> set[str]:
+    """The rules whose rewrites in ``gm`` are exact only at some sizes (their size guards name them)."""
+    return {rule for n in gm.graph.nodes if n.op == "call_function" and is_guard(n)
+            for rule in [guarded_rule(str(n.args[2]))] if rule is not None}
+
+
 def _split_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[list[int], list[int], list[Any]]:
     """(positions of the weight placeholders, positions of the other inputs, the user's tensors the graph
     refers to directly: Dynamo installs them so under Inductor's freezing)."""
@@ -312,18 +329,28 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
              others: list[int]) -> Callable[[Sequence[Any]], Callable[..., Any] | None]:
     """``build(inputs)``: ``gm`` with the weights in ``inputs`` folded, optimised and compiled."""
     inner = _inner(opts.compiler, opts.freezing, opts.mode)
+    dynamic = _has_dynamic_sizes(gm)
+
+    def fold(inputs: Sequence[Any], disable: tuple[str, ...]) -> tuple[fx.GraphModule, Any]:
+        return optimize(_bake(gm, inputs, weights), tuple(_hint(inputs[i]) for i in others),
+                        rules=opts.rules if opts.rules is not None else default_rules(), disable=disable,
+                        force=tuple(r for r in opts.force if r not in disable), verify=opts.verify,
+                        check_output=opts.check_output)
 
     def build(inputs: Sequence[Any]) -> Callable[..., Any] | None:
-        """The folded graph compiled, or None (logged) when the pipeline fails on it."""
+        """The folded graph compiled, or None (logged) when the pipeline fails on it. With dynamic sizes,
+        no rule whose rewrite is exact only at some sizes (a size guard) is applied: the graph is folded
+        again without those rules, so it runs at every size (guards of capture remain: a call where one
+        fails runs unfolded, :func:`_at_every_size`)."""
         kept = [inputs[i] for i in others]
         try:
             with torch.random.fork_rng(devices=_devices(inputs)):
-                baked = _bake(gm, inputs, weights)
-                optimized, report = optimize(
-                    baked, tuple(_hint(v) for v in kept),
-                    rules=opts.rules if opts.rules is not None else default_rules(),
-                    disable=opts.disable, force=opts.force, verify=opts.verify, check_output=opts.check_output,
-                )
+                optimized, report = fold(inputs, opts.disable)
+                guarded_rules = sorted(_guarded_rules(optimized) - set(opts.disable)) if dynamic else []
+                if guarded_rules:
+                    log.info("fxrebirth backend: the graph's sizes are dynamic and %s would be exact only at "
+                             "some sizes; folded without them", guarded_rules)
+                    optimized, report = fold(inputs, opts.disable + tuple(guarded_rules))
         except Exception as exc:  # noqa: BLE001 - a compiler backend falls back rather than break the model
             log.warning("fxrebirth backend: the graph could not be optimised (%s: %s); it is compiled unchanged",
                         type(exc).__name__, first_line(exc))
