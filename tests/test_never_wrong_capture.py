@@ -412,3 +412,50 @@ def test_copy_keeps_mixed_modes():
     model.features.backbone[1].train()
     copied = copy_module(model)
     assert [m.training for m in copied.modules()] == [m.training for m in model.modules()]
+
+
+class _Reparam(nn.Module):
+    """timm's FastViT/MobileOne blocks keep an attribute named ``inference_mode``: not a region."""
+
+    def __init__(self):
+        super().__init__()
+        self.inference_mode = False
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3).eval()
+
+    def forward(self, x):
+        if self.inference_mode:
+            return self.conv(x)
+        if x.shape[1] != self.conv.in_channels:  # a channel check: static once the conv fixes the channels
+            raise ValueError("channels")
+        return self.bn(self.conv(x))
+
+
+def test_attribute_named_like_a_region_is_not_one():
+    model = nn.Sequential(_Reparam(), _Reparam()).eval()
+    gm, report = fxrebirth.optimize(model, X)
+    assert not any("kept opaque" in c for c in report.checks)
+    assert report.rewrites >= 2
+    assert not any(n.target is torch._assert for n in gm.graph.nodes)  # the channel checks folded
+    _same(gm(X), model(X))
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)), (0, 3, 2, 2)),
+    (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU()), (0, 3, 9)),
+    (_net, (0, 3, 5, 7)),
+])
+def test_zero_batch_models(build, shape):
+    model = build().eval()
+    gm, _ = fxrebirth.optimize(model, torch.randn(shape))
+    assert gm(torch.randn(shape)).shape == model(torch.randn(shape)).shape
+    other = torch.randn((2,) + shape[1:])
+    _same(gm(other), model(other))
+
+
+def test_model_built_inside_inference_mode():
+    with torch.inference_mode():
+        model = _net()
+        gm, report = fxrebirth.optimize(model, X)
+        out, expected = gm(X), model(X)
+    assert report.rewrites >= 1
+    _same(out.clone(), expected.clone())

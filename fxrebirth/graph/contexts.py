@@ -7,7 +7,7 @@ real code are then decided once, at trace time, and never recorded:
   ``torch.inference_mode()`` and ``torch.autocast(...)`` change thread state around the operations they
   hold; the graph has the operations but not the state. :class:`RegionWatch` sees such a region while
   tracing (the grad mode or the autocast nesting depth differs from what it was when the module's
-  forward began, or the forward's code names ``enable_grad``/``set_grad_enabled``/``inference_mode``)
+  forward began, or the forward's code names ``enable_grad`` or ``set_grad_enabled``)
   and names the innermost module whose forward holds it: the tracer keeps that module as an opaque call
   (its own forward then runs with its own context managers, exactly), or refuses the root.
 * **conditions on sizes**: ``if x.shape[-1] != 28: raise ...``, ``assert x.ndim == 4``, ``if x.size(1) % 2``.
@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.graph.metadata import _PURE_PYTHON, is_metadata_query
+from fxrebirth.graph.metadata import _PURE_PYTHON, _is_constant, _number, is_metadata_query
+from fxrebirth.graph.variants import batch_of, variant_inputs, varying_dims
 
 __all__ = ["ContextRegion", "RegionWatch", "StaticConditions", "context_state"]
 
@@ -42,9 +43,11 @@ def context_state() -> tuple[bool, int]:
     return torch.is_grad_enabled(), torch.autocast_decrement_nesting()
 
 
-_GRAD_NAMES = frozenset({"enable_grad", "set_grad_enabled", "inference_mode"})
+_GRAD_NAMES = frozenset({"enable_grad", "set_grad_enabled"})
 """Names whose presence in a forward's code means a grad-mode region the traced state may not show:
-the trace runs with gradients on, so an ``enable_grad`` region changes nothing it can see."""
+the trace runs with gradients on, so an ``enable_grad`` region changes nothing it can see. (Not
+``inference_mode``: timm's FastViT blocks have an attribute of that name, and an ``inference_mode()``
+region turns gradients off, which the state shows.)"""
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -76,7 +79,7 @@ class RegionWatch:
         if forward is not None and forward not in self._scanned:
             self._scanned[forward] = bool(_code_names(forward) & _GRAD_NAMES)
         if forward is not None and self._scanned[forward]:
-            raise ContextRegion(path, "a torch.enable_grad()/set_grad_enabled()/inference_mode() region")
+            raise ContextRegion(path, "a torch.enable_grad()/set_grad_enabled() region")
         self.states.append(context_state())
 
     def check(self, path: str) -> None:
@@ -115,35 +118,29 @@ def _shape_only(node: fx.Node, seen: set[fx.Node]) -> None:
         _shape_only(arg, seen)
 
 
-class StaticConditions:
-    """Evaluates conditions on sizes at the example's sizes, on fake tensors (see the module docstring)."""
+class _Evaluation:
+    """Graph values under one fake-tensor mode: concrete sizes (the example's), or symbolic ones."""
 
-    def __init__(self, root: nn.Module, inputs: Sequence[Any]) -> None:
-        self.root, self.inputs = root, tuple(inputs)
-        self.env: dict[fx.Node, Any] = {}
-        self.mode: Any = None
+    def __init__(self, root: nn.Module, inputs: Sequence[Any], symbolic: bool) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        self.root, self.env = root, {}
+        if symbolic:  # every size the model varies (batch, spatial) a symbol, equal sizes not assumed equal
+            self.mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False, specialize_zero_one=False))
+            batch = batch_of(inputs)
+
+            def dims(x: torch.Tensor) -> list[Any]:
+                varying = varying_dims(x, batch)
+                return [DimDynamic.DYNAMIC if d in varying else DimDynamic.STATIC for d in range(x.dim())]
+
+            self.inputs = [self.mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims(x)))
+                           if isinstance(x, torch.Tensor) else x for x in inputs]
+        else:
+            self.mode = FakeTensorMode()
+            self.inputs = [self._fake(x) for x in inputs]
 
     def value(self, node: fx.Node) -> Any:
-        """The condition's value at the example, or raise :class:`_NotStatic`."""
-        _shape_only(node, set())
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        if self.mode is None:
-            self.mode = FakeTensorMode(allow_non_fake_inputs=False)
-        wanted = self._ancestors(node)
-        try:
-            with self.mode, torch.no_grad():
-                for n in wanted:
-                    if n not in self.env:
-                        self.env[n] = self._run(n)
-        except Exception as exc:  # noqa: BLE001 - not evaluable: torch.fx's own error stands
-            raise _NotStatic(str(exc)) from None
-        result = self.env[node]
-        if isinstance(result, bool) or isinstance(result, (int, float)) and not isinstance(result, torch.Tensor):
-            return result
-        raise _NotStatic(type(result).__name__)
-
-    def _ancestors(self, node: fx.Node) -> list[fx.Node]:
         order = {n: i for i, n in enumerate(node.graph.nodes)}
         found, stack = set(), [node]
         while stack:
@@ -151,10 +148,15 @@ class StaticConditions:
             if n not in found and n not in self.env:
                 found.add(n)
                 stack += n.all_input_nodes
-        return sorted(found, key=order.__getitem__)
+        with self.mode, torch.no_grad():
+            for n in sorted(found, key=order.__getitem__):
+                self.env[n] = self._run(n)
+        return self.env[node]
 
     def _fake(self, value: Any) -> Any:
-        return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        """Weights and buffers keep their sizes (without ``static_shapes`` a shape environment makes them
+        symbols too)."""
+        return self.mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
 
     def _run(self, n: fx.Node) -> Any:
         args = fx.node.map_arg(n.args, self.env.__getitem__)
@@ -162,7 +164,7 @@ class StaticConditions:
         if n.op == "placeholder":
             index = [p for p in n.graph.nodes if p.op == "placeholder"].index(n)
             if index < len(self.inputs):
-                return self._fake(self.inputs[index])
+                return self.inputs[index]
             if n.args:
                 return n.args[0]
             raise _NotStatic(n.name)
@@ -182,6 +184,51 @@ class StaticConditions:
             state = {k: self._fake(v) for k, v in list(module.named_parameters()) + list(module.named_buffers())}
             return torch.func.functional_call(module, state, args, kwargs)
         raise _NotStatic(n.op)
+
+
+class StaticConditions:
+    """Evaluates conditions on sizes (see the module docstring). A condition whose value is the same at
+    every input size (it reads ranks, dtypes, or sizes the model fixes, such as a convolution's channels)
+    is resolved anywhere. One that depends on a size the model varies (batch, spatial) is resolved only
+    in the root's own forward, at the example's sizes (the guard then raises at a size that takes the
+    other path); in a submodule it stays torch.fx's error, and the submodule an opaque call that runs at
+    every size."""
+
+    def __init__(self, root: nn.Module, inputs: Sequence[Any]) -> None:
+        self.root, self.inputs = root, tuple(inputs)
+        self.runs: dict[bool, _Evaluation] = {}
+        self.evaluating = False  # the tracer passes module calls straight through meanwhile
+
+    def _evaluate(self, node: fx.Node, symbolic: bool) -> Any:
+        if symbolic not in self.runs:
+            # a batch >= 2 example: a size-1 dim would be specialised by the shape environment's 0/1 rule
+            example = variant_inputs(self.inputs, 0) if symbolic and batch_of(self.inputs) is not None else self.inputs
+            self.runs[symbolic] = _Evaluation(self.root, example, symbolic)
+        self.evaluating = True
+        try:
+            return self.runs[symbolic].value(node)
+        except Exception as exc:  # noqa: BLE001 - not evaluable: torch.fx's own error stands
+            raise _NotStatic(str(exc)) from None
+        finally:
+            self.evaluating = False
+
+    def _fixed_varying_size(self) -> bool:
+        """Did the symbolic run fix a size the model varies? Then its constants are not trusted."""
+        run, batch = self.runs[True], batch_of(self.inputs)
+        return any(isinstance(fake, torch.Tensor) and any(_is_constant(fake.shape[d]) for d in varying_dims(x, batch))
+                   for x, fake in zip(self.inputs, run.inputs))
+
+    def value(self, node: fx.Node, in_root: bool) -> Any:
+        """The condition's value (static, or at the example in the root's forward), or raise :class:`_NotStatic`."""
+        _shape_only(node, set())
+        value = _number(self._evaluate(node, symbolic=True))
+        if not _is_constant(value) or self._fixed_varying_size():
+            if not in_root:
+                raise _NotStatic("it depends on a size the model varies")
+            value = self._evaluate(node, symbolic=False)
+        if isinstance(value, (bool, int, float)):
+            return value
+        raise _NotStatic(type(value).__name__)
 
 
 def where_in_source() -> str:

@@ -103,7 +103,7 @@ def _number(value: Any) -> Any:
     a later replacement, ``s1 -> 18``), as that constant; anything else unchanged."""
     if isinstance(value, _SYMBOLIC):
         expr = value.node.expr
-        if expr.is_number:
+        if expr.is_number or isinstance(value, torch.SymBool) and not expr.free_symbols:  # sympy's true/false
             kind = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}[type(value)]
             return kind(expr)
     return value
@@ -278,12 +278,16 @@ def _recorded_value(node: fx.Node) -> tuple[bool, Any]:
     return False, None
 
 
-def _foldable(node: fx.Node, folded: dict[fx.Node, Any]) -> bool:
+def _foldable(node: fx.Node, folded: dict[fx.Node, Any], values: dict[fx.Node, Any] | None) -> bool:
+    """A metadata query, or Python arithmetic on folded values, or Python arithmetic the symbolic run
+    found constant (``x.shape[1]`` is 3 where a convolution fixed the channels, though ``x.shape`` is not
+    constant)."""
     if is_metadata_query(node):
         return True
     if node.op != "call_function" or not _hashable(node.target) or node.target not in _PURE_PYTHON:
         return False
-    return all(a in folded for a in node.all_input_nodes)
+    return all(a in folded for a in node.all_input_nodes) or (
+        values is not None and node in values and _is_constant(values[node]))
 
 
 def _substitute(node: fx.Node, value: Any) -> None:
@@ -306,7 +310,7 @@ def resolve_metadata(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
                 node.meta[SYMBOLIC_KEY] = tuple(str(d) for d in value.shape)
     folded: dict[fx.Node, Any] = {}
     for node in graph.nodes:
-        if not _foldable(node, folded):
+        if not _foldable(node, folded, values):
             continue
         recorded, value = _recorded_value(node) if is_metadata_query(node) else (False, None)
         if values is not None and not recorded:

@@ -97,14 +97,19 @@ class _Tracer(fx.Tracer):
             return True  # kept as a call of the (copied) module, so its hooks run at every call
         return super().is_leaf_module(m, module_qualified_name)
 
+    def _passing(self) -> bool:
+        """Calls that reach torch.fx's patched ``nn.Module`` methods but are not the trace: another thread's,
+        and the evaluation of a size condition (:class:`~fxrebirth.graph.contexts.StaticConditions`)."""
+        return threading.get_ident() != self._thread or (self.conditions is not None and self.conditions.evaluating)
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if threading.get_ident() != self._thread:
-            return attr_val  # another thread's module, through torch.fx's patched __getattr__
+        if self._passing():
+            return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        if threading.get_ident() != self._thread:
-            return forward(*args, **kwargs)  # another thread's call, through torch.fx's patched __call__
+        if self._passing():
+            return forward(*args, **kwargs)
         path = self.path_of_module(m) if self.root is not m else ""
         self.regions.check(self._fxr_modules[-1] if self._fxr_modules else "")
         self._fxr_modules.append(path)
@@ -132,12 +137,13 @@ class _Tracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         """A condition on sizes (``if x.shape[-1] != 28``) is taken at the example's sizes, with a guard."""
         if self.conditions is not None:
+            path = self._fxr_modules[-1] if self._fxr_modules else ""
             try:
-                value = self.conditions.value(obj.node)
+                value = self.conditions.value(obj.node, in_root=not path)
             except _NotStatic:
                 pass
             else:
-                return record_condition(self, obj.node, value, self._fxr_modules[-1] if self._fxr_modules else "")
+                return record_condition(self, obj.node, value, path)
         return super().to_bool(obj)
 
     def trace_root(self, root: nn.Module, concrete_args: dict[str, Any]) -> fx.Graph:
