@@ -193,6 +193,17 @@ def test_a_float64_model_has_no_rounding_criterion_and_keeps_its_float64_figure(
     assert report.output_error == report.output_error64 <= tolerance(torch.float64)
 
 
+def test_a_check_in_the_models_own_dtype_has_no_float64_figure(monkeypatch):
+    from fxrebirth.rewrite import endtoend
+
+    monkeypatch.setattr(endtoend, "FLOAT64_LIMIT", 0)  # as for a model whose float64 copy would not fit
+    model = randomize_batchnorm(_resnet_block()).eval()
+    _, report = fxrebirth.optimize(model, torch.randn(1, 3, 16, 16))
+    assert report.output_error64 is None and not any(c.startswith("rounding:") for c in report.checks)
+    assert any("float32 (a float64 copy" in c for c in report.checks)
+    assert report.output_error <= tolerance(torch.float32)
+
+
 # -- models that run only at their example's batch ----------------------------------------------------
 
 class FlattenAll(nn.Module):
