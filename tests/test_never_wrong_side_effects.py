@@ -160,6 +160,9 @@ class _RegionBetween(nn.Module):
         elif self.where == "before_setitem":
             x[:, 1] = 0.5
         out = self.head(self.pool(self.conv(x)).mean((2, 3)))
+        if self.where == "after_read":  # the region's input written after the region read it
+            x[:, :1].mul_(0)
+            out = out + x.mean((1, 2, 3))[:, None]
         if self.where == "after":
             out[:, :2].sigmoid_()
         elif self.where == "after_clamp":
@@ -175,7 +178,7 @@ def _plan_all(model: nn.Module) -> fxrebirth.Plan:
     return plan
 
 
-@pytest.mark.parametrize("where", ["before", "before_setitem", "after", "after_clamp"])
+@pytest.mark.parametrize("where", ["before", "before_setitem", "after", "after_clamp", "after_read"])
 def test_rebirth_layers_and_initialisation_keep_in_place_statements(where):
     """conv -> avg-pool is exactly one convolution: least squares reproduces it, so the reborn model must
     equal the original, in-place statements outside the region included."""
@@ -206,6 +209,25 @@ def test_rebuild_keeps_in_place_statements(where):
     written = [n for n in reborn.graph.nodes if isinstance(n.target, str) and n.target.endswith("_")
                and n.op == "call_method"]
     assert written, reborn.code
+
+
+@pytest.mark.parametrize("where", ["before", "after_read", "after"])
+def test_a_probe_sees_a_value_as_the_region_reads_it(where):
+    """Calibration probes the region's input: with a write before the region, after it; with a write after
+    the region read it, before that write."""
+    from fxrebirth.retraining.initialise import probe_nodes
+
+    model = _RegionBetween(where).eval()
+    plan = _plan_all(model)
+    gm = fxrebirth.capture(model, torch.randn(1, 3, 12, 12))
+    region = plan.selected[0].region
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model.stem(x)
+        if where == "before":
+            expected[:, :1].sigmoid_()
+        got = probe_nodes(gm, [region.input])(x)[0]
+        torch.testing.assert_close(got, expected)
 
 
 class _DepthThenHead(nn.Module):

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from fxrebirth.graph.mutation import eliminate_dead_code
+from fxrebirth.graph.mutation import eliminate_dead_code, mutated_input, tainted
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.graph.surgery import device_of
 from fxrebirth.passes.inception import is_branch_activation
@@ -36,15 +36,33 @@ def extract_region(gm: fx.GraphModule, region: Region) -> fx.GraphModule:
 
 
 def probe_nodes(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A copy of ``gm`` (sharing its parameters) that returns the values of the nodes ``names``."""
+    """A copy of ``gm`` (sharing its parameters) that returns the values of the nodes ``names``, as the
+    graph reads them: in-place statements are kept (mutation-aware dead-code elimination), and a value
+    written in place somewhere is returned as a copy taken just before its first reader
+    (:func:`_as_read`), so a write after that read does not leak into it."""
     graph = copy.deepcopy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
     output = next(n for n in graph.nodes if n.op == "output")
-    output.args = (tuple(nodes[n] for n in names),)
+    written = tainted(graph)
+    output.args = (tuple(_as_read(graph, nodes[n], written) if nodes[n] in written else nodes[n] for n in names),)
     probe = fx.GraphModule(gm, graph)
-    eliminate_dead_code(probe.graph)  # mutation-aware: a probed value may be written in place before
+    eliminate_dead_code(probe.graph)
     probe.recompile()
     return probe
+
+
+def _as_read(graph: fx.Graph, node: fx.Node, written: frozenset[fx.Node]) -> fx.Node:
+    """A copy of ``node`` taken just before its first reader: the first user that neither writes to it nor
+    may alias it (a view's writes reach it), or a module call (it computes from it); ``node`` itself when
+    it has none."""
+    reader = next((u for u in sorted(node.users) if mutated_input(u) is None and
+                   (u not in written or u.op == "call_module")), None)
+    if reader is None:
+        return node
+    with graph.inserting_before(reader):
+        taken = graph.call_function(torch.clone, (node,))
+    taken.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
+    return taken
 
 
 class _Ridge:

@@ -106,7 +106,8 @@ def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Modul
         module = (modules or {}).get(region.id)
         out.add_submodule(name, module if module is not None else build_rebirth(region.proposal).to(device))
         old = nodes[region.output]
-        with out.graph.inserting_before(old):
+        # where the region's first layer read its input: a write to the input after that read stays after it
+        with out.graph.inserting_before(min(nodes[n] for n in region.nodes)):
             new = out.graph.call_module(name, (replaced.get(region.input, nodes[region.input]),))
         replaced[region.output] = new
         new.meta["tensor_meta"] = old.meta.get("tensor_meta")
