@@ -78,11 +78,17 @@ class _InPlace(nn.Module):
             self.act(y[:, 2:])
         elif s == "copy_":
             y[:, :1].copy_(x[:, :1])
+        elif s == "view_imul":  # an augmented assignment on a view: Dynamo records operator.imul, result unused
+            z = y[:, :2]
+            z *= 3
+        elif s == "view_iadd_narrow":
+            z = y.narrow(1, 2, 3)
+            z += 1
         return y
 
 
 STATEMENTS = ["clamp_", "torch.relu_", "mul_", "yolo", "slice_sigmoid_", "setitem", "imul_slice", "masked_fill_",
-              "F.relu_inplace", "module_inplace_on_view", "copy_"]
+              "F.relu_inplace", "module_inplace_on_view", "copy_", "view_imul", "view_iadd_narrow"]
 
 
 def _trained(model: nn.Module) -> nn.Module:

@@ -85,6 +85,12 @@ def _is_tensor_node(node: Any) -> bool:
     return meta is not None and hasattr(meta, "shape")
 
 
+def _traced_tensor(node: Any) -> bool:
+    """A tensor by the example value Dynamo (``example_value``) or torch.export (``val``) recorded."""
+    meta = node.meta if isinstance(node, fx.Node) else {}
+    return isinstance(meta.get("example_value", meta.get("val")), torch.Tensor)
+
+
 _INPLACE_PARAM: dict[Any, int | None] = {}
 
 
@@ -124,7 +130,8 @@ def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node 
             return _written_by_schema(node, target)
         if target in _INPLACE_OPERATORS or target is operator.setitem:
             first = _first_arg(node)
-            tensor = _is_tensor_node(first) or (unknown_is_tensor and "tensor_meta" not in getattr(first, "meta", {}))
+            tensor = _is_tensor_node(first) or _traced_tensor(first) or \
+                (unknown_is_tensor and "tensor_meta" not in getattr(first, "meta", {}))
             return first if isinstance(first, fx.Node) and tensor else None
         name = getattr(target, "__name__", "")
         if name.endswith("_") and not name.startswith("_") and \
