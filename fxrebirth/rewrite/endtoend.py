@@ -39,8 +39,8 @@ from fxrebirth.errors import ShapeGuardError, first_line, held_stderr
 from fxrebirth.graph.metadata import reads_only_shape
 from fxrebirth.graph.variants import variant_inputs
 
-__all__ = ["Comparison", "compare", "gradient_error", "runnable", "check_inputs", "storage_dtype", "bound", "describe_inputs", "float_rounding",
-           "weight_rounding", "adopt_weights"]
+__all__ = ["Comparison", "compare", "gradient_error", "runnable", "copied_state", "calls_from", "check_inputs",
+           "storage_dtype", "bound", "describe_inputs", "float_rounding", "weight_rounding", "adopt_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ def check_inputs(example: Sequence[Any], seed: int = 0) -> list[tuple[Any, ...]]
     return [first, other]
 
 
-def _state(model: nn.Module, to64: bool) -> dict[str, torch.Tensor]:
+def copied_state(model: nn.Module, to64: bool) -> dict[str, torch.Tensor]:
     """Copies of every parameter and buffer (float64 for floating ones with ``to64``), keyed as
-    ``functional_call`` expects; :func:`_calls` copies the buffers again before each use (a forward may
+    ``functional_call`` expects; :func:`calls_from` copies the buffers again before each use (a forward may
     update them), parameters are shared between calls."""
     state: dict[str, torch.Tensor] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -104,7 +104,7 @@ def _run(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any]
         return torch.func.functional_call(model, state, inputs, strict=False), inputs
 
 
-def _calls(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool, seed: int,
+def calls_from(model: nn.Module, state: dict[str, torch.Tensor], inputs: Sequence[Any], to64: bool, seed: int,
            count: int | None = None) -> list[Any]:
     """The results of calling ``model`` on ``inputs`` from a copy of ``state``: once, or twice when the first
     call changed the state (a stateful forward must update it alike), or ``count`` times."""
@@ -180,11 +180,11 @@ def gradient_error(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
     original = runnable(original)
     with flush_denormals():
         try:
-            theirs = _gradients(original, _state(original, to64), inputs, to64, seed)
+            theirs = _gradients(original, copied_state(original, to64), inputs, to64, seed)
         except Exception as exc:  # noqa: BLE001 - nothing to compare with
             return 0.0, f"not compared: the original's backward raises {type(exc).__name__}: {first_line(exc, 120)}"
         try:
-            mine = _gradients(candidate, _state(candidate, to64), inputs, to64, seed)
+            mine = _gradients(candidate, copied_state(candidate, to64), inputs, to64, seed)
         except Exception as exc:  # noqa: BLE001 - the optimised model's backward fails where the original's runs
             return float("inf"), f"the optimised model's backward raises {type(exc).__name__}: {first_line(exc, 200)}"
     if mine[0] != theirs[0]:
@@ -233,16 +233,16 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
         result.precision = f"{storage_dtype(original)} (a float64 copy of the weights would take {size / 2**30:.1f} GiB)"
     usable: list[tuple[tuple[Any, ...], list[Any]]] = []
     refused = ""
-    state = _state(original, to64)
+    state = copied_state(original, to64)
     for inputs in sets:
         try:
             with held_stderr():  # a variant the original refuses is skipped, not shown
-                usable.append((inputs, _calls(original, state, inputs, to64, seed)))
+                usable.append((inputs, calls_from(original, state, inputs, to64, seed)))
         except Exception as exc:  # noqa: BLE001 - float64 impossible, or the model does not accept this variant
             if to64 and not usable:
                 try:
-                    state32 = _state(original, False)  # kept only where it runs: a later fallback reads ``state``
-                    usable.append((inputs, _calls(original, state32, inputs, False, seed)))
+                    state32 = copied_state(original, False)  # kept only where it runs: a later fallback reads ``state``
+                    usable.append((inputs, calls_from(original, state32, inputs, False, seed)))
                     state, to64 = state32, False
                     result.precision = f"{storage_dtype(original)} (the original does not run in float64: " \
                                        f"{first_line(exc, 120)})"
@@ -254,16 +254,16 @@ def _compare(original: nn.Module, candidate: nn.Module, example: Sequence[Any], 
     only = None
     if not usable:  # a model that runs only at its example's batch: the example itself
         inputs = tuple(example)
-        usable.append((inputs, _calls(original, state, inputs, to64, seed)))
+        usable.append((inputs, calls_from(original, state, inputs, to64, seed)))
         only = f" (the example's batch only: the original does not run at batch >= {MIN_BATCH} or another size: " \
                f"{refused})"
     del state  # the original's float64 copy is not needed beside the candidate's
     result.references = [(inputs, reference[0][0]) for inputs, reference in usable]
-    candidate_state = _state(candidate, to64)
+    candidate_state = copied_state(candidate, to64)
     for inputs, reference in usable:
         where = describe_inputs(inputs) + (only or "")
         try:
-            actual = _calls(candidate, candidate_state, inputs, to64, seed, len(reference))
+            actual = calls_from(candidate, candidate_state, inputs, to64, seed, len(reference))
         except ShapeGuardError:
             result.checked.append(f"{where}: guarded (a size guard refuses this size)")
             continue
@@ -287,10 +287,10 @@ def float_rounding(original: nn.Module, candidate: nn.Module, inputs: Sequence[A
     are from the original run in float64 (norm-wise relative errors; the float32 rounding each carries)."""
     original = runnable(original)
     with flush_denormals():
-        exact = _calls(original, _state(original, True), inputs, True, seed)
+        exact = calls_from(original, copied_state(original, True), inputs, True, seed)
         count = len(exact)
-        own = _calls(original, _state(original, False), inputs, False, seed, count)
-        mine = _calls(candidate, _state(candidate, False), inputs, False, seed, count)
+        own = calls_from(original, copied_state(original, False), inputs, False, seed, count)
+        mine = calls_from(candidate, copied_state(candidate, False), inputs, False, seed, count)
     reference = [r[0] for r in exact]
     return relative_error(reference, [o[0] for o in own]), relative_error(reference, [m[0] for m in mine])
 
