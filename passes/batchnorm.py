@@ -179,12 +179,12 @@ class BatchNormPastPool(Rule):
 
 
 def rules(*, standalone_to_affine: bool = False) -> list[Rule]:
-    """The BatchNorm folding rules, in the order they should run."""
+    """The BatchNorm folding rules, in the order they should run (:class:`BatchNormPastPool`, which prepares
+    a fold, is placed by :func:`fxrebirth.frontends.library.default_rules` after the folds into layers)."""
     source = BatchNormSource()
     out: list[Rule] = [
         FoldIntoPreceding("bn_into_preceding", source, "BatchNorm"),
         FoldIntoFollowing("bn_into_following", source, "BatchNorm"),
-        BatchNormPastPool(),
     ]
     if standalone_to_affine:
         out.append(BatchNormToAffine())

@@ -54,13 +54,10 @@ __all__ = ["ACTIVATION_FUNCTIONS", "ACTIVATION_MODULES", "is_activation", "stage
 
 _aten = torch.ops.aten
 ACTIVATION_FUNCTIONS = frozenset({
-    F.relu, F.relu6, torch.relu, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.hardtanh, F.elu, F.mish,
-    F.selu, F.celu, F.softplus, F.prelu,
-    # as torch.export records them (one ATen operator each; ReLU6 is hardtanh there)
-    _aten.relu.default, _aten.relu6.default, _aten.hardtanh.default, _aten.hardswish.default, _aten.silu.default,
-    _aten.gelu.default, _aten.leaky_relu.default, _aten.elu.default, _aten.mish.default, _aten.selu.default,
-    _aten.celu.default, _aten.softplus.default, _aten.prelu.default, _aten._prelu_kernel.default,
-})
+    F.relu, F.relu6, torch.relu, F.hardswish, F.silu, F.gelu, F.leaky_relu, F.hardtanh, F.elu, F.mish, F.selu, F.celu,
+    F.softplus, F.prelu, *(getattr(_aten, name).default for name in (  # as torch.export records them (ReLU6: hardtanh)
+        "relu", "relu6", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "elu", "mish", "selu", "celu",
+        "softplus", "prelu", "_prelu_kernel"))})
 """Element-wise activations a segment may remove and a marking pass recognises (called as functions, or as
 the ATen operators of an exported program)."""
 

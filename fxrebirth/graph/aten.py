@@ -137,6 +137,69 @@ def _addmm_as_linear(node: fx.Node) -> dict | None:
     return {"input": x, "weight": mat2.args[0], "bias": bias}
 
 
+def _only_user(node: Any, target: Any) -> fx.Node | None:
+    """``node`` when it is a call of ``target`` (or one of them) read by one node only, else None."""
+    targets = target if isinstance(target, tuple) else (target,)
+    ok = isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets and len(node.users) == 1
+    return node if ok else None
+
+
+def _lrn_of(div: fx.Node) -> dict[str, Any] | None:
+    """The arguments of ``F.local_response_norm`` whose 4-D decomposition (as torch.export records it) ends at
+    ``div``: ``x / (k + alpha * avg_pool3d(pad(view(x * x)), (n, 1, 1)).view(x.shape)) ** beta``, else None."""
+    if len(div.args) != 2 or div.kwargs:
+        return None
+    x, power = div.args
+    power = _only_user(power, aten.pow.Tensor_Scalar)
+    shift = _only_user(power.args[0], operator.add) if power is not None else None
+    scale = _only_user(shift.args[0], operator.mul) if shift is not None else None
+    back = _only_user(scale.args[0], torch.reshape) if scale is not None else None
+    squeeze = _only_user(back.kwargs.get("input"), (aten.squeeze.dim, aten.squeeze.dims)) if back is not None else None
+    pool = _only_user(squeeze.args[0], aten.avg_pool3d.default) if squeeze is not None else None
+    pad = _only_user(pool.args[0], (aten.pad.default, aten.constant_pad_nd.default)) if pool is not None else None
+    view = _only_user(pad.args[0], torch.reshape) if pad is not None else None
+    square = _only_user(view.kwargs.get("input"), operator.mul) if view is not None else None
+    if square is None or list(square.args) != [x, x] or not isinstance(x, fx.Node):
+        return None
+    shape = list(back.kwargs["shape"]) if isinstance(back.kwargs["shape"], (list, tuple)) else []
+    numbers = [power.args[1], shift.args[1], scale.args[1]]
+    if len(shape) != 4 or list(view.kwargs["shape"]) != [shape[0], 1, shape[1], shape[2], -1] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in numbers):
+        return None
+    size = pool.args[1][0] if len(pool.args) in (2, 3) and len(pool.args[1]) == 3 else None
+    if size is None or list(pool.args[1]) != [size, 1, 1] or [list(a) for a in pool.args[2:]] not in ([[1, 1, 1]], []) \
+            or pool.kwargs or list(pad.args[1]) != [0, 0, 0, 0, size // 2, (size - 1) // 2] \
+            or any(v not in (None, 0, 0.0, "constant") for v in pad.args[2:]) \
+            or squeeze.args[1] not in (1, [1]):
+        return None
+    return {"input": x, "size": size, "alpha": numbers[2], "beta": numbers[0], "k": numbers[1]}
+
+
+def _raise_lrn(graph: fx.Graph) -> int:
+    """Replace each decomposed local response normalisation by one ``F.local_response_norm`` call (the same
+    operations, so the same values): the streamline marker and the LRN rule look for that call."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not operator.truediv:
+            continue
+        kwargs = _lrn_of(node)
+        if kwargs is None:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(F.local_response_norm, (),
+                                      normalize_kwargs(OPS[F.local_response_norm], (), kwargs))
+        new.meta.update(node.meta)
+        dead = node.args[1]
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        while isinstance(dead, fx.Node) and not dead.users:  # the decomposition, up to the square
+            inputs = [a for a in dead.all_input_nodes if a is not kwargs["input"]]
+            graph.erase_node(dead)
+            dead = inputs[0] if len(inputs) == 1 else None
+        count += 1
+    return count
+
+
 def lower_aten(graph: fx.Graph) -> int:
     """Rewrite the ATen nodes of :data:`ATEN_LOWERINGS` in ``graph`` to canonical calls; return how many.
 
@@ -175,4 +238,4 @@ def lower_aten(graph: fx.Graph) -> int:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         count += 1
-    return count
+    return count + _raise_lrn(graph)
