@@ -174,6 +174,8 @@ def _keeping_pool(chain: list[fx.Node], in_shape: tuple[int, ...], out_channels:
     conv, pools = chain[0], [n for n in chain if kind_of(n) in ("max_pool", "avg_pool")]
     if "lrn" not in kinds or "avg_pool" in kinds or any(d != 1 for d in conv.kwargs["dilation"]):
         return None
+    if any(k == "relu" and kind_of(n) != "relu" for k, n in zip(kinds, chain)):
+        return None  # the layer keeps a ReLU: exact (the chain less its LRN) only where the chain's activation is one
     pool = None
     if pools:
         kw = pools[0].kwargs

