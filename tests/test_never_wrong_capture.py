@@ -459,3 +459,24 @@ def test_model_built_inside_inference_mode():
         out, expected = gm(X), model(X)
     assert report.rewrites >= 1
     _same(out.clone(), expected.clone())
+
+
+class _Guarded(nn.Module):
+    """An opaque block (a data-dependent branch) that holds a lock, as thread-safe caches do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lock = nn.Conv2d(2, 2, 1), threading.RLock()
+
+    def forward(self, x):
+        with self.lock:
+            y = self.conv(x)
+        return y if y.sum() > -1e9 else -y
+
+
+def test_lock_inside_an_opaque_block():
+    model = nn.Sequential(_net(), _Guarded(), nn.BatchNorm2d(2).eval()).eval()
+    gm, report = fxrebirth.optimize(model, X)
+    assert any("kept opaque: _Guarded" in c for c in report.checks)
+    assert gm.get_submodule("1").lock is model[1].lock
+    _same(gm(X), model(X))

@@ -13,7 +13,6 @@ lands near 1e-15 whatever the model's dtype, a wrong one near 1.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,6 +20,7 @@ import torch.fx as fx
 
 from fxrebirth.equivalence import LOCAL_TOLERANCE, flush_denormals, relative_error
 from fxrebirth.graph.variants import VARIANTS_KEY
+from fxrebirth.graph.copying import copy_module
 from fxrebirth.graph.surgery import device_of, fetch_attr
 
 __all__ = ["local_error", "UnverifiableError", "DEFAULT_TOLERANCE"]
@@ -78,7 +78,7 @@ class _SliceEvaluator:
             return getattr(self_obj, node.target)(*rest, **kwargs)
         if node.op == "call_module":
             if node.target not in self.modules:
-                self.modules[node.target] = copy.deepcopy(self.gm.get_submodule(node.target)).to(torch.float64)
+                self.modules[node.target] = copy_module(self.gm.get_submodule(node.target)).to(torch.float64)
             return self.modules[node.target](*args, **kwargs)
         raise UnverifiableError(f"cannot evaluate node '{node.name}' ({node.op})")
 
