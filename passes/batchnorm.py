@@ -142,7 +142,7 @@ class BatchNormPastPool(Rule):
     identity = "pool(x * s + t) = pool(x) * s + t (max-pool: s > 0; average pool: windows of real inputs only)"
 
     def pattern(self, node: fx.Node, ctx: RuleContext) -> Match | None:
-        if kind_of(node) not in ("max_pool", "avg_pool") or not isinstance(node.kwargs["input"], fx.Node):
+        if kind_of(node) not in ("max_pool", "avg_pool") or not isinstance(node.kwargs.get("input"), fx.Node):
             return None
         bn = node.kwargs["input"]
         x = BatchNormSource().input_of(bn)

@@ -141,7 +141,7 @@ def _role(node: fx.Node) -> tuple[str | None, fx.Node | None]:
     value it reads, or ``(None, None)``."""
     kind = kind_of(node)
     if kind in _FOLLOWERS:
-        return kind, node.kwargs["input"]
+        return kind, node.kwargs.get("input")  # None: a call capture could not bind (left as written)
     if stage_of(node) == "activation":  # ReLU6, PReLU, SiLU, Hardswish, GELU, LeakyReLU... (functions, modules, ATen)
         return "relu", activation_input(node)
     return None, None
