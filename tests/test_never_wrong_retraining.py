@@ -139,6 +139,8 @@ def test_zero_batch_examples_are_refused_before_capture(squeeze):
         plan_depth(model, torch.randn(1, 3, 8, 8), torch.randn(0, 3, 8, 8))
     with pytest.raises(DataError, match="empty"):
         fxrebirth.rebirth(model, _plan(model), _data(0), **FAST)
+    with pytest.raises(RegionError, match="latency_input: the example input has batch 0"):
+        fxrebirth.rebirth(model, _plan(model), _data(16), latency_input=torch.randn(0, 3, 8, 8), **FAST)
 
 
 def test_a_binary_or_malformed_table_is_a_one_line_error(tmp_path, capsys):

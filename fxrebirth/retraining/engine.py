@@ -70,7 +70,7 @@ from fxrebirth.retraining.data import DataError, check_dataset
 from fxrebirth.errors import FxRebirthError
 from fxrebirth.retraining.initialise import Initialiser, extract_region, probe_nodes
 from fxrebirth.retraining.weights import reinitialise
-from fxrebirth.retraining.planning import Plan, PlannedRegion
+from fxrebirth.retraining.planning import Plan, PlannedRegion, check_example
 from fxrebirth.retraining.layers import build_rebirth, rebuild
 from fxrebirth.retraining.report import RebirthReport, StepRecord
 from fxrebirth.graph.regions import Region, RegionError
@@ -333,6 +333,8 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
     if unknown:
         raise FxRebirthError(f"unknown rebirth option(s) {unknown}; options: {[f.name for f in fields(RebirthConfig)]}")
     config = RebirthConfig(**{**(asdict(config) if config is not None else {}), **options})
+    if latency_input is not None:
+        check_example("rebirth: latency_input", (latency_input,))
     folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
     job_type = _job_type(plan)
     job = job_type(model, plan, train_data, test_data, config, progress, folder)
