@@ -176,7 +176,9 @@ def _rows(loader_iter: Iterator, n: int) -> tuple[Any, torch.Tensor, torch.Tenso
     xs, ys, ids = [], [], []
     while sum(len(i) for i in ids) < n:
         x, y, i = next(loader_iter)
-        xs.append(x), ys.append(torch.as_tensor(y)), ids.append(torch.as_tensor(i))
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+        ids.append(torch.as_tensor(i))
     x, y, i = (torch.cat(v) if len(v) > 1 else v[0] for v in (xs, ys, ids))
     return x[:n], y[:n], i[:n]
 
