@@ -13,7 +13,8 @@ the original in float64 (the reference) and by the original and the optimised mo
 model it prints the spread of ``err32(original)`` and ``err32(optimised)`` (norm-wise relative errors
 against the reference) over the draws, the worst ratio, and the criterion's margin: the smallest, over
 the draws, of ``limit / err32(optimised)`` with ``limit = max(1e-5, NOISE_FACTOR * err32(original))`` (above 1:
-accepted at that draw; optimize() judges its first check input, and 8 samples before refusing). Raw errors are cached per model in
+accepted at that draw; optimize() judges its first check input, and 8 samples before refusing), and
+optimize()'s own verdict (``-`` for entries measured before the criterion existed). Raw errors are cached per model in
 ``docs/data/float32_noise.json`` (``--again`` measures again), so an interrupted run resumes.
 ``--cost`` also times :func:`fxrebirth.optimize` on resnet50 (224x224) with the criterion and without
 it (best of 3, the two interleaved).
@@ -71,8 +72,10 @@ def measure(name: str, draws: int) -> dict[str, object]:
             (inputs,) = variant_inputs((x,), 0, seed)
             exact = model64(inputs.double())
             rows.append([relative_error(exact, model(inputs)), relative_error(exact, gm(inputs))])
+    rounding = [c for c in report.checks if c.startswith("rounding:")]
     return {"size": size, "rewrites": report.rewrites, "optimize_s": seconds, "draws": rows,
-            "output_error": report.output_error, "checks": report.checks}
+            "output_error": report.output_error, "output_error64": report.output_error64,
+            "rounding": rounding[0] if rounding else None}
 
 
 def summary(name: str, entry: dict) -> str:
@@ -82,8 +85,10 @@ def summary(name: str, entry: dict) -> str:
     mine = [r[1] for r in rows]
     ratio = max(m / o if o else float("inf") for o, m in rows)
     margin = min(max(tolerance(torch.float32), NOISE_FACTOR * o) / m if m else float("inf") for o, m in rows)
+    verdict = entry.get("rounding") or ""
+    verdict = "accepted" if "within the limit" in verdict else ("REFUSED" if verdict else "-")
     return (f"{name:<24} {entry['size']:>4} {entry['rewrites']:>4}  {min(own):.1e}-{max(own):.1e}  "
-            f"{min(mine):.1e}-{max(mine):.1e}  {ratio:6.2f}  {margin:7.1f}")
+            f"{min(mine):.1e}-{max(mine):.1e}  {ratio:6.2f}  {margin:7.1f}  {verdict}")
 
 
 def cost(repeats: int = 3) -> None:
@@ -119,7 +124,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     print(f"{'model':<24} {'size':>4} {'rw':>4}  {'err32(original)':<15}  {'err32(optimised)':<16}  "
-          f"{'ratio':>6}  {'margin':>7}")
+          f"{'ratio':>6}  {'margin':>7}  optimize()")
     for name in args.models:
         if args.again or name not in cache or len(cache[name]["draws"]) < args.draws:
             cache[name] = measure(name, args.draws)
