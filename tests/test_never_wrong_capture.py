@@ -11,7 +11,6 @@ import threading
 
 import pytest
 import torch
-import torch.fx as fx
 from torch import nn
 
 import fxrebirth
