@@ -43,7 +43,9 @@ SIZES: dict[str, int] = {}
 
 
 def build(name: str) -> torch.nn.Module:
-    """The model ``name`` (``timm:`` prefix for timm), random weights, randomised BatchNorm-like statistics."""
+    """The model ``name`` (``timm:`` prefix for timm), random weights (seeded), randomised BatchNorm-like
+    statistics."""
+    torch.manual_seed(0)
     if not name.startswith("timm:"):
         return torchvision_model(name, seed=1)
     import timm
