@@ -253,7 +253,9 @@ def test_standalone_bn_to_affine_is_opt_in():
     assert_equivalent(model, gm, x)
 
 
-def test_eps_computed_at_run_time_is_refused_with_the_reason():
+def test_eps_passed_as_an_argument_is_the_examples_constant_and_another_value_is_refused():
+    """A non-tensor forward argument is traced as the constant the example gives (issue 37): the fold uses
+    that eps, and a call with another eps fails with an error naming the argument, never silently."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -266,6 +268,7 @@ def test_eps_computed_at_run_time_is_refused_with_the_reason():
 
     model, x = fxrebirth.testing.randomize_batchnorm(M()).eval(), torch.randn(2, 3, 6, 6)
     gm, report = fxrebirth.optimize(model, (x, 1e-3))
-    (refusal,) = report.stats("bn_into_preceding").refusals
-    assert "eps" in refusal.reason and "computed at run time" in refusal.reason
+    assert report.stats("bn_into_preceding").rewrites == 1
     assert fxrebirth.relative_error(model(x, 1e-3), gm(x, 1e-3)) <= 1e-5
+    with pytest.raises(AssertionError, match="'eps'"):
+        gm(x, 1e-2)
