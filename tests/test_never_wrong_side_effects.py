@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxrebirth
+from fxrebirth.testing import randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,15 +93,8 @@ STATEMENTS = ["clamp_", "torch.relu_", "mul_", "yolo", "slice_sigmoid_", "setite
 
 
 def _trained(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            with torch.no_grad():
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
-    return model.eval()
+    torch.manual_seed(0)  # the tests' later draws stay seeded
+    return randomize_batchnorm(model).eval()
 
 
 def _compiled(model: nn.Module, compiler: str = "eager", **kwargs) -> nn.Module:
