@@ -7,7 +7,6 @@ non-linear regions, ``gm, report = fxrebirth.rebirth(model, plan, train_data, te
 them by retrained rebirth layers. See docs/ for the architecture and every identity.
 """
 
-from fxrebirth import _moved
 from fxrebirth.errors import CaptureError, EquivalenceError, FxRebirthError, PipelineError, ShapeGuardError
 from fxrebirth.frontends.library import default_rules, optimize, relative_error
 from fxrebirth.graph.capture import capture
@@ -17,8 +16,6 @@ from fxrebirth.retraining.planning import Plan, PlannedRegion, plan
 from fxrebirth.rewrite.pipeline import PassResult, Pipeline, RulePass
 from fxrebirth.rewrite.report import Refusal, Report, RuleStats
 from fxrebirth.rewrite.rules import Match, Rule, RuleContext
-
-_moved.install()  # the 0.1 module paths (fxrebirth.cost, fxrebirth.export, ...) for one more release
 
 __version__ = "0.2.0"
 

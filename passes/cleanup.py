@@ -6,7 +6,7 @@ r"""Cleanup: operations that compute their input unchanged.
     reshape(x, shape) = x       when every entry of shape is x.size(i) for its own position i, or a
                                 literal equal to that size for i > 0, or -1 with all others matching;
                                 a literal holds only where x has that size: a size guard says so
-                                (none where capture proved that size static, fxrebirth.metadata)
+                                (none where capture proved that size static, fxrebirth.graph.metadata)
 
     cat([y[:, a:b], y[:, b:c]], dim=1) = y[:, a:c]   (= y when the slices cover all of y's channels)
 

@@ -1,4 +1,4 @@
-"""The shape of the house: tiers as folders, imports only downward, small modules, deprecated paths.
+"""The shape of the house: tiers as folders, imports only downward, small modules.
 
 Each folder of fxrebirth (and ``passes/``, installed as ``fxrebirth.passes``) states in its
 ``__init__`` docstring what it owns and, on a line ``May import: ...``, the packages below it; these
@@ -9,11 +9,9 @@ functions count too: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -95,7 +93,7 @@ def _may_import(module: str) -> list[str]:
 def test_imports_point_only_downward():
     wrong = []
     for module, path in MODULES.items():
-        if module in TOP or module == "fxrebirth._moved":  # _moved maps old names to new, by string only
+        if module in TOP:
             continue
         allowed = _may_import(module)
         for name in sorted(_imports(module, path)):
@@ -140,29 +138,6 @@ def test_modules_and_functions_are_small():
             if length > MAX_FUNCTION:
                 long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name}: {length} lines")
     assert not big and not long, "\n".join(big + long)
-
-
-@pytest.mark.parametrize("old", sorted(importlib.import_module("fxrebirth._moved").MOVED))
-def test_an_old_module_path_warns_and_is_the_new_module(old):
-    from fxrebirth._moved import MOVED
-
-    new = importlib.import_module(MOVED[old])
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=re.escape(MOVED[old])):
-        module = importlib.import_module(old)
-    assert module is new
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        assert importlib.import_module(old) is new  # once per process, as any import
-
-
-def test_from_import_of_an_old_path_works():
-    sys.modules.pop("fxrebirth.cost", None)
-    with pytest.warns(DeprecationWarning):
-        from fxrebirth.cost import RooflineCost  # noqa: F401 - the README's spelling in 0.1
-    from fxrebirth.rewrite.cost import RooflineCost as new
-
-    assert RooflineCost is new
 
 
 def test_importing_fxrebirth_and_compiling_warn_about_nothing():
