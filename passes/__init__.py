@@ -3,8 +3,11 @@
 Two kinds of module, one protocol each:
 
 * **Exact rules** (affine, batchnorm, branches, cleanup, conv_chain, lrn, pooling): each opens with the
-  identities it applies and ends with a ``rules()`` function returning its rules in order. Nothing
-  registers itself on import: pipelines are built from these lists.
+  identities it applies and ends with a ``rules(phase=None)`` function returning its rules in order,
+  grouped by the phases of the default pipeline (:data:`fxrebirth.rewrite.rules.PHASES`). Nothing
+  registers itself on import: pipelines are built from these lists. :data:`EXACT` lists the families of
+  :func:`fxrebirth.default_rules` (whole families, phase by phase); :data:`OPT_IN`, those whose rules a
+  pipeline asks for by name (lrn: a lowering for runtimes without LRN).
 * **Marking passes** (streamline, inception): each has one ``mark_<family>(gm, **options) ->
   list[Region]`` that finds the non-linear regions only retraining can merge, records them in
   ``gm.meta`` (:func:`fxrebirth.graph.regions.record`) and returns them; it never changes the graph.
@@ -19,5 +22,10 @@ May import: fxrebirth.errors, fxrebirth.equivalence, fxrebirth.graph, fxrebirth.
 
 from . import affine, batchnorm, branches, cleanup, conv_chain, depth, inception, linearise, lrn, pooling, streamline
 
-__all__ = ["affine", "batchnorm", "branches", "cleanup", "conv_chain", "depth", "inception", "linearise", "lrn",
-           "pooling", "streamline"]
+EXACT = (cleanup, batchnorm, affine, pooling, conv_chain, branches)
+"""The families of the default pipeline, in their order within each phase."""
+OPT_IN = (lrn,)
+"""Families of exact rules outside the default pipeline."""
+
+__all__ = ["EXACT", "OPT_IN", "affine", "batchnorm", "branches", "cleanup", "conv_chain", "depth", "inception",
+           "linearise", "lrn", "pooling", "streamline"]

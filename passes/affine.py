@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxrebirth.rewrite.rules import Rule, RuleContext, describe
+from fxrebirth.rewrite.rules import Rule, RuleContext, by_phase, describe
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 
@@ -80,10 +80,9 @@ class ConstantAffineSource:
         return Affine(1.0 / c, None, rank)
 
 
-def rules() -> list[Rule]:
-    """The constant scale/shift folding rules, in the order they should run."""
+def rules(phase: str | None = None) -> list[Rule]:
+    """The constant scale/shift folding rules, phase by phase (:data:`fxrebirth.rewrite.rules.PHASES`), or
+    one ``phase``'s."""
     source = ConstantAffineSource()
-    return [
-        FoldIntoPreceding("affine_into_preceding", source, "constant scale/shift"),
-        FoldIntoFollowing("affine_into_following", source, "constant scale/shift"),
-    ]
+    return by_phase({"preceding": [FoldIntoPreceding("affine_into_preceding", source, "constant scale/shift")],
+                     "following": [FoldIntoFollowing("affine_into_following", source, "constant scale/shift")]}, phase)

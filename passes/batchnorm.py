@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, by_phase, describe, name_hint
 
 from ._fold import Affine, FoldIntoFollowing, FoldIntoPreceding
 
@@ -178,14 +178,14 @@ class BatchNormPastPool(Rule):
         return ctx.call(bn.target, like=pool, **{**bn.kwargs, "input": pooled})
 
 
-def rules(*, standalone_to_affine: bool = False) -> list[Rule]:
-    """The BatchNorm folding rules, in the order they should run (:class:`BatchNormPastPool`, which prepares
-    a fold, is placed by :func:`fxrebirth.frontends.library.default_rules` after the folds into layers)."""
+def rules(phase: str | None = None, *, standalone_to_affine: bool = False) -> list[Rule]:
+    """The BatchNorm rules of the default pipeline, phase by phase (:data:`fxrebirth.rewrite.rules.PHASES`):
+    the folds into the preceding and the following layer, then :class:`BatchNormPastPool`, which prepares a
+    fold; ``phase`` keeps one phase's. ``standalone_to_affine`` appends the opt-in :class:`BatchNormToAffine`."""
     source = BatchNormSource()
-    out: list[Rule] = [
-        FoldIntoPreceding("bn_into_preceding", source, "BatchNorm"),
-        FoldIntoFollowing("bn_into_following", source, "BatchNorm"),
-    ]
+    out = by_phase({"preceding": [FoldIntoPreceding("bn_into_preceding", source, "BatchNorm")],
+                    "following": [FoldIntoFollowing("bn_into_following", source, "BatchNorm")],
+                    "prepare": [BatchNormPastPool()]}, phase)
     if standalone_to_affine:
         out.append(BatchNormToAffine())
     return out

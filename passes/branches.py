@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint, users_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, by_phase, describe, name_hint, users_of
 
 from ._kernel import (
     Kernel, affine_kernel, compose, emit_conv, identity_kernel, kernel_of_avg_pool, kernel_of_conv, stack_kernels,
@@ -326,6 +326,7 @@ class MergeSiblingConvs(Rule):
         return out
 
 
-def rules() -> list[Rule]:
-    """The branch-merging rules, in the order they should run."""
-    return [MergeSummedBranches(), MergeConcatBranches(), MergeSiblingConvs()]
+def rules(phase: str | None = None) -> list[Rule]:
+    """The branch-merging rules, in the order they run: all in the phase ``branches`` of
+    :data:`fxrebirth.rewrite.rules.PHASES` (``phase`` names another: none)."""
+    return by_phase({"branches": [MergeSummedBranches(), MergeConcatBranches(), MergeSiblingConvs()]}, phase)

@@ -27,7 +27,7 @@ from torch import nn
 from fxrebirth.graph.guards import SizeGuard
 from fxrebirth.graph.metadata import SYMBOLIC_KEY
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, by_phase, describe
 
 __all__ = ["RemoveDropout", "RemoveIdentity", "RemoveNeutralArithmetic", "RemoveNoopReshape", "CollapseCatOfSlices",
            "rules"]
@@ -238,6 +238,8 @@ class CollapseCatOfSlices(Rule):
         return ctx.call(torch.cat, like=node, tensors=rest, dim=node.kwargs["dim"])
 
 
-def rules() -> list[Rule]:
-    """The cleanup rules, in the order they should run."""
-    return [RemoveDropout(), RemoveIdentity(), RemoveNeutralArithmetic(), RemoveNoopReshape(), CollapseCatOfSlices()]
+def rules(phase: str | None = None) -> list[Rule]:
+    """The cleanup rules, in the order they run: all in the phase ``cleanup`` of
+    :data:`fxrebirth.rewrite.rules.PHASES` (``phase`` names another: none)."""
+    return by_phase({"cleanup": [RemoveDropout(), RemoveIdentity(), RemoveNeutralArithmetic(), RemoveNoopReshape(),
+                                 CollapseCatOfSlices()]}, phase)

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, name_hint, producer, users_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, by_phase, describe, name_hint, producer, users_of
 
 from ._kernel import Kernel, compose, emit_conv, kernel_of_avg_pool, kernel_of_conv, layer_tensors
 
@@ -164,6 +164,7 @@ class MergeFlattenedConvIntoLinear(Rule):
         return _emit_linear(ctx, w_l @ w_c, w_l @ kernel.bias + b_l, flat, match.output)
 
 
-def rules() -> list[Rule]:
-    """The chain-merging rules, in the order they should run."""
-    return [MergeConvChain(), MergeLinearChain(), MergeFlattenedConvIntoLinear()]
+def rules(phase: str | None = None) -> list[Rule]:
+    """The chain-merging rules, in the order they run: all in the phase ``chains`` of
+    :data:`fxrebirth.rewrite.rules.PHASES` (``phase`` names another: none)."""
+    return by_phase({"chains": [MergeConvChain(), MergeLinearChain(), MergeFlattenedConvIntoLinear()]}, phase)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fxrebirth.graph.guards import SizeGuard
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.rewrite.rules import Match, Rule, RuleContext, describe, producer, users_of
+from fxrebirth.rewrite.rules import Match, Rule, RuleContext, by_phase, describe, producer, users_of
 
 __all__ = ["FoldPadIntoConv", "CommuteGlobalPool", "PadCeilMaxPool", "rules", "lowering_rules"]
 
@@ -180,6 +180,7 @@ def lowering_rules(wider_only: bool = False) -> list[Rule]:
     return [PadCeilMaxPool(wider_only)]
 
 
-def rules() -> list[Rule]:
-    """The pooling/padding rules, in the order they should run."""
-    return [FoldPadIntoConv(), CommuteGlobalPool()]
+def rules(phase: str | None = None) -> list[Rule]:
+    """The pooling/padding rules, in the order they run: all in the phase ``pooling`` of
+    :data:`fxrebirth.rewrite.rules.PHASES` (``phase`` names another: none)."""
+    return by_phase({"pooling": [FoldPadIntoConv(), CommuteGlobalPool()]}, phase)

@@ -47,7 +47,7 @@ def _affine_nodes(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS)
 
 
-PRECEDING, FOLLOWING = affine.rules()
+(PRECEDING,), (FOLLOWING,) = affine.rules("preceding"), affine.rules("following")
 
 
 @st.composite

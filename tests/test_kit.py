@@ -72,7 +72,7 @@ class _NoShift:
 
 
 def missing_bias_rule():
-    return type(batchnorm.rules()[0])("missing_bias_term", _NoShift(), "BatchNorm")
+    return type(batchnorm.rules("preceding")[0])("missing_bias_term", _NoShift(), "BatchNorm")
 
 
 class TransposedKernel(conv_chain.MergeConvChain):
@@ -86,7 +86,7 @@ class TransposedKernel(conv_chain.MergeConvChain):
         return _kernel.replace(kernel, weight=weight, stride=kernel.stride[::-1], padding=kernel.padding[::-1])
 
 
-class ForgottenGroups(type(batchnorm.rules()[1])):
+class ForgottenGroups(type(batchnorm.rules("following")[0])):
     """Folds a BatchNorm into a grouped conv as if every group read all input channels."""
 
     def rewrite(self, match, ctx):
@@ -119,9 +119,9 @@ def test_the_kit_catches_a_wrong_rule_and_shows_a_shrunk_example(rule, cases, re
 
 CORRECT = [
     (pooling.FoldPadIntoConv(), pad_then_conv(), "pad"),
-    (batchnorm.rules()[0], conv_then_bn(), "batch_norm"),
+    (batchnorm.rules("preceding")[0], conv_then_bn(), "batch_norm"),
     (conv_chain.MergeConvChain(), conv_chains(), None),
-    (batchnorm.rules()[1], bn_then_grouped_conv(), "batch_norm"),
+    (batchnorm.rules("following")[0], bn_then_grouped_conv(), "batch_norm"),
 ]
 
 

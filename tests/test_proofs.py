@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxrebirth
-from fxrebirth.passes import batchnorm, branches, cleanup, lrn, pooling
+from fxrebirth import passes
+from fxrebirth.passes import affine, batchnorm, branches, cleanup, pooling
+from fxrebirth.rewrite.rules import PHASES, Rule
 from fxrebirth.testing import randomize_batchnorm
 from fxrebirth.testing.kit import check_rule
 from fxrebirth.testing.strategies import conv_configs
@@ -23,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _every_rule() -> list[fxrebirth.Rule]:
-    lowerings = lrn.rules() + pooling.lowering_rules()  # for runtimes that lack an operation; proven the same way
-    rules = {r.name: r for r in fxrebirth.default_rules() + batchnorm.rules(standalone_to_affine=True) + lowerings}
+    """Every rule of every family of exact rules, the opt-in ones too (lowerings for runtimes that lack an
+    operation, proven the same way)."""
+    families = [rule for family in passes.EXACT + passes.OPT_IN for rule in family.rules()]
+    opt_in = batchnorm.rules(standalone_to_affine=True) + pooling.lowering_rules()
+    rules = {r.name: r for r in fxrebirth.default_rules() + families + opt_in}
     return [rules[name] for name in sorted(rules)]
 
 
@@ -166,3 +171,47 @@ PROVEN_HERE = set(PROOFS)
 def test_property_proof(name):
     rule, cases, removes = PROOFS[name]
     check_rule(rule, cases, removes=removes, max_examples=40)
+
+
+def _families_with_rules() -> list:
+    """Every module of ``fxrebirth.passes`` that offers exact rules (a ``rules`` function)."""
+    return [getattr(passes, name) for name in passes.__all__ if callable(getattr(getattr(passes, name), "rules", None))]
+
+
+def test_default_rules_are_whole_families_phase_by_phase():
+    """Every family of exact rules is in the defaults (whole) or opt-in, and the defaults are the families'
+    rules phase by phase: nothing is picked by index."""
+    names = [r.name for r in fxrebirth.default_rules()]
+    assert len(names) == len(set(names))
+    for family in _families_with_rules():
+        assert family in passes.EXACT + passes.OPT_IN, f"{family.__name__}: list it in passes.EXACT or passes.OPT_IN"
+    expected = [r.name for phase in PHASES for family in passes.EXACT for r in family.rules(phase)]
+    assert names == expected
+    for family in passes.EXACT:
+        mine = [r.name for r in family.rules()]
+        assert mine and set(mine) <= set(names), f"{family.__name__}: {sorted(set(mine) - set(names))} not in the defaults"
+        assert mine == [r.name for phase in PHASES for r in family.rules(phase)]
+    assert not {r.name for f in passes.OPT_IN for r in f.rules()} & set(names)
+
+
+def test_a_rule_added_to_a_family_joins_the_defaults_in_its_phase(monkeypatch):
+    class ThirdAffine(Rule):
+        """A stand-in for a new rule of the affine family."""
+
+        name = "third_affine"
+
+    family = affine.rules
+
+    def rules(phase=None):
+        extra = [ThirdAffine()] if phase in (None, "following") else []
+        return family(phase) + extra
+
+    monkeypatch.setattr(affine, "rules", rules)
+    names = [r.name for r in fxrebirth.default_rules()]
+    assert names.index("affine_into_following") < names.index("third_affine") < names.index("bn_past_pool")
+    assert "third_affine" in {r.name for r in _every_rule()}
+
+
+def test_a_phase_that_does_not_exist_is_refused():
+    with pytest.raises(fxrebirth.PipelineError, match="unknown rule phase"):
+        affine.rules("after_everything")

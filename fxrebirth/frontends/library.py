@@ -22,7 +22,7 @@ from fxrebirth.errors import EquivalenceError, PipelineError
 from fxrebirth.rewrite.pipeline import Pipeline
 from fxrebirth.rewrite.precision import ROLLBACKS, Imprecise, first_failing, float32_check, judge, refusing
 from fxrebirth.rewrite.report import Report
-from fxrebirth.rewrite.rules import Rule
+from fxrebirth.rewrite.rules import PHASES, Rule
 from fxrebirth.rewrite.validate import validate_options
 
 __all__ = ["default_rules", "optimize", "relative_error"]
@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def default_rules() -> list[Rule]:
-    """The exact tier's rules in their default order: cleanup; folds into the preceding layer (always
-    exact), then into the following layer (exact under conditions); padding and pooling; then the
-    cost-gated merges: chains of linear layers, summed, concatenated and sibling branches."""
-    from fxrebirth.passes import affine, batchnorm, branches, cleanup, conv_chain, pooling
+    """The exact tier's rules in their default order: every rule of every family of
+    :data:`fxrebirth.passes.EXACT`, phase by phase (:data:`~fxrebirth.rewrite.rules.PHASES`: cleanup; folds
+    into the preceding layer, always exact; then into the following layer, exact under conditions; moves that
+    prepare a fold; padding and pooling; then the cost-gated merges of linear chains and of summed,
+    concatenated and sibling branches), the families in that list's order within a phase."""
+    from fxrebirth.passes import EXACT
 
-    bn, aff = batchnorm.rules(), affine.rules()
-    return (cleanup.rules() + [bn[0], aff[0], bn[1], aff[1], batchnorm.BatchNormPastPool()] + pooling.rules() + conv_chain.rules()
-            + branches.rules())
+    return [rule for phase in PHASES for family in EXACT for rule in family.rules(phase)]
 
 
 def _select(rules: Sequence[Rule], disable: Iterable[str]) -> tuple[Rule, ...]:

@@ -24,10 +24,28 @@ import torch.fx as fx
 
 from fxrebirth.graph.capture import SOURCE_KEY, describe  # describe: re-exported for rule authors
 from fxrebirth.equivalence import identical
+from fxrebirth.errors import PipelineError
 from fxrebirth.graph.ops import OPS, kind_of, normalize_kwargs
 from fxrebirth.graph.surgery import fetch_attr
 
-__all__ = ["Match", "Rule", "RuleContext", "RewriteRefused", "describe", "name_hint", "producer", "users_of"]
+__all__ = ["Match", "Rule", "RuleContext", "RewriteRefused", "PHASES", "by_phase", "describe", "name_hint", "producer",
+           "users_of"]
+
+PHASES = ("cleanup", "preceding", "following", "prepare", "pooling", "chains", "branches")
+"""The phases of the default pipeline, in the order they run: cleanup; folds into the preceding layer (always
+exact); folds into the following layer (exact under conditions); moves that prepare a fold; padding and
+pooling; the cost-gated merges of linear chains, then of branches. Each family of ``fxrebirth.passes`` gives
+its rules by phase (:func:`by_phase`), and :func:`fxrebirth.frontends.library.default_rules` runs the
+families phase by phase, so a rule added to a family joins the defaults where its phase says."""
+
+
+def by_phase(groups: Mapping[str, Sequence["Rule"]], phase: str | None) -> list["Rule"]:
+    """A family's rules: those of ``phase`` (a name of :data:`PHASES`; none when the family has no rule
+    there), or with ``phase=None`` all of them, phase by phase."""
+    unknown = set(groups) - set(PHASES) | ({phase} - set(PHASES) if phase is not None else set())
+    if unknown:
+        raise PipelineError(f"unknown rule phase(s) {sorted(unknown)}; the phases are {', '.join(PHASES)}")
+    return [rule for name in PHASES if phase in (None, name) for rule in groups.get(name, ())]
 
 
 class RewriteRefused(Exception):
