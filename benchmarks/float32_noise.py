@@ -50,12 +50,12 @@ def build(name: str) -> torch.nn.Module:
         return torchvision_model(name, seed=1)
     import timm
 
-    from fxrebirth.testing.zoo import _randomize_all_batchnorms
+    from fxrebirth.testing.zoo import randomize_all_batchnorms
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name[5:], pretrained=False)
-    _randomize_all_batchnorms(model, torch.Generator().manual_seed(1))
+    randomize_all_batchnorms(model, torch.Generator().manual_seed(1))
     return model.eval()
 
 

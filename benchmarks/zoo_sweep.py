@@ -135,13 +135,13 @@ def worker_main(entry_points: list[str], statistics: str) -> int:
     os.dup2(2, 1)  # whatever a model prints goes to the log, not into the protocol
     import torch
 
-    from fxrebirth.testing import zoo
+    from fxrebirth.testing._zoo_sweep import sweep_one
 
     for line in sys.stdin:
         source, name = json.loads(line)
         print(f"--- {source}:{name}", file=sys.stderr, flush=True)
         try:
-            row = zoo.sweep_one(source, name, entry_points=entry_points, statistics=statistics)
+            row = sweep_one(source, name, entry_points=entry_points, statistics=statistics)
         except Exception as exc:  # noqa: BLE001 - sweep_one catches per entry point; this is a last resort
             row = {"source": source, "name": name, "built": False, "reason": f"harness: {type(exc).__name__}: {exc}"}
         torch._dynamo.reset()

@@ -16,7 +16,7 @@ import torch
 from fxrebirth.equivalence import tolerance
 
 pytest.importorskip("timm")
-from fxrebirth.testing import zoo  # noqa: E402 - timm first
+from fxrebirth.testing._zoo_sweep import ENTRY_POINTS, sweep_one  # noqa: E402 - timm first
 
 REPARAMETERISABLE = [("timm", n, 64) for n in (
     "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "repghostnet_050", "ghostnetv3_050")]
@@ -46,9 +46,9 @@ MODELS = [pytest.param(*m, marks=pytest.mark.thorough, id=f"{m[0]}:{m[1]}") if m
 @pytest.mark.parametrize(("source", "name", "size"), MODELS)
 def test_zoo_model_is_equivalent_and_folded(source, name, size, reset_dynamo):
     """One build per model (the three entry points share it and its float64 reference)."""
-    row = zoo.sweep_one(source, name, size=size)
+    row = sweep_one(source, name, size=size)
     assert row["built"], row.get("reason")
-    problems = [f"{point}: {p}" for point in zoo.ENTRY_POINTS for p in _problems(row, point)]
+    problems = [f"{point}: {p}" for point in ENTRY_POINTS for p in _problems(row, point)]
     assert not problems, f"{source}:{name}: " + "; ".join(problems)
 
 

@@ -32,10 +32,10 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from fxrebirth.graph.aten import lower_aten
 from fxrebirth.graph.copying import copy_module
-from fxrebirth.equivalence import flush_denormals
 from fxrebirth.errors import CaptureError, first_line
 from fxrebirth.graph.metadata import resolve_metadata
-from fxrebirth.graph.mutation import eliminate_dead_code, functionalize, mutated_input
+from fxrebirth.graph.mutation import eliminate_dead_code, functionalize
+from fxrebirth.graph.sideeffects import no_side_effects
 from fxrebirth.graph.variants import record_variant_shapes
 from fxrebirth.graph.ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
 from fxrebirth.graph.tracing import OPAQUE_KEY, _has_containers, _keep_root_hooks, _refuse_global_hooks, _trace, has_hooks
@@ -228,7 +228,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
         if found:
             n.meta["tensor_meta"] = meta
 
-    with _no_side_effects(gm):
+    with no_side_effects(gm):
         _Recorder(gm, record).run(*_copies(inputs))
 
 
@@ -239,7 +239,7 @@ def _variant_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, 
         if isinstance(result, torch.Tensor):
             shapes[n] = tuple(result.shape)
 
-    with _no_side_effects(gm):
+    with no_side_effects(gm):
         _Recorder(gm, record).run(*_copies(inputs))
     return shapes
 
@@ -248,56 +248,6 @@ def _copies(inputs: Sequence[Any]) -> tuple[Any, ...]:
     """Clones of the tensor inputs: a model that writes to its input (``x += y``) must not write to the
     caller's example."""
     return tuple(x.clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x) for x in inputs)
-
-
-class _no_side_effects:
-    """Run ``gm`` for its shapes only: in eval mode (a BatchNorm left in training mode must not update its
-    statistics), without gradients, and with every buffer and every parameter that a mutation in the
-    graph may write restored afterwards (a forward that increments a buffer must not have counted)."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-
-    def __enter__(self) -> None:
-        gm = self.gm
-        self.modes = {m: m.training for m in gm.modules()}
-        written = {n.target for n in _written_attributes(gm.graph)}
-        tensors = dict(gm.named_buffers())
-        tensors.update((name, p) for name, p in gm.named_parameters() if name in written)
-        self.saved = [(t, t._version, t.detach().clone()) for t in tensors.values()]
-        gm.eval()
-        self.grad = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        self.denormals = flush_denormals()  # shapes only: no reason to pay for denormal arithmetic
-        self.denormals.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.denormals.__exit__(None, None, None)
-        torch.set_grad_enabled(self.grad)
-        for m, mode in self.modes.items():
-            m.training = mode
-        with torch.no_grad():
-            for t, version, value in self.saved:
-                if t._version != version:
-                    t.copy_(value)
-
-
-def _written_attributes(graph: fx.Graph) -> list[fx.Node]:
-    """``get_attr`` nodes a mutation in ``graph`` may write to (directly or through a view)."""
-    found = []
-    for node in graph.nodes:
-        stack = [mutated_input(node)]
-        seen: set[fx.Node] = set()
-        while stack:
-            value = stack.pop()
-            if not isinstance(value, fx.Node) or value in seen:
-                continue
-            seen.add(value)
-            if value.op == "get_attr":
-                found.append(value)
-            elif value.op in ("call_method", "call_function"):
-                stack += value.all_input_nodes
-    return found
 
 
 def capture(

@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from fxrebirth.graph.guards import is_guard
 from fxrebirth.graph.mutation import _hashable
+from fxrebirth.graph.sideeffects import no_side_effects
 from fxrebirth.graph.variants import batch_of, variant_inputs, varying_dims
 
 __all__ = ["GUARDS_KEY", "SYMBOLIC_KEY", "is_metadata_query", "reads_only_shape", "resolve_metadata"]
@@ -194,8 +195,6 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-    from fxrebirth.graph.capture import _no_side_effects
-
     # a batch >= 2 example: a size-1 dim would be specialised by the shape environment's 0/1 rule
     example = variant_inputs(inputs, 0) if batch_of(inputs) is not None else tuple(inputs)
     env = ShapeEnv(duck_shape=False, specialize_zero_one=False)  # equal sizes are not assumed equal
@@ -214,7 +213,7 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
 
     runner = _SymbolicRun(gm, fresh)
     try:
-        with _no_side_effects(gm), _quiet_fake_tensors(), mode:
+        with no_side_effects(gm), _quiet_fake_tensors(), mode:
             fakes = [symbolic(x) if isinstance(x, torch.Tensor) else x for x in example]
             runner.run(*fakes)
     except Exception as exc:  # noqa: BLE001 - fall back to what the recorded shapes prove

@@ -1,7 +1,6 @@
-"""The zoo's sweep, re-exported by :mod:`fxrebirth.testing.zoo` (which builds the models, and is imported
-here where it is used, since it imports this module): :func:`sweep_one`, its per-entry-point runners
-(``fxrebirth.optimize``, the ``torch.compile`` backend, ``torch.export``) and the verdicts on their
-outputs (float32 and float64 errors, "rounding").
+"""The zoo's sweep of the models :mod:`fxrebirth.testing.zoo` builds: :func:`sweep_one`, its
+per-entry-point runners (``fxrebirth.optimize``, the ``torch.compile`` backend, ``torch.export``) and the
+verdicts on their outputs (float32 and float64 errors, "rounding").
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from fxrebirth.graph.capture import capture as _capture
 from fxrebirth.rewrite.cost import ReplayedCost, RooflineCost
 from fxrebirth.rewrite.endtoend import weight_rounding
 from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
+from fxrebirth.testing.zoo import SIZES, build_sized, family_of, is_reparameterisable
 
 __all__ = ["ENTRY_POINTS", "sweep_one"]
 
@@ -47,15 +47,13 @@ def sweep_one(source: str, name: str, entry_points: Sequence[str] = ENTRY_POINTS
     not a wrong rewrite. ``statistics`` goes to :func:`build`; ``batchnorm_statistics`` says how it set
     them. Exceptions are caught per entry point.
     """
-    from fxrebirth.testing.zoo import SIZES, _build  # zoo imports this module: imported when used
-
     unknown = set(entry_points) - set(ENTRY_POINTS)
     if unknown:
         raise ValueError(f"unknown entry point(s) {sorted(unknown)}; use {ENTRY_POINTS}")
     start = time.perf_counter()
     row = _new_row(source, name, statistics)
     try:
-        model, size, row["batchnorm_statistics"] = _build(source, name, seed, size, statistics)
+        model, size, row["batchnorm_statistics"] = build_sized(source, name, seed, size, statistics)
     except Exception as exc:  # noqa: BLE001
         row.update(built=False, reason=f"{type(exc).__name__}: {first_line(exc)}",
                    seconds=time.perf_counter() - start)
@@ -80,8 +78,6 @@ def sweep_one(source: str, name: str, entry_points: Sequence[str] = ENTRY_POINTS
 
 def _new_row(source: str, name: str, statistics: str) -> dict[str, Any]:
     """The row's first keys: what the model is, before it is built."""
-    from fxrebirth.testing.zoo import family_of, is_reparameterisable  # zoo imports this module
-
     row: dict[str, Any] = {"source": source, "name": name}
     try:
         row["family"] = family_of(source, name)

@@ -4,8 +4,9 @@ every entry point of fxrebirth.
 * :func:`population` defines which models are in the zoo (see its docstring for "attention");
 * :func:`build` makes one with random weights and randomised BatchNorm, :func:`smallest_input` finds
   the smallest square size it runs at;
-* :func:`sweep_one` runs one model through ``fxrebirth.optimize``, the ``torch.compile`` backend and
-  ``torch.export`` + :func:`fxrebirth.frontends.export.optimize_exported`, and returns a JSON-serialisable row;
+* ``sweep_one`` (:mod:`fxrebirth.testing._zoo_sweep`) runs one model through ``fxrebirth.optimize``,
+  the ``torch.compile`` backend and ``torch.export`` + :func:`fxrebirth.frontends.export.optimize_exported`,
+  and returns a JSON-serialisable row;
 * :func:`foldable_batchnorms` and :func:`count_ops` are structural checks of a graph, independent of
   the rules' own code.
 
@@ -14,8 +15,8 @@ it. ``benchmarks/zoo_sweep.py`` runs the whole zoo and writes ``docs/zoo.md``;
 ``tests/test_zoo.py`` is the CI sample.
 
 This module owns the population and the building of models; the sweep (:func:`sweep_one`, the
-entry-point runners, :data:`ENTRY_POINTS`) lives in :mod:`fxrebirth.testing._zoo_sweep` and the
-structural checks in :mod:`fxrebirth.testing._zoo_checks`, both re-exported here.
+entry-point runners, :data:`ENTRY_POINTS`) lives in :mod:`fxrebirth.testing._zoo_sweep`, which imports
+this module, and the structural checks in :mod:`fxrebirth.testing._zoo_checks`, re-exported here.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fxrebirth.errors import first_line
 from fxrebirth.testing import randomize_batchnorm
 from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
-from fxrebirth.testing._zoo_sweep import ENTRY_POINTS, sweep_one
 
 __all__ = [
-    "SOURCES", "SIZES", "ENTRY_POINTS", "REPARAMETERISABLE", "Candidate", "survey", "population",
-    "family_of", "build", "smallest_input", "foldable_batchnorms", "count_ops", "attention_in",
-    "is_reparameterisable", "sweep_one", "STATISTICS",
+    "SOURCES", "SIZES", "REPARAMETERISABLE", "Candidate", "survey", "population", "family_of", "build",
+    "build_sized", "randomize_all_batchnorms", "smallest_input", "foldable_batchnorms", "count_ops",
+    "attention_in", "is_reparameterisable", "STATISTICS",
 ]
 
 SOURCES = ("torchvision", "timm")
@@ -232,7 +232,7 @@ def population(sources: Sequence[str] = SOURCES, max_params: int = 50_000_000,
     return sorted(kept, key=lambda c: (c.source, c.name))
 
 
-def _randomize_all_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
+def randomize_all_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
     """:func:`~fxrebirth.testing.randomize_batchnorm`, plus BatchNorm-like modules outside ``_NormBase``
     (frozen BatchNorm keeps its statistics and affine parameters as buffers)."""
     randomize_batchnorm(model, generator)
@@ -282,14 +282,15 @@ def _calibrate_batchnorms(model: nn.Module, size: int | tuple[int, int], generat
 STATISTICS = ("uniform", "calibrated")
 
 
-def _build(source: str, name: str, seed: int, size: Any, statistics: str) -> tuple[nn.Module, Any, str]:
-    """(model, input size or None, how its BatchNorm statistics were set: "uniform" or "calibrated")."""
+def build_sized(source: str, name: str, seed: int, size: Any, statistics: str) -> tuple[nn.Module, Any, str]:
+    """:func:`build`, returning ``(model, input size or None, how its BatchNorm statistics were set:
+    "uniform" or "calibrated")``; the size is :func:`smallest_input` unless given."""
     if statistics not in STATISTICS:
         raise ValueError(f"statistics={statistics!r}: use one of {STATISTICS}")
     torch.manual_seed(seed)
     model = _construct(source, name).eval()
     generator = torch.Generator().manual_seed(seed + 1)
-    _randomize_all_batchnorms(model, generator)
+    randomize_all_batchnorms(model, generator)
     if size is None:
         size = smallest_input(model)
     how = "uniform"
@@ -312,9 +313,9 @@ def build(source: str, name: str, seed: int = 0, size: int | tuple[int, int] | N
     Uniform statistics no longer normalise anything, and through a hundred layers some models become so
     ill-conditioned that float32 cannot evaluate them (timm's seresnet101 differs from its own float64
     copy by 0.43, norm-wise; calibrated, by 1.5e-5). Calibrated models are well-conditioned, but their
-    small random logits put the float32 rounding of deep ones near 1e-5 (:func:`sweep_one`'s ``noise32``).
+    small random logits put the float32 rounding of deep ones near 1e-5 (the sweep's ``noise32``).
     """
-    return _build(source, name, seed, size, statistics)[0]
+    return build_sized(source, name, seed, size, statistics)[0]
 
 
 def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
