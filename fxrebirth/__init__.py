@@ -3,8 +3,9 @@
 Exact tier: ``gm, report = fxrebirth.optimize(model, example_inputs)`` returns an equivalent
 GraphModule with BatchNorm and constant scale/shift folded into neighbouring layers, and a report of
 every rewrite and refusal. Retraining tier: ``plan = fxrebirth.plan(model, x)`` marks and prices the
-non-linear regions, ``gm, report = fxrebirth.rebirth(model, plan, train_data, test_data=...)`` replaces
-them by retrained rebirth layers. See docs/ for the architecture and every identity.
+candidates of every retraining strategy (streamline, branch, depth, or one registered with
+``fxrebirth.register_strategy``) and chooses among them, ``gm, report = fxrebirth.rebirth(model, plan,
+train_data, test_data=...)`` retrains and merges them. See docs/ for the architecture and every identity.
 """
 
 from fxrebirth.errors import CaptureError, EquivalenceError, FxRebirthError, PipelineError, ShapeGuardError
@@ -12,7 +13,8 @@ from fxrebirth.frontends.library import default_rules, optimize, relative_error
 from fxrebirth.graph.capture import capture
 from fxrebirth.graph.regions import Region, RegionError
 from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
-from fxrebirth.retraining.planning import Plan, PlannedRegion, plan
+from fxrebirth.retraining.planning import Candidate, Plan, plan
+from fxrebirth.retraining.strategy import Strategy, get_strategy, register_strategy, strategy_names
 from fxrebirth.rewrite.pipeline import PassResult, Pipeline, RulePass
 from fxrebirth.rewrite.report import Refusal, Report, RuleStats
 from fxrebirth.rewrite.rules import Match, Rule, RuleContext
@@ -35,7 +37,11 @@ __all__ = [
     "RulePass",
     "RuleStats",
     "Plan",
-    "PlannedRegion",
+    "Candidate",
+    "Strategy",
+    "get_strategy",
+    "register_strategy",
+    "strategy_names",
     "Region",
     "RegionError",
     "capture",

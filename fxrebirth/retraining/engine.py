@@ -1,11 +1,16 @@
-r"""The retraining engine: replace every planned region by its rebirth layer and win the accuracy back.
+r"""The retraining engine: ONE job that trains any plan, whatever strategies its candidates come from.
 
 ``gm, report = fxrebirth.rebirth(model, plan, train_data, test_data=...)``
 
 1. **Rebuild.** The model is captured at the data's image size and the plan checked against it. The
-   student is the captured graph with each selected region behind a :class:`RegionSwitch` (the original
-   region and its rebirth layer); the returned model holds the rebirth layers only.
-2. **Initialise** each rebirth layer (``init=``, :mod:`fxrebirth.retraining.initialise`):
+   student is the captured graph with each selected candidate in its strategy's trainable form
+   (:mod:`fxrebirth.retraining.student`): a streamline or branch region behind a
+   :class:`~fxrebirth.retraining.strategy.RegionSwitch` (the original region and its rebirth layer), a depth
+   segment linearised (:mod:`fxrebirth.retraining.strategies`). The returned model is what each strategy
+   finishes it into: the rebirth layers alone, each depth segment merged into one convolution (verified).
+   A training option that none of the plan's strategies reads is refused before any work.
+2. **Initialise** each rebirth layer of a switch strategy (``init=``, :mod:`fxrebirth.retraining.initialise`;
+   a depth student starts from the original's weights):
 
    * ``"original"`` (default): the original weights re-laid: a streamline convolution's kernel placed inside
      the larger kernel where the pooling window's centre reads; inception branches copied with the first
@@ -33,6 +38,7 @@ r"""The retraining engine: replace every planned region by its rebirth layer and
    * ``"paper"``: DeepRebirth's schedule: bottom-up, one region per step, ``epochs`` epochs per step of
      end-to-end training on labels, the new layer at ``new_layer_lr_mult`` times the learning rate.
 
+   A depth student trains end to end only, its model's BatchNorms in batch statistics (``train_batch_norm``).
    The student trains with dropout off (distillation is its regulariser, and data-parallel runs then match a
    single process). Under ``torchrun`` the end-to-end training is data-parallel (DDP); every rank must call
    :func:`rebirth` with the same arguments. ``device=`` (``cuda`` under torchrun: ``cuda:$LOCAL_RANK``) is where
@@ -64,49 +70,58 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.measure.speed import eager_latency
-from fxrebirth.graph.capture import capture
-from fxrebirth.retraining.data import DataError, check_dataset
 from fxrebirth.errors import FxRebirthError
-from fxrebirth.retraining.initialise import Initialiser, extract_region, probe_nodes
-from fxrebirth.retraining.weights import reinitialise
-from fxrebirth.retraining.planning import Plan, PlannedRegion, check_example
-from fxrebirth.retraining.layers import build_rebirth, rebuild
-from fxrebirth.retraining.report import RebirthReport, StepRecord
+from fxrebirth.graph.capture import capture
 from fxrebirth.graph.regions import Region, RegionError
-from fxrebirth.retraining.train import (Arithmetic, Meter, ProgressFn, batches, evaluate, fingerprint,
-                                        load_checkpoint, paired_difference, resolve_device, save_checkpoint)
+from fxrebirth.measure.speed import eager_latency
 from fxrebirth.retraining.config import INITS, SCHEDULES, RebirthConfig
+from fxrebirth.retraining.data import DataError, check_dataset
+from fxrebirth.retraining.initialise import probe_nodes
+from fxrebirth.retraining.plandata import Plan
+from fxrebirth.retraining.planning import check_example
+from fxrebirth.retraining.report import RebirthReport, StepRecord
 from fxrebirth.retraining.steps import control_schedule, end_to_end, layerwise, schedule
+from fxrebirth.retraining.strategy import COMMON_TRAINING, RegionSwitch, get_strategy
+from fxrebirth.retraining.student import build_student, finish_student, strategies_of
+from fxrebirth.retraining.train import (Arithmetic, ProgressFn, batches, evaluate, fingerprint,
+                                        load_checkpoint, paired_difference, resolve_device, save_checkpoint)
+from fxrebirth.retraining.weights import reinitialise
+from fxrebirth.rewrite.validate import OptionError
 
-__all__ = ["rebirth", "RebirthConfig", "RebirthReport", "RegionSwitch", "extract_region", "INITS", "SCHEDULES"]
+__all__ = ["rebirth", "RebirthJob", "RebirthConfig", "RebirthReport", "RegionSwitch", "INITS", "SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
 
-class RegionSwitch(nn.Module):
-    """A region in the student: the original region's subgraph and its rebirth layer; ``active`` picks."""
+def check_training_options(plan: Plan, config: RebirthConfig) -> None:
+    """Refuse (:class:`OptionError`, one line) a training option set away from its default that none of the
+    plan's selected strategies reads (``init`` for a plan of depth merges only, ...)."""
+    chosen = sorted({c.strategy for c in plan.selected})
+    read = set().union(*(get_strategy(n).training for n in chosen)) if chosen else set()
+    defaults = RebirthConfig()
+    for f in fields(RebirthConfig):
+        if f.name in COMMON_TRAINING or f.name in read or getattr(config, f.name) == getattr(defaults, f.name):
+            continue
+        if f.name == "init" and config.init == "auto":
+            continue  # auto: each strategy's own default
+        users = [n for n in ("streamline", "branch", "depth") if f.name in get_strategy(n).training]
+        raise OptionError(f"{f.name}={getattr(config, f.name)!r} is read by the {' and '.join(users) or 'no'} "
+                          f"strateg{'ies' if len(users) > 1 else 'y'}; this plan merges {', '.join(chosen)} only: "
+                          f"drop {f.name}")
 
-    def __init__(self, original: nn.Module, rebirth: nn.Module) -> None:
-        super().__init__()
-        self.original = original
-        self.rebirth = rebirth
-        self.register_buffer("active", torch.tensor(False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rebirth(x) if bool(self.active) else self.original(x)
-
-
-class _Job:
-    """One rebirth run: the student, its steps, and the checkpoint that records the finished ones."""
+class RebirthJob:
+    """One retraining run of a plan: the student, its steps, and the checkpoint that records the finished ones.
+    Strategies reach it through :attr:`teacher`, :attr:`config`, :attr:`train_data`, :attr:`progress`,
+    :attr:`region_facts`, :meth:`switch` and :meth:`student_input`."""
 
     def __init__(self, model: nn.Module, plan: Plan, train_data: Any, test_data: Any, config: RebirthConfig,
                  progress: ProgressFn | None, checkpoint_dir: str | None, control_images: int | None = None) -> None:
         self.config, self.progress, self.train_data, self.test_data = config, progress, train_data, test_data
-        self._check_plan(plan, model)
+        self.plan = _checked_plan(plan, model, config)
         image, _ = _first(train_data, "train_data")
         model = copy.deepcopy(model).eval().cpu()  # the user's model is never touched
-        num_classes = self._num_classes(model, image)
+        num_classes = _num_classes(model, image)
         check_dataset(train_data, name="train_data", num_classes=num_classes)
         if test_data is not None:
             check_dataset(test_data, name="test_data", num_classes=num_classes, image_size=tuple(image.shape[1:]))
@@ -114,9 +129,7 @@ class _Job:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         torch.manual_seed(config.seed)
-        self._build_student(plan, list(image.shape))
-        for p in self.student.parameters():
-            p.requires_grad_(True)
+        self._build_student(list(image.shape))
         self.device = resolve_device(config.device)
         Arithmetic.check(config.precision, self.device)  # say so before any work
         self.teacher.to(self.device)
@@ -126,7 +139,7 @@ class _Job:
         self.steps = schedule(config, ids) if control_images is None else \
             control_schedule(config, ids, control_images, len(train_data))
         # the plan's regions, not its timings
-        self.key = fingerprint(config.key_settings(), [r.region.to_dict() for r in self.planned], len(train_data),
+        self.key = fingerprint(config.key_settings(), [r.to_dict() for r in self.regions], len(train_data),
                                model.state_dict(), control_images)
         name = "rebirth.ckpt" if control_images is None else "control.ckpt"
         self.path = os.path.join(checkpoint_dir, name) if checkpoint_dir else None
@@ -135,41 +148,18 @@ class _Job:
         self.eval_reference: torch.Tensor | None = None
         self.observed = 0  # forward-only images of the last end-to-end step's BatchNorm statistics
 
-    @staticmethod
-    def _check_plan(plan: Any, model: nn.Module) -> None:
-        if not isinstance(plan, Plan):
-            raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
-                                 "fxrebirth.plan(model, example_inputs)")
-        if not plan.selected:
-            raise FxRebirthError("the plan selects no region: nothing to rebuild")
-        if plan.model and plan.model != type(model).__name__:
-            raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
-
-    def _build_student(self, plan: Any, image_shape: list[int]) -> None:
+    def _build_student(self, image_shape: list[int]) -> None:
         """``self.planned``/``self.regions`` (graph order), ``self.switches`` and ``self.student``."""
         try:
-            plan.validate(self.teacher)
+            self.student, self.switches = build_student(self.teacher, self.plan)
         except RegionError as exc:
-            raise RegionError(f"the plan does not fit this model at the data's image size "
-                              f"{image_shape}: {exc}") from None
+            raise RegionError(f"the plan does not fit this model at the data's image size {image_shape}: "
+                              f"{exc}") from None
         position = {n.name: i for i, n in enumerate(self.teacher.graph.nodes)}
-        self.planned: list[Any] = sorted(plan.selected, key=lambda r: position[r.region.output])
-        self.regions = [p.region for p in self.planned]
-        self.switches = {r.id: RegionSwitch(copy.deepcopy(extract_region(self.teacher, r)),
-                                            build_rebirth(r.proposal)) for r in self.regions}
-        self.student = rebuild(self.teacher, plan, modules=self.switches)
-
-    @staticmethod
-    def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
-        with torch.no_grad():
-            try:
-                out = model(image[None])
-            except Exception as exc:
-                raise DataError(f"the model does not accept the data's images {list(image.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from None
-        if out.dim() != 2:
-            raise FxRebirthError(f"the model must return logits [batch, classes]; it returned {list(out.shape)}")
-        return out.shape[1]
+        self.planned = sorted(self.plan.selected, key=lambda c: position[c.region.output])
+        self.regions = [c.region for c in self.planned]
+        for p in self.student.parameters():
+            p.requires_grad_(True)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def resume(self) -> int:
@@ -208,35 +198,28 @@ class _Job:
             log.info("rebirth: %s done in %.1f s", step.name, record.wall_s)
 
     def initialise(self, ids: list[str], seed: int) -> int:
-        """Initialise the rebirth layers of ``ids`` bottom-up, switching each on once it is initialised;
-        return the forward-only calibration images used. Each least-squares fit reads its region's input
-        from the student (the regions below already merged) and its targets from the original model, also
-        in the paper schedule, where the layers below have been fine-tuned by then."""
-        regions = [r for r in self.regions if r.id in ids]
-        init = Initialiser(self.teacher, regions, self.config.init, self.config.ridge)
-        per_region = min(self.config.calibration_images, len(self.train_data))
-        fitted = [r for r in regions if init.method(r) == "lstsq"]
-        meter = Meter(self.progress, "calibration", per_region * len(fitted))
+        """Each strategy initialises its regions among ``ids`` (bottom-up within it); returns the
+        forward-only calibration images used."""
         used = 0
-        for region in regions:
-            switch = self.switches[region.id]
-            used += init.calibrate(region, switch.rebirth, self.train_data, per_region, self.config.batch_size,
-                                   seed, meter, student_input=self._student_input(region))
-            facts = init.apply(region, switch.rebirth)
-            self.region_facts[region.id].update(init=init.method(region), **facts)
-            switch.active.fill_(True)
+        for strategy, regions in strategies_of(self.plan):
+            mine = [r for r in self.regions if r.id in ids and r.kind == strategy.name]
+            if mine:
+                used += strategy.initialise(self, mine, seed)
         return used
 
+    def switch(self, region_id: str) -> RegionSwitch:
+        """The switch of a region of a switch strategy."""
+        return self.switches[region_id]
+
     def scratch(self) -> None:
-        """The control's start: every weight of the student anew (He), every region switched to its rebirth
-        layer."""
+        """The control's start: every weight of the student anew (He), every switch on its rebirth layer."""
         kept = reinitialise(self.student)
         if kept:
             log.warning("rebirth control: %d parameter(s) not re-initialised: %s", len(kept), kept[:5])
         for switch in self.switches.values():
             switch.active.fill_(True)
 
-    def _student_input(self, region: Region) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def student_input(self, region: Region) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The student's value at the input of ``region``'s switch, when any region before it is merged."""
         if not any(bool(s.active) for s in self.switches.values()):
             return None
@@ -252,13 +235,14 @@ class _Job:
 
     def layerwise(self, stage: str, seed: int) -> tuple[int, float | None, list]:
         images = int(round(self.config.layerwise_epochs * len(self.train_data)))
-        if images == 0:
+        switched = [r for r in self.regions if r.id in self.switches]
+        if images == 0 or not switched:
             return 0, None, []
         # inputs from the student (every region merged), targets from the original: each layer learns to
         # correct what the layers below it got wrong, as its least-squares fit did
-        targets = probe_nodes(self.teacher, [r.output for r in self.regions]).eval()
-        inputs = probe_nodes(self.student, [self._switch_input(r) for r in self.regions]).eval()
-        rebirths = [self.switches[r.id].rebirth for r in self.regions]
+        targets = probe_nodes(self.teacher, [r.output for r in switched]).eval()
+        inputs = probe_nodes(self.student, [self._switch_input(r) for r in switched]).eval()
+        rebirths = [self.switches[r.id].rebirth for r in switched]
         return layerwise(rebirths, inputs, targets, self.train_data, self.config, images, seed, self.progress, stage)
 
     def end_to_end(self, stage: str, epochs: float, seed: int, kd_weight: float) -> tuple[int, float | None, list]:
@@ -266,9 +250,16 @@ class _Job:
         self.observed = 0
         if images == 0:
             return 0, None, []
-        done, loss, curve, self.observed = end_to_end(self.student, self.teacher, self.switches, self.regions,
-                                                      self.train_data, self.config, images, seed, kd_weight,
-                                                      self.progress, stage)
+        strategies = [s for s, _ in strategies_of(self.plan)]
+        for strategy in strategies:
+            strategy.train_mode(self.student, self.config.train_batch_norm)
+        try:
+            done, loss, curve, self.observed = end_to_end(self.student, self.teacher, self.switches, self.regions,
+                                                          self.train_data, self.config, images, seed, kd_weight,
+                                                          self.progress, stage)
+        finally:
+            for strategy in strategies:
+                strategy.train_mode(self.student, False)
         return done, loss, curve
 
     def _evaluate_step(self, record: StepRecord) -> None:
@@ -281,20 +272,33 @@ class _Job:
         record.top1, record.agreement = result.top1, result.agreement
 
     def result(self) -> fx.GraphModule:
-        """The reborn model (on the job's device): the student with each switch replaced by its rebirth
-        layer."""
-        reborn = copy.deepcopy(self.student)
-        for node in reborn.graph.nodes:
-            if node.op == "call_module" and isinstance(reborn.get_submodule(node.target), RegionSwitch):
-                switch = reborn.get_submodule(node.target)
-                if not bool(switch.active):
-                    raise FxRebirthError(f"region at {node.target} was never merged")
-                reborn.add_submodule(node.target, switch.rebirth)
-        reborn.delete_all_unused_submodules()
-        reborn.recompile()
-        for p in reborn.parameters():
-            p.requires_grad_(False)
-        return reborn.eval()
+        """The reborn model (on the job's device): the trained student finished by each strategy."""
+        return finish_student(self.student, self.plan)
+
+
+def _checked_plan(plan: Any, model: nn.Module, config: RebirthConfig) -> Plan:
+    if not isinstance(plan, Plan):
+        raise FxRebirthError(f"plan must be a fxrebirth.Plan (got {type(plan).__name__}); make one with "
+                             "fxrebirth.plan(model, example_inputs)")
+    if not plan.selected:
+        raise FxRebirthError("the plan selects no candidate: nothing to rebuild (Plan.select() with a lower target, "
+                             "or another strategy)")
+    if plan.model and plan.model != type(model).__name__:
+        raise RegionError(f"the plan was made for a {plan.model}, the model is a {type(model).__name__}")
+    check_training_options(plan, config)
+    return plan
+
+
+def _num_classes(model: nn.Module, image: torch.Tensor) -> int:
+    with torch.no_grad():
+        try:
+            out = model(image[None])
+        except Exception as exc:
+            raise DataError(f"the model does not accept the data's images {list(image.shape)}: "
+                            f"{type(exc).__name__}: {exc}") from None
+    if out.dim() != 2:
+        raise FxRebirthError(f"the model must return logits [batch, classes]; it returned {list(out.shape)}")
+    return out.shape[1]
 
 
 def _first(data: Any, name: str) -> tuple[torch.Tensor, Any]:
@@ -316,8 +320,7 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
             latency_input: torch.Tensor | None = None, latency_rounds: int = 20, control: bool = False,
             teacher_cost: dict[str, Any] | None = None, **options: Any) -> tuple[fx.GraphModule, RebirthReport]:
     """Replace every region ``plan`` selects by its rebirth layer and retrain (see the module docstring);
-    with a :class:`~fxrebirth.retraining.depthplan.DepthPlan`, linearise its segments, retrain and merge
-    them (:mod:`fxrebirth.retraining.depthjob`).
+    whatever strategies the plan's candidates come from (:class:`RebirthJob`).
 
     ``model`` is not modified. ``train_data``/``test_data``: map-style datasets of ``(image [3, H, W], label)``
     (:class:`fxrebirth.paper.data.Shapes`, :func:`~fxrebirth.paper.data.image_folder`, ...). Options are the fields of
@@ -336,8 +339,7 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
     if latency_input is not None:
         check_example("rebirth: latency_input", (latency_input,))
     folder = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
-    job_type = _job_type(plan)
-    job = job_type(model, plan, train_data, test_data, config, progress, folder)
+    job = RebirthJob(model, plan, train_data, test_data, config, progress, folder)
     job.run(resume)
     reborn = job.result()
     report = job.report
@@ -349,7 +351,7 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
     report.teacher_cost = dict(teacher_cost) if teacher_cost else None
     evaluated = _evaluate(job.teacher, reborn, test_data, report, job.device) if test_data is not None else None
     if control:
-        scratch = job_type(model, plan, train_data, test_data, config, progress, folder,
+        scratch = RebirthJob(model, plan, train_data, test_data, config, progress, folder,
                        control_images=report.trained_images)
         scratch.run(resume)
         report.control = _control_record(scratch, evaluated, test_data)
@@ -358,17 +360,6 @@ def rebirth(model: nn.Module, plan: Plan, train_data: Any, *, test_data: Any = N
         report.latency = {**eager_latency(model, reborn, latency_input, latency_rounds),
                           "planned_speedup": plan.estimated_speedup}
     return reborn, report
-
-
-def _job_type(plan: Any) -> type[_Job]:
-    """The job for ``plan``: a rebirth plan's, or a depth plan's (:mod:`fxrebirth.retraining.depthjob`)."""
-    from fxrebirth.retraining.depthplan import DepthPlan
-
-    if isinstance(plan, DepthPlan):
-        from fxrebirth.retraining.depthjob import DepthJob
-
-        return DepthJob
-    return _Job
 
 
 def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: RebirthReport,
@@ -383,7 +374,7 @@ def _evaluate(teacher: nn.Module, reborn: nn.Module, test_data: Any, report: Reb
     return teacher_eval, student_eval, labels
 
 
-def _control_record(job: _Job, evaluated: tuple[Any, Any, Any] | None, test_data: Any) -> dict[str, Any]:
+def _control_record(job: RebirthJob, evaluated: tuple[Any, Any, Any] | None, test_data: Any) -> dict[str, Any]:
     """The scratch control's cost and steps, and with test data its accuracy and the paired interval of the
     reborn model's top-1 minus the control's."""
     record: dict[str, Any] = {"trained_images": job.report.trained_images,

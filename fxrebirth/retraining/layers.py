@@ -21,9 +21,8 @@ from torch import nn
 
 from fxrebirth.graph.regions import BranchLayer, ConvProposal, DepthProposal, InceptionProposal, Proposal, RegionError
 from fxrebirth.graph.mutation import eliminate_dead_code
-from fxrebirth.graph.surgery import device_of
 
-__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "rebuild"]
+__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "replace_regions"]
 
 
 def _conv(proposal: ConvProposal) -> nn.Module:
@@ -85,26 +84,26 @@ def build_rebirth(proposal: Proposal | dict[str, Any] | None) -> nn.Module:
     return builder(proposal)
 
 
-def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Module] | None = None
-            ) -> "torch.fx.GraphModule":
-    """A copy of ``gm`` (the captured model) with every selected region of ``plan`` replaced by its
-    rebirth layer, freshly initialised (untrained: for measuring speed; :func:`fxrebirth.retraining.layers` retrains),
-    or by ``modules[region id]`` where given (inserted as is, not copied)."""
+def replace_regions(gm: "torch.fx.GraphModule", regions: "list[Any]", modules: dict[str, nn.Module]
+                    ) -> "torch.fx.GraphModule":
+    """A copy of ``gm`` (the captured model) with every one of ``regions`` (disjoint, checked by the caller)
+    replaced by a call of ``modules[region id]`` (inserted as is, not copied)."""
     import copy
 
     import torch.fx as fx
 
-    plan.validate(gm)
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
-    device = device_of(out)
     position = {n.name: i for i, n in enumerate(out.graph.nodes)}
     replaced: dict[str, fx.Node] = {}  # a region's output -> its rebirth call (a later region's input)
-    for i, planned in enumerate(sorted(plan.selected, key=lambda r: position[r.region.output])):
-        region = planned.region
-        name = f"rebirth_{i}"
-        module = (modules or {}).get(region.id)
-        out.add_submodule(name, module if module is not None else build_rebirth(region.proposal).to(device))
+    taken = {n for n in nodes if n.startswith("rebirth_")}
+    index = 0
+    for region in sorted(regions, key=lambda r: position[r.output]):
+        while f"rebirth_{index}" in taken or hasattr(out, f"rebirth_{index}"):
+            index += 1
+        name = f"rebirth_{index}"
+        index += 1
+        out.add_submodule(name, modules[region.id])
         old = nodes[region.output]
         # where the region's first layer read its input: a write to the input after that read stays after it
         with out.graph.inserting_before(min(nodes[n] for n in region.nodes)):
@@ -112,6 +111,7 @@ def rebuild(gm: "torch.fx.GraphModule", plan: "Any", modules: dict[str, nn.Modul
         replaced[region.output] = new
         new.meta["tensor_meta"] = old.meta.get("tensor_meta")
         new.meta["fxrebirth.replaces"] = region.replaces
+        new.meta["fxrebirth.region"] = region.id
         old.replace_all_uses_with(new)
     eliminate_dead_code(out.graph)  # mutation-aware: keeps in-place statements outside the regions
     out.delete_all_unused_submodules()

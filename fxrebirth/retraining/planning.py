@@ -1,24 +1,33 @@
-"""Rebirth planning: mark the non-linear regions, measure what they cost, choose which to merge.
+r"""Planning: every strategy's candidates, measured on the target runtime, one choice across them.
 
-``fxrebirth.plan(model, example_inputs)`` captures the model, runs the marking passes (streamline and
-branch), measures every node's latency on this machine (or reads a latency table measured elsewhere,
-e.g. on a phone), estimates each region's rebirth layer the same way, and returns a :class:`Plan`: per
-region, which original layers it replaces, its cost now, the estimated cost of its rebirth layer, the
-gain, and whether it is selected. The gain is known before any training.
+``plan = fxrebirth.plan(model, x, strategies=None, calibration=None, target_speedup=None)``
 
-Selection: every region whose rebirth layer is faster (``select="all"``), or the biggest gains first
-until a ``target_speedup`` or a latency ``budget_s`` is met. Regions whose rebirth layer would be slower
-are never selected, nor those ``keep`` names (an id such as ``"streamline:conv1.conv"``, or a prefix such as
-``"streamline:"``): the way to trade speed for accuracy where a region costs more accuracy than its gain is
-worth (docs/results.md measures what each region of the paper's GoogLeNet costs). A Plan is plain data:
-JSON in and out, editable (drop a region, change a width); :meth:`Plan.validate` rejects an edited plan
-that would not fit the model, with the reason.
+1. **Candidates.** The model is captured at ``x`` (the deployment input) and every chosen strategy
+   (:mod:`fxrebirth.retraining.strategy`; default: every registered one that finds a candidate) marks its
+   candidates, each a region with its proposed layer and geometry.
+2. **Importance** (strategies that measure it, on ``calibration`` images at the training size): what
+   merging each candidate alone costs, in the strategy's unit (the depth strategy: KL nats per image).
+   Without calibration images, or for a strategy that does not measure it, it is ``None``.
+3. **Latency** on the runtime that will run the model (``runtime``, a name of
+   :mod:`fxrebirth.measure.runtimes`; default eager PyTorch): each candidate cut out of the graph and its
+   replacing layer, timed A/B in interleaved rounds (``gain = now - new``); or read from a table measured on
+   a device (``device_table``, :mod:`fxrebirth.retraining.profiling`) or from per-node latencies
+   (``latency_table``). A candidate that is not faster merged is never chosen.
+4. **Choice** (:func:`fxrebirth.retraining.selection.choose`): with a target speed-up or a latency budget,
+   the least summed importance that reaches it; without either, the set that saves the most, plus every
+   other candidate worth merging that conflicts with none chosen. Candidates conflict when their spans in
+   graph order overlap, whatever strategies marked them. ``keep`` names regions never chosen.
+
+A :class:`Plan` is plain data: JSON in and out (plans written by fxrebirth 0.2's two planners load too),
+editable (:meth:`Plan.drop`, :meth:`Plan.keep`, :meth:`Plan.select`), checked against a model by
+:meth:`Plan.validate`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import copy
+import logging
+import time
 from typing import Any
 
 import torch
@@ -26,301 +35,21 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.graph.capture import as_input_tuple, capture
-from fxrebirth.rewrite.cost import TableCost, graph_flops, median_seconds, node_bytes, node_flops, profile_nodes
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.retraining.layers import build_rebirth
-from fxrebirth.graph.regions import Region, RegionError, check_regions
-from fxrebirth.rewrite.validate import COUNT, NOT_NEGATIVE, POSITIVE, Range, validate_numbers
+from fxrebirth.graph.regions import Region, RegionError
+from fxrebirth.retraining.plandata import Candidate, Plan, kept_ids
+from fxrebirth.retraining.strategy import Strategy, get_strategy, strategy_names
+from fxrebirth.retraining.timing import time_candidates
+from fxrebirth.rewrite.cost import graph_flops, node_flops
+from fxrebirth.rewrite.validate import COUNT, NOT_NEGATIVE, POSITIVE, OptionError, Range, validate_numbers
 
-__all__ = ["plan", "mark_regions", "Plan", "PlannedRegion", "runtime_ab", "region_pairs", "timed_pairs", "kept_ids"]
+__all__ = ["plan", "Plan", "Candidate", "kept_ids", "check_example", "mark", "rebuild", "planner_name"]
 
+log = logging.getLogger(__name__)
 
-def _time_module(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    return median_seconds(lambda: module(x), repeats, warmup=1)
-
-
-def _depth(gm: fx.GraphModule, region: Region) -> int:
-    """Weighted layers (convolutions) on the longest path through the region."""
-    members = set(region.nodes)
-    best: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.name not in members:
-            continue
-        here = 1 if kind_of(node) == "conv" else 0
-        best[node.name] = here + max((best.get(a.name, 0) for a in node.all_input_nodes), default=0)
-    return best.get(region.output, 0)
-
-
-@dataclass
-class PlannedRegion:
-    """A region with its measured cost, its rebirth layer's estimated cost, and the decision."""
-
-    region: Region
-    cost_now_s: float
-    cost_rebirth_s: float
-    depth_now: int
-    depth_rebirth: int
-    flops_now: int = 0
-    flops_rebirth: int = 0
-    bytes_now: int = 0
-    bytes_rebirth: int = 0
-    selected: bool = False
-
-    @property
-    def gain_s(self) -> float:
-        return self.cost_now_s - self.cost_rebirth_s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"region": self.region.to_dict(), "cost_now_s": self.cost_now_s,
-                "cost_rebirth_s": self.cost_rebirth_s, "depth_now": self.depth_now,
-                "depth_rebirth": self.depth_rebirth, "flops_now": self.flops_now,
-                "flops_rebirth": self.flops_rebirth, "bytes_now": self.bytes_now,
-                "bytes_rebirth": self.bytes_rebirth, "selected": self.selected}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PlannedRegion":
-        data = dict(data)
-        data["region"] = Region.from_dict(data["region"])
-        return cls(**data)
-
-
-@dataclass
-class Plan:
-    """Which regions to replace by rebirth layers, and what that is expected to gain."""
-
-    model: str
-    input_shape: list[int]
-    latency_s: float
-    source: str
-    regions: list[PlannedRegion] = field(default_factory=list)
-
-    @property
-    def selected(self) -> list[PlannedRegion]:
-        return [r for r in self.regions if r.selected]
-
-    @property
-    def estimated_latency_s(self) -> float:
-        return self.latency_s - sum(r.gain_s for r in self.selected)
-
-    @property
-    def estimated_speedup(self) -> float:
-        return self.latency_s / self.estimated_latency_s if self.estimated_latency_s > 0 else float("inf")
-
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps({"model": self.model, "input_shape": self.input_shape, "latency_s": self.latency_s,
-                           "source": self.source, "regions": [r.to_dict() for r in self.regions]}, **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        data = json.loads(text)
-        data["regions"] = [PlannedRegion.from_dict(r) for r in data["regions"]]
-        return cls(**data)
-
-    def drop(self, region_id: str) -> None:
-        """Deselect a region by id (``KeyError`` naming the known ids if there is none)."""
-        self._get(region_id).selected = False
-
-    def keep(self, names: "list[str] | tuple[str, ...]") -> None:
-        """Deselect every region whose id is one of ``names`` or starts with one of them (the original layers
-        stay); :class:`RegionError` naming the known ids for a name that matches no region."""
-        for region_id in kept_ids([r.region.id for r in self.regions], names):
-            self.drop(region_id)
-
-    def _get(self, region_id: str) -> PlannedRegion:
-        for r in self.regions:
-            if r.region.id == region_id:
-                return r
-        raise KeyError(f"no region {region_id!r}; regions: {[r.region.id for r in self.regions]}")
-
-    def validate(self, gm: fx.GraphModule) -> None:
-        """Raise :class:`RegionError` unless the selected regions fit ``gm`` (the captured model):
-        valid, non-overlapping regions whose rebirth layers read and produce the regions' shapes."""
-        regions = [r.region for r in self.selected]
-        check_regions(gm.graph, regions)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for region in regions:
-            x, out = nodes[region.input], nodes[region.output]
-            in_shape, out_shape = tuple(x.meta["tensor_meta"].shape), tuple(out.meta["tensor_meta"].shape)
-            try:
-                module = build_rebirth(region.proposal)
-                with torch.no_grad():
-                    got = tuple(module(torch.zeros(in_shape)).shape)
-            except RegionError:
-                raise
-            except Exception as exc:
-                raise RegionError(f"region {region.id!r}: its rebirth layer does not fit: {exc}") from None
-            if got != out_shape:
-                raise RegionError(
-                    f"region {region.id!r}: its rebirth layer produces {list(got)}, the region {list(out_shape)}"
-                )
-
-    def table(self) -> str:
-        """Which layers each rebirth layer replaces, the depth lost, and the measured/estimated costs."""
-        lines = [f"rebirth plan: {self.model}, input {self.input_shape}, latency {self.latency_s * 1e3:.2f} ms "
-                 f"({self.source})",
-                 f"  {'region':<32} {'depth':>7} {'now ms':>8} {'rebirth':>8} {'gain':>7} {'share':>6} "
-                 f"{'MFLOPs':>15}  sel  replaces"]
-        for r in self.regions:
-            share = r.cost_now_s / self.latency_s if self.latency_s else 0.0
-            replaces = r.region.summary()
-            lines.append(
-                f"  {r.region.id:<32} {r.depth_now:>3}->{r.depth_rebirth:<3} {r.cost_now_s * 1e3:>8.2f} "
-                f"{r.cost_rebirth_s * 1e3:>8.2f} {r.gain_s * 1e3:>7.2f} {share:>6.1%} "
-                f"{r.flops_now / 1e6:>7.0f}->{r.flops_rebirth / 1e6:<7.0f}  {'yes' if r.selected else ' no'}  "
-                f"{replaces[:90]}{'...' if len(replaces) > 90 else ''}"
-            )
-        lines.append(f"  selected {len(self.selected)} of {len(self.regions)} regions; estimated latency "
-                     f"{self.estimated_latency_s * 1e3:.2f} ms ({self.estimated_speedup:.2f}x), before retraining")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _here_or_from_table(gm: fx.GraphModule, inputs: tuple, regions: list[Region], latency_table: dict | None,
-                        repeats: int) -> tuple[float, dict[str, tuple[float, float]], str]:
-    """As :func:`_through_runtime`, in eager PyTorch: every node profiled here and each rebirth layer timed,
-    or both read from ``latency_table`` (the roofline model for entries it lacks)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    if latency_table is None:
-        costs = profile_nodes(gm, inputs, repeats=repeats)
-        source = f"measured here, eager, median of {repeats}"
-    else:
-        table = TableCost(latency_table)
-        costs = {n.name: table.node_cost(n) for n in gm.graph.nodes}
-        source = "latency table"
-    out = {}
-    for region in regions:
-        module = build_rebirth(region.proposal)
-        x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
-        if latency_table is None:
-            rebirth = _time_module(module, x, repeats)
-        else:
-            rebirth = sum(table.node_cost(n) for n in capture(module, x).graph.nodes)
-        out[region.id] = (sum(costs.get(name, 0.0) for name in region.nodes), rebirth)
-    return sum(costs.values()), out, source
-
-
-def runtime_ab(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], runtime: str, rounds: int,
-               lowering: Any = None, whole: tuple[nn.Module, torch.Tensor] | None = None
-               ) -> tuple[float | None, dict[str, tuple[float, float]], float]:
-    """Per key of ``pairs`` (``(now, new, x)``), the median seconds of ``now(x)`` and ``new(x)`` under
-    ``runtime``, the two timed in ``rounds`` interleaved A/B rounds, each after ``lowering`` where given;
-    with the median seconds of ``whole`` (a model and its input) first, and the wall seconds spent."""
-    import tempfile
-    import time
-
-    from fxrebirth.measure.speed import runtime_runner
-    from fxrebirth.measure.timing import interleaved_medians
-
-    start = time.perf_counter()
-
-    def runner(module: nn.Module, x: torch.Tensor, folder: str, name: str):
-        module, _ = lowering(module, runtime, x) if lowering is not None else (module, "")
-        return runtime_runner(module, runtime, x, folder, name=name)
-
-    out: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="fxrebirth-plan-") as folder:
-        total = None
-        if whole is not None:
-            total = interleaved_medians({"model": runner(*whole, folder, "model")}, rounds)["model"] / 1e3
-        for i, (key, (now, new, x)) in enumerate(pairs.items()):
-            runs = {"now": runner(now, x, folder, f"{i}-now"), "new": runner(new, x, folder, f"{i}-new")}
-            ms = interleaved_medians(runs, rounds)
-            out[key] = (ms["now"] / 1e3, ms["new"] / 1e3)
-    return total, out, time.perf_counter() - start
-
-
-def region_pairs(gm: fx.GraphModule, regions: list[Region]) -> dict[str, tuple[nn.Module, nn.Module, torch.Tensor]]:
-    """Per region: the region cut out of the graph (one input, one output), a freshly initialised rebirth
-    layer of its proposal, and a random input of the region's shape: what :func:`runtime_ab` times."""
-    from fxrebirth.retraining.initialise import extract_region
-
-    nodes = {n.name: n for n in gm.graph.nodes}
-    pairs = {}
-    for region in regions:
-        x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
-        pairs[region.id] = (extract_region(gm, region), build_rebirth(region.proposal).eval(), x)
-    return pairs
-
-
-def timed_pairs(pairs: dict[str, tuple[nn.Module, nn.Module, torch.Tensor]], whole: tuple[nn.Module, torch.Tensor],
-                planner: str, runtime: str, rounds: int, lowering: Any, device_table: Any
-                ) -> tuple[float, dict[str, tuple[float, float]], str]:
-    """The whole model's seconds, ``(now, new)`` seconds per pair, and where they come from: timed here
-    through ``runtime`` in ``rounds`` interleaved A/B rounds (:func:`runtime_ab`), or read from
-    ``device_table``, a table measured on the device (:func:`fxrebirth.measure.bundle.read_table`)."""
-    if device_table is not None:
-        from fxrebirth.measure.bundle import read_table
-
-        if runtime != "eager":
-            raise ValueError(f"give device_table= or runtime={runtime!r}, not both: the table was measured on one "
-                             "runtime")
-
-        return read_table(device_table, planner, {k: tuple(x.shape) for k, (_, _, x) in pairs.items()},
-                          tuple(whole[1].shape))
-    total, out, spent = runtime_ab(pairs, runtime, rounds, lowering, whole)
-    return total, out, f"measured here through {runtime}, median of {rounds} interleaved A/B rounds ({spent:.0f} s)"
-
-
-def _through_runtime(gm: fx.GraphModule, inputs: tuple, regions: list[Region], runtime: str, repeats: int,
-                     lowering: Any, device_table: Any = None) -> tuple[float, dict[str, tuple[float, float]], str]:
-    """The whole model's latency and, per region, (its own latency, its rebirth layer's), in seconds,
-    all under ``runtime``: each pair of :func:`region_pairs` timed in ``max(repeats, 5)`` interleaved
-    rounds, so that a merge is judged by the runtime that will run it (its fusions included), or read
-    from ``device_table``."""
-    return timed_pairs(region_pairs(gm, regions), (gm, inputs[0]), "regions", runtime, max(repeats, 5), lowering,
-                       device_table)
-
-
-def kept_ids(ids: list[str], names: "list[str] | tuple[str, ...]") -> list[str]:
-    """The region ids that ``names`` keep: equal to a name or starting with it. :class:`RegionError` for a name
-    that matches none, naming the ids there are (a typo must not silently merge the region it meant)."""
-    kept = []
-    for name in names:
-        matched = [i for i in ids if i == name or i.startswith(name)]
-        if not matched:
-            raise RegionError(f"keep {name!r}: no region has that id or prefix; regions: {', '.join(ids)}")
-        kept += [i for i in matched if i not in kept]
-    return kept
-
-
-def _select(planned: list[PlannedRegion], latency_s: float, select: str, target_speedup: float | None,
-            budget_s: float | None, keep: "list[str] | tuple[str, ...]" = ()) -> None:
-    kept = set(kept_ids([r.region.id for r in planned], keep))
-    candidates = sorted((r for r in planned if r.gain_s > 0 and r.region.id not in kept), key=lambda r: -r.gain_s)
-    if target_speedup is None and budget_s is None:
-        if select != "all":
-            raise ValueError(f"select={select!r}: use 'all', or give target_speedup= or budget_s=")
-        for r in candidates:
-            r.selected = True
-        return
-    goal = budget_s if budget_s is not None else latency_s / target_speedup
-    current = latency_s
-    for r in candidates:
-        if current <= goal:
-            break
-        r.selected = True
-        current -= r.gain_s
-
-
-def mark_regions(gm: fx.GraphModule, *, reduce_ratio: float | None = None, collapse_reduce: bool = False,
-                 streamline_kernel: str = "field") -> list[Region]:
-    """The streamline and inception regions of the captured ``gm``, their rebirth layers proposed with
-    these options (what :func:`plan` and :func:`~fxrebirth.retraining.profiling.profile` both mark)."""
-    from fxrebirth.passes import inception, streamline
-
-    kwargs: dict[str, Any] = {"collapse_reduce": collapse_reduce}
-    if reduce_ratio is not None and not 0 < reduce_ratio <= 1:
-        raise ValueError(f"reduce_ratio={reduce_ratio}: give a fraction of the reduce layers' width in (0, 1]")
-    if reduce_ratio is not None:
-        kwargs["reduce_ratio"] = reduce_ratio
-    return streamline.mark_streamline(gm, streamline_kernel) + inception.mark_inception(gm, **kwargs)
-
-
-PLAN_RANGES = {"target_speedup": POSITIVE, "budget_s": NOT_NEGATIVE, "repeats": COUNT,
-               "reduce_ratio": Range(0, 1, open_low=True)}
-"""The numeric options of :func:`plan` and the values each accepts (the first three may be None)."""
+PLAN_RANGES = {"target_speedup": POSITIVE, "budget_s": NOT_NEGATIVE, "rounds": COUNT, "batch": COUNT,
+               "reduce_ratio": Range(0, 1, open_low=True), "max_convs": COUNT}
+"""The numeric options of :func:`plan` and the values each accepts (None: not given)."""
 
 
 def check_example(owner: str, inputs: tuple) -> None:
@@ -332,62 +61,149 @@ def check_example(owner: str, inputs: tuple) -> None:
                           "image, e.g. torch.randn(1, 3, H, W)")
 
 
-def plan(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    select: str = "all",
-    target_speedup: float | None = None,
-    budget_s: float | None = None,
-    latency_table: dict[str, float] | None = None,
-    reduce_ratio: float | None = None,
-    collapse_reduce: bool = False,
-    streamline_kernel: str = "field",
-    keep: "list[str] | tuple[str, ...]" = (),
-    repeats: int = 5,
-    leaf_modules: tuple = (),
-    runtime: str = "eager",
-    lowering: Any = None,
-    device_table: Any = None,
-) -> Plan:
-    """Mark, measure and plan (see the module docstring). ``latency_table`` (``node_signature`` ->
-    seconds, measured on the target) replaces profiling here; rebirth layers missing from it are
-    estimated by the roofline model. ``runtime`` (any of :data:`fxrebirth.measure.runners.RUNTIMES`) other
-    than ``eager`` times every region A/B through that runtime instead (:func:`_through_runtime`);
-    ``lowering`` (:data:`fxrebirth.measure.speed.Lowering`) rewrites what the runtime lacks first.
-    ``device_table`` (a path or its JSON) reads the A/B timings from a table measured on the device from
-    a bundle of :func:`fxrebirth.retraining.profiling.profile` instead of timing here.
-    ``streamline_kernel`` is the streamline rebirth layers' kernel policy (``"field"``, ``"conv"`` or
-    ``"pool"``, :mod:`fxrebirth.passes.streamline`). ``keep``: region ids or id prefixes never selected
-    (:func:`kept_ids`); they are still measured and listed."""
+def _depth(gm: fx.GraphModule, region: Region) -> int:
+    """Weighted layers (convolutions) on the longest path through the region."""
+    members = set(region.nodes)
+    best: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.name in members:
+            here = 1 if kind_of(node) == "conv" else 0
+            best[node.name] = here + max((best.get(a.name, 0) for a in node.all_input_nodes), default=0)
+    return best.get(region.output, 0)
 
-    validate_numbers("plan", {"target_speedup": target_speedup, "budget_s": budget_s, "repeats": repeats,
-                              "reduce_ratio": reduce_ratio}, PLAN_RANGES, optional=("target_speedup", "budget_s",
-                                                                                    "reduce_ratio"))
+
+def _chosen(strategies: Any) -> list[Strategy]:
+    if strategies is None:
+        return [get_strategy(n) for n in strategy_names()]
+    if isinstance(strategies, str):
+        strategies = [strategies]
+    chosen = [s if isinstance(s, Strategy) else get_strategy(s) for s in strategies]
+    if not chosen:
+        raise OptionError("strategies=[]: choose at least one strategy, or None for every one that applies")
+    return chosen
+
+
+def _options_for(strategy: Strategy, options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in strategy.options and v is not None}
+
+
+def _refuse_unread(chosen: list[Strategy], options: dict[str, Any]) -> None:
+    """Refuse an option (given, not None) that no chosen strategy reads, naming who would."""
+    for key, value in options.items():
+        if value is None or any(key in s.options for s in chosen):
+            continue
+        users = [n for n in strategy_names() if key in get_strategy(n).options]
+        names = ", ".join(s.name for s in chosen) or "none"
+        raise OptionError(f"{key}: read by the {' and '.join(users) or 'no'} strateg{'ies' if len(users) > 1 else 'y'}"
+                          f"; the strategies that apply here are {names}: drop {key}")
+
+
+def mark(model_or_gm: Any, example_inputs: Any = None, *, strategies: Any = None,
+         **options: Any) -> dict[str, list[Region]]:
+    """Per chosen strategy that finds any, its candidates on the captured model (``model_or_gm`` captured at
+    ``example_inputs``, or an already captured GraphModule); options are routed to the strategies that read
+    them, and one that none of the applicable strategies reads is refused."""
+    chosen = _chosen(strategies)
+    unknown = [k for k in options if not any(k in get_strategy(n).options for n in strategy_names())]
+    if unknown:
+        raise OptionError(f"unknown planning option(s) {unknown}; options: "
+                          f"{sorted(set().union(*(get_strategy(n).options for n in strategy_names())))}")
+    gm = model_or_gm if isinstance(model_or_gm, fx.GraphModule) and example_inputs is None else \
+        capture(model_or_gm, as_input_tuple(example_inputs))
+    found: dict[str, list[Region]] = {}
+    for strategy in chosen:
+        try:
+            regions = strategy.mark(gm, **_options_for(strategy, options))
+        except ValueError as exc:
+            raise OptionError(f"{strategy.name} strategy: {exc}") from None
+        if regions or strategies is not None:
+            found[strategy.name] = regions
+    _refuse_unread([get_strategy(n) for n in found] if strategies is None else chosen, options)
+    return found
+
+
+def _importance(model: nn.Module, found: dict[str, list[Region]], calibration: Any,
+                batch: int) -> dict[str, float]:
+    """Per candidate id, its importance where its strategy measures one on ``calibration`` images."""
+    out: dict[str, float] = {}
+    needing = [n for n in found if get_strategy(n).needs_calibration and found[n]]
+    if not needing:
+        return out
+    if calibration is None:
+        log.warning("plan: no calibration images: the importance of the %s candidates is not measured, they are "
+                    "chosen by gain alone (give calibration=, images at the training size)", ", ".join(needing))
+        return out
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or len(calibration) == 0:
+        shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise RegionError(f"plan: calibration must be a batch of images [N >= 1, C, H, W], got {shape}")
+    calib = capture(model, (calibration[:2],), copy_model=False)
+    for name in needing:
+        start = time.perf_counter()
+        out.update(get_strategy(name).importance(calib, found[name], calibration, batch) or {})
+        log.info("importance of %d %s candidates on %d images: %.1f s", len(found[name]), name, len(calibration),
+                 time.perf_counter() - start)
+    return out
+
+
+def plan(model: nn.Module, example_inputs: Any, *, strategies: Any = None, calibration: torch.Tensor | None = None,
+         target_speedup: float | None = None, budget_s: float | None = None, keep: "list[str] | tuple[str, ...]" = (),
+         runtime: str | None = None, rounds: int = 10, latency_table: dict | None = None, device_table: Any = None,
+         leaf_modules: tuple = (), batch: int = 64, **options: Any) -> Plan:
+    """Mark, measure and choose (see the module docstring). ``strategies``: names (or
+    :class:`~fxrebirth.retraining.strategy.Strategy` objects); None: every registered strategy that finds a
+    candidate. ``options``: the strategies' planning options (``streamline_kernel``, ``reduce_ratio``,
+    ``collapse_reduce``, ``max_convs``, ``prune``); one that no applicable strategy reads is refused.
+    A runtime's lowering (what it has no kernel for) is applied before timing, as its record says.
+    The model is not changed."""
+    validate_numbers("plan", {"target_speedup": target_speedup, "budget_s": budget_s, "rounds": rounds,
+                              "batch": batch, "reduce_ratio": options.get("reduce_ratio"),
+                              "max_convs": options.get("max_convs")}, PLAN_RANGES,
+                     optional=("target_speedup", "budget_s", "reduce_ratio", "max_convs"))
+    if target_speedup is not None and budget_s is not None:
+        raise OptionError("plan: give target_speedup= or budget_s=, not both")
     inputs = as_input_tuple(example_inputs)
     check_example("plan", inputs)
-    gm = capture(model, inputs, leaf_modules=leaf_modules)
-    regions = mark_regions(gm, reduce_ratio=reduce_ratio, collapse_reduce=collapse_reduce,
-                           streamline_kernel=streamline_kernel)
+    frozen = copy.deepcopy(model).eval()
+    gm = capture(frozen, inputs, leaf_modules=leaf_modules, copy_model=False)
+    found = mark(gm, strategies=strategies, **options)
+    importance = _importance(frozen, found, calibration, batch)
+    regions = [r for rs in found.values() for r in rs]
+    with torch.no_grad():
+        latency, measured, source = time_candidates(gm, inputs, regions, runtime=runtime, rounds=rounds,
+                                                    latency_table=latency_table, device_table=device_table,
+                                                    planner=planner_name(found))
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     nodes = {n.name: n for n in gm.graph.nodes}
-    if (runtime != "eager") + (latency_table is not None) + (device_table is not None) > 1:
-        raise ValueError("give one of latency_table=, device_table= or runtime=: each was measured on one runtime")
-    if runtime != "eager" or device_table is not None:
-        latency, measured, source = _through_runtime(gm, inputs, regions, runtime, repeats, lowering, device_table)
-    else:
-        latency, measured, source = _here_or_from_table(gm, inputs, regions, latency_table, repeats)
-    planned = []
+    cands = []
     for region in regions:
+        strategy = get_strategy(region.kind)
         x = torch.randn(tuple(nodes[region.input].meta["tensor_meta"].shape))
-        rebirth_gm = capture(build_rebirth(region.proposal), x)
-        now, rebirth = measured[region.id]
-        members = [nodes[name] for name in region.nodes]
-        planned.append(PlannedRegion(
-            region, now, rebirth, _depth(gm, region), region.proposal.depth,
-            flops_now=sum(node_flops(n) for n in members), flops_rebirth=graph_flops(rebirth_gm),
-            bytes_now=sum(node_bytes(n) for n in members),
-            bytes_rebirth=sum(node_bytes(n) for n in rebirth_gm.graph.nodes if n.op == "call_function"),
-        ))
-    _select(planned, latency, select, target_speedup, budget_s, keep)
+        new = capture(strategy.layer(region).eval(), x)
+        now_s, new_s = measured[region.id]
+        cands.append(Candidate(region, now_s, new_s, importance.get(region.id),
+                               (min(position[n] for n in region.nodes), position[region.output]),
+                               sum(node_flops(nodes[n]) for n in region.nodes), graph_flops(new),
+                               _depth(gm, region), region.proposal.depth if region.proposal is not None else 0))
     shape = list(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else []
-    return Plan(type(model).__name__, shape, latency, source, planned)
+    result = Plan(type(model).__name__, shape, latency, source, cands, list(found),
+                  list(calibration.shape) if isinstance(calibration, torch.Tensor) else None)
+    result.select(target_speedup, budget_s, keep=keep)
+    return result
+
+
+def planner_name(found: dict[str, list[Region]]) -> str:
+    """The name a device table of these strategies' candidates is written under (``fxrebirth profile``):
+    ``regions`` for the paper's two strategies and ``depth`` for depth, as fxrebirth 0.2's bundles say."""
+    names = sorted(found)
+    if set(names) <= {"streamline", "branch"}:
+        return "regions"
+    return "+".join(names)
+
+
+def rebuild(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A copy of ``gm`` (the captured model) with the plan's selected candidates merged with freshly
+    initialised layers (untrained: for measuring speed; :func:`fxrebirth.rebirth` retrains)."""
+    from fxrebirth.retraining.student import build_student, finish_student
+
+    student, _ = build_student(gm, plan, activate=True)
+    return finish_student(student, plan).eval()
