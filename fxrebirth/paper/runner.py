@@ -1,40 +1,52 @@
-"""The main job, end to end: teacher -> plan -> rebirth and retraining -> evaluation -> latency -> report.
+"""The main job, end to end: teacher -> plan -> retraining -> evaluation -> speed -> report, for ANY model.
 
-:func:`run` is what ``fxrebirth run`` calls. Defaults reproduce DeepRebirth's experiment on this machine:
-the Caffe-style GoogLeNet, trained once on the embedded :class:`~fxrebirth.paper.data.Shapes` set at 32x32 and
-cached, planned at 224x224 (the resolution whose latency matters), retrained at 32x32, and timed at
-224x224. Every stage reports progress through ``progress``; the retraining checkpoints after each step
-under ``out/checkpoints`` so an interrupted run resumes.
+:func:`run` is what ``fxrebirth run`` calls. The model is the user's (``model`` with ``data``: an ImageFolder
+of their images) or a default teacher trained once on the embedded :class:`~fxrebirth.paper.data.Shapes` set
+and cached: the paper's Caffe-style GoogLeNet (``googlenet_lrn``, at 32x32) or a torchvision architecture (at
+64x64). Which strategies merge it never depends on its name: every registered strategy that finds a
+candidate (or the ``strategies`` given); options none of them reads are refused before any work.
 
-The report folder holds ``report.md`` (tables), ``report.json`` (every number), ``plan.json``, PNG figures
-(matplotlib), and the reborn model as a torch.export program (``reborn.pt2``, loads without unpickling).
+1. **Plan** at ``plan_size`` (the resolution whose latency matters) on ``runtime``, importance on calibration
+   images from the training set; saved as ``plan.json`` (a resumed run reads it back).
+2. **Points**: per target speed-up (none: every candidate worth merging) the plan's choice, retrained by
+   :func:`fxrebirth.rebirth` (distillation, checkpoints under ``checkpoints/``, resume, the scratch control)
+   and finished (merged exactly where a strategy merges); the exact tier then folds what it can.
+3. **Speed**: original, exact tier and reborn model side by side, each figure measured once: the eager
+   latency of the report is the speed table's eager row (without a table, one interleaved eager measurement).
+
+The report folder holds ``report.md``, ``report.json``, ``plan.json``, PNG figures and the reborn model as a
+torch.export program (``reborn.pt2``); with several targets, each point's in ``point-<target>/`` and the
+measured front in ``report.md``.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from fxrebirth.errors import FxRebirthError
-from fxrebirth.frontends.deploy import lower_for
 from fxrebirth.frontends.library import optimize
+from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, get_runtime, runtime_names
+from fxrebirth.measure.speed import SpeedTable, benchmark, eager_latency, environment, layer_times, variants_for
 from fxrebirth.paper.data import Shapes, image_folder
+from fxrebirth.paper.report import PUBLISHED, summary_markdown, write_report
+from fxrebirth.paper.teacher import TORCHVISION_TEACHERS, TeacherConfig, build_teacher, default_teacher
 from fxrebirth.graph.capture import capture
-from fxrebirth.retraining.planning import Plan, kept_ids, mark_regions, plan as make_plan
 from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
-from fxrebirth.paper.teacher import TeacherConfig, build_teacher, default_teacher
-from fxrebirth.measure.speed import RUNTIMES, SpeedTable, benchmark, environment, layer_times, variants_for
-from fxrebirth.measure.table import layers_markdown
+from fxrebirth.retraining.plandata import Plan, kept_ids
+from fxrebirth.retraining.planning import mark, plan as make_plan
+from fxrebirth.retraining.strategy import check_options, get_strategy
 from fxrebirth.retraining.train import Arithmetic, Progress, ProgressFn, evaluate, resolve_device
 
-__all__ = ["ResumeMismatch", "RunConfig", "run", "write_report"]
+__all__ = ["ResumeMismatch", "RunConfig", "run", "write_report", "runtime_accuracies"]
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +61,38 @@ class RunConfig:
 
     out: str = "fxrebirth-report"
     data: str | None = None
-    """An ImageFolder path (the user's data; needs ``model`` and ``weights``); None: the embedded set."""
+    """An ImageFolder path (the user's data; needs ``model``); None: the embedded Shapes set."""
     model: nn.Module | None = None
+    """The user's model (weights loaded); None: the default teacher ``model_name`` names."""
     model_name: str = "googlenet_lrn"
-    image_size: int = 32
+    image_size: int | None = None
+    """Training/evaluation resolution; None: 64 for a torchvision teacher, 32 otherwise."""
     plan_size: int = 224
     train_images: int = 20000
     test_images: int = 10000
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rebirth: RebirthConfig = field(default_factory=RebirthConfig)
-    latency_rounds: int = 20
-    plan_repeats: int = 3
-    reduce_ratio: float | None = None
-    """Width of the inception reduce layers in the rebirth layers (None: the planner's default, 0.5);
-    thinner is faster and costs more accuracy (docs/results.md, "What the paper's 3.87x would take")."""
-    streamline_kernel: str = "field"
-    """The streamline rebirth layers' kernel policy: ``field`` (covers the chain's receptive field),
-    ``conv`` (the first convolution's kernel, DeepRebirth's geometry; fewer FLOPs, docs/results.md) or
-    ``pool`` (the convolution and its max-pooling kept, only the LRN removed)."""
+    strategies: tuple[str, ...] | None = None
+    """Retraining strategies to plan with (None: every registered one that finds a candidate)."""
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    """The strategies' planning options (``streamline_kernel``, ``reduce_ratio``, ``max_convs``, ``prune``)."""
+    explicit: tuple[str, ...] = ()
+    """Names of the training options the user set: one no chosen strategy reads is refused before any work."""
+    targets: tuple[float, ...] = ()
+    """Target speed-ups, one retrained point each; (): one point, every candidate worth merging."""
     keep: tuple[str, ...] = ()
-    """Regions never merged (ids or id prefixes, :func:`fxrebirth.retraining.planning.kept_ids`): the
-    original layers stay, for accuracy (docs/results.md measures what each region costs)."""
-    plan_runtime: str = "eager"
-    """The runtime every region is timed through when planning (:func:`fxrebirth.plan`'s ``runtime``)."""
+    """Candidates never merged (ids or id prefixes, :func:`fxrebirth.retraining.plandata.kept_ids`)."""
+    runtime: str | None = None
+    """The runtime the plan is measured on and the model will run on (None: eager PyTorch)."""
     plan_table: str | None = None
     """A device table of ``fxrebirth profile`` (:func:`fxrebirth.plan`'s ``device_table``) instead."""
+    plan_rounds: int = 10
+    calibration_images: int = 256
+    latency_rounds: int = 20
     bench: str = "full"
-    """The speed table's runtimes: ``full`` (every runtime of :mod:`fxrebirth.measure.speed`), ``fast`` (eager and
-    ONNX Runtime: no compilation) or ``none``."""
+    """The speed table's runtimes: ``full`` (every registered one), ``fast`` (those tagged fast) or ``none``."""
     bench_batches: tuple[int, ...] = (1, 8)
     bench_memory: bool = True
-    """Size on disk and peak inference memory, each variant in a process of its own."""
     control: bool = True
     """Also train the scratch control: the reborn architecture re-initialised, same loss and budget."""
     teacher_cost: dict[str, Any] | None = None
@@ -87,106 +100,178 @@ class RunConfig:
     the default teacher's is read from its training record."""
 
 
+def _image_size(config: RunConfig) -> int:
+    if config.image_size:
+        return config.image_size
+    return 64 if config.model is None and config.model_name in TORCHVISION_TEACHERS else 32
+
+
+def _architecture(config: RunConfig) -> nn.Module:
+    """The model to mark before anything trains: the given one, or the default teacher's untrained architecture
+    (the candidates come from the architecture alone)."""
+    if config.model is not None:
+        return config.model
+    return build_teacher(config.model_name, len(Shapes.classes), config.teacher.width)
+
+
+def check_run(config: RunConfig) -> list[str]:
+    """Refuse, before any work, what the run could not honour: a planning or training option no applicable
+    strategy reads, a ``keep`` that names no candidate, an unknown runtime. Returns the applicable strategies."""
+    Arithmetic.check(config.rebirth.precision, resolve_device(config.rebirth.device))
+    if config.runtime is not None:
+        get_runtime(config.runtime)
+    if config.bench not in ("full", "fast", "none"):
+        raise FxRebirthError(f"bench={config.bench!r}: use full, fast or none")
+    x = torch.randn(1, 3, config.plan_size, config.plan_size)
+    gm = capture(copy.deepcopy(_architecture(config)).eval(), (x,), variants=False)
+    found = mark(gm, strategies=list(config.strategies) if config.strategies else None, **config.strategy_options)
+    if not any(found.values()):
+        raise FxRebirthError(f"{config.model_name}: no strategy ({', '.join(found) or 'of those registered'}) finds "
+                             "anything to merge in this model")
+    check_options(list(found), [o for o in config.explicit if o not in config.strategy_options])
+    kept_ids([r.id for rs in found.values() for r in rs], config.keep)
+    return list(found)
+
+
+def _teacher_and_data(config: RunConfig, progress: ProgressFn | None) -> tuple[nn.Module, dict, Any, Any]:
+    size = _image_size(config)
+    if config.data is None:
+        teacher_config = replace(config.teacher, arch=config.model_name, image_size=size,
+                                 train_images=config.train_images, test_images=config.test_images)
+        model, meta = (config.model, {"source": "given"}) if config.model is not None else \
+            default_teacher(teacher_config, progress=progress, device=config.rebirth.device)
+        train = Shapes("train", config.train_images, size, seed=teacher_config.seed)
+        test = Shapes("test", config.test_images, size, seed=teacher_config.seed)
+        return model.eval(), meta, train, test
+    if config.model is None:
+        raise FxRebirthError("--data needs a model trained on it (MODEL and --weights)")
+    folder = image_folder(config.data, size)
+    n_test = max(1, len(folder) // 5)
+    generator = torch.Generator().manual_seed(0)
+    train, test = torch.utils.data.random_split(folder, [len(folder) - n_test, n_test], generator=generator)
+    train.classes = test.classes = folder.classes
+    return config.model.eval(), {"source": "given"}, train, test
+
+
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the main job and write its report folder; return the report as a dict."""
-    # a device or precision this machine lacks is refused before the teacher trains
-    Arithmetic.check(config.rebirth.precision, resolve_device(config.rebirth.device))
-    _check_keep(config)
+    check_run(config)
     os.makedirs(config.out, exist_ok=True)
-    if config.data is None:
-        teacher_config = TeacherConfig(**{**config.teacher.__dict__, "image_size": config.image_size,
-                                          "train_images": config.train_images, "test_images": config.test_images})
-        model, teacher_meta = (config.model, {"source": "given"}) if config.model is not None else \
-            default_teacher(teacher_config, progress=progress, device=config.rebirth.device)
-        train = Shapes("train", config.train_images, config.image_size, seed=teacher_config.seed)
-        test = Shapes("test", config.test_images, config.image_size, seed=teacher_config.seed)
-    else:
-        if config.model is None:
-            raise ValueError("--data needs a model trained on it (MODEL and --weights)")
-        model, teacher_meta = config.model, {"source": "given"}
-        folder = image_folder(config.data, config.image_size)
-        n_test = max(1, len(folder) // 5)
-        generator = torch.Generator().manual_seed(0)
-        train, test = torch.utils.data.random_split(folder, [len(folder) - n_test, n_test], generator=generator)
-        train.classes = test.classes = folder.classes
-    model = model.eval()
-    example = torch.randn(1, 3, config.plan_size, config.plan_size)
-    checkpoint_dir = os.path.join(config.out, "checkpoints")
-    plan = _plan(config, model, example, checkpoint_dir)
+    model, meta, train, test = _teacher_and_data(config, progress)
     teacher_cost = config.teacher_cost
-    if "epochs" in teacher_meta:  # the default teacher, trained here
-        teacher_cost = {"images": teacher_meta["epochs"] * teacher_meta["train_images"],
-                        "wall_s": teacher_meta.get("wall_s")}
-    reborn, report = rebirth(model, plan, train, test_data=test, config=config.rebirth,
-                             checkpoint_dir=checkpoint_dir, progress=progress, latency_input=example,
-                             latency_rounds=config.latency_rounds, control=config.control,
-                             teacher_cost=teacher_cost)
-    batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
-    program = torch.export.export(reborn, (torch.randn(2, 3, config.image_size, config.image_size),),
-                                  dynamic_shapes=({0: batch},))
-    torch.export.save(program, os.path.join(config.out, "reborn.pt2"))
-    exact, _ = optimize(model, example)
-    result = {"environment": environment(), "teacher": teacher_meta, "plan": json.loads(plan.to_json()),
-              "planned_speedup": plan.estimated_speedup, "rebirth": report.to_dict(), "latency": report.latency,
-              "accuracy": _accuracies(report, exact, test)}
-    if config.bench == "full":  # the bf16 rows' accuracy beside their speed
-        result["accuracy"].update(runtime_accuracies({"original": model, "reborn": reborn}, test, config.image_size))
-    table = _speed(config, model, exact, reborn, progress)
-    if table is not None:
-        result["speed"] = table.to_dict()
-    result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn, example)
-    write_report(config.out, result, plan, report, table)
+    if "epochs" in meta:  # the default teacher, trained here
+        teacher_cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
+    plan = _plan(config, model, train)
+    targets = config.targets or (None,)
+    if len(targets) == 1:
+        return _point(config, model, plan, targets[0], train, test, meta, teacher_cost, config.out, progress)
+    points = [_point(config, model, plan, t, train, test, meta, teacher_cost,
+                     os.path.join(config.out, f"point-{t:g}"), progress) for t in targets]
+    result = {"environment": environment(), "model": config.model_name, "teacher": meta,
+              "plan": {"latency_s": plan.latency_s, "source": plan.source, "candidates": len(plan.candidates),
+                       "front": [vars(p) for p in plan.front]},
+              "points": [_point_summary(p) for p in points], "published": PUBLISHED.get(config.model_name, [])}
+    with open(os.path.join(config.out, "report.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(config.out, "report.md"), "w") as f:
+        f.write(summary_markdown(config, result, plan))
     return result
 
 
-def _check_keep(config: RunConfig) -> None:
-    """Refuse a ``keep`` that names no region before anything trains: the regions and their ids come from the
-    architecture alone, so the untrained default teacher (or the given model) is marked, nothing timed."""
-    if not config.keep:
-        return
-    model = config.model if config.model is not None else build_teacher(config.teacher.arch, len(Shapes.classes),
-                                                                         config.teacher.width)
-    gm = capture(model.eval(), (torch.randn(1, 3, config.plan_size, config.plan_size),), variants=False)
-    ids = [r.id for r in mark_regions(gm, reduce_ratio=config.reduce_ratio, streamline_kernel=config.streamline_kernel)]
-    kept_ids(ids, config.keep)
-
-
 def _plan_settings(config: RunConfig) -> dict[str, Any]:
-    settings = {"reduce_ratio": config.reduce_ratio, "streamline_kernel": config.streamline_kernel,
-                "plan_runtime": config.plan_runtime, "plan_table": config.plan_table, "plan_size": config.plan_size}
-    if config.keep:  # only when set, so that runs saved before the option existed still resume
-        settings["keep"] = list(config.keep)
-    return settings
+    return {"strategies": list(config.strategies) if config.strategies else None,
+            "options": dict(sorted(config.strategy_options.items())), "runtime": config.runtime,
+            "plan_table": config.plan_table, "plan_size": config.plan_size}
 
 
-def _plan(config: RunConfig, model: nn.Module, example: torch.Tensor, checkpoint_dir: str) -> Plan:
-    """The plan of this run: the saved one when a checkpoint resumes (planning again could select other
-    regions where timings are close), refused when it was made with other planning settings."""
-    plan_path = os.path.join(config.out, "plan.json")
-    settings_path = os.path.join(config.out, "plan-settings.json")
+def _plan(config: RunConfig, model: nn.Module, train: Any) -> Plan:
+    """The plan of this run: the saved one when its settings are these (planning again could choose other
+    candidates where timings are close); refused when a checkpointed run was planned otherwise."""
+    plan_path, settings_path = os.path.join(config.out, "plan.json"), os.path.join(config.out, "plan-settings.json")
     settings = _plan_settings(config)
-    if os.path.exists(plan_path) and os.path.exists(os.path.join(checkpoint_dir, "rebirth.ckpt")):
-        saved = None
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                saved = json.load(f)
-        if saved is not None and saved != settings:
+    if os.path.exists(plan_path) and os.path.exists(settings_path):
+        with open(settings_path) as f:
+            saved = json.load(f)
+        if saved != settings and any(n.endswith(".ckpt") for _, _, ns in os.walk(config.out) for n in ns):
             changed = ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items()
                                 if saved.get(k) != v)
-            raise ResumeMismatch(f"{config.out} holds a run planned with other settings ({changed}); resume "
-                                 "it with the same settings, or give a fresh --out")
-        with open(plan_path) as f:
-            plan = Plan.from_json(f.read())
-        log.info("run: resuming with %s", plan_path)
-        return plan
-    plan = make_plan(model, example, repeats=config.plan_repeats, reduce_ratio=config.reduce_ratio,
-                     streamline_kernel=config.streamline_kernel, runtime=config.plan_runtime,
-                     lowering=lower_for, device_table=config.plan_table, keep=config.keep)
+            raise ResumeMismatch(f"{config.out} holds a run planned with other settings ({changed}); resume it with "
+                                 "the same settings, or give a fresh --out")
+        if saved == settings:
+            with open(plan_path) as f:
+                log.info("run: the plan of %s", plan_path)
+                return Plan.from_json(f.read())
+    strategies = list(config.strategies) if config.strategies else None
+    needs = any(get_strategy(n).needs_calibration for n in (strategies or ["depth"]))
+    calibration = torch.stack([train[i][0] for i in range(min(config.calibration_images, len(train)))]) \
+        if needs else None
+    plan = make_plan(model, torch.randn(1, 3, config.plan_size, config.plan_size), strategies=strategies,
+                     calibration=calibration, runtime=config.runtime, rounds=config.plan_rounds,
+                     device_table=config.plan_table, **config.strategy_options)
     with open(plan_path, "w") as f:
         f.write(plan.to_json(indent=1))
     with open(settings_path, "w") as f:
         json.dump(settings, f, indent=1)
     return plan
+
+
+def _point(config: RunConfig, model: nn.Module, plan: Plan, target: float | None, train: Any, test: Any,
+           meta: dict, teacher_cost: dict | None, folder: str, progress: ProgressFn | None) -> dict[str, Any]:
+    """One retrained point: the plan's choice for ``target``, retrained, finished, evaluated and timed."""
+    chosen = Plan.from_json(plan.to_json())
+    chosen.select(target_speedup=target, keep=config.keep)
+    os.makedirs(folder, exist_ok=True)
+    example = torch.randn(1, 3, config.plan_size, config.plan_size)
+    reborn, report = rebirth(model, chosen, train, test_data=test, config=config.rebirth,
+                             checkpoint_dir=os.path.join(folder, "checkpoints"), progress=progress,
+                             control=config.control, teacher_cost=teacher_cost)
+    size = _image_size(config)
+    batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
+    program = torch.export.export(reborn, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, os.path.join(folder, "reborn.pt2"))
+    exact, _ = optimize(model, example)
+    reborn_exact, _ = optimize(reborn, example)
+    result = {"environment": environment(), "teacher": meta, "target": target, "plan": json.loads(chosen.to_json()),
+              "planned_speedup": chosen.estimated_speedup, "rebirth": report.to_dict(),
+              "accuracy": _accuracies(report, exact, test)}
+    if config.bench == "full":  # reduced-precision rows' accuracy beside their speed
+        result["accuracy"].update(runtime_accuracies({"original": model, "reborn": reborn}, test, size))
+    table = _speed(config, model, exact, reborn_exact, progress)
+    result["latency"] = _eager_from(table) or eager_latency(model, reborn_exact, example, config.latency_rounds)
+    if table is not None:
+        result["speed"] = table.to_dict()
+    result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn_exact, example)
+    write_report(folder, result, chosen, report, table)
+    return result
+
+
+def _eager_from(table: SpeedTable | None) -> dict[str, Any] | None:
+    """The report's eager latency as the speed table measured it (batch 1), or None without that row."""
+    if table is None:
+        return None
+    rows = {(r["variant"], r["runtime"]): r for r in table.to_dict()["rows"]}
+    original, reborn = rows.get(("original", DEFAULT_RUNTIME)), rows.get(("reborn", DEFAULT_RUNTIME))
+    if not original or not reborn:
+        return None
+    o, n = original["ms"].get(1) or original["ms"].get("1"), reborn["ms"].get(1) or reborn["ms"].get("1")
+    if not o or not n:
+        return None
+    size = table.to_dict().get("image_size")
+    return {"original_ms": o, "reborn_ms": n, "speedup": o / n, "input_shape": [1, 3, size, size],
+            "source": "the speed table's eager rows"}
+
+
+def _point_summary(result: dict[str, Any]) -> dict[str, Any]:
+    rebirth_report, control = result["rebirth"], result["rebirth"].get("control") or {}
+    teacher, student = rebirth_report.get("teacher") or {}, rebirth_report.get("student") or {}
+    return {"target": result["target"] or 0.0, "estimated_speedup": result["planned_speedup"],
+            "segments": len(result["plan"]["candidates"]), "eager": result["latency"], "speed": result.get("speed"),
+            "teacher_top1": teacher.get("top1"), "top1": student.get("top1"),
+            "difference_interval": rebirth_report.get("difference_interval"), "control_top1": control.get("top1"),
+            "reborn_minus_control": control.get("reborn_minus_control"),
+            "trained_images": rebirth_report.get("trained_images"), "teacher_share": rebirth_report.get("teacher_share"),
+            "calibration_images": rebirth_report.get("calibration_images"), "wall_s": rebirth_report.get("wall_s"),
+            "control_wall_s": control.get("wall_s")}
 
 
 def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str, float | None]:
@@ -204,16 +289,22 @@ def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str,
 
 
 def runtime_accuracies(models: dict[str, nn.Module], test: Any, image_size: int,
-                       runtime: str = "openvino bf16") -> dict[str, float]:
+                       runtime: str | None = None) -> dict[str, float]:
     """Held-out top-1 of each model as ``runtime`` computes it (OpenVINO at the precision it names: a
     bf16 row's accuracy), keyed ``"<name> (<runtime>)"``; nothing when the runtime is unavailable here
     (logged). Each model is exported at the test images' size with a free batch dimension."""
     import tempfile
 
-    from fxrebirth.measure.deploy import OPENVINO_PRECISION, OpenVINOModule, unavailable
+    from fxrebirth.measure.deploy import OpenVINOModule
+    from fxrebirth.measure.runtimes import available
     from fxrebirth.measure.runners import export_onnx
 
-    reason = unavailable(runtime)
+    if runtime is None:  # the first reduced-precision runtime that runs an ONNX file
+        runtime = next((n for n in runtime_names() if get_runtime(n).precision != "f32"
+                        and get_runtime(n).suffix == ".onnx"), None)
+        if runtime is None:
+            return {}
+    reason = available(runtime)
     if reason:
         log.info("run: no %s accuracy: %s", runtime, reason)
         return {}
@@ -221,10 +312,10 @@ def runtime_accuracies(models: dict[str, nn.Module], test: Any, image_size: int,
     x = torch.randn(2, 3, image_size, image_size)
     with tempfile.TemporaryDirectory(prefix="fxrebirth-accuracy-") as folder, torch.no_grad():
         for name, model in models.items():
-            lowered, _ = lower_for(model.eval(), runtime, x)  # OpenVINO: ceil-mode windows wider than the input
+            lowered, _ = get_runtime(runtime).lower(model.eval(), x)  # what the runtime has no kernel for
             path = export_onnx(lowered, x, os.path.join(folder, f"{name}.onnx"), dynamic_batch=True)
             reference = evaluate(model, test).predictions
-            got = evaluate(OpenVINOModule(path, OPENVINO_PRECISION[runtime]), test, reference=reference)
+            got = evaluate(OpenVINOModule(path, get_runtime(runtime).precision), test, reference=reference)
             log.info("run: %s under %s: top-1 %.2f%%, %.2f%% of its predictions as in f32 eager", name, runtime,
                      100 * got.top1, 100 * got.agreement)
             out[f"{name} ({runtime})"] = got.top1
@@ -235,9 +326,7 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
            progress: ProgressFn | None) -> SpeedTable | None:
     if config.bench == "none":
         return None
-    if config.bench not in ("full", "fast"):
-        raise ValueError(f"bench={config.bench!r}: use full, fast or none")
-    runtimes = RUNTIMES if config.bench == "full" else ("eager", "onnxruntime")
+    runtimes = runtime_names() if config.bench == "full" else runtime_names("fast")
     variants = variants_for(runtimes)
     steps = itertools.count()
     total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
@@ -249,141 +338,6 @@ def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Mod
 
     return benchmark(model, exact=exact, reborn=reborn, image_size=config.plan_size, batches=config.bench_batches,
                      rounds=config.latency_rounds, runtimes=runtimes, memory=config.bench_memory,
-                     name=config.model_name, progress=say, lowering=lower_for)
+                     name=config.model_name, progress=say, )
 
 
-def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthReport,
-                 table: SpeedTable | None = None) -> None:
-    """``report.md``, ``report.json`` and the figures."""
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    figures = _figures(out, report, result) + _speed_figures(out, result)
-    lat = result["latency"]
-    env = result["environment"]
-    lines = [
-        "# fxrebirth report", "",
-        f"Environment: {env['cpu']}, {env['cpu_count']} CPUs, torch {env['torch']} with {env['torch_threads']} "
-        f"threads, Python {env['python']}.", "",
-        "## Accuracy and retraining", "", "```", report.table(), "```", "",
-        "## Speed", "",
-        f"| model | latency (ms, batch 1, {lat['input_shape'][2]}x{lat['input_shape'][3]}, eager) | speed-up |",
-        "|---|---|---|",
-        f"| original | {lat['original_ms']:.2f} | 1.00x |",
-        f"| reborn | {lat['reborn_ms']:.2f} | {lat['speedup']:.2f}x |", "",
-        f"The planner predicted {result['planned_speedup']:.2f}x; measured/predicted = "
-        f"{lat['speedup'] / result['planned_speedup']:.2f}.", "",
-    ]
-    if table is not None:
-        lines += ["### Every runtime, side by side", "",
-                  "The original and the reborn model in eager are measured again here, among all the rows; "
-                  "where the two measurements differ, the difference is the machine's noise.", "",
-                  table.markdown(), ""]
-    layers = result.get("layers_ms")
-    if layers:
-        lines += ["### Time by layer kind (eager, batch 1, every node timed on its own)", "",
-                  layers_markdown(layers), ""]
-    acc = result.get("accuracy", {})
-    lines += ["### Accuracy of each model variant", "",
-              "| model | held-out top-1 |", "|---|---|"]
-    lines += [f"| {k} | {v:.2%} |" if v is not None else f"| {k} | not evaluated |" for k, v in acc.items()]
-    lines += [
-        "",
-        "## Plan (which layers each rebirth layer replaces)", "", "```", plan.table(), "```", "",
-    ]
-    lines += [f"![{name}]({name})" for name in figures]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _figures(out: str, report: RebirthReport, result: dict[str, Any]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    offset = 0
-    for step in report.steps:
-        if step.curve:
-            ax.plot([offset + d for d, _ in step.curve], [loss for _, loss in step.curve], label=step.name[:30])
-            offset += step.trained_images
-    ax.set_xlabel("images trained (forward + backward)")
-    ax.set_ylabel("loss")
-    ax.set_title("retraining curves")
-    if offset:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
-    names.append("curves.png")
-    steps = [s for s in report.steps if s.top1 is not None]
-    if steps:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(len(steps)), [s.top1 * 100 for s in steps], "o-", label="reborn")
-        if report.teacher:
-            ax.axhline(report.teacher["top1"] * 100, color="grey", ls="--", label="teacher (whole test set)")
-        ax.set_xticks(range(len(steps)), [s.name[:24] for s in steps], rotation=15, fontsize=7)
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"accuracy after each step (first {report.config['eval_images']} held-out images)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "steps.png"), dpi=100)
-        plt.close(fig)
-        names.append("steps.png")
-    return names
-
-
-def _speed_figures(out: str, result: dict[str, Any]) -> list[str]:
-    """``layers.png`` (eager time by layer kind, before/after) and ``tradeoff.png`` (accuracy against
-    speed-up over the original in eager, one point per model variant and runtime)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    layers = result.get("layers_ms")
-    if layers:
-        before, after = layers["original"], layers["reborn"]
-        kinds = list({**before, **after})[::-1]
-        fig, ax = plt.subplots(figsize=(6, 0.3 * len(kinds) + 1.2))
-        ys = range(len(kinds))
-        ax.barh([y + 0.2 for y in ys], [before.get(k, 0.0) for k in kinds], 0.4, label="original")
-        ax.barh([y - 0.2 for y in ys], [after.get(k, 0.0) for k in kinds], 0.4, label="reborn")
-        ax.set_yticks(list(ys), kinds, fontsize=8)
-        ax.set_xlabel("eager ms (batch 1, every node timed on its own)")
-        ax.set_title("time by layer kind")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "layers.png"), dpi=100)
-        plt.close(fig)
-        names.append("layers.png")
-    acc = result.get("accuracy", {})
-    points = []  # (label, speed-up over original eager, top-1)
-    speed = result.get("speed")
-    if speed:
-        base = next((r for r in speed["rows"] if r["variant"] == "original" and r["runtime"] == "eager"), None)
-        batch = speed["batches"][0]
-        for row in speed["rows"]:
-            if base and batch in row["ms"] and acc.get(row["variant"]) is not None:
-                points.append((f"{row['variant']}, {row['runtime']}", base["ms"][batch] / row["ms"][batch],
-                               acc[row["variant"]]))
-    elif acc.get("original") is not None and acc.get("reborn") is not None:
-        points = [("original, eager", 1.0, acc["original"]), ("reborn, eager", result["latency"]["speedup"],
-                                                                acc["reborn"])]
-    if points:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        markers = {"original": "o", "exact tier": "^", "reborn": "s"}
-        for label, x, y in points:
-            ax.scatter(x, y * 100, marker=markers.get(label.split(",")[0], "o"), s=40, label=label)
-        ax.set_xlabel("speed-up over the original in eager (batch 1)")
-        ax.set_ylabel("held-out top-1 (%)")
-        ax.set_title("accuracy against speed-up (a runtime keeps its model's accuracy)", fontsize=10)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "tradeoff.png"), dpi=100)
-        plt.close(fig)
-        names.append("tradeoff.png")
-    return names
