@@ -13,11 +13,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxrebirth.cli_args import _check_args, _parser
+from fxrebirth.cli_args import DEFAULT_TEACHER, build_parser, check_args, explicit_options, strategy_options
 from fxrebirth.frontends.library import optimize
 from fxrebirth.rewrite.cost import RooflineCost
 from fxrebirth.errors import FxRebirthError, first_line
-from fxrebirth.measure.speed import RUNTIMES
 from fxrebirth.paper.loading import PAPER_MODELS, load_model, load_weights  # noqa: F401 - re-exported
 
 __all__ = ["main", "load_model"]
@@ -33,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
         cost = RooflineCost.onnxruntime() if args.to == "onnx" else RooflineCost()
         optimised, report = optimize(model, x, cost_model=cost)
         rewrites = report.rewrites
-    written = export_model(optimised if not args.as_is else model, x, args.to, args.output)
+    written = export_model(optimised if not args.as_is else model, x, args.to, args.save)
     summary = {"files": written.files, "error": written.error, "checked_batch": written.checked_batch,
                "exact_tier_rewrites": None if args.as_is else rewrites, "note": written.note}
     if args.json:
@@ -76,58 +75,68 @@ class _Bars:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fxrebirth.retraining.engine import RebirthConfig
+    """``fxrebirth run MODEL``: one job for any model; the strategies that apply to it are chosen by the plan."""
+    model = _load(args) if args.weights else None
+    settings = dict(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
+                    plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
+                    teacher=_given(args, epochs="teacher_epochs", width="width"),
+                    rebirth=_given(args, "init", "schedule", "layerwise_epochs", "device", "precision", "augment",
+                                   "epochs"),
+                    strategies=tuple(dict.fromkeys(args.strategy)) if args.strategy else None,
+                    strategy_options=strategy_options(args), explicit=explicit_options(args),
+                    targets=tuple(args.target or ()), keep=tuple(args.keep), runtime=args.runtime,
+                    plan_table=args.table, latency_rounds=args.latency_rounds, bench=args.bench,
+                    bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
+                    control=not args.no_control, teacher_cost=_teacher_cost(args))
+    return _report_of(args, *_run_config(settings))
+
+
+def _given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, Any]:
+    """The options among ``names`` (and ``renamed``: field -> argparse destination) the user set."""
+    fields = {**{n: n for n in names}, **renamed}
+    return {field: getattr(args, dest) for field, dest in fields.items() if getattr(args, dest) is not None}
+
+
+def _run_config(settings: dict[str, Any]) -> tuple[Any, Any]:
+    """The job and its ``RunConfig`` from the command line's settings (the teacher's and the retraining's
+    as dicts of what the user set)."""
+    import dataclasses
+
     from fxrebirth.paper.runner import RunConfig, run
     from fxrebirth.paper.teacher import TeacherConfig
-
-    from fxrebirth.paper.teacher import TORCHVISION_TEACHERS
-
-    if args.model in TORCHVISION_TEACHERS and not args.weights and not args.data:
-        if args.keep:
-            raise FxRebirthError("--keep selects among rebirth regions; the depth job of "
-                                 f"{args.model} plans depth segments (use --target)")
-        return _run_depth(args)
-    args.image_size = args.image_size or 32
-    model = None
-    if args.model != "googlenet_lrn" or args.weights or args.data:
-        if not args.weights:
-            raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (a model trained on your data); "
-                                 "only googlenet_lrn has a default teacher")
-        model = _load(args)
-    options = {"schedule": args.schedule, "device": args.device, "precision": args.precision, "augment": args.augment}
-    if args.init is not None:
-        options["init"] = args.init
-    if args.epochs is not None:
-        options["epochs"] = args.epochs
-    config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
-                       plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
-                       teacher=TeacherConfig(epochs=args.teacher_epochs or 4, width=args.width),
-                       rebirth=RebirthConfig(**options), latency_rounds=args.latency_rounds,
-                       bench=args.bench, bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
-                       reduce_ratio=args.reduce_ratio, control=not args.no_control, plan_runtime=args.plan_for,
-                       plan_table=args.table, streamline_kernel=args.streamline_kernel, keep=tuple(args.keep),
-                       teacher_cost=_teacher_cost(args))
-    return _report_of(args, run, config)
-
-
-def _run_depth(args: argparse.Namespace) -> int:
-    """``fxrebirth run mobilenet_v2``: the depth job (:mod:`fxrebirth.paper.depthrun`)."""
-    from fxrebirth.paper.depthrun import DepthRunConfig, run_depth
-    from fxrebirth.paper.teacher import TeacherConfig
     from fxrebirth.retraining.engine import RebirthConfig
 
-    targets = tuple(args.target or (1.5,))
-    if any(t <= 1 for t in targets):
-        raise FxRebirthError(f"--target {min(targets)}: a target speed-up is above 1")
-    options = {"device": args.device, "precision": args.precision, "augment": args.augment,
-               "epochs": 1.5 if args.epochs is None else args.epochs}
-    config = DepthRunConfig(model_name=args.model, out=args.out, image_size=args.image_size or 64,
-                            plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
-                            teacher=TeacherConfig(epochs=args.teacher_epochs or 6), rebirth=RebirthConfig(**options),
-                            targets=targets, plan_runtime=args.plan_for, plan_table=args.table,
-                            latency_rounds=args.latency_rounds,
-                            bench=args.bench, control=not args.no_control)
-    return _report_of(args, run_depth, config)
+    if "strategies" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        return _legacy_config(settings)
+    settings = dict(settings, teacher=TeacherConfig(**settings["teacher"]),
+                    rebirth=RebirthConfig(**settings["rebirth"]))
+    return run, RunConfig(**settings)
+
+
+def _legacy_config(s: dict[str, Any]) -> tuple[Any, Any]:
+    """TEMPORARY, until the one job lands: today's two jobs (depth for a torchvision teacher or --strategy depth)."""
+    from fxrebirth.paper.depthrun import DepthRunConfig, run_depth
+    from fxrebirth.paper.runner import RunConfig, run
+    from fxrebirth.paper.teacher import TORCHVISION_TEACHERS, TeacherConfig
+    from fxrebirth.retraining.engine import RebirthConfig
+
+    common = dict(out=s["out"], plan_size=s["plan_size"], train_images=s["train_images"], bench=s["bench"],
+                  test_images=s["test_images"], latency_rounds=s["latency_rounds"], control=s["control"],
+                  plan_table=s["plan_table"], **({"plan_runtime": s["runtime"]} if s["runtime"] else {}))
+    if s["strategies"] == ("depth",) or (not s["strategies"] and s["model"] is None
+                                         and s["model_name"] in TORCHVISION_TEACHERS):
+        return run_depth, DepthRunConfig(model_name=s["model_name"], image_size=s["image_size"] or 64,
+                                         teacher=TeacherConfig(**{"epochs": 6, **s["teacher"]}),
+                                         rebirth=RebirthConfig(**{"epochs": 1.5, **s["rebirth"]}),
+                                         targets=s["targets"] or (1.5,), **common,
+                                         **{k: v for k, v in s["strategy_options"].items() if k == "prune"})
+    if s["model"] is None and s["model_name"] != DEFAULT_TEACHER:
+        raise FxRebirthError(f"fxrebirth run {s['model_name']}: give --weights (a model trained on your data)")
+    return run, RunConfig(data=s["data"], model=s["model"], model_name=s["model_name"], keep=s["keep"],
+                          image_size=s["image_size"] or 32, teacher=TeacherConfig(**s["teacher"]),
+                          rebirth=RebirthConfig(**s["rebirth"]), bench_batches=s["bench_batches"],
+                          bench_memory=s["bench_memory"], teacher_cost=s["teacher_cost"], **common,
+                          **{k: v for k, v in s["strategy_options"].items() if k != "prune" and k != "max_convs"})
 
 
 def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:
@@ -159,16 +168,33 @@ def _load(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def _plan(args: argparse.Namespace) -> int:
-    from fxrebirth.frontends.deploy import lower_for
+def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more: Any) -> Any:
+    """:func:`fxrebirth.plan` with the command line's strategies, options, target, runtime and device table;
+    without ``--strategy`` the plan refuses an option set here that no strategy that applies reads."""
+    import inspect
+
     from fxrebirth.retraining.planning import plan
 
+    budget = getattr(args, "budget_ms", None)
+    kwargs = dict(strategies=tuple(dict.fromkeys(args.strategy)) if args.strategy else None,
+                  target_speedup=args.target, budget_s=budget / 1e3 if budget is not None else None,
+                  keep=tuple(args.keep), runtime=args.runtime, device_table=args.table, **more,
+                  **strategy_options(args))
+    if "strategies" not in inspect.signature(plan).parameters:  # TEMPORARY: until the one plan lands
+        from fxrebirth.frontends.deploy import lower_for
+
+        if args.strategy and "depth" in args.strategy or {"max_convs", "prune"} & set(kwargs):
+            raise FxRebirthError("depth merges are planned by `fxrebirth run` until the one plan lands")
+        kwargs = {k: v for k, v in kwargs.items() if k != "strategies" and v is not None}
+        kwargs["repeats"] = kwargs.pop("rounds", 3)
+        kwargs["lowering"] = lower_for
+    return plan(model, x, **kwargs)
+
+
+def _plan(args: argparse.Namespace) -> int:
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    budget = args.budget_ms / 1e3 if args.budget_ms is not None else None
-    result = plan(model, x, target_speedup=args.target_speedup, budget_s=budget, repeats=args.repeats,
-                  reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel, runtime=args.runtime,
-                  lowering=lower_for, device_table=args.table, keep=args.keep)
+    result = _plan_of(args, model, x, **({"rounds": args.rounds} if args.rounds else {}))
     if args.save:
         _write(args.save, result.to_json(indent=1))
     print(result.to_json(indent=1) if args.json else result.table())
@@ -182,24 +208,31 @@ def _profile(args: argparse.Namespace) -> int:
 
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    manifest = profile(model, x, args.out, depth=args.depth, reduce_ratio=args.reduce_ratio,
-                       streamline_kernel=args.streamline_kernel)
+    chosen = set(args.strategy or ())
+    if "depth" in chosen and len(chosen) > 1:  # TEMPORARY: until profile writes every strategy's candidates
+        raise FxRebirthError("profile --strategy depth writes the depth candidates alone: give it without the others")
+    manifest = profile(model, x, args.out, depth="depth" in chosen, **strategy_options(args))
     with open(manifest) as f:
         pairs = len(json.load(f)["pairs"])
-    use = (f"fxrebirth run {args.model} --plan-size {args.input_size} --table" if args.depth
+    runtime = args.runtime or "RUNTIME"
+    use = (f"fxrebirth run {args.model} --strategy depth --plan-size {args.input_size} --table" if "depth" in chosen
            else f"fxrebirth plan {args.model} --input-size {args.input_size} --table")
     print(f"bundle: {args.out} (the whole model and {pairs} candidate pairs as ONNX, {os.path.basename(manifest)})\n"
-          f"on the device (Python with numpy and onnxruntime or openvino; no torch):\n"
-          f"  python time_on_device.py . --runtime openvino    # inside the copied folder\n"
-          f"then here:\n  {use} {os.path.join(args.out, 'latency-openvino.json')}")
+          f"on the device (Python with numpy and the runtime; no torch):\n"
+          f"  python time_on_device.py . --runtime {runtime}    # inside the copied folder\n"
+          f"then here:\n  {use} {os.path.join(args.out, f'latency-{runtime}.json')}")
     return 0
+
+
+def _cost_model(runtime: str | None) -> RooflineCost:
+    """The exact tier's cost gate for ``runtime`` (None: eager PyTorch)."""
+    return RooflineCost.onnxruntime() if runtime == "onnxruntime" else RooflineCost()
 
 
 def _optimize(args: argparse.Namespace) -> int:
     model = _load(args)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
-    cost = RooflineCost.onnxruntime() if args.runtime == "onnxruntime" else RooflineCost()
-    gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify, cost_model=cost)
+    gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify, cost_model=_cost_model(args.runtime))
     report.model = args.model
     if args.save:
         program = torch.export.export(gm, (x,))
@@ -217,11 +250,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fxrebirth.retraining.planning import plan as make_plan
-    from fxrebirth.graph.capture import capture
-    from fxrebirth.retraining.layers import rebuild
     from fxrebirth.measure.speed import benchmark
-    from fxrebirth.frontends.deploy import lower_for
 
     model = _load(args)
     if args.threads:
@@ -232,25 +261,18 @@ def _bench(args: argparse.Namespace) -> int:
     exact, _ = optimize(model, x)
     reborn, planned = None, None
     if not args.no_reborn:
-        say("planning the rebirth (timing every region)")
-        planned = make_plan(model, x, repeats=3, runtime=args.plan_for, lowering=lower_for,
-                            reduce_ratio=args.reduce_ratio, streamline_kernel=args.streamline_kernel, keep=args.keep)
-        if args.all_regions:
-            for region in planned.regions:
-                region.selected = True
-            planned.keep(args.keep)
-        if planned.selected:
-            reborn = rebuild(capture(model, (x,)), planned).eval()
-        else:
-            say("no region worth merging: the table has no reborn rows")
+        say("planning the rebirth (timing every candidate)")
+        planned = _plan_of(args, model, x, rounds=3)
+        reborn = _reborn_for_timing(model, x, planned, every=args.all_regions, keep=args.keep)
+        if reborn is None:
+            say("no candidate worth merging: the table has no reborn rows")
     table = benchmark(model, exact=exact, reborn=reborn, image_size=args.input_size, batches=args.batch,
-                      rounds=args.rounds, runtimes=args.runtime or RUNTIMES, exporter=args.exporter,
-                      memory=not args.no_memory, layers=args.layers, name=args.model, progress=say,
-                      lowering=lower_for)
+                      rounds=args.rounds, exporter=args.exporter, memory=not args.no_memory, layers=args.layers,
+                      name=args.model, progress=say, **_rows(args.rows))
     text = table.markdown()
     if reborn is not None:
-        text += (f"\n\nreborn: {len(planned.selected)} regions replaced by freshly initialised rebirth layers "
-                 f"(planned {planned.estimated_speedup:.2f}x eager); retrain with `fxrebirth run` before deploying.")
+        text += (f"\n\nreborn: {len(planned.selected)} candidates replaced by freshly initialised layers "
+                 f"(planned {planned.estimated_speedup:.2f}x); retrain with `fxrebirth run` before deploying.")
     if args.layers:
         text += "\n\n" + table.layers_markdown()
     data = table.to_dict()
@@ -258,6 +280,26 @@ def _bench(args: argparse.Namespace) -> int:
         _write(args.save, text + "\n")
     print(json.dumps(data, indent=1, default=str) if args.json else text)
     return 0
+
+
+def _reborn_for_timing(model: nn.Module, x: torch.Tensor, planned: Any, *, every: bool, keep: Sequence[str]) -> Any:
+    """``model`` with the plan's selected candidates (``every``: all but the kept ones) replaced by freshly
+    initialised layers, for timing (latency does not depend on their values); None when none is selected."""
+    from fxrebirth.graph.capture import capture
+    from fxrebirth.retraining.layers import rebuild
+
+    if every:
+        for region in planned.regions:
+            region.selected = True
+        planned.keep(list(keep))
+    return rebuild(capture(model, (x,)), planned).eval() if planned.selected else None
+
+
+def _rows(rows: Sequence[str] | None) -> dict[str, Any]:
+    """``benchmark``'s runtimes (the ``--rows`` given, or its default: every runtime) and lowering."""
+    from fxrebirth.frontends.deploy import lower_for
+
+    return {"lowering": lower_for, **({"runtimes": tuple(rows)} if rows else {})}
 
 
 def _write(path: str, text: str) -> None:
@@ -278,11 +320,11 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code: 0, 2 for bad input, 1 for an unexpected failure
     (one line; ``-vv`` logs its traceback), 130 when interrupted. Never prints a traceback otherwise."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _check_args(args)
+        check_args(args)
         commands = {"plan": _plan, "optimize": _optimize, "profile": _profile, "bench": _bench, "run": _run,
                     "export": _export}
         return commands[args.command](args)

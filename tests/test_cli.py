@@ -78,7 +78,7 @@ def test_bad_factory_is_a_clear_error(capsys):
 
 def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
     target = tmp_path / "plan.json"
-    assert main(["plan", "alexnet_lrn", "--input-size", "96", "--repeats", "1", "--save", str(target)]) == 0
+    assert main(["plan", "alexnet_lrn", "--input-size", "96", "--rounds", "1", "--save", str(target)]) == 0
     out = capsys.readouterr().out
     assert "streamline:conv1.conv" in out and "conv1.conv, conv1.relu, norm1, pool1" in out
     import fxrebirth
@@ -101,7 +101,7 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
     for model, size in (("googlenet_lrn", "64"), ("alexnet_lrn", "96")):
         for policy in ("field", "conv", "pool"):
             target = tmp_path / f"{model}-{policy}.json"
-            assert main(["-q", "plan", model, "--input-size", size, "--repeats", "1", "--streamline-kernel",
+            assert main(["-q", "plan", model, "--input-size", size, "--rounds", "1", "--streamline-kernel",
                          policy, "--save", str(target)]) == 0
             first = fxrebirth.Plan.from_json(target.read_text()).regions[0].region.proposal
             kernels[model, policy] = (tuple(first.kernel_size), tuple(first.stride))
@@ -111,7 +111,7 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
     gflops = {}
     for policy in ("field", "conv"):  # the reborn rows' work follows the policy
         capsys.readouterr()
-        assert main(["bench", "googlenet_lrn", "--input-size", "64", "--batch", "2", "--rounds", "1", "--runtime",
+        assert main(["bench", "googlenet_lrn", "--input-size", "64", "--batch", "2", "--rounds", "1", "--rows",
                      "eager", "--no-memory", "--all-regions", "--streamline-kernel", policy, "--json"]) == 0
         rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
         gflops[policy] = rows["reborn"]["gflops"]
@@ -123,19 +123,17 @@ def test_plan_keep_leaves_regions_unmerged_and_a_typo_is_an_error(tmp_path, caps
     import fxrebirth
 
     target = tmp_path / "plan.json"
-    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--repeats", "1", "--keep", "streamline:",
+    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--rounds", "1", "--keep", "streamline:",
                  "--keep", "branch:blocks.inception5b", "--save", str(target)]) == 0
     plan = fxrebirth.Plan.from_json(target.read_text())
     assert len(plan.regions) == 11
     kept = {r.region.id for r in plan.regions if not r.selected}
     assert {"streamline:conv1.conv", "streamline:conv2.conv", "branch:blocks.inception5b"} <= kept
     capsys.readouterr()
-    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--repeats", "1", "--keep", "conv1"]) == 2
+    assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--rounds", "1", "--keep", "conv1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "keep 'conv1': no region has that id or prefix" in err
     assert "streamline:conv1.conv" in err
-    assert main(["-q", "run", "mobilenet_v2", "--keep", "streamline:"]) == 2
-    assert "--keep selects among rebirth regions" in capsys.readouterr().err
 
 
 TINY_RUN = ["--image-size", "32", "--plan-size", "32", "--train-images", "64", "--test-images", "40",
@@ -257,10 +255,10 @@ def test_bad_inputs_are_one_line_errors_with_exit_code_2(tmp_path, capsys, monke
         (["bench", "resnet18", "--batch", "1", "0"], "--batch 0"),
         (["bench", "resnet18", "--rounds", "0"], "--rounds 0"),
         (["bench", "resnet18", "--threads", "0"], "--threads 0: give a whole number of at least 1"),
-        (["export", "resnet18", "--to", "onnx", "--output", str(tmp_path / "no" / "m.onnx"), "--batch", "0"],
+        (["export", "resnet18", "--to", "onnx", "--save", str(tmp_path / "no" / "m.onnx"), "--batch", "0"],
          "--batch 0"),
-        (["plan", "alexnet_lrn", "--repeats", "0"], "--repeats 0"),
-        (["plan", "alexnet_lrn", "--target-speedup", "-1"], "--target-speedup -1.0: give a positive number"),
+        (["plan", "alexnet_lrn", "--rounds", "0"], "--rounds 0"),
+        (["plan", "alexnet_lrn", "--target", "-1"], "--target -1.0: a target speed-up is above 1"),
         (["plan", "alexnet_lrn", "--budget-ms", "nan"], "--budget-ms nan"),
         (["plan", "alexnet_lrn", "--save", str(tmp_path / "no" / "plan.json")], "does not exist"),
         (["bench", "resnet18", "--save", str(tmp_path / "no" / "t.md")], "does not exist"),
@@ -324,3 +322,116 @@ def test_the_depth_job_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monk
     assert main(["-q", "run", "--out", str(out), *TINY_DEPTH]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["teacher"]["cached"] and again["points"][0]["top1"] == point["top1"]
+
+
+# one vocabulary: the flags' names, the strategy groups, options the chosen strategies do not read
+
+
+def _parse(argv):
+    from fxrebirth.cli_args import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["plan", "m", "--target", "1.5"], "target", 1.5),
+    (["plan", "m", "--rounds", "2"], "rounds", 2),
+    (["bench", "m", "--target", "1.5"], "target", 1.5),
+    (["bench", "m", "--rows", "eager", "--rows", "onnxruntime"], "rows", ["eager", "onnxruntime"]),
+    (["run", "--target", "1.2", "--target", "1.5"], "target", [1.2, 1.5]),
+    (["run", "--runtime", "onnxruntime"], "runtime", "onnxruntime"),
+    (["bench", "m", "--runtime", "onnxruntime"], "runtime", "onnxruntime"),
+    (["export", "m", "--to", "onnx", "--save", "m.onnx"], "save", "m.onnx"),
+    (["profile", "m", "--out", "b", "--strategy", "depth"], "strategy", ["depth"]),
+    (["run", "--strategy", "depth", "--strategy", "branch"], "strategy", ["depth", "branch"]),
+    (["profile", "m", "--out", "b", "--max-convs", "3", "--prune", "none"], "prune", "none"),
+])
+def test_each_flag_has_its_one_name(argv, dest, value):
+    assert getattr(_parse(argv), dest) == value
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--plan-for", "onnxruntime"], ["bench", "m", "--plan-for", "onnxruntime"],
+    ["plan", "m", "--target-speedup", "1.5"], ["plan", "m", "--repeats", "2"],
+    ["export", "m", "--to", "onnx", "--save", "m.onnx", "--output", "m.onnx"], ["profile", "m", "--out", "b", "--depth"],
+])
+def test_the_old_names_are_gone(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parse(argv)
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_strategy_option_defaults_to_none_so_that_given_is_knowable():
+    from fxrebirth.cli_args import PLANNING_FLAGS, TRAINING_FLAGS, explicit_options
+
+    args = _parse(["run"])
+    assert all(getattr(args, o) is None for o in {**PLANNING_FLAGS, **TRAINING_FLAGS}.values())
+    assert explicit_options(args) == ()
+    given = _parse(["run", "--init", "lstsq", "--prune", "all", "--schedule", "paper"])
+    assert set(explicit_options(given)) == {"init", "prune", "schedule"}
+
+
+@pytest.mark.parametrize("command, tag", [("optimize", "cost"), ("plan", "plannable"), ("profile", "plannable"),
+                                          ("bench", "plannable"), ("run", "plannable")])
+def test_runtime_takes_the_registrys_names(command, tag):
+    """``--runtime`` means the runtime the model will run on in every command; its choices are the registry's."""
+    from fxrebirth.cli_args import runtime_choices
+
+    names = runtime_choices(tag)
+    assert names
+    head = {"optimize": ["optimize", "m"], "plan": ["plan", "m"], "profile": ["profile", "m", "--out", "b"],
+            "bench": ["bench", "m"], "run": ["run"]}[command]
+    for name in names:
+        assert _parse([*head, "--runtime", name]).runtime == name
+    assert _parse(head).runtime is None  # None: eager, named by the registry
+
+
+def test_run_help_groups_flags_by_strategy(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["run", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for title, flags in (("streamline strategy:", ["--streamline-kernel"]), ("branch strategy:", ["--reduce-ratio"]),
+                         ("depth strategy:", ["--max-convs", "--prune"]),
+                         ("retraining of streamline/branch layers:", ["--init", "--schedule", "--layerwise-epochs"])):
+        section = text.split(title, 1)[1].split("\n\n", 1)[0]
+        assert all(flag in section for flag in flags), (title, section)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every loader, planner and job fails the test if called: what is refused is refused before any work."""
+    import fxrebirth.cli
+    import fxrebirth.paper.runner
+    import fxrebirth.retraining.planning
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(fxrebirth.cli, "_load", forbidden)
+    monkeypatch.setattr(fxrebirth.paper.runner, "run", forbidden)
+    monkeypatch.setattr(fxrebirth.retraining.planning, "plan", forbidden)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "resnet18", "--strategy", "depth", "--init", "lstsq"],
+     "--init is read by the streamline and branch strategies; the chosen strategy is depth: drop --init or add "
+     "--strategy streamline"),
+    (["run", "--strategy", "streamline", "--reduce-ratio", "0.5"],
+     "--reduce-ratio is read by the branch strategy; the chosen strategy is streamline: drop --reduce-ratio or add "
+     "--strategy branch"),
+    (["plan", "resnet18", "--strategy", "streamline", "--strategy", "branch", "--max-convs", "3"],
+     "--max-convs is read by the depth strategy; the chosen strategies are streamline and branch"),
+    (["bench", "resnet18", "--strategy", "depth", "--streamline-kernel", "conv"], "--streamline-kernel is read by"),
+    (["profile", "resnet18", "--out", "b", "--strategy", "branch", "--prune", "all"], "--prune is read by the depth"),
+    (["run", "--weights", __file__, "--width", "0.5"], "--width is the default googlenet_lrn teacher's"),
+    (["run", "resnet18", "--width", "0.5"], "resnet18 takes no width: drop --width"),
+    (["run", "resnet18", "--weights", __file__, "--teacher-epochs", "2"], "drop --teacher-epochs"),
+    (["run", "--teacher-hours", "2"], "drop --teacher-hours"),
+    (["run", "resnet18", "--data", "somewhere"], "give --weights too"),
+    (["run", "--table", __file__, "--runtime", "onnxruntime"], "give --table or --runtime onnxruntime, not both"),
+])
+def test_an_option_the_choice_does_not_read_is_refused_before_any_work(argv, message, no_work, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxrebirth: error: ") and message in err and err.count("\n") == 1, err
