@@ -26,7 +26,8 @@ import fxrebirth
 from fxrebirth.graph.capture import capture
 from fxrebirth.paper.models import googlenet_lrn
 from fxrebirth.retraining.layers import rebuild
-from fxrebirth.measure.speed import DEFAULT_VARIANTS, variant_runner, export_onnx, ort_runner
+from fxrebirth.measure.runtimes import variants_of
+from fxrebirth.measure.speed import runtime_runner
 
 try:
     import pytest
@@ -40,13 +41,10 @@ try:
         return {"original": model, "exact tier": fxrebirth.optimize(model, x)[0],
                 "reborn": rebuild(capture(model, (x,)), plan).eval()}, x
 
-    @pytest.mark.parametrize("variant,runtime", DEFAULT_VARIANTS, ids=[f"{v}-{r}" for v, r in DEFAULT_VARIANTS])
+    @pytest.mark.parametrize("variant,runtime", variants_of(), ids=[f"{v}-{r}" for v, r in variants_of()])
     def test_speed_table(benchmark, models, variant, runtime, tmp_path):
         nets, x = models
-        if runtime == "onnxruntime":
-            run = ort_runner(export_onnx(nets[variant], x, str(tmp_path / "m.onnx")), x)
-        else:
-            run = variant_runner(nets[variant], runtime, x)
+        run = runtime_runner(nets[variant], runtime, x, str(tmp_path))
         for _ in range(3):
             run()
         benchmark.pedantic(run, rounds=15, iterations=1)

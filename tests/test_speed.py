@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxrebirth
-from fxrebirth.measure import speed
+from fxrebirth.measure import runners, speed
 from fxrebirth.graph.capture import capture
 from fxrebirth.cli import main
 from fxrebirth.retraining.layers import rebuild
@@ -74,7 +74,7 @@ def test_a_failing_runtime_loses_only_its_row(variants, monkeypatch):
     def no_export(*args, **kwargs):
         raise RuntimeError("exporter exploded\nsecond line")
 
-    monkeypatch.setattr(speed, "export_onnx", no_export)
+    monkeypatch.setattr(runners, "export_onnx", no_export)  # the exporter the onnxruntime record names
     rows = [("original", "eager"), ("reborn", "onnxruntime"), ("reborn", "eager")]
     table = speed.speed_table(model, reborn=reborn, image_size=32, batches=(1,), rounds=1, variants=rows,
                               exporter="torchscript", memory=False)

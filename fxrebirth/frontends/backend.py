@@ -53,7 +53,8 @@ not bump the running statistics' version), and in-place updates of inference ten
 ``torch._dynamo.reset()`` (or compile again), or update the weights in place without ``.data``
 (``with torch.no_grad(): p.copy_(t)``).
 
-Options (``torch.compile(..., options={...})``): ``compiler`` ("inductor", "eager", "aot_eager"),
+Options (``torch.compile(..., options={...})``): ``compiler`` ("inductor", "eager", "aot_eager", any
+backend ``torch._dynamo.list_backends`` names),
 ``freezing`` (bool, default True; Inductor only), ``verify`` (bool), ``check_output`` (bool, default True:
 each graph's whole-model check, as in :func:`fxrebirth.optimize`), ``disable`` / ``force`` (rule names),
 ``rules`` (a rule list replacing the defaults), ``guard`` (what each call checks, below).
@@ -136,8 +137,9 @@ class BackendOptions:
             raise PipelineError(
                 f"unknown fxrebirth backend option(s) {sorted(unknown)}; known: {', '.join(known_options)}"
             )
-        if options.get("compiler", "inductor") not in ("inductor", "eager", "aot_eager"):
-            raise PipelineError(f"compiler={options['compiler']!r}: use 'inductor', 'eager' or 'aot_eager'")
+        if options.get("compiler", "inductor") not in _inner_compilers():
+            raise PipelineError(f"compiler={options['compiler']!r}: use a torch.compile backend other than fxrebirth "
+                                f"('inductor' by default): {', '.join(_inner_compilers())}")
         if options.get("guard", "weights") not in GUARDS:
             raise PipelineError(f"guard={options['guard']!r}: use one of {', '.join(map(repr, GUARDS))}")
         for key in ("freezing", "verify", "check_output"):
@@ -168,12 +170,19 @@ def _modes() -> dict[str, dict[str, Any]]:
     return list_mode_options()
 
 
+def _inner_compilers() -> list[str]:
+    """The inner compilers: every backend ``torch._dynamo`` knows (``inductor``, ``eager``, ``aot_eager``, ...)
+    but this one."""
+    from torch._dynamo import list_backends
+
+    return [name for name in list_backends(exclude_tags=()) if name != "fxrebirth"]
+
+
 def _inner(compiler: str, freezing: bool = False,
            mode: str = "default") -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
     """The inner compiler; Inductor with the settings ``torch.compile`` gives its ``mode`` (as it does when
-    Inductor is the backend: ``torch._inductor.list_mode_options``), and ``freezing``."""
-    if compiler == "eager":
-        return lambda gm, inputs: gm.forward
+    Inductor is the backend: ``torch._inductor.list_mode_options``), and ``freezing``; any other backend as
+    ``torch._dynamo`` registered it (its ``eager`` returns the graph's ``forward``)."""
     patches = dict(_modes()[mode]) if compiler == "inductor" and mode != "default" else {}
     if compiler == "inductor" and freezing:
         patches["freezing"] = True

@@ -18,6 +18,7 @@ dynamic, and a static export checks the condition at the example's size as any c
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -194,10 +195,12 @@ def _onnx_dynamic_axes() -> dict:
     That exporter traces at the example's sizes and applies its ``dynamic_axes`` only afterwards, so
     they are read from its ``_export`` call's frame. Not found (the exporter changed), every size
     counts as dynamic: a guard refuses rather than be dropped."""
+    exporter_folder = os.path.dirname(torch.onnx.__file__)
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "_export" and "onnx" in code.co_filename and "dynamic_axes" in frame.f_locals:
+        if code.co_name == "_export" and code.co_filename.startswith(exporter_folder) and \
+                "dynamic_axes" in frame.f_locals:
             axes = frame.f_locals["dynamic_axes"] or {}
             found = {name: sorted(a for a in (spec if isinstance(spec, (list, tuple)) else spec.keys()) if a != 0)
                      for name, spec in axes.items()}

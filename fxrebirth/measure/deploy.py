@@ -1,8 +1,10 @@
 """Deployment runtimes beyond PyTorch and ONNX Runtime: OpenVINO and ExecuTorch.
 
 Both are optional extras (``pip install 'fxrebirth[openvino]'``, ``'fxrebirth[executorch]'``), imported
-only when a row or an export asks for them; :func:`unavailable` gives the one-line reason a runtime
-cannot be used here, which the speed table prints in the row instead of failing.
+only when a row or an export asks for them (:func:`fxrebirth.measure.runtimes.available` gives the
+one-line reason a runtime cannot be used here, which the speed table prints in the row instead of
+failing). The records of :mod:`fxrebirth.measure.runtimes` name the runners, exporters and the
+``fxrebirth export`` writers (``save_*``) and checkers (``load_*``) below.
 
 * **OpenVINO** (CPU plugin) reads the ONNX file the ``onnxruntime`` rows use, so both run the same graph,
   and never goes through OpenVINO's model converter (``ovc``), the part of OpenVINO that sends usage
@@ -13,16 +15,16 @@ cannot be used here, which the speed table prints in the row instead of failing.
 * **ExecuTorch** runs a ``.pte`` program: ``torch.export``, lowered with the XNNPACK partitioner (what
   XNNPACK cannot run stays on ExecuTorch's portable kernels), run by the runtime's Python bindings with
   its thread pool reset to the threads torch uses. An operator without a kernel (``avg_pool3d``, through
-  which PyTorch computes LRN) fails when the program loads; :func:`fxrebirth.frontends.deploy.lower_for`
-  rewrites LRN first.
+  which PyTorch computes LRN) fails when the program loads; the runtime's lowering
+  (:data:`fxrebirth.frontends.deploy.LRN_AS_AVG_POOL`) rewrites LRN first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
+import os
 import logging
 import warnings
 from typing import Callable
@@ -30,31 +32,39 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["OPENVINO_PRECISION", "unavailable", "openvino_compiled", "openvino_runner", "OpenVINOModule",
-           "executorch_program",
-           "ExecutorchMethod", "executorch_method", "executorch_runner"]
+from fxrebirth.equivalence import MIN_BATCH
+from fxrebirth.measure.runners import export_onnx, ort_session
+from fxrebirth.measure.runtimes import available, get_runtime, runtime_names
+
+__all__ = ["unavailable", "openvino_bf16_missing", "openvino_compiled", "openvino_runner", "openvino_bf16_runner",
+           "OpenVINOModule", "executorch_program", "write_pte", "executorch_file_runner", "ExecutorchMethod",
+           "executorch_method", "executorch_runner", "save_onnx", "save_openvino", "save_pte", "load_onnx",
+           "load_openvino", "load_pte"]
 
 log = logging.getLogger(__name__)
 
-OPENVINO_PRECISION = {"openvino": "f32", "openvino bf16": "bf16"}
-"""The speed table's OpenVINO runtimes and the ``INFERENCE_PRECISION_HINT`` each forces."""
-
-_EXTRA = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
-          "executorch": ("executorch", "executorch")}
+_OPENVINO_RUNNERS = (f"{__name__}:openvino_runner", f"{__name__}:openvino_bf16_runner")
 
 
 def unavailable(runtime: str) -> str | None:
-    """Why ``runtime`` (``onnxruntime``, ``openvino``, ``openvino bf16``, ``compile(openvino)``,
-    ``executorch``) cannot run here, in one line, or None when it can (PyTorch's own runtimes always can)."""
-    family = "openvino" if "openvino" in runtime else runtime
-    if family not in _EXTRA:
+    """Why ``runtime`` cannot run here, in one line, or None: :func:`fxrebirth.measure.runtimes.available`
+    (kept for fxrebirth.paper.runner until it calls that)."""
+    return available(runtime)
+
+
+def __getattr__(name: str) -> dict[str, str]:
+    """``OPENVINO_PRECISION``: the OpenVINO file runtimes' precisions, from the registry (kept for
+    fxrebirth.paper.runner until it reads ``get_runtime(name).precision``)."""
+    if name == "OPENVINO_PRECISION":
+        return {n: get_runtime(n).precision for n in runtime_names() if get_runtime(n).runner in _OPENVINO_RUNNERS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def openvino_bf16_missing() -> str | None:
+    """Why OpenVINO cannot compute bf16 on this CPU, or None when it can."""
+    if _openvino_has_bf16():
         return None
-    module, extra = _EXTRA[family]
-    if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install 'fxrebirth[{extra}]')"
-    if runtime == "openvino bf16" and not _openvino_has_bf16():
-        return "this CPU has no bf16 arithmetic for OpenVINO (OPTIMIZATION_CAPABILITIES lacks BF16)"
-    return None
+    return "this CPU has no bf16 arithmetic for OpenVINO (OPTIMIZATION_CAPABILITIES lacks BF16)"
 
 
 def _openvino_has_bf16() -> bool:
@@ -80,6 +90,11 @@ def openvino_runner(onnx_path: str, x: torch.Tensor, precision: str = "f32") -> 
     request = openvino_compiled(onnx_path, precision).create_infer_request()
     array = x.numpy()
     return lambda: request.infer({0: array})
+
+
+def openvino_bf16_runner(onnx_path: str, x: torch.Tensor) -> Callable[[], object]:
+    """:func:`openvino_runner` at bf16."""
+    return openvino_runner(onnx_path, x, "bf16")
 
 
 class OpenVINOModule(nn.Module):
@@ -109,6 +124,18 @@ def executorch_program(model: nn.Module, x: torch.Tensor) -> bytes:
         program = torch.export.export(copy.deepcopy(model).eval() if model.training else model, (x,))
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         return lowered.to_executorch().buffer
+
+
+def write_pte(model: nn.Module, x: torch.Tensor, path: str, onnx_exporter: str = "torchscript") -> None:
+    """Write :func:`executorch_program` to ``path`` (``onnx_exporter`` is not used: no ONNX is involved)."""
+    with open(path, "wb") as f:
+        f.write(executorch_program(model, x))
+
+
+def executorch_file_runner(path: str, x: torch.Tensor) -> Callable[[], object]:
+    """:func:`executorch_runner` of the ``.pte`` file at ``path``."""
+    with open(path, "rb") as f:
+        return executorch_runner(f.read(), x)
 
 
 class ExecutorchMethod:
@@ -158,3 +185,48 @@ def _missing_kernels(program: bytes) -> list[str]:
 def executorch_runner(program: bytes, x: torch.Tensor) -> Callable[[], object]:
     method = executorch_method(program)
     return lambda: method(x)
+
+
+def save_onnx(model: nn.Module, x: torch.Tensor, folder: str) -> tuple[list[str], torch.Tensor]:
+    """``fxrebirth export --to`` ONNX: ``model.onnx`` in ``folder`` with a free batch dimension, and the
+    input it is checked on (batch :data:`~fxrebirth.equivalence.MIN_BATCH` at least)."""
+    path = export_onnx(model, x, os.path.join(folder, "model.onnx"), dynamic_batch=True)
+    return [path], torch.randn(max(MIN_BATCH, x.shape[0]), *x.shape[1:])
+
+
+def save_openvino(model: nn.Module, x: torch.Tensor, folder: str) -> tuple[list[str], torch.Tensor]:
+    """``fxrebirth export --to`` OpenVINO: the IR (``model.xml`` and ``model.bin``, weights in f32) read from
+    :func:`save_onnx`'s file, never through OpenVINO's converter."""
+    import openvino as ov
+
+    (onnx_path,), probe = save_onnx(model, x, folder)
+    xml = os.path.join(folder, "model.xml")
+    ov.save_model(ov.Core().read_model(onnx_path), xml, compress_to_fp16=False)
+    return [xml, xml[:-4] + ".bin"], probe
+
+
+def save_pte(model: nn.Module, x: torch.Tensor, folder: str) -> tuple[list[str], torch.Tensor]:
+    """``fxrebirth export --to`` ExecuTorch: ``model.pte`` at ``x``'s shapes, checked at them."""
+    path = os.path.join(folder, "model.pte")
+    write_pte(model, x, path)
+    return [path], torch.randn_like(x)
+
+
+def load_onnx(files: list[str], x: torch.Tensor) -> torch.Tensor:
+    """The output of the ONNX file ``files[0]`` on ``x``, computed by ONNX Runtime."""
+    session = ort_session(files[0])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def load_openvino(files: list[str], x: torch.Tensor) -> torch.Tensor:
+    """The output of the OpenVINO IR ``files[0]`` on ``x``, computed by OpenVINO's CPU plugin in f32."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(files[0], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return torch.from_numpy(compiled(x.numpy())[0].copy())
+
+
+def load_pte(files: list[str], x: torch.Tensor) -> torch.Tensor:
+    """The output of the ``.pte`` program ``files[0]`` on ``x``, computed by ExecuTorch."""
+    with open(files[0], "rb") as f:
+        return executorch_method(f.read())(x)

@@ -36,7 +36,6 @@ except ImportError:  # on the device: the copy ``fxrebirth profile`` wrote besid
 
 MANIFEST_FORMAT = "fxrebirth-profile/1"
 TABLE_FORMAT = "fxrebirth-latency/1"
-RUNTIMES = ("onnxruntime", "openvino")
 
 
 def manifest_digest(folder: str) -> str:
@@ -70,12 +69,18 @@ def _openvino(path: str, threads: int, precision: str) -> tuple[Callable[[Any], 
     return (lambda x: request.infer({0: x})), f"openvino {ov.__version__}"
 
 
+_MAKERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+RUNTIMES = tuple(_MAKERS)
+"""What this script runs: the runtimes of :mod:`fxrebirth.measure.runtimes` tagged ``device`` (it runs with
+numpy and the runtime only, so the table is written here; tests/test_runtimes.py checks it against the
+registry)."""
+
+
 def _runner(runtime: str, path: str, shape: list[int], threads: int, precision: str
             ) -> tuple[Callable[[], object], str]:
     import numpy as np
 
-    make = _onnxruntime if runtime == "onnxruntime" else _openvino
-    run, version = make(path, threads, precision)
+    run, version = _MAKERS[runtime](path, threads, precision)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     return (lambda: run(x)), version
 

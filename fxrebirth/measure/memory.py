@@ -5,19 +5,26 @@ process runs (the ``__main__`` block of :mod:`fxrebirth.measure.speed` calls it)
 
 from __future__ import annotations
 
+import base64
+import importlib
 import json
 import logging
+import os
+import pickle
 import subprocess
 import sys
 from typing import Sequence
 
 import torch
 
-from fxrebirth.measure.runners import ARTIFACT_RUNTIMES, artifact_runner, variant_runner
+from fxrebirth.measure.runtimes import get_runtime, register_runtime
 
 __all__ = ["inference_memory"]
 
 log = logging.getLogger(__name__)
+
+_RECORD = "FXREBIRTH_MEMORY_RUNTIME"
+"""The environment variable through which the child receives the runtime's record (pickled, base64)."""
 
 
 def inference_memory(model_path: str, runtime: str, shape: Sequence[int], timeout_s: float = 600) -> dict[str, float]:
@@ -28,7 +35,12 @@ def inference_memory(model_path: str, runtime: str, shape: Sequence[int], timeou
     compiling and one warm-up call) and ``inference_mb`` (their difference)."""
     cmd = [sys.executable, "-m", "fxrebirth.measure.speed", "memory", model_path, runtime, ",".join(map(str, shape)),
            str(torch.get_num_threads())]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    env = dict(os.environ)
+    try:  # the child learns the record too: a runtime registered in this process only (a plug-in, a test)
+        env[_RECORD] = base64.b64encode(pickle.dumps(get_runtime(runtime))).decode()
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:  # a lambda in the record: the child's registry
+        log.debug("runtime %s not handed to the memory process: %s", runtime, exc)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"memory measurement of {runtime} failed: {tail[:300]}")
@@ -48,15 +60,17 @@ def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> No
     /proc/self/clear_refs so that loading and compiling do not count)."""
     torch.set_num_threads(int(threads))
     x = torch.randn(*map(int, shape.split(",")))
-    package = {"onnxruntime": "onnxruntime", "executorch": "executorch.runtime"}.get(runtime, "openvino")
-    if runtime in ARTIFACT_RUNTIMES or runtime == "compile(openvino)":
-        __import__(package)  # the runtime's own memory belongs to the baseline
+    if os.environ.get(_RECORD):  # written by inference_memory, the parent of this process
+        register_runtime(pickle.loads(base64.b64decode(os.environ[_RECORD])), replace=True)  # noqa: S301
+    record = get_runtime(runtime)
+    if record.module is not None:
+        importlib.import_module(record.module)  # the runtime's own memory belongs to the baseline
     baseline = _status_kb("VmRSS")
-    if runtime in ARTIFACT_RUNTIMES:
-        run = artifact_runner(model_path, runtime, x)
+    if record.runs_file:
+        run = record.run(model_path, x)
     else:
         model = torch.load(model_path, weights_only=False).eval()  # written by inference_memory's caller
-        run = variant_runner(model, runtime, x)
+        run = record.run(model, x)
     run()
     try:
         with open("/proc/self/clear_refs", "w") as f:

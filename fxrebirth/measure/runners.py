@@ -1,13 +1,14 @@
-"""What the speed table times: a runner per runtime (a function that runs a model once on a fixed input),
-the ONNX export and ONNX Runtime session behind the ``onnxruntime`` one, and :func:`environment`, the
-machine and library versions a measurement was taken with. :mod:`fxrebirth.measure.speed` builds its
-table from these; the runtimes are described in its docstring.
+"""What the speed table times: the PyTorch runtimes' runners (a function that runs a model once on a fixed
+input), the ONNX export and the ONNX Runtime session, and :func:`environment`, the machine and library
+versions a measurement was taken with. The records of :mod:`fxrebirth.measure.runtimes` name these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import importlib.util
 import io
 import itertools
 import os
@@ -18,13 +19,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["RUNTIMES", "ARTIFACT_RUNTIMES", "artifact_runner", "environment", "eager_runner", "compiled_runner", "export_onnx", "onnx_mb", "ort_session",
-           "ort_runner", "variant_runner"]
+from fxrebirth.measure.runtimes import get_runtime, runtime_names
 
-RUNTIMES = ("eager", "fx fuse", "inductor+freezing", "compile(fxrebirth)", "onnxruntime", "openvino", "openvino bf16",
-            "compile(openvino)", "executorch")
-ARTIFACT_RUNTIMES = ("onnxruntime", "openvino", "openvino bf16", "executorch")
-"""Runtimes that run a file written from the model (``.onnx``, ``.pte``) instead of the module itself."""
+__all__ = ["environment", "eager_runner", "fx_fuse_runner", "inductor_runner", "fxrebirth_compile_runner",
+           "compiled_runner", "export_onnx", "onnx_mb", "ort_session", "ort_runner"]
 
 
 def _cpu_name() -> str:
@@ -39,25 +37,28 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Where a measurement was taken: CPU, thread counts and library versions."""
+    """Where a measurement was taken: CPU, thread counts and the version of every registered runtime's
+    package (None where it is not installed), keyed by the package's name."""
     env = {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "os": platform.platform(terse=True),
            "python": platform.python_version(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
-    try:
-        import onnxruntime
+           "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+           "onnxruntime_intra_op_threads": torch.get_num_threads()}  # every runtime takes torch's count
+    for package in dict.fromkeys(get_runtime(name).package for name in runtime_names()):
+        if package is not None:
+            env[package] = _version(package)
+    return env
 
-        env["onnxruntime"] = onnxruntime.__version__
-        env["onnxruntime_intra_op_threads"] = torch.get_num_threads()
-    except ImportError:
-        env["onnxruntime"] = None
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (from its metadata, else its ``__version__``), or None."""
     from importlib import metadata
 
-    for package in ("openvino", "executorch"):
-        try:
-            env[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            env[package] = None
-    return env
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        if importlib.util.find_spec(package) is None:
+            return None
+        return getattr(importlib.import_module(package), "__version__", "unknown")
 
 
 def eager_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -65,6 +66,23 @@ def eager_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
         with torch.inference_mode():
             return model(x)
     return run
+
+
+def fx_fuse_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Eager, after ``torch.fx.experimental.optimization.fuse`` (folds Conv+BN) of a copy of ``model``."""
+    from torch.fx.experimental.optimization import fuse
+
+    return eager_runner(fuse(copy.deepcopy(model)), x)
+
+
+def inductor_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``torch.compile`` with Inductor's ``freezing`` config on."""
+    return compiled_runner(model, x, freezing=True)
+
+
+def fxrebirth_compile_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``torch.compile(backend="fxrebirth")``: the exact tier, then Inductor with freezing."""
+    return compiled_runner(model, x, backend="fxrebirth")
 
 
 _FRESH = itertools.count()
@@ -137,37 +155,3 @@ def ort_runner(path: str, x: torch.Tensor) -> Callable[[], object]:
     session = ort_session(path)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
-
-
-def variant_runner(model: nn.Module, runtime: str, x: torch.Tensor) -> Callable[[], object]:
-    if runtime == "eager":
-        return eager_runner(model, x)
-    if runtime == "fx fuse":
-        from torch.fx.experimental.optimization import fuse
-
-        return eager_runner(fuse(copy.deepcopy(model)), x)
-    if runtime == "inductor+freezing":
-        return compiled_runner(model, x, freezing=True)
-    if runtime == "compile(fxrebirth)":
-        return compiled_runner(model, x, backend="fxrebirth")
-    if runtime == "compile(openvino)":
-        import openvino.torch  # noqa: F401 - registers the backend
-
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
-        return compiled_runner(model, x, backend="openvino", options={"device": "CPU", "config": config})
-    raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
-
-
-def artifact_runner(path: str, runtime: str, x: torch.Tensor) -> Callable[[], object]:
-    """A runner of the file at ``path`` (``.onnx`` for ONNX Runtime and OpenVINO, ``.pte`` for ExecuTorch)."""
-    from fxrebirth.measure import deploy
-
-    if runtime == "onnxruntime":
-        return ort_runner(path, x)
-    if runtime in deploy.OPENVINO_PRECISION:
-        return deploy.openvino_runner(path, x, deploy.OPENVINO_PRECISION[runtime])
-    if runtime == "executorch":
-        with open(path, "rb") as f:
-            return deploy.executorch_runner(f.read(), x)
-    raise ValueError(f"{runtime!r} runs no file; file runtimes: {', '.join(ARTIFACT_RUNTIMES)}")

@@ -6,19 +6,16 @@ original and the reborn model. For each batch size it builds every (model varian
 rounds in this one process (:func:`fxrebirth.measure.timing.interleaved_medians`), so that ratios are measured
 under the same conditions. Runtimes:
 
-* ``eager``: PyTorch eager under ``torch.inference_mode()``;
-* ``fx fuse``: ``torch.fx.experimental.optimization.fuse`` (folds Conv+BN), eager;
-* ``inductor+freezing``: ``torch.compile`` with Inductor's ``freezing`` config on;
-* ``compile(fxrebirth)``: ``torch.compile(backend="fxrebirth")`` (the exact tier, then Inductor with freezing);
-* ``onnxruntime``: ONNX Runtime, every graph optimisation, as many intra-op threads as torch, spinning
-  off (a spinning pool steals the cores from the next variant of a round). The exporter is the faster of
-  the two for the original model (``exporter="auto"`` times both) and the same one is used for the others;
-* ``openvino``, ``openvino bf16``: OpenVINO's CPU plugin on the same ONNX file, its precision forced
-  (f32, or bf16 where the CPU has it; :mod:`fxrebirth.measure.deploy`);
-* ``compile(openvino)``: ``torch.compile(backend="openvino")``, OpenVINO's own backend, f32;
-* ``executorch``: a ``.pte`` lowered to XNNPACK, run by ExecuTorch's runtime. ``lowering`` (given by the
-  callers that may rewrite models, :func:`fxrebirth.frontends.deploy.lower_for`) first rewrites what the
-  runtime has no kernel for, and the row says what it rewrote.
+the records of :mod:`fxrebirth.measure.runtimes` (:func:`~fxrebirth.measure.runtimes.runtime_names`), each
+with the model variants the default table times under it. Today: PyTorch eager; ``torch.fx`` fuse; Inductor
+with freezing; ``torch.compile`` through the exact tier; ONNX Runtime (every graph optimisation, as many
+intra-op threads as torch, spinning off: a spinning pool steals the cores from the next variant of a round;
+the ONNX exporter is the faster of the two for the original model, ``exporter="auto"`` times both, and the
+same one is used for the others); OpenVINO's CPU plugin on the same ONNX file at a forced precision (f32,
+or bf16 where the CPU has it; :mod:`fxrebirth.measure.deploy`) and through its ``torch.compile`` backend;
+ExecuTorch running a ``.pte`` lowered to XNNPACK. ``lowering`` (given by the callers that may rewrite
+models, :func:`fxrebirth.frontends.deploy.lower_for`) first rewrites what a runtime has no kernel for,
+and the row says what it rewrote.
 
 A runtime that is not installed, or fails on a model, keeps its row with a one-line reason.
 
@@ -49,35 +46,30 @@ from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.errors import first_line
 from fxrebirth.graph.capture import capture
 from fxrebirth.measure.memory import _memory_child, inference_memory
-from fxrebirth.measure.deploy import executorch_program, unavailable
-from fxrebirth.measure.runners import (ARTIFACT_RUNTIMES, RUNTIMES, artifact_runner, compiled_runner, eager_runner,
-                                       environment, export_onnx, onnx_mb, ort_runner, ort_session, variant_runner)
+from fxrebirth.measure.runners import (compiled_runner, eager_runner, environment, export_onnx, onnx_mb, ort_runner,
+                                       ort_session)
+from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, Runtime, available, get_runtime, runtime_names, variants_of
 from fxrebirth.measure.table import Row, SpeedTable
 
-__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "variant_runner", "RUNTIMES",
+__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "RUNTIMES",
            "eager_latency", "benchmark", "variants_for", "layer_times", "runtime_runner", "Lowering"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VARIANTS = (
-    ("original", "eager"), ("original", "fx fuse"), ("original", "inductor+freezing"),
-    ("original", "compile(fxrebirth)"), ("original", "onnxruntime"), ("original", "openvino"),
-    ("original", "openvino bf16"), ("original", "compile(openvino)"), ("original", "executorch"),
-    ("exact tier", "eager"), ("exact tier", "executorch"),
-    ("reborn", "eager"), ("reborn", "compile(fxrebirth)"), ("reborn", "onnxruntime"), ("reborn", "openvino"),
-    ("reborn", "openvino bf16"), ("reborn", "compile(openvino)"), ("reborn", "executorch"),
-)
+RUNTIMES = runtime_names()
+"""The runtimes registered when this module was imported; kept for fxrebirth.cli, fxrebirth.cli_args and
+fxrebirth.paper until they call :func:`fxrebirth.measure.runtimes.runtime_names` (which sees later ones)."""
 
 Lowering = Callable[[nn.Module, str, torch.Tensor], tuple[nn.Module, str]]
 """``(model, runtime, example) -> (model the runtime can run, note)``."""
 
 
 def variants_for(runtimes: Sequence[str]) -> list[tuple[str, str]]:
-    """The default variants under ``runtimes``, and the original under eager always (every ratio's base)."""
-    unknown = sorted(set(runtimes) - set(RUNTIMES))
-    if unknown:
-        raise ValueError(f"unknown runtime(s) {unknown}; runtimes: {list(RUNTIMES)}")
-    return [(v, r) for v, r in DEFAULT_VARIANTS if r in runtimes or (v, r) == ("original", "eager")]
+    """The default variants under ``runtimes`` (:func:`~fxrebirth.measure.runtimes.variants_of`), and the
+    original under the default runtime always (every ratio's base); an unknown name is refused naming the
+    known ones."""
+    chosen = [get_runtime(r).name for r in runtimes]
+    return [(v, r) for v, r in variants_of(runtime_names()) if r in chosen or (v, r) == ("original", DEFAULT_RUNTIME)]
 
 
 def benchmark(
@@ -88,7 +80,7 @@ def benchmark(
     image_size: int,
     batches: Sequence[int],
     rounds: int,
-    runtimes: Sequence[str] = RUNTIMES,
+    runtimes: Sequence[str] | None = None,
     exporter: str = "auto",
     memory: bool = True,
     layers: bool = True,
@@ -97,10 +89,10 @@ def benchmark(
     lowering: Lowering | None = None,
 ) -> SpeedTable:
     """The speed report of ``fxrebirth bench`` and ``fxrebirth run``: :func:`speed_table` of the default
-    variants under ``runtimes`` and, with ``layers``, the eager milliseconds per layer kind of the original and
+    variants under ``runtimes`` (default: every registered one) and, with ``layers``, the eager milliseconds per layer kind of the original and
     the reborn model at batch 1 (``table.layers_ms``, :func:`layer_times`)."""
     table = speed_table(model, exact=exact, reborn=reborn, image_size=image_size, batches=batches, rounds=rounds,
-                        variants=variants_for(runtimes), exporter=exporter, memory=memory, name=name,
+                        variants=variants_for(runtime_names() if runtimes is None else runtimes), exporter=exporter, memory=memory, name=name,
                         progress=progress, lowering=lowering)
     if layers:
         table.layers_ms = layer_times(model, reborn, torch.randn(1, 3, image_size, image_size))
@@ -130,7 +122,7 @@ def speed_table(
     image_size: int = 224,
     batches: Sequence[int] = (1, 8),
     rounds: int = 20,
-    variants: Sequence[tuple[str, str]] = DEFAULT_VARIANTS,
+    variants: Sequence[tuple[str, str]] | None = None,
     exporter: str = "auto",
     memory: bool = True,
     name: str = "model",
@@ -138,16 +130,17 @@ def speed_table(
     lowering: Lowering | None = None,
 ) -> SpeedTable:
     """Measure ``variants`` ((model variant, runtime) pairs; model variants ``original``, ``exact tier``,
-    ``reborn``) at every batch size, side by side. ``exact``/``reborn`` default to none: their rows are
-    skipped. ``exporter``: ``torchscript``, ``dynamo`` or ``auto`` (the faster for the original)."""
+    ``reborn``; default: :func:`~fxrebirth.measure.runtimes.variants_of` every registered runtime) at every
+    batch size, side by side. ``exact``/``reborn`` default to none: their rows are skipped. ``exporter``: ``torchscript``, ``dynamo`` or ``auto`` (the faster for the original)."""
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter={exporter!r}: use auto, torchscript or dynamo")
     models = {"original": _in_eval(model), "exact tier": _in_eval(exact), "reborn": _in_eval(reborn)}
-    wanted = [(v, r) for v, r in variants if models.get(v) is not None]
+    wanted = [(v, get_runtime(r).name) for v, r in (variants_of() if variants is None else variants)
+              if models.get(v) is not None]
     say = progress or (lambda message: log.info("speed table: %s", message))
     rows = {(v, r): Row(v, r) for v, r in wanted}
     for (_, runtime), row in rows.items():
-        reason = unavailable(runtime)
+        reason = available(runtime)
         row.note = f"unavailable: {reason}" if reason else ""
     with tempfile.TemporaryDirectory(prefix="fxrebirth-speed-") as folder:
         chosen, exporter_ms = _measure(models, rows, folder, image_size, batches, rounds, exporter, memory, say,
@@ -166,34 +159,25 @@ def _skipped(row: Row) -> bool:
 
 
 def _artifact(folder: str, variant: str, runtime: str, batch: int) -> str:
-    """The file a file runtime runs: one ``.onnx`` per variant and batch (ONNX Runtime and OpenVINO share
-    it), one ``.pte`` for ExecuTorch."""
-    suffix = ".pte" if runtime == "executorch" else ".onnx"
-    return os.path.join(folder, f"{variant}-b{batch}{suffix}")
-
-
-def _write_artifact(model: nn.Module, runtime: str, x: torch.Tensor, path: str, exporter: str) -> None:
-    if os.path.exists(path):
-        return
-    if runtime == "executorch":
-        with open(path, "wb") as f:
-            f.write(executorch_program(model, x))
-    else:
-        export_onnx(model, x, path, exporter)
+    """The file a file runtime runs: one per variant, batch and file type (runtimes reading the same type,
+    ONNX Runtime and OpenVINO, share it)."""
+    return os.path.join(folder, f"{variant}-b{batch}{get_runtime(runtime).suffix}")
 
 
 def runtime_runner(model: nn.Module, runtime: str, x: torch.Tensor, folder: str, exporter: str = "torchscript",
                    name: str = "model") -> Callable[[], object]:
-    """A runner of ``model`` at ``x`` under any of :data:`RUNTIMES`: a file runtime's file is written to
-    ``folder`` first (as ``name``), a PyTorch runtime compiles on this call."""
-    reason = unavailable(runtime)
+    """A runner of ``model`` at ``x`` under any registered runtime: a file runtime's file is written to
+    ``folder`` first (as ``name``; ``exporter`` is the ONNX exporter), a PyTorch runtime compiles on this call."""
+    record = get_runtime(runtime)
+    reason = available(runtime)
     if reason:
         raise RuntimeError(f"{runtime} is unavailable: {reason}")
-    if runtime in ARTIFACT_RUNTIMES:
-        path = _artifact(folder, name, runtime, x.shape[0])
-        _write_artifact(model, runtime, x, path, exporter)
-        return artifact_runner(path, runtime, x)
-    return variant_runner(model, runtime, x)
+    if not record.runs_file:
+        return record.run(model, x)
+    path = _artifact(folder, name, runtime, x.shape[0])
+    if not os.path.exists(path):
+        record.export(model, x, path, exporter)
+    return record.run(path, x)
 
 
 def _prepare(models: dict[str, nn.Module | None], key: tuple[str, str], row: Row, folder: str, x: torch.Tensor,
@@ -218,9 +202,11 @@ def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Ro
     for batch in batches:
         x = torch.randn(batch, 3, image_size, image_size)
         runs: dict[tuple[str, str], Callable[[], object]] = {}
-        if exporter == "auto" and ("original", "onnxruntime") in rows and not exporter_ms:
-            say("choosing the ONNX exporter")
-            chosen, exporter_ms = _faster_exporter(model, x, folder, rounds)
+        judge = next((get_runtime(r) for v, r in rows if v == "original" and "exporter-choice" in get_runtime(r).tags
+                      and not _skipped(rows[v, r])), None)
+        if exporter == "auto" and judge is not None and not exporter_ms:
+            say(f"choosing the ONNX exporter (under {judge.name})")
+            chosen, exporter_ms = _faster_exporter(model, x, folder, rounds, judge)
         for key, row in rows.items():
             if _skipped(row):
                 continue
@@ -249,7 +235,7 @@ def _measure(models: dict[str, nn.Module | None], rows: dict[tuple[str, str], Ro
 def _memories(rows: dict[tuple[str, str], Row], folder: str, image_size: int, say: Callable[[str], None]) -> None:
     """Peak memory of every row that ran at batch 1, each in a process of its own."""
     for (variant, runtime), row in rows.items():
-        path = _artifact(folder, variant, runtime, 1) if runtime in ARTIFACT_RUNTIMES else \
+        path = _artifact(folder, variant, runtime, 1) if get_runtime(runtime).runs_file else \
             os.path.join(folder, f"{variant}.module.pt")
         if _skipped(row) or not os.path.exists(path):
             continue
@@ -260,11 +246,15 @@ def _memories(rows: dict[tuple[str, str], Row], folder: str, image_size: int, sa
             log.warning("speed table: %s", exc)
 
 
-def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int) -> tuple[str, dict[str, float]]:
+def _faster_exporter(model: nn.Module, x: torch.Tensor, folder: str, rounds: int,
+                     judge: Runtime) -> tuple[str, dict[str, float]]:
+    """The ONNX exporter whose file of ``model`` runs faster under ``judge``, and both latencies."""
     runs = {}
     for exporter in ("torchscript", "dynamo"):
+        path = os.path.join(folder, f"choose-{exporter}{judge.suffix}")
         try:
-            runs[exporter] = ort_runner(export_onnx(model, x, os.path.join(folder, f"choose-{exporter}.onnx"), exporter), x)
+            judge.export(model, x, path, exporter)
+            runs[exporter] = judge.run(path, x)
         except Exception as exc:  # an exporter that cannot export this model is not the faster one
             log.warning("speed table: the %s exporter failed: %s", exporter, str(exc).strip()[:200])
     if not runs:
@@ -297,10 +287,10 @@ def _sizes_flops(models: dict[str, nn.Module | None], rows: dict[tuple[str, str]
                 continue
             row.gflops = gflops
             path = _artifact(folder, variant, runtime, 1)
-            if runtime not in ARTIFACT_RUNTIMES:
+            if not get_runtime(runtime).runs_file:
                 row.size_mb = size
             elif os.path.exists(path):
-                row.size_mb = onnx_mb(path) if path.endswith(".onnx") else _file_mb(path)
+                row.size_mb = onnx_mb(path)
 
 
 def layer_breakdown(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
@@ -334,5 +324,5 @@ def eager_latency(model: nn.Module, reborn: nn.Module, x: torch.Tensor, rounds: 
     original = capture(copy.deepcopy(model).eval(), (x,))
     with torch.inference_mode():
         med = interleaved_medians({"original": lambda: original(x), "reborn": lambda: reborn(x)}, rounds)
-    return {"input_shape": list(x.shape), "runtime": "eager", "original_ms": med["original"],
+    return {"input_shape": list(x.shape), "runtime": DEFAULT_RUNTIME, "original_ms": med["original"],
             "reborn_ms": med["reborn"], "speedup": med["original"] / med["reborn"], "rounds": rounds}

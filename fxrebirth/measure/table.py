@@ -9,17 +9,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fxrebirth.measure.runtimes import get_runtime, runtime_names
+
 __all__ = ["Row", "SpeedTable", "layers_markdown"]
 
-# the original's row each runtime is compared with ("vs original, same runtime")
-_BASELINE = {"eager": "eager", "fx fuse": "eager", "inductor+freezing": "inductor+freezing",
-             "compile(fxrebirth)": "inductor+freezing", "onnxruntime": "onnxruntime", "openvino": "openvino",
-             "openvino bf16": "openvino bf16", "compile(openvino)": "compile(openvino)", "executorch": "executorch"}
+_REPORTED = {"f32": "fp32"}
+"""A record's precision as the report has always written it."""
 
 
 def precision(runtime: str) -> str:
-    """The arithmetic a runtime's rows compute in: ``bf16`` for the runtimes named so, else ``fp32``."""
-    return "bf16" if runtime.endswith("bf16") else "fp32"
+    """The arithmetic a runtime's rows compute in, as reported (``fp32``, ``bf16``): its record's."""
+    value = get_runtime(runtime).precision
+    return _REPORTED.get(value, value)
+
+
+def _baseline(runtime: str) -> str:
+    """The runtime of the original row a runtime's rows are compared with ("vs original, same runtime")."""
+    return get_runtime(runtime).baseline or runtime
 
 
 @dataclass
@@ -65,8 +71,8 @@ class SpeedTable:
 
     def ratio(self, row: Row, batch: int, runtime: str | None = None) -> float | None:
         """Speed-up of ``row`` over the original under ``runtime`` (default: the row's own runtime's
-        baseline, see ``_BASELINE``)."""
-        base = self.row("original", runtime or _BASELINE[row.runtime])
+        baseline, its record's ``baseline``)."""
+        base = self.row("original", runtime or _baseline(row.runtime))
         if base is None or batch not in base.ms or batch not in row.ms:
             return None
         return base.ms[batch] / row.ms[batch]
@@ -85,7 +91,8 @@ class SpeedTable:
         data = asdict(self)
         for row, out in zip(self.rows, data["rows"]):
             out["speedup_same_runtime"] = {b: self.ratio(row, b) for b in row.ms}
-            out["speedup_vs_original_onnxruntime"] = {b: self.ratio(row, b, "onnxruntime") for b in row.ms}
+            for reference in runtime_names("reference"):
+                out[f"speedup_vs_original_{reference}"] = {b: self.ratio(row, b, reference) for b in row.ms}
             out["precision"] = precision(row.runtime)
             out["speedup_vs_best_original"] = {b: self.vs_best(row, b) for b in row.ms}
         data["best_original"] = {b: {p: getattr(self.best_original(b, p), "runtime", None) for p in ("fp32", "bf16")}
@@ -97,12 +104,12 @@ class SpeedTable:
         lines = [
             f"{self.model}, {self.image_size}x{self.image_size}, median of {self.rounds} shuffled interleaved "
             f"rounds in one process. {env['cpu']} ({env['cpu_count']} CPUs), torch {env['torch']} with "
-            f"{env['torch_threads']} threads ({env['torch_interop_threads']} inter-op), ONNX Runtime "
-            f"{env.get('onnxruntime')} with {env.get('onnxruntime_intra_op_threads')} intra-op threads "
-            f"(spinning off, all graph optimisations, {self.exporter} exporter"
-            + (", the faster for the original: " + ", ".join(f"{k} {v:.2f} ms" for k, v in self.exporter_ms.items())
-               if self.exporter_ms else "") + f"), OpenVINO {env.get('openvino')}, ExecuTorch {env.get('executorch')}"
-            f", Python {env['python']}. Rows are fp32 unless their runtime says bf16; \"vs best original\" divides "
+            f"{env['torch_threads']} threads ({env['torch_interop_threads']} inter-op), "
+            + "".join(f"{package} {env.get(package)}, " for package in self._packages())
+            + f"every runtime with {env.get('onnxruntime_intra_op_threads')} threads (ONNX Runtime: spinning off, "
+            f"all graph optimisations), ONNX files from the {self.exporter} exporter"
+            + (" (the faster for the original: " + ", ".join(f"{k} {v:.2f} ms" for k, v in self.exporter_ms.items())
+               + ")" if self.exporter_ms else "") + f", Python {env['python']}. Rows are fp32 unless their runtime says bf16; \"vs best original\" divides "
             "by the fastest original at the same precision"
             + "".join(f" (batch {b}: {r.runtime})" for b in self.batches if (r := self.best_original(b))) + ".", "",
         ]
@@ -129,6 +136,11 @@ class SpeedTable:
                       "process of its own; a compiled variant's process also holds what the compiler leaves "
                       "resident, so compare its memory with other compiled variants only."]
         return "\n".join(lines)
+
+    def _packages(self) -> list[str]:
+        """The runtimes' packages whose versions the environment holds, in the registry's order."""
+        found = dict.fromkeys(get_runtime(r).package for r in runtime_names())
+        return [p for p in found if p is not None and p in self.environment]
 
     def layers_markdown(self) -> str:
         """The time per layer kind, before and after, as a Markdown table ("" when not measured)."""
