@@ -17,6 +17,7 @@ from fxrebirth.equivalence import relative_error
 from fxrebirth.frontends import deploy as frontend
 from fxrebirth.frontends.deploy import export_model, lower_for
 from fxrebirth.measure import deploy, speed
+from fxrebirth.measure.runtimes import available
 from fxrebirth.measure.table import Row, SpeedTable
 
 SIZE = 16
@@ -57,7 +58,7 @@ def _output_of(to: str, files: list[str], x: torch.Tensor) -> torch.Tensor:
 def test_export_writes_a_file_its_runtime_runs_like_the_model(to, suffix, tmp_path, capsys):
     pytest.importorskip(_NEEDS[to])
     out = tmp_path / f"tiny{suffix}"
-    code = main(["export", "tests.test_deploy:tiny_lrn", "--to", to, "--output", str(out), "--input-size", str(SIZE),
+    code = main(["export", "tests.test_deploy:tiny_lrn", "--to", to, "--save", str(out), "--input-size", str(SIZE),
                  "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
@@ -76,8 +77,8 @@ def test_export_writes_a_file_its_runtime_runs_like_the_model(to, suffix, tmp_pa
 
 def test_an_export_that_differs_from_the_model_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    real = frontend._run
-    monkeypatch.setattr(frontend, "_run", lambda to, files, x: real(to, files, x) * 1.001)
+    real = deploy.load_onnx  # what the onnx target's record runs the written file with
+    monkeypatch.setattr(deploy, "load_onnx", lambda files, x: real(files, x) * 1.001)
     out = tmp_path / "tiny.onnx"
     with pytest.raises(EquivalenceError, match=r"the onnx export of the model differs from it by 1\.00e-03"):
         export_model(tiny_lrn(), torch.randn(1, 3, SIZE, SIZE), "onnx", str(out))
@@ -92,7 +93,7 @@ def test_export_leaves_a_training_model_in_training_mode(tmp_path):
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):
-    code = main(["export", "tests.test_deploy:tiny_lrn", "--to", "onnx", "--output", str(tmp_path / "no" / "m.onnx"),
+    code = main(["export", "tests.test_deploy:tiny_lrn", "--to", "onnx", "--save", str(tmp_path / "no" / "m.onnx"),
                  "--input-size", str(SIZE)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err, err
@@ -103,8 +104,9 @@ def test_a_runtime_that_is_not_installed_keeps_its_row_with_the_reason(monkeypat
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
-    assert deploy.unavailable("openvino") == "openvino is not installed (pip install 'fxrebirth[openvino]')"
-    assert deploy.unavailable("eager") is None
+    assert available("openvino") == "openvino is not installed (pip install 'fxrebirth[openvino]')"
+    assert available("openvino bf16") == available("compile(openvino)") == available("openvino")
+    assert available("eager") is None
     table = speed.speed_table(tiny_lrn(), image_size=SIZE, batches=(1,), rounds=1, memory=False,
                               variants=[("original", "eager"), ("original", "openvino")])
     row = table.row("original", "openvino")
@@ -117,7 +119,7 @@ def test_bf16_rows_are_offered_only_where_the_cpu_computes_bf16():
     import openvino as ov
 
     has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    assert (deploy.unavailable("openvino bf16") is None) == has_bf16
+    assert (available("openvino bf16") is None) == has_bf16
 
 
 def test_executorch_rows_fail_with_the_missing_kernel_unless_lrn_is_lowered():
@@ -195,5 +197,8 @@ def test_a_runtime_accuracy_is_what_that_runtime_computes_or_nothing_where_it_ca
     got = runtime_accuracies({"original": model}, test, 32, runtime="openvino")
     assert set(got) == {"original (openvino)"}
     assert abs(got["original (openvino)"] - evaluate(model, test).top1) <= 1 / 120  # f32: the same predictions
-    monkeypatch.setattr(deploy, "unavailable", lambda runtime: "not here")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     assert runtime_accuracies({"original": model}, test, 32) == {}

@@ -1,4 +1,4 @@
-"""The speed table (fxrebirth.speed) and ``fxrebirth bench``: every number consistent with the others,
+"""The speed table (fxrebirth.measure.speed) and ``fxrebirth bench``: every number consistent with the others,
 memory measured in a process of its own, one failing runtime costing only its own row."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import fxrebirth
 from fxrebirth.measure import runners, speed
 from fxrebirth.graph.capture import capture
 from fxrebirth.cli import main
-from fxrebirth.retraining.layers import rebuild
+from fxrebirth.retraining.planning import rebuild
 
 
 def tiny_cnn() -> nn.Module:
@@ -29,10 +29,10 @@ def variants():
     model = tiny_cnn()
     x = torch.randn(1, 3, 32, 32)
     exact, _ = fxrebirth.optimize(model, x)
-    plan = fxrebirth.plan(model, x, repeats=1)
-    assert plan.regions, "the conv -> ReLU -> max-pool chain is a region"
-    for region in plan.regions:  # whatever this noisy machine measured for a model this small
-        region.selected = True
+    plan = fxrebirth.plan(model, x, strategies=["streamline"], rounds=1)
+    assert plan.candidates, "the conv -> ReLU -> max-pool chain is a candidate"
+    for candidate in plan.candidates:  # whatever this noisy machine measured for a model this small
+        candidate.selected = True
     reborn = rebuild(capture(model, (x,)), plan).eval()
     return model, exact, reborn
 
@@ -100,7 +100,7 @@ def test_layer_breakdown_names_kinds(variants):
 def test_bench_cli_json(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     args = ["bench", "test_speed:tiny_cnn", "--input-size", "32", "--batch", "1", "--rounds", "2",
-            "--runtime", "eager", "--no-memory", "--json", "--layers", "--all-regions"]
+            "--rows", "eager", "--no-memory", "--json", "--layers", "--all-regions"]
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     runs = {(r["variant"], r["runtime"]): r for r in data["rows"]}

@@ -149,12 +149,12 @@ def _move(files: list[str], path: str) -> list[str]:
     """Move the checked files to ``path`` (the first file's name; companions keep its stem)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FxRebirthError(f"--output {path}: the folder {folder} does not exist")
+        raise FxRebirthError(f"--save {path}: the folder {folder} does not exist")
     stem, _ = os.path.splitext(path)
     targets = [path] + [stem + os.path.splitext(f)[1] for f in files[1:]]
     try:
         for source, target in zip(files, targets):
             shutil.move(source, target)
     except OSError as exc:
-        raise FxRebirthError(f"--output {path}: cannot write it ({first_line(exc, 200)})") from None
+        raise FxRebirthError(f"--save {path}: cannot write it ({first_line(exc, 200)})") from None
     return targets

@@ -34,30 +34,13 @@ from torch import nn
 
 from fxrebirth.equivalence import MIN_BATCH
 from fxrebirth.measure.runners import export_onnx, ort_session
-from fxrebirth.measure.runtimes import available, get_runtime, runtime_names
 
-__all__ = ["unavailable", "openvino_bf16_missing", "openvino_compiled", "openvino_runner", "openvino_bf16_runner",
+__all__ = ["openvino_bf16_missing", "openvino_compiled", "openvino_runner", "openvino_bf16_runner",
            "OpenVINOModule", "executorch_program", "write_pte", "executorch_file_runner", "ExecutorchMethod",
            "executorch_method", "executorch_runner", "save_onnx", "save_openvino", "save_pte", "load_onnx",
            "load_openvino", "load_pte"]
 
 log = logging.getLogger(__name__)
-
-_OPENVINO_RUNNERS = (f"{__name__}:openvino_runner", f"{__name__}:openvino_bf16_runner")
-
-
-def unavailable(runtime: str) -> str | None:
-    """Why ``runtime`` cannot run here, in one line, or None: :func:`fxrebirth.measure.runtimes.available`
-    (kept for fxrebirth.paper.runner until it calls that)."""
-    return available(runtime)
-
-
-def __getattr__(name: str) -> dict[str, str]:
-    """``OPENVINO_PRECISION``: the OpenVINO file runtimes' precisions, from the registry (kept for
-    fxrebirth.paper.runner until it reads ``get_runtime(name).precision``)."""
-    if name == "OPENVINO_PRECISION":
-        return {n: get_runtime(n).precision for n in runtime_names() if get_runtime(n).runner in _OPENVINO_RUNNERS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def openvino_bf16_missing() -> str | None:

@@ -51,14 +51,10 @@ from fxrebirth.measure.runners import (compiled_runner, eager_runner, environmen
 from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, Runtime, available, get_runtime, runtime_names, variants_of
 from fxrebirth.measure.table import Row, SpeedTable
 
-__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown", "RUNTIMES",
+__all__ = ["environment", "eager_runner", "compiled_runner", "ort_runner", "ort_session", "export_onnx", "Row", "SpeedTable", "speed_table", "inference_memory", "layer_breakdown",
            "eager_latency", "benchmark", "variants_for", "layer_times", "runtime_runner", "Lowering"]
 
 log = logging.getLogger(__name__)
-
-RUNTIMES = runtime_names()
-"""The runtimes registered when this module was imported; kept for fxrebirth.cli, fxrebirth.cli_args and
-fxrebirth.paper until they call :func:`fxrebirth.measure.runtimes.runtime_names` (which sees later ones)."""
 
 Lowering = Callable[[nn.Module, str, torch.Tensor], tuple[nn.Module, str]]
 """``(model, runtime, example) -> (model the runtime can run, note)``."""
@@ -315,7 +311,7 @@ if __name__ == "__main__":  # the child process of inference_memory
     if len(sys.argv) == 6 and sys.argv[1] == "memory":
         _memory_child(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m fxrebirth.speed memory MODEL_PATH RUNTIME N,C,H,W THREADS")
+        sys.exit("usage: python -m fxrebirth.measure.speed memory MODEL_PATH RUNTIME N,C,H,W THREADS")
 
 
 def eager_latency(model: nn.Module, reborn: nn.Module, x: torch.Tensor, rounds: int = 20) -> dict[str, object]:
