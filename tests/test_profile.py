@@ -23,11 +23,11 @@ from fxrebirth.equivalence import relative_error, tolerance
 from fxrebirth.measure.bundle import TableMismatch
 from fxrebirth.measure.devicetimer import time_bundle
 from fxrebirth.paper.models import googlenet_lrn
-from fxrebirth.retraining.depthplan import plan_depth
 from fxrebirth.retraining.profiling import profile
 
 pytest.importorskip("onnxruntime")
 
+PAPER = ("streamline", "branch")  # the paper's strategies: the "regions" planner's 11 candidates here
 _NO_TORCH = "raise ImportError('{0} is not on the device')\n"
 
 
@@ -51,7 +51,7 @@ def bundle(tmp_path_factory):
     model = googlenet_lrn(width=0.25).eval()
     x = torch.randn(1, 3, 64, 64)
     folder = tmp_path_factory.mktemp("bundle")
-    profile(model, x, str(folder))
+    profile(model, x, str(folder), strategies=PAPER)
     return model, x, folder
 
 
@@ -61,8 +61,8 @@ def test_a_bundle_holds_what_the_planner_times_and_its_files_compute_it(bundle):
     model, x, folder = bundle
     with open(folder / "manifest.json") as f:
         manifest = json.load(f)
-    planned = fxrebirth.plan(model, x, repeats=1)
-    assert [e["key"] for e in manifest["pairs"]] == [r.region.id for r in planned.regions]
+    planned = fxrebirth.plan(model, x, strategies=PAPER, rounds=1)
+    assert [e["key"] for e in manifest["pairs"]] == [c.region.id for c in planned.candidates]
     assert manifest["whole"]["input_shape"] == [1, 3, 64, 64] and manifest["planner"] == "regions"
     assert {"time_on_device.py", "fxrebirth_timing.py", "model.onnx"} <= set(os.listdir(folder))
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -78,13 +78,13 @@ def test_timed_without_torch_the_table_gives_every_latency_of_the_plan(bundle, t
     model, x, folder = bundle
     table = _time_on_device(folder, tmp_path, runtime)
     assert table["runtime"] == runtime and table["threads"] == 2 and table["rounds"] == 3
-    planned = fxrebirth.plan(model, x, device_table=str(folder / f"latency-{runtime}.json"))
+    planned = fxrebirth.plan(model, x, strategies=PAPER, device_table=str(folder / f"latency-{runtime}.json"))
     assert planned.source.startswith(f"device table latency-{runtime}.json: {runtime} ")
     assert planned.latency_s == pytest.approx(table["whole"]["ms"] / 1e3)
-    for r in planned.regions:
-        assert r.cost_now_s == pytest.approx(table["pairs"][r.region.id]["now_ms"] / 1e3)
-        assert r.cost_rebirth_s == pytest.approx(table["pairs"][r.region.id]["new_ms"] / 1e3)
-    assert all(r.gain_s > 0 for r in planned.selected)
+    for c in planned.candidates:
+        assert c.latency_now_s == pytest.approx(table["pairs"][c.region.id]["now_ms"] / 1e3)
+        assert c.latency_new_s == pytest.approx(table["pairs"][c.region.id]["new_ms"] / 1e3)
+    assert all(c.gain_s > 0 for c in planned.selected)
 
 
 def test_the_plan_obeys_the_device_where_this_machine_would_disagree(bundle):
@@ -96,8 +96,8 @@ def test_the_plan_obeys_the_device_where_this_machine_would_disagree(bundle):
         table["pairs"][key]["new_ms"] = 2 * table["pairs"][key]["now_ms"]
     for key in keys[1::2]:
         table["pairs"][key]["new_ms"] = table["pairs"][key]["now_ms"] / 2
-    planned = fxrebirth.plan(model, x, device_table=table)
-    assert sorted(r.region.id for r in planned.selected) == keys[1::2]
+    planned = fxrebirth.plan(model, x, strategies=PAPER, device_table=table)
+    assert sorted(c.region.id for c in planned.selected) == keys[1::2]
 
 
 def _edited(table: dict, edit: str) -> dict:
@@ -116,7 +116,8 @@ def _edited(table: dict, edit: str) -> dict:
 
 @pytest.mark.parametrize("edit, message", [
     ("format", "not a fxrebirth-latency/1 table"),
-    ("planner", "profiled for the 'depth' planner, this is the 'regions' one: run `fxrebirth profile` without --depth"),
+    ("planner", "profiled for the 'depth' planner, this is the 'regions' one: run `fxrebirth profile` with the "
+                "--strategy options of this plan"),
     ("missing", "lacks 1 of the 11 candidates"),
     ("shape", "at another input shape"),
 ])
@@ -124,24 +125,24 @@ def test_a_table_measured_for_something_else_is_refused(bundle, edit, message):
     model, x, folder = bundle
     table = _edited(time_bundle(str(folder), "onnxruntime", rounds=1, threads=2), edit)
     with pytest.raises(TableMismatch, match=re.escape(message)):
-        fxrebirth.plan(model, x, device_table=table)
+        fxrebirth.plan(model, x, strategies=PAPER, device_table=table)
 
 
 def test_a_table_at_another_input_size_or_from_another_bundle_is_refused(bundle, tmp_path):
     model, x, folder = bundle
     table = time_bundle(str(folder), "onnxruntime", rounds=1, threads=2)
     with pytest.raises(TableMismatch, match=r"measured at input \[1, 3, 64, 64\], this plan is at \[1, 3, 72, 72\]"):
-        fxrebirth.plan(model, torch.randn(1, 3, 72, 72), device_table=table)
+        fxrebirth.plan(model, torch.randn(1, 3, 72, 72), strategies=PAPER, device_table=table)
     other = tmp_path / "other"
-    profile(model, x, str(other))
+    profile(model, x, str(other), strategies=PAPER)
     (other / "latency-onnxruntime.json").write_text(json.dumps(table))  # the first bundle's table
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"] = "edited"
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TableMismatch, match="measured from another bundle than the manifest beside it"):
-        fxrebirth.plan(model, x, device_table=str(other / "latency-onnxruntime.json"))
+        fxrebirth.plan(model, x, strategies=PAPER, device_table=str(other / "latency-onnxruntime.json"))
     with pytest.raises(ValueError, match="give one of latency_table=, device_table= or runtime="):
-        fxrebirth.plan(model, x, device_table=table, runtime="onnxruntime")
+        fxrebirth.plan(model, x, strategies=PAPER, device_table=table, runtime="onnxruntime")
 
 
 class _Inverted(nn.Module):
@@ -168,37 +169,40 @@ def test_a_depth_plan_takes_its_latencies_from_a_depth_bundle(tmp_path, bundle):
     model = _Inverted().eval()
     x, calibration = torch.randn(1, 3, 64, 64), torch.randn(16, 3, 16, 16)
     folder = tmp_path / "depth"
-    profile(model, x, str(folder), depth=True)
+    profile(model, x, str(folder), strategies=["depth"])
     table = _time_on_device(folder, tmp_path, "onnxruntime")
     assert table["planner"] == "depth" and table["pairs"]
-    planned = plan_depth(model, (x,), calibration, device_table=str(folder / "latency-onnxruntime.json"))
+    planned = fxrebirth.plan(model, x, strategies=["depth"], calibration=calibration,
+                             device_table=str(folder / "latency-onnxruntime.json"))
     assert planned.source.startswith("device table latency-onnxruntime.json")
     assert {c.region.id for c in planned.candidates} == set(table["pairs"])
     for c in planned.candidates:
         assert c.latency_now_s == pytest.approx(table["pairs"][c.region.id]["now_ms"] / 1e3)
-        assert c.latency_merged_s == pytest.approx(table["pairs"][c.region.id]["new_ms"] / 1e3)
+        assert c.latency_new_s == pytest.approx(table["pairs"][c.region.id]["new_ms"] / 1e3)
     regions_table = str(bundle[2] / "latency-onnxruntime.json")
     if not os.path.exists(regions_table):
         (bundle[2] / "latency-onnxruntime.json").write_text(
             json.dumps(time_bundle(str(bundle[2]), "onnxruntime", rounds=1, threads=2)))
     with pytest.raises(TableMismatch, match="profiled for the 'regions' planner, this is the 'depth' one"):
-        plan_depth(model, (x,), calibration, device_table=regions_table)
+        fxrebirth.plan(model, x, strategies=["depth"], calibration=calibration, device_table=regions_table)
 
 
 def test_the_command_line_profiles_plans_from_the_table_and_refuses_bad_use(tmp_path, capsys):
     folder = tmp_path / "cli"
-    assert main(["profile", "googlenet_lrn", "--input-size", "64", "--out", str(folder)]) == 0
+    paper = ["--strategy", "streamline", "--strategy", "branch"]
+    assert main(["profile", "googlenet_lrn", "--input-size", "64", "--out", str(folder), *paper]) == 0
     out = capsys.readouterr().out
-    assert "11 candidate pairs" in out and "python time_on_device.py . --runtime openvino" in out
+    assert "11 candidate pairs" in out and "python time_on_device.py . --runtime onnxruntime" in out
     table = folder / "latency-onnxruntime.json"
     table.write_text(json.dumps(time_bundle(str(folder), "onnxruntime", rounds=1, threads=2)))
-    assert main(["plan", "googlenet_lrn", "--input-size", "64", "--table", str(table)]) == 0
+    plan = ["plan", "googlenet_lrn", *paper, "--table"]
+    assert main([*plan, str(table), "--input-size", "64"]) == 0
     assert "device table latency-onnxruntime.json" in capsys.readouterr().out
-    assert main(["plan", "googlenet_lrn", "--input-size", "64", "--table", str(table), "--runtime", "onnxruntime"]) == 2
+    assert main([*plan, str(table), "--input-size", "64", "--runtime", "onnxruntime"]) == 2
     assert "give --table or --runtime onnxruntime, not both" in capsys.readouterr().err
-    assert main(["plan", "googlenet_lrn", "--input-size", "64", "--table", str(tmp_path / "none.json")]) == 2
+    assert main([*plan, str(tmp_path / "none.json"), "--input-size", "64"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["plan", "googlenet_lrn", "--input-size", "72", "--table", str(table)]) == 2
+    assert main([*plan, str(table), "--input-size", "72"]) == 2
     assert "this plan is at [1, 3, 72, 72]" in capsys.readouterr().err
 
 
@@ -206,14 +210,15 @@ def test_a_depth_plan_takes_a_device_table_or_a_runtime_not_both(tmp_path):
     torch.manual_seed(0)
     model, x = _Inverted().eval(), torch.randn(1, 3, 32, 32)
     folder = tmp_path / "depth"
-    profile(model, x, str(folder), depth=True)
+    profile(model, x, str(folder), strategies=["depth"])
     table = time_bundle(str(folder), "onnxruntime", rounds=1, threads=2)
-    with pytest.raises(ValueError, match="give device_table= or runtime='openvino', not both"):
-        plan_depth(model, (x,), torch.randn(8, 3, 16, 16), runtime="openvino", device_table=table)
+    with pytest.raises(ValueError, match="give one of latency_table=, device_table= or runtime="):
+        fxrebirth.plan(model, x, strategies=["depth"], calibration=torch.randn(8, 3, 16, 16), runtime="openvino",
+                       device_table=table)
 
 
 def test_a_bundle_refuses_a_reduce_ratio_the_planner_refuses(bundle, tmp_path):
     model, x, _ = bundle
     with pytest.raises(ValueError, match=r"reduce_ratio=1.5: give a fraction of the reduce layers' width in \(0, 1\]"):
-        profile(model, x, str(tmp_path / "b"), reduce_ratio=1.5)
+        profile(model, x, str(tmp_path / "b"), strategies=PAPER, reduce_ratio=1.5)
     assert not (tmp_path / "b").exists()

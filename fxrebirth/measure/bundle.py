@@ -92,7 +92,7 @@ def read_table(table: str | dict[str, Any], planner: str, pairs: dict[str, tuple
                             "it is written by time_on_device.py from a bundle of `fxrebirth profile`")
     if data.get("planner") != planner:
         raise TableMismatch(f"{name} was profiled for the {data.get('planner')!r} planner, this is the {planner!r} "
-                            f"one: run `fxrebirth profile` with{'' if planner == 'depth' else 'out'} --depth")
+                            "one: run `fxrebirth profile` with the --strategy options of this plan")
     try:
         return _timings(data, name, pairs, whole_shape)
     except TableMismatch:
