@@ -79,6 +79,22 @@ def test_a_registered_export_target_is_written_and_checked(toy, tmp_path):
         export_model(model, x, "nope", str(tmp_path / "n.onnx"))
 
 
+def test_a_registered_runtime_is_a_choice_of_the_command_line(toy, tmp_path, capsys):
+    """``bench --rows``, ``plan --runtime`` and ``export --to`` offer it with no other edit."""
+    from fxrebirth.cli import main
+
+    model = ["tests.test_runtimes:tiny", "--input-size", "16"]
+    assert main(["bench", *model, "--batch", "1", "--rounds", "1", "--rows", TOY, "--no-memory", "--no-reborn",
+                 "--json"]) == 0
+    rows = {(r["variant"], r["runtime"]) for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert ("original", TOY) in rows and ("exact tier", TOY) not in rows
+    assert main(["plan", *model, "--runtime", TOY, "--rounds", "1", "--json"]) == 0
+    capsys.readouterr()
+    pytest.importorskip("onnxruntime")
+    assert main(["export", *model, "--to", "toy-onnx", "--save", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").exists()
+
+
 def test_a_lowering_named_by_the_record_is_applied(registry):
     from fxrebirth.frontends.deploy import lower_for, needs_lowering
 
