@@ -123,7 +123,7 @@ def stage_of(node: fx.Node) -> str | None:
     return None
 
 
-def _inputs(node: fx.Node) -> list[fx.Node]:
+def operands_of(node: fx.Node) -> list[fx.Node]:
     """The tensors a segment node computes from (weights and statistics left out)."""
     if stage_of(node) == "add":
         return list(node.args)
@@ -193,7 +193,7 @@ def _reach(a: fx.Node, max_convs: int, order: list[fx.Node], position: dict[fx.N
     while i < horizon:
         i += 1
         node = order[i]
-        ins = [x for x in (_inputs(node) if stage_of(node) else []) if x in reached]
+        ins = [x for x in (operands_of(node) if stage_of(node) else []) if x in reached]
         if not ins:
             continue
         convs = max(reached[x] for x in ins) + (stage_of(node) == "conv")
@@ -208,7 +208,7 @@ def _members(a: fx.Node, b: fx.Node, reached: dict[fx.Node, int], position: dict
     """The reached nodes on paths from ``a`` to ``b`` (not through the nodes named in ``skip``), graph order."""
     keep, todo = {b}, [b]
     while todo:
-        for x in _inputs(todo.pop()):
+        for x in operands_of(todo.pop()):
             if x is not a and x in reached and x not in keep and x.name not in skip:
                 keep.add(x)
                 todo.append(x)
@@ -217,7 +217,7 @@ def _members(a: fx.Node, b: fx.Node, reached: dict[fx.Node, int], position: dict
 
 def _valid(a: fx.Node, members: list[fx.Node], b: fx.Node) -> bool:
     inside = set(members)
-    if any(x is not a and x not in inside for n in members for x in _inputs(n)):
+    if any(x is not a and x not in inside for n in members for x in operands_of(n)):
         return False  # reads a second value
     return all(set(n.users) <= inside for n in members if n is not b)  # one output
 
@@ -230,15 +230,15 @@ def demands(a: fx.Node, members: list[fx.Node], dropped: frozenset[str] = frozen
     rank = len(_shape(a)) - 2
     q: dict[fx.Node, tuple[int, ...]] = {members[-1]: (0,) * rank}
     for node in reversed(members):
-        need = _demand_of(node, q, pruned)
-        for x in _inputs(node):
+        need = demand_of(node, q, pruned)
+        for x in operands_of(node):
             if x.name in dropped and stage_of(node) == "add":
                 continue
             q[x] = tuple(max(o, n) for o, n in zip(q.get(x, need), need))
     return q
 
 
-def _demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]],
+def demand_of(user: fx.Node, q: dict[fx.Node, tuple[int, ...]],
                pruned: frozenset[str] = frozenset()) -> tuple[int, ...]:
     """The padding ``user`` needs its input to carry when its own output carries ``q[user]``."""
     if stage_of(user) in ("conv", "pool") and user.name not in pruned:
@@ -264,11 +264,11 @@ def geometry(a: fx.Node, members: list[fx.Node], pruned: frozenset[str] = frozen
     receptive: dict[fx.Node, tuple[tuple[int, ...], tuple[int, ...], int]] = {a: ((1,) * rank, (1,) * rank, channels)}
     for node in members:
         reads = []
-        for x in _inputs(node):
+        for x in operands_of(node):
             if x.name in dropped and stage_of(node) == "add":
                 continue
             size, stride, groups = receptive[x]
-            crop = tuple(have - want for have, want in zip(q[x], _demand_of(node, q, pruned)))
+            crop = tuple(have - want for have, want in zip(q[x], demand_of(node, q, pruned)))
             reads.append((tuple(k + 2 * c * s for k, c, s in zip(size, crop, stride)), stride, groups))
         size, stride, groups = reads[0]
         if stage_of(node) == "add":
@@ -298,7 +298,7 @@ def prunable(members: list[fx.Node]) -> list[str]:
 def _check_cuts(members: list[fx.Node], pruned: tuple[str, ...], dropped: tuple[str, ...]) -> None:
     inside = set(members)
     # an operand computed inside is dropped with its branch, so nothing else may read it
-    operands = {x.name for n in members if stage_of(n) == "add" and len(set(_inputs(n))) == 2 for x in _inputs(n)
+    operands = {x.name for n in members if stage_of(n) == "add" and len(set(operands_of(n))) == 2 for x in operands_of(n)
                 if x not in inside or set(x.users) == {n}}
     for name in pruned:
         if name not in prunable(members):
@@ -364,11 +364,11 @@ def _between_layers(segment: Segment, members: list[fx.Node]) -> bool:
     convs = {n for n in members if stage_of(n) == "conv"}
     inside = set(members)
     for act in (n for n in members if stage_of(n) == "activation"):
-        up, todo = False, list(_inputs(act))
+        up, todo = False, list(operands_of(act))
         while todo and not up:
             x = todo.pop()
             up = x in convs
-            todo += [y for y in _inputs(x) if y in inside] if x in inside else []
+            todo += [y for y in operands_of(x) if y in inside] if x in inside else []
         down, todo = False, list(act.users)
         while todo and not down:
             x = todo.pop()

@@ -44,7 +44,7 @@ from fxrebirth.rewrite.rules import RuleContext
 
 from ._kernel import Kernel, compose, identity_kernel, sum_kernels
 from .branches import stage_kernel
-from .depth import Segment, _demand_of, _inputs, activation_input, demands, members_of, stage_of
+from .depth import Segment, activation_input, demand_of, demands, members_of, operands_of, stage_of
 
 __all__ = ["StudentSegment", "STUDENT_KEY", "linearise", "merge"]
 
@@ -151,7 +151,7 @@ def _linearise_one(gm: fx.GraphModule, seg: Segment, renamed: dict[str, str]) ->
             if stage_of(node) in ("conv", "pool"):
                 node.update_kwarg("padding", (0,) * len(q[a]))
         for user in users[node]:
-            want = _demand_of(user, q)
+            want = demand_of(user, q)
             source = pad if node is a else node
             if want != q[node]:
                 with graph.inserting_before(user):
@@ -220,10 +220,10 @@ def _kernel_of(gm: fx.GraphModule, part: StudentSegment, ctx: RuleContext) -> Ke
             x, y = node.args
             kernel = sum_kernels([env[x], env[y]], tuple(shape[2:]), tuple(node.meta["tensor_meta"].shape[2:]))
         elif role == "identity":
-            kernel = env[_inputs(node)[0]]
+            kernel = env[operands_of(node)[0]]
         else:
             stage = stage_kernel(node, ctx)
-            kernel = stage if isinstance(stage, str) else compose(env[_inputs(node)[0]], stage)
+            kernel = stage if isinstance(stage, str) else compose(env[operands_of(node)[0]], stage)
         if isinstance(kernel, str):
             raise EquivalenceError(f"segment {part.segment!r}: cannot merge at {name!r}: {kernel}")
         env[node] = kernel

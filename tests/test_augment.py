@@ -115,11 +115,11 @@ def test_each_rank_takes_its_rows_of_the_globally_augmented_batch(monkeypatch) -
 
 
 def test_rebirth_with_augmentation_trains_and_keys_its_checkpoint_by_it(tmp_path) -> None:
-    from tests.test_retrain import FAST, LRNNet, _data as labelled, _plan
+    from tests.test_retrain import FAST, LRNNet, labelled_data as labelled, plan_all
 
     torch.manual_seed(0)
     model = LRNNet().eval()
-    plan, data = _plan(model), labelled(96)
+    plan, data = plan_all(model), labelled(96)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reborn, report = rebirth(model, plan, data, checkpoint_dir=tmp_path, augment="flip+shift+mixup", **FAST)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched

@@ -67,16 +67,19 @@ def test_padded_second_conv_after_a_3x3_is_refused(bias):
 
 def test_the_refusal_is_needed_verification_catches_a_forced_padded_merge():
     """With the precondition removed, the composed kernel is wrong at the border: verification rolls it back."""
-    from fxrebirth.passes import _kernel, conv_chain
+    from fxrebirth.passes import conv_chain
+    from dataclasses import replace
+
+    from fxrebirth.passes._kernel import compose, kernel_of_conv
 
     class Careless(conv_chain.MergeConvChain):
         name = "careless_chain"
 
         def _merged(self, match, ctx):
-            k1 = _kernel.kernel_of_conv(match["first"], ctx)
-            k2 = _kernel.kernel_of_conv(match.output, ctx)
-            k2 = _kernel.replace(k2, padding=(0, 0))
-            return _kernel.replace(_kernel.compose(k1, k2), padding=(1, 1))
+            k1 = kernel_of_conv(match["first"], ctx)
+            k2 = kernel_of_conv(match.output, ctx)
+            k2 = replace(k2, padding=(0, 0))
+            return replace(compose(k1, k2), padding=(1, 1))
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 3, padding=1)).double().eval()
     x = torch.randn(1, 3, 7, 7, dtype=torch.float64)

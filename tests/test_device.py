@@ -13,7 +13,7 @@ import fxrebirth
 from fxrebirth.retraining.engine import rebirth
 from fxrebirth.retraining.train import Arithmetic, batches, resolve_device
 
-from tests.test_retrain import FAST, LRNNet, _data, _plan
+from tests.test_retrain import FAST, LRNNet, labelled_data, plan_all
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device here (benchmarks/cuda_smoke.py runs on one)")
@@ -24,8 +24,8 @@ def _weights(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_explicit_cpu_and_auto_on_a_cpu_machine_give_the_default_result() -> None:
-    model, data = LRNNet().eval(), _data(64)
-    plan = _plan(model)
+    model, data = LRNNet().eval(), labelled_data(64)
+    plan = plan_all(model)
     reference, _ = rebirth(model, plan, data, **FAST)
     explicit, report = rebirth(model, plan, data, device="cpu", **FAST)
     for (k, a), b in zip(_weights(reference).items(), _weights(explicit).values()):
@@ -40,8 +40,8 @@ def test_explicit_cpu_and_auto_on_a_cpu_machine_give_the_default_result() -> Non
 
 def test_bf16_autocast_trains_on_the_cpu_and_returns_a_float32_model() -> None:
     torch.manual_seed(0)
-    model, data = LRNNet().eval(), _data(64)
-    plan = _plan(model)
+    model, data = LRNNet().eval(), labelled_data(64)
+    plan = plan_all(model)
     full, _ = rebirth(model, plan, data, **FAST)
     half, report = rebirth(model, plan, data, precision="bf16", **FAST)
     assert report.config["precision"] == "bf16"
@@ -57,8 +57,8 @@ def test_bf16_autocast_trains_on_the_cpu_and_returns_a_float32_model() -> None:
 
 
 def test_a_checkpoint_resumes_whatever_the_device_setting(tmp_path) -> None:
-    model, data = LRNNet().eval(), _data(64)
-    plan = _plan(model)
+    model, data = LRNNet().eval(), labelled_data(64)
+    plan = plan_all(model)
     first, _ = rebirth(model, plan, data, checkpoint_dir=tmp_path, device="cpu", **FAST)
     again, report = rebirth(model, plan, data, checkpoint_dir=tmp_path, device="auto" if not CUDA else "cpu", **FAST)
     assert report.resumed_from is not None
@@ -70,8 +70,8 @@ def test_a_checkpoint_resumes_whatever_the_device_setting(tmp_path) -> None:
 
 
 def test_bad_device_and_precision_get_clear_errors() -> None:
-    model, data = LRNNet().eval(), _data(16)
-    plan = _plan(model)
+    model, data = LRNNet().eval(), labelled_data(16)
+    plan = plan_all(model)
     with pytest.raises(fxrebirth.FxRebirthError, match="precision='fp8'"):
         rebirth(model, plan, data, precision="fp8", **FAST)
     with pytest.raises(fxrebirth.FxRebirthError, match="device='gpu0'"):
@@ -84,7 +84,7 @@ def test_bad_device_and_precision_get_clear_errors() -> None:
 
 
 def test_batches_move_to_the_device_without_changing_order_or_flips() -> None:
-    data = _data(40)
+    data = labelled_data(40)
     here = list(batches(data, 16, seed=3, images=56, augment=True))
     there = list(batches(data, 16, seed=3, images=56, augment=True, device=resolve_device("auto")))
     assert [len(x) for x, _ in here] == [16, 16, 8, 16]
@@ -106,8 +106,8 @@ def test_arithmetic_autocasts_only_inside_its_block() -> None:
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_rebirth_trains_and_returns_a_cpu_model(precision: str) -> None:
-    model, data = LRNNet().eval(), _data(64)
-    plan = _plan(model)
+    model, data = LRNNet().eval(), labelled_data(64)
+    plan = plan_all(model)
     cpu, _ = rebirth(model, plan, data, **FAST)
     gpu, report = rebirth(model, plan, data, device="cuda", precision=precision, **FAST)
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in gpu.parameters())

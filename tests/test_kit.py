@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from fxrebirth.passes import _kernel, batchnorm, conv_chain, pooling
+from fxrebirth.passes import batchnorm, conv_chain, pooling
 from fxrebirth.passes._fold import Affine
 from fxrebirth.testing import randomize_batchnorm
 from fxrebirth.testing.kit import check_rule
@@ -83,7 +84,7 @@ class TransposedKernel(conv_chain.MergeConvChain):
         if isinstance(kernel, str):
             return kernel
         weight = kernel.weight.transpose(-1, -2)
-        return _kernel.replace(kernel, weight=weight, stride=kernel.stride[::-1], padding=kernel.padding[::-1])
+        return replace(kernel, weight=weight, stride=kernel.stride[::-1], padding=kernel.padding[::-1])
 
 
 class ForgottenGroups(type(batchnorm.rules("following")[0])):

@@ -132,6 +132,32 @@ def test_no_import_cycles():
     assert not cycles - KNOWN_CYCLES_FOR_NOW, "\n".join(" -> ".join(c) for c in sorted(cycles - KNOWN_CYCLES_FOR_NOW))
 
 
+MAX_PRIVATE_IMPORTS = 10
+"""Cross-module imports of underscore names allowed (``from fxrebirth.x import _name``): a name another module
+needs is that module's interface, so it goes without the underscore."""
+
+
+def _private_imports(module: str, path: Path) -> list[str]:
+    """``module``'s imports of another module's underscore names (``_name``; dunders aside), at any depth."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [node.module or ""]
+                            ).strip(".") if node.level else node.module or ""
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {base}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")
+                      and (base == "fxrebirth" or base.startswith("fxrebirth."))]
+    return found
+
+
+def test_few_imports_of_private_names_across_modules():
+    found = [line for module, path in MODULES.items() for line in _private_imports(module, path)]
+    assert len(found) <= MAX_PRIVATE_IMPORTS, (
+        f"{len(found)} imports of underscore names across modules (at most {MAX_PRIVATE_IMPORTS}): make a shared "
+        "name public where it is defined\n" + "\n".join(found))
+
+
 def test_the_direction_test_catches_an_upward_import(tmp_path):
     """The rule is live: a graph module importing the retraining tier is reported."""
     fake = tmp_path / "capture.py"

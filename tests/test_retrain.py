@@ -65,12 +65,12 @@ class LRNNet(nn.Module):
         return self.head(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
-def _data(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> Labelled:
+def labelled_data(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> Labelled:
     g = torch.Generator().manual_seed(seed)
     return Labelled(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g), classes)
 
 
-def _plan(model: nn.Module, size: int = 12) -> fxrebirth.Plan:
+def plan_all(model: nn.Module, size: int = 12) -> fxrebirth.Plan:
     plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), repeats=1)
     for r in plan.regions:  # select every region, whatever this machine's timings say
         r.selected = True
@@ -80,9 +80,9 @@ def _plan(model: nn.Module, size: int = 12) -> fxrebirth.Plan:
 def test_least_squares_reproduces_an_exactly_representable_region() -> None:
     torch.manual_seed(0)
     model = ConvPool().eval()
-    plan = _plan(model)
+    plan = plan_all(model)
     assert [r.region.kind for r in plan.selected] == ["streamline"]
-    gm, report = rebirth(model, plan, _data(64), init="lstsq", epochs=0, layerwise_epochs=0, calibration_images=64,
+    gm, report = rebirth(model, plan, labelled_data(64), init="lstsq", epochs=0, layerwise_epochs=0, calibration_images=64,
                          ridge=1e-9, batch_size=16)
     x = torch.randn(8, 3, 12, 12)
     assert report.retraining_epochs == 0 and report.calibration_images == 64
@@ -93,8 +93,8 @@ def test_least_squares_reproduces_an_exactly_representable_region() -> None:
 def test_least_squares_init_is_closer_than_xavier_and_original() -> None:
     torch.manual_seed(0)
     model = LRNNet().eval()
-    plan = _plan(model)
-    data, x = _data(128), torch.randn(32, 3, 12, 12)
+    plan = plan_all(model)
+    data, x = labelled_data(128), torch.randn(32, 3, 12, 12)
     errors = {}
     for init in ("lstsq", "original", "xavier"):
         gm, _ = rebirth(model, plan, data, init=init, epochs=0, layerwise_epochs=0, calibration_images=128)
@@ -106,8 +106,8 @@ def test_rebirth_does_not_touch_the_model_and_training_lowers_the_loss() -> None
     torch.manual_seed(0)
     model = LRNNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = _plan(model)
-    gm, report = rebirth(model, plan, _data(256), test_data=_data(64, seed=1), init="lstsq", **{**FAST, "epochs": 1.0})
+    plan = plan_all(model)
+    gm, report = rebirth(model, plan, labelled_data(256), test_data=labelled_data(64, seed=1), init="lstsq", **{**FAST, "epochs": 1.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = [s.name for s in report.steps]
     assert names == ["init lstsq", "layer-wise distillation", "end-to-end distillation"]
@@ -143,7 +143,7 @@ def test_the_pool_policy_starts_from_the_model_without_its_lrn_at_two_sizes() ->
 def test_paper_schedule_merges_bottom_up_one_region_per_step() -> None:
     torch.manual_seed(0)
     model = googlenet_lrn(10, width=0.125).eval()
-    plan = _plan(model, 32)
+    plan = plan_all(model, 32)
     gm, report = rebirth(model, plan, Shapes("train", 64, 32), test_data=Shapes("test", 32, 32), schedule="paper",
                          init="xavier", epochs=0.5, batch_size=32, eval_images=32)
     assert [s.regions[0] for s in report.steps] == [r["id"] for r in report.regions]  # graph order
@@ -165,8 +165,8 @@ def _crash_at(stage: str):
 def test_resume_after_an_interrupted_step_matches_an_uninterrupted_run(tmp_path) -> None:
     torch.manual_seed(0)
     model = LRNNet().eval()
-    plan = _plan(model)
-    data = _data(128)
+    plan = plan_all(model)
+    data = labelled_data(128)
     reference, _ = rebirth(model, plan, data, **FAST)
     with pytest.raises(KeyboardInterrupt):
         rebirth(model, plan, data, checkpoint_dir=tmp_path, progress=_crash_at("end-to-end distillation"), **FAST)
@@ -179,22 +179,22 @@ def test_resume_after_an_interrupted_step_matches_an_uninterrupted_run(tmp_path)
 
 def test_a_checkpoint_of_another_job_is_refused(tmp_path) -> None:
     model = LRNNet().eval()
-    plan = _plan(model)
-    rebirth(model, plan, _data(64), checkpoint_dir=tmp_path, **FAST)
+    plan = plan_all(model)
+    rebirth(model, plan, labelled_data(64), checkpoint_dir=tmp_path, **FAST)
     with pytest.raises(fxrebirth.FxRebirthError, match="another rebirth job"):
-        rebirth(model, plan, _data(64), checkpoint_dir=tmp_path, **{**FAST, "epochs": 0.5})
+        rebirth(model, plan, labelled_data(64), checkpoint_dir=tmp_path, **{**FAST, "epochs": 0.5})
 
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from test_retrain import LRNNet, _data, _plan, FAST
+    from test_retrain import LRNNet, labelled_data, plan_all, FAST
     from fxrebirth.retraining.engine import rebirth
     torch.manual_seed(0)
     model = LRNNet().eval()
-    plan = _plan(model)
+    plan = plan_all(model)
     slow = lambda event: __import__("time").sleep(0.05) if event.stage == "end-to-end distillation" else None
-    gm, report = rebirth(model, plan, _data(128), checkpoint_dir=sys.argv[1], progress=slow,
+    gm, report = rebirth(model, plan, labelled_data(128), checkpoint_dir=sys.argv[1], progress=slow,
                          **{{**FAST, "epochs": 2.0}})
     torch.save(gm.state_dict(), sys.argv[2])
 """)
@@ -230,7 +230,7 @@ def test_kill_9_loses_at_most_the_step_in_progress(tmp_path) -> None:
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from test_retrain import LRNNet, _data, _plan, FAST
+    from test_retrain import LRNNet, labelled_data, plan_all, FAST
     from fxrebirth.retraining.engine import rebirth
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
@@ -238,9 +238,9 @@ DDP_SCRIPT = textwrap.dedent("""
         dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = LRNNet().eval()
-    plan = _plan(model)
+    plan = plan_all(model)
     # plain BatchNorm normalises with each rank's half of the batch: compare without it
-    gm, report = rebirth(model, plan, _data(128), train_batch_norm=False, **{{**FAST, "epochs": 1.0}})
+    gm, report = rebirth(model, plan, labelled_data(128), train_batch_norm=False, **{{**FAST, "epochs": 1.0}})
     if not distributed or dist.get_rank() == 0:
         torch.save(gm.state_dict(), sys.argv[-1])
     if distributed:
@@ -261,33 +261,33 @@ def test_ddp_on_two_processes_matches_a_single_process(tmp_path, one_and_two_pro
 
 def test_bad_inputs_get_clear_errors() -> None:
     model = LRNNet().eval()
-    plan = _plan(model)
+    plan = plan_all(model)
     empty = Labelled(torch.zeros(0, 3, 12, 12), torch.zeros(0, dtype=torch.long), 4)
     with pytest.raises(DataError, match="empty"):
         rebirth(model, plan, empty)
     with pytest.raises(DataError, match="label 7 is out of range"):
         rebirth(model, plan, Labelled(torch.randn(8, 3, 12, 12), torch.tensor([0, 1, 2, 3, 7, 0, 1, 2]), 8))
     with pytest.raises(DataError, match=r"images are \[10, 10\]"):
-        rebirth(model, plan, _data(8), test_data=_data(8, size=10))
+        rebirth(model, plan, labelled_data(8), test_data=labelled_data(8, size=10))
     with pytest.raises(RegionError, match="plan was made for a LRNNet"):
-        rebirth(googlenet_lrn(4, width=0.125), plan, _data(8, size=32))
-    other = _plan(LRNNet().eval())
+        rebirth(googlenet_lrn(4, width=0.125), plan, labelled_data(8, size=32))
+    other = plan_all(LRNNet().eval())
     other.regions[0].region.nodes = ("not_a_node",) + other.regions[0].region.nodes[1:]
     with pytest.raises(RegionError, match="does not fit"):
-        rebirth(model, other, _data(8))
+        rebirth(model, other, labelled_data(8))
     with pytest.raises(DataError, match="does not accept"):
         rebirth(model, plan, Labelled(torch.randn(8, 1, 12, 12), torch.zeros(8, dtype=torch.long), 4))
     with pytest.raises(fxrebirth.FxRebirthError, match="init="):
         RebirthConfig(init="magic")
     with pytest.raises(fxrebirth.FxRebirthError, match=r"unknown rebirth option\(s\) \['epoch'\]"):
-        rebirth(model, plan, _data(8), epoch=1)
+        rebirth(model, plan, labelled_data(8), epoch=1)
 
 
 def test_extract_region_computes_what_the_region_computes() -> None:
     model = LRNNet().eval()
     x = torch.randn(2, 3, 12, 12)
     gm = capture(model, (x,))
-    plan = _plan(model)
+    plan = plan_all(model)
     region = plan.selected[0].region
     sub = extract_region(gm, region)
     torch.testing.assert_close(sub(x), model.pool(model.norm(model.relu(model.conv1(x)))))
@@ -317,7 +317,7 @@ def test_batch_count_matches_what_batches_yields(images) -> None:
 def test_auto_init_relays_streamline_regions_and_fits_branch_regions() -> None:
     torch.manual_seed(0)
     model = googlenet_lrn(10, width=0.125).eval()
-    plan = _plan(model, 32)
+    plan = plan_all(model, 32)
     _, report = rebirth(model, plan, Shapes("train", 64, 32), init="auto", epochs=0, calibration_images=64)
     inits = {r["id"]: r["init"] for r in report.regions}
     assert inits["streamline:conv1.conv"] == "original" and inits["branch:blocks.inception3a"] == "lstsq"
@@ -376,9 +376,9 @@ def test_reinitialise_renews_every_weight_of_a_captured_model() -> None:
 def test_the_control_trains_the_same_architecture_from_scratch_on_the_same_budget() -> None:
     torch.manual_seed(0)
     model = LRNNet().eval()
-    train, test = _data(96), _data(48, seed=1)
+    train, test = labelled_data(96), labelled_data(48, seed=1)
     options = {**FAST, "layerwise_epochs": 0.25, "epochs": 0.5}
-    reborn, report = rebirth(model, _plan(model), train, test_data=test, control=True,
+    reborn, report = rebirth(model, plan_all(model), train, test_data=test, control=True,
                              teacher_cost={"images": 960, "wall_s": 12.0}, **options)
     control = report.control
     assert control["trained_images"] == report.trained_images == 24 + 48  # layer-wise + end to end
@@ -394,7 +394,7 @@ def test_the_control_trains_the_same_architecture_from_scratch_on_the_same_budge
     data = report.to_dict()
     assert data["teacher_share"] == report.teacher_share and data["control"]["top1"] == control["top1"]
     # the control is a different model from the reborn one: the same architecture, other weights
-    again, _ = rebirth(model, _plan(model), train, **options)
+    again, _ = rebirth(model, plan_all(model), train, **options)
     assert [p.shape for p in again.parameters()] == [p.shape for p in reborn.parameters()]
 
 
@@ -403,8 +403,8 @@ def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None
 
     torch.manual_seed(0)
     model = LRNNet().eval()
-    train, test = _data(64), _data(32, seed=1)
-    plan = _plan(model)
+    train, test = labelled_data(64), labelled_data(32, seed=1)
+    plan = plan_all(model)
     options = {k: v for k, v in FAST.items() if k not in ("epochs", "layerwise_epochs")}
     points = budget_curve(model, plan, train, test, [16, 64], checkpoint_dir=tmp_path,
                           teacher_cost={"images": 640}, **options)

@@ -1,7 +1,7 @@
 """What the ``torch.compile`` backend (:mod:`fxrebirth.frontends.backend`) reads off a Dynamo graph before it
 folds: which placeholders are the model's weights, what the graph's attributes are, whether the graph
 may write into its inputs (the ops that can mutate, confirmed by running it once on copies), and so
-whether it may be folded at all (:func:`_why_not_fold`).
+whether it may be folded at all (:func:`why_not_fold`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _grapharg(node: fx.Node) -> Any:
     return node.meta.get("grapharg")
 
 
-def _is_weight(node: fx.Node, value: Any) -> bool:
+def is_weight(node: fx.Node, value: Any) -> bool:
     """Is this placeholder a module's parameter or buffer (as opposed to a user input)?
 
     Module float attributes that ``dynamic=True`` passes as fresh 0-d tensors (``pass_arg_as_tensor``)
@@ -44,7 +44,7 @@ def _is_weight(node: fx.Node, value: Any) -> bool:
     return False
 
 
-def _attributes(gm: fx.GraphModule) -> dict[str, Any]:
+def graph_attributes(gm: fx.GraphModule) -> dict[str, Any]:
     """What the graph's ``get_attr`` and ``call_module`` nodes refer to, by target."""
     return {n.target: _fetch(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
 
@@ -60,7 +60,7 @@ _NORMS = {
 }
 
 
-def _norm_statistics(node: fx.Node) -> list[Any]:
+def norm_statistics(node: fx.Node) -> list[Any]:
     """The running statistics a normalisation call in training mode updates (empty otherwise)."""
     if node.op != "call_function" or node.target not in _NORMS:
         return []
@@ -84,7 +84,7 @@ def _may_mutate(node: fx.Node) -> bool:
             node.target.startswith("__i") and node.target.endswith("__"))
     if node.op != "call_function":
         return False
-    if node.target is operator.delitem or _norm_statistics(node):
+    if node.target is operator.delitem or norm_statistics(node):
         return True
     schema = getattr(node.target, "_schema", None)
     return schema is not None and bool(getattr(schema, "is_mutable", False))
@@ -113,15 +113,15 @@ class _Probe(fx.Interpreter):
         return self.modules_copied[target](*args, **kwargs)
 
 
-def _devices(values: Sequence[Any]) -> list[int]:
+def devices_of(values: Sequence[Any]) -> list[int]:
     return sorted({v.device.index or 0 for v in values if isinstance(v, torch.Tensor) and v.is_cuda})
 
 
 def _mutated_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[set[int], set[str]] | None:
     """Which placeholders (by position) and attributes (by target) the graph writes into, found by
     running it once on copies (a changed version counter or changed values); None if that run failed."""
-    with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
-        copies = [_clone(_hint(v)) for v in inputs]
+    with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=devices_of(inputs)):
+        copies = [_clone(size_hint(v)) for v in inputs]
         versions = [v._version if isinstance(v, torch.Tensor) else None for v in copies]
         probe = _Probe(gm)
         try:
@@ -136,7 +136,7 @@ def _mutated_inputs(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[set[int]
     return placeholders, attrs
 
 
-def _why_not_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, str] | None:
+def why_not_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, str] | None:
     """(key, reason) when the graph must be compiled unchanged; None when it may be folded."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     scalars = [n.name for n, v in zip(placeholders, example_inputs)
@@ -148,7 +148,7 @@ def _why_not_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[st
                 "BatchNorm's eps graph inputs), which are not constants; it is compiled unchanged. To fold with "
                 "dynamic shapes, leave dynamic=None (sizes become dynamic when they change) or set "
                 "torch._dynamo.config.specialize_float = True")
-    if any(isinstance(v, torch.SymInt) and _hint(v) is None for v in example_inputs):
+    if any(isinstance(v, torch.SymInt) and size_hint(v) is None for v in example_inputs):
         return ("sizes", "a symbolic size has no example value; the graph is compiled unchanged")
     if not any(_may_mutate(n) for n in gm.graph.nodes):
         return None
@@ -165,7 +165,7 @@ def _why_not_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[st
     return None
 
 
-def _hint(value: Any) -> Any:
+def size_hint(value: Any) -> Any:
     """A concrete example for a symbolic size (no guard is added); the value itself otherwise."""
     if isinstance(value, torch.SymInt):
         from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -175,3 +175,9 @@ def _hint(value: Any) -> Any:
         except Exception:  # noqa: BLE001 - no hint: the caller compiles the graph unchanged
             return None
     return value
+
+
+# the old private spellings, until fxrebirth/frontends/backend.py imports the public names (and fetch_attr from
+# fxrebirth.graph.surgery instead of _fetch from here)
+_attributes, _devices, _hint, _is_weight = graph_attributes, devices_of, size_hint, is_weight
+_norm_statistics, _why_not_fold = norm_statistics, why_not_fold

@@ -38,7 +38,8 @@ from fxrebirth.graph.mutation import eliminate_dead_code, functionalize
 from fxrebirth.graph.sideeffects import no_side_effects
 from fxrebirth.graph.variants import record_variant_shapes
 from fxrebirth.graph.ops import BINARY_ALIASES, METHOD_ALIASES, MODULE_LOWERINGS, OPS, normalize_kwargs
-from fxrebirth.graph.tracing import OPAQUE_KEY, _has_containers, _keep_root_hooks, _refuse_global_hooks, _trace, has_hooks
+from fxrebirth.graph.tracing import (OPAQUE_KEY, has_containers, has_hooks, keep_root_hooks, refuse_global_hooks,
+                                     trace_module)
 
 __all__ = ["capture", "canonicalize", "propagate_shapes", "SOURCE_KEY", "as_input_tuple", "describe"]
 
@@ -272,7 +273,7 @@ def capture(
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    _refuse_global_hooks()
+    refuse_global_hooks()
     with torch.inference_mode(False):  # called inside inference_mode: the copy must be ordinary tensors
         return _capture(model, inputs, leaf_modules, copy_model, variants)
 
@@ -280,13 +281,13 @@ def capture(
 def _capture(model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module]], copy_model: bool,
              variants: bool) -> fx.GraphModule:
     opaque: list[str] = []
-    if isinstance(model, fx.GraphModule) and not _has_containers(model, leaf_modules):
+    if isinstance(model, fx.GraphModule) and not has_containers(model, leaf_modules):
         # the copy's graph is already a copy (and the copy is only an attribute source from here on)
         root = copy_module(model) if copy_model else model
         graph = root.graph if copy_model else copy.deepcopy(model.graph)
     else:
         root = copy_module(model) if copy_model else model
-        graph, _, opaque = _trace(root, leaf_modules, inputs)
+        graph, _, opaque = trace_module(root, leaf_modules, inputs)
         if opaque:
             log.info("capture of %s: %s", type(model).__name__, "; ".join(opaque))
     # torch.export programs: ATen operators become canonical calls, also when traced again (an unlifted
@@ -297,7 +298,7 @@ def _capture(model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[t
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)  # generates the code once
     if opaque:
         gm.meta[OPAQUE_KEY] = opaque
-    _keep_root_hooks(root, gm)
+    keep_root_hooks(root, gm)
     changed = eliminate_dead_code(gm.graph, unknown_is_tensor=True)
     if changed:
         gm.recompile()

@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxrebirth.graph.metadata import _PURE_PYTHON, _is_constant, _number, is_metadata_query
+from fxrebirth.graph.metadata import PURE_PYTHON, is_constant_value, is_metadata_query, reduced_number
 from fxrebirth.graph.variants import batch_of, variant_inputs, varying_dims
 
 __all__ = ["ContextRegion", "RegionWatch", "StaticConditions", "context_state"]
@@ -97,23 +97,23 @@ class RegionWatch:
         self.states.pop()
 
 
-class _NotStatic(Exception):
+class NotStatic(Exception):
     pass
 
 
 def _shape_only(node: fx.Node, seen: set[fx.Node]) -> None:
-    """Raise :class:`_NotStatic` unless ``node`` is computed from shapes, ranks and dtypes alone (metadata
+    """Raise :class:`NotStatic` unless ``node`` is computed from shapes, ranks and dtypes alone (metadata
     queries and the Python arithmetic and comparisons on them: ``getitem`` of a tensor reaches the tensor
     and is refused)."""
     if node in seen or is_metadata_query(node):
         return
     seen.add(node)
     try:
-        pure = node.op == "call_function" and node.target in _PURE_PYTHON
+        pure = node.op == "call_function" and node.target in PURE_PYTHON
     except TypeError:  # an unhashable target
         pure = False
     if not pure:
-        raise _NotStatic(node.name)
+        raise NotStatic(node.name)
     for arg in node.all_input_nodes:
         _shape_only(arg, seen)
 
@@ -167,7 +167,7 @@ class _Evaluation:
                 return self.inputs[index]
             if n.args:
                 return n.args[0]
-            raise _NotStatic(n.name)
+            raise NotStatic(n.name)
         if n.op == "get_attr":
             value: Any = self.root
             for part in str(n.target).split("."):
@@ -180,10 +180,10 @@ class _Evaluation:
         if n.op == "call_module":
             module = self.root.get_submodule(n.target)
             if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
-                raise _NotStatic(f"{n.target} has hooks")  # a hook must not see fake tensors
+                raise NotStatic(f"{n.target} has hooks")  # a hook must not see fake tensors
             state = {k: self._fake(v) for k, v in list(module.named_parameters()) + list(module.named_buffers())}
             return torch.func.functional_call(module, state, args, kwargs)
-        raise _NotStatic(n.op)
+        raise NotStatic(n.op)
 
 
 class StaticConditions:
@@ -208,27 +208,27 @@ class StaticConditions:
         try:
             return self.runs[symbolic].value(node)
         except Exception as exc:  # noqa: BLE001 - not evaluable: torch.fx's own error stands
-            raise _NotStatic(str(exc)) from None
+            raise NotStatic(str(exc)) from None
         finally:
             self.evaluating = False
 
     def _fixed_varying_size(self) -> bool:
         """Did the symbolic run fix a size the model varies? Then its constants are not trusted."""
         run, batch = self.runs[True], batch_of(self.inputs)
-        return any(isinstance(fake, torch.Tensor) and any(_is_constant(fake.shape[d]) for d in varying_dims(x, batch))
+        return any(isinstance(fake, torch.Tensor) and any(is_constant_value(fake.shape[d]) for d in varying_dims(x, batch))
                    for x, fake in zip(self.inputs, run.inputs))
 
     def value(self, node: fx.Node, in_root: bool) -> Any:
-        """The condition's value (static, or at the example in the root's forward), or raise :class:`_NotStatic`."""
+        """The condition's value (static, or at the example in the root's forward), or raise :class:`NotStatic`."""
         _shape_only(node, set())
-        value = _number(self._evaluate(node, symbolic=True))
-        if not _is_constant(value) or self._fixed_varying_size():
+        value = reduced_number(self._evaluate(node, symbolic=True))
+        if not is_constant_value(value) or self._fixed_varying_size():
             if not in_root:
-                raise _NotStatic("it depends on a size the model varies")
+                raise NotStatic("it depends on a size the model varies")
             value = self._evaluate(node, symbolic=False)
         if isinstance(value, (bool, int, float)):
             return value
-        raise _NotStatic(type(value).__name__)
+        raise NotStatic(type(value).__name__)
 
 
 def where_in_source() -> str:

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.graph.guards import is_guard
-from fxrebirth.graph.mutation import _hashable
+from fxrebirth.graph.mutation import hashable
 from fxrebirth.graph.sideeffects import no_side_effects
 from fxrebirth.graph.variants import batch_of, variant_inputs, varying_dims
 
@@ -61,7 +61,7 @@ _ATEN = frozenset({torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default,
 _CHECKS = frozenset({torch._assert, torch._check, torch.ops.aten._assert_scalar.default})
 """Assertions: removed once their condition folds to ``True``."""
 
-_PURE_PYTHON = frozenset({
+PURE_PYTHON = frozenset({
     operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
     operator.not_, operator.and_, operator.or_, len, int, float, bool, max, min,
@@ -99,7 +99,7 @@ def reads_only_shape(node: object) -> bool:
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
-def _number(value: Any) -> Any:
+def reduced_number(value: Any) -> Any:
     """A symbolic number whose expression the shape environment has reduced to a constant (directly or by
     a later replacement, ``s1 -> 18``), as that constant; anything else unchanged."""
     if isinstance(value, _SYMBOLIC):
@@ -110,22 +110,22 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _is_constant(value: Any) -> bool:
+def is_constant_value(value: Any) -> bool:
     """A plain Python value (no free symbols, no tensors) that a graph's generated code can spell."""
-    value = _number(value)
+    value = reduced_number(value)
     if isinstance(value, _SYMBOLIC):
         return False
     if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.layout)):
         return True
     if isinstance(value, (tuple, list)):  # torch.Size is a tuple
-        return all(_is_constant(v) for v in value)
+        return all(is_constant_value(v) for v in value)
     return False
 
 
 def _spell(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
-        return tuple(_number(v) for v in value)
-    return _number(value)
+        return tuple(reduced_number(v) for v in value)
+    return reduced_number(value)
 
 
 class _SymbolicRun(fx.Interpreter):
@@ -145,7 +145,7 @@ class _SymbolicRun(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if time.monotonic() > self.deadline:
             raise _OutOfTime(f"over {SYMBOLIC_BUDGET_S:g} s at node {n.name}")
-        if n.op == "call_function" and _hashable(n.target) and n.target in _CHECKS:
+        if n.op == "call_function" and hashable(n.target) and n.target in _CHECKS:
             return None
         try:
             return super().run_node(n)
@@ -224,7 +224,7 @@ def _symbolic_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node,
     # the model runs at other batches and spatial sizes (its variants): if the run fixed one of those to a
     # constant, something in it specialised where the model does not, and nothing it says is trusted
     for x, fake in zip(inputs, fakes):
-        if isinstance(x, torch.Tensor) and any(_is_constant(fake.shape[d]) for d in varying_dims(x, batch_of(inputs))):
+        if isinstance(x, torch.Tensor) and any(is_constant_value(fake.shape[d]) for d in varying_dims(x, batch_of(inputs))):
             log.debug("symbolic shape run fixed a size the model varies; only ranks, dtypes and devices resolved")
             return None
     return dict(runner.env)
@@ -238,9 +238,9 @@ def _fixed_input_dims(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[tu
     for node in gm.graph.nodes:
         value = values.get(node) if node.op == "placeholder" else None
         if isinstance(value, torch.Tensor):
-            dims = tuple(d for d in range(1, value.dim()) if _is_constant(value.shape[d]))
+            dims = tuple(d for d in range(1, value.dim()) if is_constant_value(value.shape[d]))
             if dims:
-                fixed.append((node, dims, tuple(_number(value.shape[d]) for d in dims)))
+                fixed.append((node, dims, tuple(reduced_number(value.shape[d]) for d in dims)))
     return fixed
 
 
@@ -283,10 +283,10 @@ def _foldable(node: fx.Node, folded: dict[fx.Node, Any], values: dict[fx.Node, A
     constant)."""
     if is_metadata_query(node):
         return True
-    if node.op != "call_function" or not _hashable(node.target) or node.target not in _PURE_PYTHON:
+    if node.op != "call_function" or not hashable(node.target) or node.target not in PURE_PYTHON:
         return False
     return all(a in folded for a in node.all_input_nodes) or (
-        values is not None and node in values and _is_constant(values[node]))
+        values is not None and node in values and is_constant_value(values[node]))
 
 
 def _substitute(node: fx.Node, value: Any) -> None:
@@ -314,7 +314,7 @@ def resolve_metadata(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
         recorded, value = _recorded_value(node) if is_metadata_query(node) else (False, None)
         if values is not None and not recorded:
             value = values.get(node)
-            static = node in values and _is_constant(value)
+            static = node in values and is_constant_value(value)
         else:
             static = recorded
         if static:
@@ -325,7 +325,7 @@ def resolve_metadata(gm: fx.GraphModule, inputs: Sequence[Any]) -> int:
     for node, value in folded.items():
         _substitute(node, value)
     for node in list(graph.nodes):
-        if node.op == "call_function" and _hashable(node.target) and node.target in _CHECKS:
+        if node.op == "call_function" and hashable(node.target) and node.target in _CHECKS:
             condition = node.args[0] if node.args else node.kwargs.get("cond", node.kwargs.get("condition"))
             if condition is True:
                 graph.erase_node(node)

@@ -139,7 +139,7 @@ def mutated_input(node: fx.Node, *, unknown_is_tensor: bool = False) -> fx.Node 
             first = _first_arg(node)
             return first if isinstance(first, fx.Node) else None
         if node.kwargs.get("inplace") is True:
-            spec = OPS.get(target) if _hashable(target) else None
+            spec = OPS.get(target) if hashable(target) else None
             if spec is not None and spec.kind == "dropout" and node.kwargs.get("training") is False:
                 return None  # dropout in eval mode returns its input and writes nothing
             return node.kwargs.get("input", _first_arg(node))
@@ -218,7 +218,7 @@ def _fresh(node: Any) -> bool:
     if node.op == "call_function":
         if isinstance(node.target, torch._ops.OpOverload):
             return _schema_fresh(node.target)
-        spec = OPS.get(node.target) if _hashable(node.target) else None
+        spec = OPS.get(node.target) if hashable(node.target) else None
         if spec is not None:
             return spec.kind in _FRESH_KINDS and not node.kwargs.get("inplace", False)
         return node.target in _FRESH_FUNCTIONS and mutated_input(node) is None
@@ -236,7 +236,7 @@ def returns_new_memory(node: Any) -> bool:
     return _fresh(node)
 
 
-def _hashable(target: Any) -> bool:
+def hashable(target: Any) -> bool:
     try:
         hash(target)
     except TypeError:
@@ -263,7 +263,7 @@ def _out_of_place(node: fx.Node) -> tuple[str, Any, tuple[Any, ...], dict[str, A
         name = getattr(target, "__name__", "")
         for namespace in (torch, F):
             twin = getattr(namespace, name[:-1], None) if name.endswith("_") else None
-            if twin is not None and (twin in _FRESH_FUNCTIONS or (_hashable(twin) and twin in OPS)):
+            if twin is not None and (twin in _FRESH_FUNCTIONS or (hashable(twin) and twin in OPS)):
                 return "call_function", twin, node.args, dict(node.kwargs)
     return None
 

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxrebirth.errors import CaptureError, first_line
-from fxrebirth.graph.contexts import ContextRegion, RegionWatch, StaticConditions, _NotStatic, record_condition
+from fxrebirth.graph.contexts import ContextRegion, NotStatic, RegionWatch, StaticConditions, record_condition
 
 __all__ = ["has_hooks", "OPAQUE_KEY"]
 
@@ -140,7 +140,7 @@ class _Tracer(fx.Tracer):
             path = self._fxr_modules[-1] if self._fxr_modules else ""
             try:
                 value = self.conditions.value(obj.node, in_root=not path)
-            except _NotStatic:
+            except NotStatic:
                 pass
             else:
                 return record_condition(self, obj.node, value, path)
@@ -163,7 +163,7 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
+def keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
     """The traced graph is the root's ``forward``; the root's own hooks run around it, so the GraphModule
     carries them (each receives the GraphModule as its module: a hook that reads attributes the graph does
     not use fails, and the whole-model check then refuses the model)."""
@@ -176,7 +176,7 @@ def _keep_root_hooks(root: nn.Module, gm: fx.GraphModule) -> None:
         gm._is_full_backward_hook = root._is_full_backward_hook
 
 
-def _refuse_global_hooks() -> None:
+def refuse_global_hooks() -> None:
     from torch.nn.modules import module as module_mod
 
     forward = [getattr(module_mod, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")]
@@ -199,7 +199,7 @@ MAX_OPAQUE = 16
 """Module types capture may make opaque on its own before it gives up with :class:`CaptureError`."""
 
 
-def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
+def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]],
            inputs: Sequence[Any] = ()) -> tuple[fx.Graph, _Tracer, list[str]]:
     """The traced graph, the tracer, and what was kept opaque: a submodule whose forward torch.fx cannot
     trace (Python control flow on a traced size, as timm's ``Conv2dSame`` computes its padding), or whose
@@ -279,7 +279,7 @@ def _name_constant_arguments(graph: fx.Graph, concrete: dict[str, Any]) -> None:
                     check.args = (check.args[0], message)
 
 
-def _has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
+def has_containers(gm: fx.GraphModule, leaf_modules: Sequence[type[nn.Module]]) -> bool:
     """Whether ``gm`` calls modules fx would trace into (``nn.Sequential``, user modules such as a rebirth
     layer inserted by :func:`fxrebirth.retraining.layers.rebuild`): such a GraphModule is traced again, so that what
     they compute becomes canonical nodes instead of opaque calls."""

@@ -1,5 +1,5 @@
 """Helpers every family of cases builds with: seeded input builders (:func:`images`), seeded model
-builders (:func:`_seeded`), a conv + BatchNorm block, the torchvision models several families use, the
+builders (:func:`seeded_case`), a conv + BatchNorm block, the torchvision models several families use, the
 ``cost_model=None`` option and the signature of the catalog's ``add``."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ AddCase = Callable[..., None]
 """The catalog's ``add(name, klass, build, inputs=None, **case_fields)``: appends one :class:`Case`
 (default inputs: ``images(3, index of the case)``)."""
 
-_NOCOST = lambda: {"cost_model": None}  # noqa: E731 - accept every exact merge (a documented option)
+NO_COST = lambda: {"cost_model": None}  # noqa: E731 - accept every exact merge (a documented option)
 
 
-def _hw(size: Size) -> tuple[int, int]:
+def height_width(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
 
 
-def _gen(seed: int, batch: int, size: Size) -> torch.Generator:
-    h, w = _hw(size)
+def case_generator(seed: int, batch: int, size: Size) -> torch.Generator:
+    h, w = height_width(size)
     return torch.Generator().manual_seed(seed * 100003 + batch * 1009 + h * 31 + w)
 
 
@@ -33,8 +33,8 @@ def images(channels: int = 3, seed: int = 0, *, dtype: torch.dtype = torch.float
     """An input builder of one ``(batch, channels, *spatial)`` tensor, seeded by (seed, batch, size)."""
 
     def make(batch: int, size: Size) -> tuple:
-        spatial = {1: lambda s: (s,), 2: _hw, 3: lambda s: (s, s, s)}[dims](size)
-        x = torch.randn((batch, channels) + tuple(spatial), generator=_gen(seed, batch, size), dtype=torch.float64)
+        spatial = {1: lambda s: (s,), 2: height_width, 3: lambda s: (s, s, s)}[dims](size)
+        x = torch.randn((batch, channels) + tuple(spatial), generator=case_generator(seed, batch, size), dtype=torch.float64)
         x = (x * scale).to(dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -43,7 +43,7 @@ def images(channels: int = 3, seed: int = 0, *, dtype: torch.dtype = torch.float
     return make
 
 
-def _seeded(seed: int, make: Callable[[], nn.Module], *, dtype: torch.dtype | None = None,
+def seeded_case(seed: int, make: Callable[[], nn.Module], *, dtype: torch.dtype | None = None,
             channels_last: bool = False, after: Callable[[nn.Module], None] | None = None) -> Callable[[], nn.Module]:
     """``make`` under ``torch.manual_seed(seed)``, BatchNorms randomised, in eval mode (then ``after``)."""
 
@@ -91,19 +91,19 @@ def conv_bn(cin: int = 3, cout: int = 8, k: int = 3, **kw: Any) -> nn.Sequential
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, **kw), nn.BatchNorm2d(cout))
 
 
-def _resnet18(seed: int, channels_last: bool = False) -> Callable[[], nn.Module]:
+def resnet18_case(seed: int, channels_last: bool = False) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         import torchvision
 
         return torchvision.models.resnet18(weights=None, num_classes=10)
 
-    return _seeded(seed, make, channels_last=channels_last)
+    return seeded_case(seed, make, channels_last=channels_last)
 
 
-def _mobilenet(seed: int) -> Callable[[], nn.Module]:
+def mobilenet_case(seed: int) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         import torchvision
 
         return torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
 
-    return _seeded(seed, make)
+    return seeded_case(seed, make)

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import AddCase, _seeded, conv_bn
+from fxrebirth.testing.adversarial.builders import AddCase, seeded_case, conv_bn
 
 
 def _hooked(kind: str) -> Callable[[], nn.Module]:
@@ -121,11 +121,11 @@ def hook_cases(add: AddCase) -> None:
     """The ``hooks`` cases, in catalog order."""
     for i, kind in enumerate(["conv_forward", "bn_forward", "conv_pre", "bn_pre", "relu_forward", "root_forward",
                               "root_pre", "kwargs_pre"]):
-        add(f"hook_{kind}", "hooks", _seeded(100 + i, _hooked(kind)),
+        add(f"hook_{kind}", "hooks", seeded_case(100 + i, _hooked(kind)),
             description=f"{kind.replace('_', ' ')} hook that changes the value")
     for i, kind in enumerate(["spectral", "spectral_loaded", "weight_norm", "weight_norm_loaded", "parametrize",
                               "parametrizations.weight_norm", "parametrizations.spectral_norm"]):
-        add(f"norm_{kind.replace('.', '_')}", "hooks", _seeded(110 + i, _norm_wrapped(kind)),
+        add(f"norm_{kind.replace('.', '_')}", "hooks", seeded_case(110 + i, _norm_wrapped(kind)),
             description={"spectral": "old-style nn.utils.spectral_norm (a pre-hook; cached weight is stale)",
                          "spectral_loaded": "old-style spectral_norm, weight_orig edited after wrapping",
                          "weight_norm": "old-style nn.utils.weight_norm (a pre-hook)",
@@ -133,11 +133,11 @@ def hook_cases(add: AddCase) -> None:
                          "parametrize": "register_parametrization(conv, 'weight', abs - 0.1)",
                          "parametrizations.weight_norm": "new-style parametrizations.weight_norm",
                          "parametrizations.spectral_norm": "new-style parametrizations.spectral_norm"}[kind])
-    add("hook_records_list", "hooks", _seeded(120, _recording), records=lambda: _RECORDS["hook_records_list"],
+    add("hook_records_list", "hooks", seeded_case(120, _recording), records=lambda: _RECORDS["hook_records_list"],
         description="forward hooks on two BNs append outputs to a Python list")
-    add("hooked_module_called_twice", "hooks", _seeded(121, _CalledTwice),
+    add("hooked_module_called_twice", "hooks", seeded_case(121, _CalledTwice),
         description="one conv with an output hook called twice, BN after the second")
-    add("global_forward_hook", "hooks", _seeded(122, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 4))),
+    add("global_forward_hook", "hooks", seeded_case(122, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 4))),
         setup=_global_hook_setup, description="register_module_forward_hook adding 0.75 to every Conv2d output")
-    add("global_forward_pre_hook", "hooks", _seeded(123, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 4))),
+    add("global_forward_pre_hook", "hooks", seeded_case(123, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 4))),
         setup=_global_pre_hook_setup, description="register_module_forward_pre_hook scaling every BN's input")

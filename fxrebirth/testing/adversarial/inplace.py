@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, _NOCOST, AddCase, _seeded
+from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, NO_COST, AddCase, seeded_case
 
 
 class _Unassigned(nn.Module):
@@ -249,46 +249,46 @@ def _state_scale(module: nn.Module) -> Any:
 
 def inplace_cases(add: AddCase) -> None:
     """The ``inplace`` cases, in catalog order."""
-    add("relu_module_inplace_unassigned", "inplace", _seeded(1, lambda: _Unassigned("module")),
+    add("relu_module_inplace_unassigned", "inplace", seeded_case(1, lambda: _Unassigned("module")),
         description="nn.ReLU(inplace=True) called as self.relu(y), result not reassigned, y used")
-    add("relu_method_unassigned", "inplace", _seeded(2, lambda: _Unassigned("relu_")), description="y.relu_()")
-    add("add_method_unassigned", "inplace", _seeded(3, lambda: _Unassigned("add_")), description="y.add_(1)")
-    add("torch_relu_unassigned", "inplace", _seeded(4, lambda: _Unassigned("torch.relu_")),
+    add("relu_method_unassigned", "inplace", seeded_case(2, lambda: _Unassigned("relu_")), description="y.relu_()")
+    add("add_method_unassigned", "inplace", seeded_case(3, lambda: _Unassigned("add_")), description="y.add_(1)")
+    add("torch_relu_unassigned", "inplace", seeded_case(4, lambda: _Unassigned("torch.relu_")),
         description="torch.relu_(y)")
-    add("functional_relu_inplace_unassigned", "inplace", _seeded(5, lambda: _Unassigned("F.relu")),
+    add("functional_relu_inplace_unassigned", "inplace", seeded_case(5, lambda: _Unassigned("F.relu")),
         description="F.relu(y, inplace=True)")
-    add("clamp_method_unassigned", "inplace", _seeded(6, lambda: _Unassigned("clamp_")),
+    add("clamp_method_unassigned", "inplace", seeded_case(6, lambda: _Unassigned("clamp_")),
         description="y.clamp_(min, max), result not reassigned")
-    add("mul_between_conv_bn", "inplace", _seeded(7, lambda: _MulBetweenConvBN(False)),
+    add("mul_between_conv_bn", "inplace", seeded_case(7, lambda: _MulBetweenConvBN(False)),
         description="y.mul_(2) between conv and BN, result not reassigned")
-    add("mul_between_conv_bn_used", "inplace", _seeded(8, lambda: _MulBetweenConvBN(True)),
+    add("mul_between_conv_bn_used", "inplace", seeded_case(8, lambda: _MulBetweenConvBN(True)),
         description="z = y.mul_(2); bn(z)")
-    add("inplace_used_then_fold", "inplace", _seeded(9, _UsedThenFold),
+    add("inplace_used_then_fold", "inplace", seeded_case(9, _UsedThenFold),
         description="a read of y before y.relu_() (result used), then conv->BN that folds")
-    add("sibling_convs_across_mutation", "inplace", _seeded(10, _SiblingAcrossMutation), options=_NOCOST,
+    add("sibling_convs_across_mutation", "inplace", seeded_case(10, _SiblingAcrossMutation), options=NO_COST,
         description="1x1 convs of y before and after y.add_(1.5) (sibling merge candidates)")
-    add("sibling_convs_across_used_mutation", "inplace", _seeded(22, _SiblingAcrossUsedMutation), options=_NOCOST,
+    add("sibling_convs_across_used_mutation", "inplace", seeded_case(22, _SiblingAcrossUsedMutation), options=NO_COST,
         description="a(y); z = y.add_(1.5); b(y); cat([bn(a), b, z]): the sibling merge must not move b's read")
-    add("bn_reads_after_mutation", "inplace", _seeded(23, _ReadAfterMutation),
+    add("bn_reads_after_mutation", "inplace", seeded_case(23, _ReadAfterMutation),
         description="z = y.mul_(2); bn(y) + z: the BN reads the mutated conv output")
-    add("outputs_alias_mutated_tensor", "inplace", _seeded(24, lambda: _ReadAfterMutation(returns_alias=True)),
+    add("outputs_alias_mutated_tensor", "inplace", seeded_case(24, lambda: _ReadAfterMutation(returns_alias=True)),
         description="return bn(y), y, y.relu_(): the second output aliases the mutated tensor")
-    add("input_iadd", "inplace", _seeded(11, _InputIadd),
+    add("input_iadd", "inplace", seeded_case(11, _InputIadd),
         description="x += conv(x) on the model's input; the example must stay untouched")
-    add("relu_inplace_on_input", "inplace", _seeded(12, _ReluInplaceOnInput),
+    add("relu_inplace_on_input", "inplace", seeded_case(12, _ReluInplaceOnInput),
         description="nn.ReLU(inplace=True) applied to the model's input")
-    add("view_slice_mul_zero", "inplace", _seeded(13, lambda: _ViewMutation("slice")),
+    add("view_slice_mul_zero", "inplace", seeded_case(13, lambda: _ViewMutation("slice")),
         description="y[:, :2].mul_(0) then BN(y)")
-    add("view_add", "inplace", _seeded(14, lambda: _ViewMutation("view")),
+    add("view_add", "inplace", seeded_case(14, lambda: _ViewMutation("view")),
         description="y.view(b, -1).add_(1) then BN(y)")
-    add("setitem_zero", "inplace", _seeded(15, lambda: _ViewMutation("setitem")), description="y[:, 0] = 0")
-    add("setitem_tensor", "inplace", _seeded(16, lambda: _ViewMutation("setitem_tensor")),
+    add("setitem_zero", "inplace", seeded_case(15, lambda: _ViewMutation("setitem")), description="y[:, 0] = 0")
+    add("setitem_tensor", "inplace", seeded_case(16, lambda: _ViewMutation("setitem_tensor")),
         description="y[:, 1:3] = y[:, 5:7] * 2")
-    add("buffer_counter", "inplace", _seeded(17, _BufferCounter), state=_state_count,
+    add("buffer_counter", "inplace", seeded_case(17, _BufferCounter), state=_state_count,
         description="self.count.add_(1) in forward; output scaled by it")
-    add("parameter_clamp_in_forward", "inplace", _seeded(18, _ClampParameter), state=_state_scale,
+    add("parameter_clamp_in_forward", "inplace", seeded_case(18, _ClampParameter), state=_state_scale,
         description="self.scale.clamp_(0, 1) under no_grad inside forward")
-    add("out_argument", "inplace", _seeded(19, _OutArgument), description="torch.add(a, b, out=c); bn(c)")
-    add("basicblock_inplace_relu", "inplace", _seeded(20, _BasicBlock),
+    add("out_argument", "inplace", seeded_case(19, _OutArgument), description="torch.add(a, b, out=c); bn(c)")
+    add("basicblock_inplace_relu", "inplace", seeded_case(20, _BasicBlock),
         description="out += identity; out = self.relu(out) (inplace ReLU, torchvision BasicBlock)")
-    add("dropout_inplace_eval", "inplace", _seeded(21, _DropoutInplace), description="nn.Dropout(inplace=True) in eval")
+    add("dropout_inplace_eval", "inplace", seeded_case(21, _DropoutInplace), description="nn.Dropout(inplace=True) in eval")

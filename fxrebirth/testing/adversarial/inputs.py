@@ -10,7 +10,8 @@ from torch import nn
 
 from fxrebirth.frontends.library import optimize as _optimize
 from fxrebirth.graph.capture import capture as _capture
-from fxrebirth.testing.adversarial.builders import AddCase, _mobilenet, _resnet18, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import (AddCase, conv_bn, images, mobilenet_case, resnet18_case,
+                                                    seeded_case)
 from fxrebirth.testing.adversarial.records import Size
 
 
@@ -85,15 +86,15 @@ class _ShapeBranch(nn.Module):
 
 def input_cases(add: AddCase) -> None:
     """The ``inputs`` cases, in catalog order."""
-    add("dict_output", "inputs", _seeded(500, _DictOut), description="returns a dict of tensors")
-    add("list_output", "inputs", _seeded(501, lambda: _DictOut(as_list=True)), description="returns a list")
-    add("two_inputs", "inputs", _seeded(502, _TwoInputs), _two_inputs, description="forward(x, z)")
-    add("tuple_argument", "inputs", _seeded(503, _TupleArg), _tuple_arg, description="forward((x, z)): one tuple arg")
-    add("copy_model_false", "inputs", _seeded(504, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
+    add("dict_output", "inputs", seeded_case(500, _DictOut), description="returns a dict of tensors")
+    add("list_output", "inputs", seeded_case(501, lambda: _DictOut(as_list=True)), description="returns a list")
+    add("two_inputs", "inputs", seeded_case(502, _TwoInputs), _two_inputs, description="forward(x, z)")
+    add("tuple_argument", "inputs", seeded_case(503, _TupleArg), _tuple_arg, description="forward((x, z)): one tuple arg")
+    add("copy_model_false", "inputs", seeded_case(504, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
         entry=_copy_model_false, description="copy_model=False (optimize if it has it, else capture)")
-    add("shape_dependent_branch", "inputs", _seeded(505, _ShapeBranch), sizes=(18, 19, 20),
+    add("shape_dependent_branch", "inputs", seeded_case(505, _ShapeBranch), sizes=(18, 19, 20),
         description="forward reads x.shape to choose a branch")
-    add("resnet18", "inputs", _resnet18(506), images(3, 506), sizes=(32, 40), example=(2, 32),
+    add("resnet18", "inputs", resnet18_case(506), images(3, 506), sizes=(32, 40), example=(2, 32),
         description="torchvision resnet18 (weights=None)")
-    add("mobilenet_v3_small", "inputs", _mobilenet(507), images(3, 507), sizes=(32, 40), example=(2, 32),
+    add("mobilenet_v3_small", "inputs", mobilenet_case(507), images(3, 507), sizes=(32, 40), example=(2, 32),
         description="torchvision mobilenet_v3_small (weights=None)")

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, _NOCOST, AddCase, _gen, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import (NO_COST, AddCase, ConvBN, TwoConvsOneBN, case_generator, conv_bn,
+                                                    images, seeded_case)
 from fxrebirth.testing.adversarial.records import Size
 
 
@@ -90,7 +91,7 @@ class _LinearBN3d(nn.Module):
 
 
 def _seq_inputs(batch: int, size: Size) -> tuple:
-    return (torch.randn(batch, 16, 16, generator=_gen(13, batch, size)),)
+    return (torch.randn(batch, 16, 16, generator=case_generator(13, batch, size)),)
 
 
 class _BNTrainState(ConvBN):
@@ -105,7 +106,7 @@ class _BNTrainState(ConvBN):
 
 
 def _bn_train_build() -> nn.Module:
-    model = _seeded(60, _BNTrainState)()
+    model = seeded_case(60, _BNTrainState)()
     model.bn.train()
     return model
 
@@ -205,40 +206,40 @@ def _state_bn(module: nn.Module) -> Any:
 
 def own_cases(add: AddCase) -> None:
     """The ``own`` cases, in catalog order."""
-    add("tied_conv_weights", "own", _seeded(600, _Tied), description="two convs sharing one Parameter, own BN each")
-    add("tied_linear_weights", "own", _seeded(601, _TiedLinear), description="two Linears sharing one weight, BN1d after one")
-    add("module_used_twice_bn_once", "own", _seeded(602, _UsedTwice), description="one conv called twice, BN after one use")
-    add("bn_shared_by_two_convs", "own", _seeded(603, _SharedBN), description="one BN module after two convs")
-    add("nonpersistent_buffers", "own", _seeded(604, _NonPersistent), description="scale/shift buffers, persistent=False")
-    add("conv_padding_reflect", "own", _seeded(605, lambda: _FoldFollowingPadded("reflect")),
+    add("tied_conv_weights", "own", seeded_case(600, _Tied), description="two convs sharing one Parameter, own BN each")
+    add("tied_linear_weights", "own", seeded_case(601, _TiedLinear), description="two Linears sharing one weight, BN1d after one")
+    add("module_used_twice_bn_once", "own", seeded_case(602, _UsedTwice), description="one conv called twice, BN after one use")
+    add("bn_shared_by_two_convs", "own", seeded_case(603, _SharedBN), description="one BN module after two convs")
+    add("nonpersistent_buffers", "own", seeded_case(604, _NonPersistent), description="scale/shift buffers, persistent=False")
+    add("conv_padding_reflect", "own", seeded_case(605, lambda: _FoldFollowingPadded("reflect")),
         description="BN -> conv(padding_mode='reflect') -> conv -> BN")
-    add("conv_padding_circular", "own", _seeded(606, lambda: _FoldFollowingPadded("circular")),
+    add("conv_padding_circular", "own", seeded_case(606, lambda: _FoldFollowingPadded("circular")),
         description="BN -> conv(padding_mode='circular') -> conv -> BN")
-    add("bn_before_zero_padded_conv", "own", _seeded(607, lambda: _FoldFollowingPadded("zeros")),
+    add("bn_before_zero_padded_conv", "own", seeded_case(607, lambda: _FoldFollowingPadded("zeros")),
         description="BN -> zero-padded conv (fold into following must refuse)")
-    add("conv_transpose_bn", "own", _seeded(608, _ConvTBN), description="ConvTranspose2d(s2, output_padding=1) + BN")
-    add("conv1d_bn", "own", _seeded(609, lambda: nn.Sequential(
+    add("conv_transpose_bn", "own", seeded_case(608, _ConvTBN), description="ConvTranspose2d(s2, output_padding=1) + BN")
+    add("conv1d_bn", "own", seeded_case(609, lambda: nn.Sequential(
         nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8))),
         images(3, 609, dims=1), sizes=(18, 19, 23))
-    add("conv3d_bn", "own", _seeded(610, lambda: nn.Sequential(
+    add("conv3d_bn", "own", seeded_case(610, lambda: nn.Sequential(
         nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4))),
         images(3, 610, dims=3), sizes=(6, 7, 9), example=(2, 6))
-    add("linear_bn1d_on_3d_input", "own", _seeded(611, _LinearBN3d), _seq_inputs, sizes=(16,), example=(2, 16),
+    add("linear_bn1d_on_3d_input", "own", seeded_case(611, _LinearBN3d), _seq_inputs, sizes=(16,), example=(2, 16),
         description="Linear over the last dim of (N, C, L), then BatchNorm1d over C (not Linear's features)")
     add("bn_train_mode_state", "own", _bn_train_build, state=_state_bn,
         description="a BN in train mode: its running statistics must update as in the original")
-    add("bn_no_running_stats", "own", _seeded(612, lambda: nn.Sequential(
+    add("bn_no_running_stats", "own", seeded_case(612, lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.Conv2d(8, 8, 1))),
         description="eval-mode BN without running stats (batch statistics at inference)")
-    add("conv_chain_strided", "own", _seeded(613, _ConvChainStrided), options=_NOCOST, sizes=(18, 19, 23, 24),
+    add("conv_chain_strided", "own", seeded_case(613, _ConvChainStrided), options=NO_COST, sizes=(18, 19, 23, 24),
         description="strided conv -> padded conv chain")
-    add("conv_flatten_linear", "own", _seeded(614, _ConvLinearFlatten), example=(2, 6), sizes=(6,),
-        options=_NOCOST, description="conv -> BN -> flatten -> Linear (only the example size is valid)")
-    add("channel_broadcast_residual", "own", _seeded(615, _ExpandIdentity), images(1, 615), options=_NOCOST,
+    add("conv_flatten_linear", "own", seeded_case(614, _ConvLinearFlatten), example=(2, 6), sizes=(6,),
+        options=NO_COST, description="conv -> BN -> flatten -> Linear (only the example size is valid)")
+    add("channel_broadcast_residual", "own", seeded_case(615, _ExpandIdentity), images(1, 615), options=NO_COST,
         description="bn(conv(x)) + x with x of 1 channel (channel broadcast)")
-    add("python_scalar_attribute", "own", _seeded(616, _ScalarAttr), description="y * self.alpha + torch.ones(...) * 0.1")
-    add("grouped_then_pointwise", "own", _seeded(617, lambda: nn.Sequential(
+    add("python_scalar_attribute", "own", seeded_case(616, _ScalarAttr), description="y * self.alpha + torch.ones(...) * 0.1")
+    add("grouped_then_pointwise", "own", seeded_case(617, lambda: nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1),
-        nn.BatchNorm2d(8))), options=_NOCOST, description="grouped conv -> BN -> 1x1 conv -> BN chain")
-    add("dilated_sum_branches", "own", _seeded(618, lambda: _DilatedSum()), options=_NOCOST,
+        nn.BatchNorm2d(8))), options=NO_COST, description="grouped conv -> BN -> 1x1 conv -> BN chain")
+    add("dilated_sum_branches", "own", seeded_case(618, lambda: _DilatedSum()), options=NO_COST,
         description="conv(k3, d2, p2) + conv(k3, p1) + conv(k1): centres on different dilation grids")

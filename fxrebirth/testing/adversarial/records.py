@@ -10,7 +10,7 @@ from torch import nn
 
 CLASSES = ("inplace", "hooks", "shapes", "verification", "dtypes", "inputs", "own")
 STATUSES = ("ok", "refused", "wrong", "crash", "mutated")
-_SEVERITY = {"ok": 0, "refused": 1, "wrong": 2, "crash": 3, "mutated": 4}
+SEVERITY = {"ok": 0, "refused": 1, "wrong": 2, "crash": 3, "mutated": 4}
 
 Size = Any  # an int (square) or a (height, width) tuple
 

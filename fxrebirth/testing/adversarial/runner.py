@@ -12,22 +12,22 @@ import torch
 from torch import nn
 
 from fxrebirth.frontends.library import optimize as _optimize
-from fxrebirth.testing.adversarial.builders import _hw
+from fxrebirth.testing.adversarial.builders import height_width
 from fxrebirth.testing.adversarial.compat import FxRebirthError, relative_error, tolerance
-from fxrebirth.testing.adversarial.records import _SEVERITY, Case, Outcome, Size
+from fxrebirth.testing.adversarial.records import SEVERITY, Case, Outcome, Size
 from fxrebirth.testing.adversarial.snapshots import (
-    _clone,
-    _diff_inputs,
-    _diff_model,
-    _flat_tensors,
-    _global_state,
-    _snapshot_inputs,
-    _snapshot_model,
+    clone_value,
+    diff_inputs,
+    diff_model,
+    flat_tensors,
+    global_state,
+    snapshot_inputs,
+    snapshot_model,
 )
 
 
 def _first_float_dtype(value: Any) -> torch.dtype:
-    for _, t in _flat_tensors(value):
+    for _, t in flat_tensors(value):
         if t.is_floating_point():
             return t.dtype
     return torch.float32
@@ -40,7 +40,7 @@ def _describe_exc(exc: BaseException) -> str:
 
 def _memory_formats(value: Any) -> list[bool]:
     return [t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-            for _, t in _flat_tensors(value) if t.dim() == 4]
+            for _, t in flat_tensors(value) if t.dim() == 4]
 
 
 def _fmt_size(size: Size) -> str:
@@ -68,7 +68,7 @@ def _run(case: Case) -> Outcome:
     reference = _original_copy(case, model)
     ex_batch, ex_size = case.example
     example = case.inputs(ex_batch, ex_size)
-    model_before, inputs_before, global_before = _snapshot_model(model), _snapshot_inputs(example), _global_state()
+    model_before, inputs_before, global_before = snapshot_model(model), snapshot_inputs(example), global_state()
     options = case.options()
 
     result, failure = _optimize_case(case, model, example, options)
@@ -109,8 +109,8 @@ def _optimize_case(case: Case, model: nn.Module, example: tuple,
 def _mutations(model: nn.Module, model_before: dict[str, Any], inputs_before: list,
                global_before: dict[str, Any]) -> str:
     """What ``optimize`` modified of the model, the example inputs and global torch state ("": nothing)."""
-    mutations = _diff_model(model_before, _snapshot_model(model)) + _diff_inputs(inputs_before)
-    global_after = _global_state()
+    mutations = diff_model(model_before, snapshot_model(model)) + diff_inputs(inputs_before)
+    global_after = global_state()
     mutations += [f"global {k} changed ({global_before[k]} -> {global_after[k]})"
                   for k in global_before if global_before[k] != global_after[k]]
     if not mutations:
@@ -142,7 +142,7 @@ class _Comparison:
         case = self.case
         where = f"batch {batch}, size {_fmt_size(size)}"
         ref_inputs = case.inputs(batch, size)
-        res_inputs = _clone(ref_inputs)
+        res_inputs = clone_value(ref_inputs)
         ref_saved = copy.deepcopy(self.reference) if case.state is not None else None
         if case.records is not None:
             case.records().clear()
@@ -175,7 +175,7 @@ class _Comparison:
         self.guarded.append((batch, size))
         if ref_saved is not None:
             self.reference = ref_saved
-        if _hw(size) == _hw(self.case.example[1]):
+        if height_width(size) == height_width(self.case.example[1]):
             self.problems.append(("crash", f"the result refuses the example's own size ({where}): "
                                            f"{_describe_exc(exc)}"))
 
@@ -214,7 +214,7 @@ class _Comparison:
         """The worst problem found (after the mutations ``optimize`` made, if any), else ``"ok"``."""
         case, problems, guarded, compared = self.case, self.problems, self.guarded, self.compared
         if problems:
-            worst = max(problems, key=lambda p: _SEVERITY[p[0]])[0]
+            worst = max(problems, key=lambda p: SEVERITY[p[0]])[0]
             details = [d for s, d in problems if s == worst]
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             if mutated:

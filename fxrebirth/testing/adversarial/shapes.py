@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import ConvBN, _NOCOST, AddCase, _seeded, conv_bn
+from fxrebirth.testing.adversarial.builders import ConvBN, NO_COST, AddCase, seeded_case, conv_bn
 
 
 class _ConvPool(ConvBN):
@@ -127,56 +127,56 @@ class _BatchShape(ConvBN):
 
 def shape_cases(add: AddCase) -> None:
     """The ``shapes`` cases, in catalog order."""
-    add("avgpool_ceil_mode", "shapes", _seeded(200, lambda: _ConvPool(nn.AvgPool2d(2, ceil_mode=True))),
+    add("avgpool_ceil_mode", "shapes", seeded_case(200, lambda: _ConvPool(nn.AvgPool2d(2, ceil_mode=True))),
         description="conv + AvgPool2d(2, ceil_mode=True) optimised at 18, checked at 19, 23")
-    add("avgpool_ceil_mode_nocost", "shapes", _seeded(201, lambda: _ConvPool(nn.AvgPool2d(2, ceil_mode=True))),
-        options=_NOCOST, description="the same with cost_model=None")
+    add("avgpool_ceil_mode_nocost", "shapes", seeded_case(201, lambda: _ConvPool(nn.AvgPool2d(2, ceil_mode=True))),
+        options=NO_COST, description="the same with cost_model=None")
     add("avgpool_ceil_pad", "shapes",
-        _seeded(202, lambda: _ConvPool(nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True))), options=_NOCOST,
+        seeded_case(202, lambda: _ConvPool(nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True))), options=NO_COST,
         sizes=(18, 19, 20, 23), description="AvgPool2d(3, 2, padding=1, ceil_mode=True) after conv")
     add("avgpool_exclude_pad", "shapes",
-        _seeded(203, lambda: _ConvPool(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False))),
-        options=_NOCOST, description="AvgPool2d(count_include_pad=False) after conv")
+        seeded_case(203, lambda: _ConvPool(nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False))),
+        options=NO_COST, description="AvgPool2d(count_include_pad=False) after conv")
     add("avgpool_divisor_override", "shapes",
-        _seeded(204, lambda: _ConvPool(nn.AvgPool2d(2, divisor_override=3))), options=_NOCOST,
+        seeded_case(204, lambda: _ConvPool(nn.AvgPool2d(2, divisor_override=3))), options=NO_COST,
         description="AvgPool2d(2, divisor_override=3) after conv")
-    add("sum_broadcast_1x1_at_other_sizes", "shapes", _seeded(205, lambda: _SumBroadcast(1, 9, 9)), options=_NOCOST,
+    add("sum_broadcast_1x1_at_other_sizes", "shapes", seeded_case(205, lambda: _SumBroadcast(1, 9, 9)), options=NO_COST,
         sizes=(18, 12, 16, 19), description="conv(k1,s9) + conv(k9,s9): equal 2x2 at 18, 2x2 + 1x1 broadcast at 12, 16")
-    add("sum_broadcast_small", "shapes", _seeded(206, lambda: _SumBroadcast(1, 3, 3)), options=_NOCOST,
+    add("sum_broadcast_small", "shapes", seeded_case(206, lambda: _SumBroadcast(1, 3, 3)), options=NO_COST,
         example=(2, 3), sizes=(3, 4, 5, 6), description="conv(k1,s3) + conv(k3,s3): 1x1 each at 3, broadcast at 4, 5")
-    add("sum_same_padding_even_kernels", "shapes", _seeded(207, _SumSamePadding), options=_NOCOST,
+    add("sum_same_padding_even_kernels", "shapes", seeded_case(207, _SumSamePadding), options=NO_COST,
         description="conv(k4, 'same') + conv(k2, 'same') + conv(k3, p1): asymmetric implicit padding")
-    add("view_literal_noop_at_example", "shapes", _seeded(208, lambda: _LiteralView("view_size0")),
+    add("view_literal_noop_at_example", "shapes", seeded_case(208, lambda: _LiteralView("view_size0")),
         sizes=(18, (36, 9), (9, 36), (12, 27)), description="y.view(y.size(0), 8, 18, -1): a no-op at 18x18 only")
-    add("reshape_literal_batch_minus1", "shapes", _seeded(209, lambda: _LiteralView("reshape_minus1")),
+    add("reshape_literal_batch_minus1", "shapes", seeded_case(209, lambda: _LiteralView("reshape_minus1")),
         example=(1, 18), sizes=(18, (36, 9), (27, 12)), description="y.reshape(-1, 8, 18, 18), batch-1 example")
-    add("flatten_reshape_literal", "shapes", _seeded(210, lambda: _LiteralView("flatten_unflatten")),
+    add("flatten_reshape_literal", "shapes", seeded_case(210, lambda: _LiteralView("flatten_unflatten")),
         sizes=(18, (36, 9), (6, 54)), description="y.flatten(2).reshape(n, 8, 18, 18)")
-    add("view_size0_minus1_head", "shapes", _seeded(211, lambda: _Head("view")),
+    add("view_size0_minus1_head", "shapes", seeded_case(211, lambda: _Head("view")),
         description="adaptive pool(1) -> x.view(x.size(0), -1) -> Linear -> BN1d")
-    add("flatten_head", "shapes", _seeded(212, lambda: _Head("flatten")),
+    add("flatten_head", "shapes", seeded_case(212, lambda: _Head("flatten")),
         description="adaptive pool(2) -> flatten -> Linear -> BN1d")
-    add("adaptive_avg_pool_3", "shapes", _seeded(213, lambda: _Head("adaptive3")), sizes=(18, 19, 23, 8),
+    add("adaptive_avg_pool_3", "shapes", seeded_case(213, lambda: _Head("adaptive3")), sizes=(18, 19, 23, 8),
         description="AdaptiveAvgPool2d(3) (window depends on the size) -> flatten -> Linear")
-    add("adaptive_pool_then_1x1", "shapes", _seeded(214, lambda: _AdaptiveThenConv(nn.AdaptiveAvgPool2d((2, 3)))),
+    add("adaptive_pool_then_1x1", "shapes", seeded_case(214, lambda: _AdaptiveThenConv(nn.AdaptiveAvgPool2d((2, 3)))),
         sizes=(18, 19, 23, 7), description="AdaptiveAvgPool2d((2, 3)) between a conv and a 1x1 conv + BN")
-    add("adaptive_max_pool", "shapes", _seeded(215, lambda: _AdaptiveThenConv(nn.AdaptiveMaxPool2d(3))),
+    add("adaptive_max_pool", "shapes", seeded_case(215, lambda: _AdaptiveThenConv(nn.AdaptiveMaxPool2d(3))),
         description="AdaptiveMaxPool2d(3) between convs")
-    add("global_pool_before_1x1", "shapes", _seeded(216, lambda: _AdaptiveThenConv(nn.AdaptiveAvgPool2d(1))),
+    add("global_pool_before_1x1", "shapes", seeded_case(216, lambda: _AdaptiveThenConv(nn.AdaptiveAvgPool2d(1))),
         description="global pooling commuted before a 1x1 conv")
-    add("example_batch_1", "shapes", _seeded(217, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
+    add("example_batch_1", "shapes", seeded_case(217, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
         example=(1, 18), description="batch-1 example, checked at batch 2")
-    add("example_batch_0", "shapes", _seeded(218, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
+    add("example_batch_0", "shapes", seeded_case(218, lambda: nn.Sequential(conv_bn(), nn.ReLU(), conv_bn(8, 8))),
         example=(0, 18), description="batch-0 example, checked at batch 2")
-    add("batch_from_shape_reshape", "shapes", _seeded(219, _BatchShape), example=(1, 18),
+    add("batch_from_shape_reshape", "shapes", seeded_case(219, _BatchShape), example=(1, 18),
         description="reshape(x.shape[0], 2, 4, h, w).sum(1) with a batch-1 example")
-    add("pad_asymmetric", "shapes", _seeded(220, lambda: _Pad((0, 1, 0, 1))),
+    add("pad_asymmetric", "shapes", seeded_case(220, lambda: _Pad((0, 1, 0, 1))),
         description="F.pad(x, (0, 1, 0, 1)) then conv (asymmetric zero pad)")
-    add("pad_reflect_functional", "shapes", _seeded(221, lambda: _Pad((1, 1, 1, 1), mode="reflect")),
+    add("pad_reflect_functional", "shapes", seeded_case(221, lambda: _Pad((1, 1, 1, 1), mode="reflect")),
         description="F.pad(x, 1, mode='reflect') then conv")
-    add("pad_nonzero_value", "shapes", _seeded(222, lambda: _Pad((1, 1, 1, 1), value=1.0)),
+    add("pad_nonzero_value", "shapes", seeded_case(222, lambda: _Pad((1, 1, 1, 1), value=1.0)),
         description="F.pad(x, 1, value=1.0) then conv")
-    add("pad_negative", "shapes", _seeded(223, lambda: _Pad((-1, -1, -1, -1))),
+    add("pad_negative", "shapes", seeded_case(223, lambda: _Pad((-1, -1, -1, -1))),
         description="F.pad with negative amounts (a crop) then conv")
-    add("pad_dilated", "shapes", _seeded(224, lambda: _Pad((2, 2, 2, 2), dilation=2)),
+    add("pad_dilated", "shapes", seeded_case(224, lambda: _Pad((2, 2, 2, 2), dilation=2)),
         description="F.pad(x, 2) then a dilated conv")

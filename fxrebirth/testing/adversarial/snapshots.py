@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 
-def _clone(value: Any) -> Any:
+def clone_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
+        return tuple(clone_value(v) for v in value)
     if isinstance(value, list):
-        return [_clone(v) for v in value]
+        return [clone_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: clone_value(v) for k, v in value.items()}
     return value
 
 
@@ -43,7 +43,7 @@ def _hook_ids(m: nn.Module) -> tuple:
     return tuple(tuple((k, id(v)) for k, v in getattr(m, n, {}).items()) for n in names)
 
 
-def _snapshot_model(model: nn.Module) -> dict[str, Any]:
+def snapshot_model(model: nn.Module) -> dict[str, Any]:
     snap: dict[str, Any] = {}
 
     def tensor(key: str, t: torch.Tensor, identity: bool = True) -> None:
@@ -65,7 +65,7 @@ def _snapshot_model(model: nn.Module) -> dict[str, Any]:
     return snap
 
 
-def _global_state() -> dict[str, Any]:
+def global_state() -> dict[str, Any]:
     module = torch.nn.modules.module
     return {
         "grad enabled": torch.is_grad_enabled(),
@@ -76,7 +76,7 @@ def _global_state() -> dict[str, Any]:
     }
 
 
-def _diff_model(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def diff_model(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     problems = []
     for key in sorted(set(before) | set(after)):
         if key not in after:
@@ -99,21 +99,21 @@ def _diff_model(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _flat_tensors(value: Any, prefix: str = "input") -> list[tuple[str, torch.Tensor]]:
+def flat_tensors(value: Any, prefix: str = "input") -> list[tuple[str, torch.Tensor]]:
     if isinstance(value, torch.Tensor):
         return [(prefix, value)]
     if isinstance(value, (list, tuple)):
-        return [item for i, v in enumerate(value) for item in _flat_tensors(v, f"{prefix}[{i}]")]
+        return [item for i, v in enumerate(value) for item in flat_tensors(v, f"{prefix}[{i}]")]
     if isinstance(value, dict):
-        return [item for k, v in value.items() for item in _flat_tensors(v, f"{prefix}[{k!r}]")]
+        return [item for k, v in value.items() for item in flat_tensors(v, f"{prefix}[{k!r}]")]
     return []
 
 
-def _snapshot_inputs(inputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor, int | None, tuple]]:
-    return [(n, t, t.detach().clone(), _version(t), t.stride()) for n, t in _flat_tensors(inputs)]
+def snapshot_inputs(inputs: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor, int | None, tuple]]:
+    return [(n, t, t.detach().clone(), _version(t), t.stride()) for n, t in flat_tensors(inputs)]
 
 
-def _diff_inputs(snap: list) -> list[str]:
+def diff_inputs(snap: list) -> list[str]:
     problems = []
     for name, t, clone, version, stride in snap:
         if not _same_tensor(t.detach(), clone) or t.stride() != stride:

@@ -11,7 +11,7 @@ from torch import nn
 from fxrebirth.frontends.library import default_rules as _default_rules
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.rewrite.rules import Match, Rule
-from fxrebirth.testing.adversarial.builders import ConvBN, AddCase, _seeded, conv_bn, images
+from fxrebirth.testing.adversarial.builders import ConvBN, AddCase, seeded_case, conv_bn, images
 
 
 def _clamp0(ctx, match, value):
@@ -171,33 +171,33 @@ def _fp16_overflow_stats(model: nn.Module) -> None:
 
 def verification_cases(add: AddCase) -> None:
     """The ``verification`` cases, in catalog order."""
-    add("wrong_rule_flip_batch_b1", "verification", _seeded(300, _ReluNet), example=(1, 18),
+    add("wrong_rule_flip_batch_b1", "verification", seeded_case(300, _ReluNet), example=(1, 18),
         options=lambda: {"rules": _rules_then_defaults(_FlipBatchRule())},
         description="user rule relu(x) -> relu(flip(x, 0)) (right only at batch 1), batch-1 example")
-    add("wrong_rule_batch_mean_b1", "verification", _seeded(301, _ReluNet), example=(1, 18),
+    add("wrong_rule_batch_mean_b1", "verification", seeded_case(301, _ReluNet), example=(1, 18),
         options=lambda: {"rules": [_BatchMeanRule()]},
         description="user rule relu(x) -> relu(mean over batch), batch-1 example")
-    add("wrong_rule_batch0", "verification", _seeded(302, _ReluNet), example=(0, 18),
+    add("wrong_rule_batch0", "verification", seeded_case(302, _ReluNet), example=(0, 18),
         options=lambda: {"rules": _rules_then_defaults(_NegateRule())},
         description="user rule relu(x) -> relu(-x) (always wrong), batch-0 example")
-    add("wrong_rule_spatial_specialised", "verification", _seeded(303, _ReluNet),
+    add("wrong_rule_spatial_specialised", "verification", seeded_case(303, _ReluNet),
         options=lambda: {"rules": _rules_then_defaults(_SpatialSpecialisedRule())},
         description="user rule adaptive_avg_pool(1) -> avg_pool(kernel = example H x W)")
-    add("rule_edits_weight_in_place", "verification", _seeded(304, lambda: nn.Sequential(
+    add("rule_edits_weight_in_place", "verification", seeded_case(304, lambda: nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))),
         options=lambda: {"rules": [_EditWeightRule()]},
         description="rule multiplies a conv weight in place in rewrite(), then fails verification")
-    add("rule_edits_constant_in_place", "verification", _seeded(305, lambda: nn.Sequential(
+    add("rule_edits_constant_in_place", "verification", seeded_case(305, lambda: nn.Sequential(
         nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))),
         options=lambda: {"rules": [_EditConstantRule()]},
         description="rule edits the tensor ctx.constant() returned, then fails verification")
-    add("rule_rewires_users_itself", "verification", _seeded(306, _ReluNet),
+    add("rule_rewires_users_itself", "verification", seeded_case(306, _ReluNet),
         options=lambda: {"rules": [_RewiresItselfRule()]},
         description="rule breaks the contract: rewires users to a wrong value itself")
-    add("rule_returns_wrong_shape", "verification", _seeded(307, lambda: nn.Sequential(conv_bn(), nn.ReLU())),
+    add("rule_returns_wrong_shape", "verification", seeded_case(307, lambda: nn.Sequential(conv_bn(), nn.ReLU())),
         options=lambda: {"rules": [_WrongShapeRule()]},
         description="rule returns a node of another shape (the conv's input)")
-    add("fp16_bn_fold_overflow", "verification", _seeded(309, lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),
+    add("fp16_bn_fold_overflow", "verification", seeded_case(309, lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),
                 dtype=torch.float16, after=_fp16_overflow_stats),
         images(3, 309, dtype=torch.float16, scale=1e-3),
         description="float16 conv->BN with running_var 1e-6, weight 2000: folded weight overflows")

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from fxrebirth.testing.programs.elementwise import _ElementwiseOps
-from fxrebirth.testing.programs.layers import _LayerOps
-from fxrebirth.testing.programs.program import _fmt, _Val
-from fxrebirth.testing.programs.shaping import _ShapingOps
+from fxrebirth.testing.programs.elementwise import ElementwiseOps
+from fxrebirth.testing.programs.layers import LayerOps
+from fxrebirth.testing.programs.program import spell, Value
+from fxrebirth.testing.programs.shaping import ShapingOps
 
 
-class _BlockOps(_ShapingOps, _ElementwiseOps, _LayerOps):
+class BlockOps(ShapingOps, ElementwiseOps, LayerOps):
     """Builder blocks of several lines (they call the single-line kinds)."""
 
-    def parallel(self, v: _Val) -> str | None:
+    def parallel(self, v: Value) -> str | None:
         """RepVGG/ACNet-like: branches of the same output shape, summed or concatenated."""
         c = v.shape[1]
         cout = self.choice([c, c, 4, 6])
@@ -47,7 +47,7 @@ class _BlockOps(_ShapingOps, _ElementwiseOps, _LayerOps):
             line = f"{out} = torch.cat([{', '.join(outs)}], 1)"
         return out if self.commit(line, outs, [out]) else None
 
-    def residual(self, v: _Val) -> str | None:
+    def residual(self, v: Value) -> str | None:
         """conv-bn-relu-conv-bn, added to the input (``out += identity`` or ``out = out + identity``)."""
         c = v.shape[1]
         mode = self.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
@@ -70,7 +70,7 @@ class _BlockOps(_ShapingOps, _ElementwiseOps, _LayerOps):
             self.activation(self.vals[b])
         return b if ok else None
 
-    def mutate_shared(self, v: _Val) -> str | None:
+    def mutate_shared(self, v: Value) -> str | None:
         """A value read by one branch, mutated in place, then read again: the branches see different values."""
         first = self.rng.choice([self.conv, self.scale_shift, self.pool, self.identity, self.norm])
         if not self.spatial(v):
@@ -87,7 +87,7 @@ class _BlockOps(_ShapingOps, _ElementwiseOps, _LayerOps):
             return None
         return self.binary(self.vals[after], self.vals[before])
 
-    def conv_pool(self, v: _Val) -> str | None:
+    def conv_pool(self, v: Value) -> str | None:
         """conv (maybe with BN) then average pooling (ceil mode, count_include_pad, padding): a merge
         candidate whose exactness can depend on the input size."""
         a = self.conv(v)
@@ -103,13 +103,13 @@ class _BlockOps(_ShapingOps, _ElementwiseOps, _LayerOps):
         out = self.name()
         return out if self.commit(f"{out} = {self.attach('avg', pool)}({a})", [a], [out]) else None
 
-    def head(self, v: _Val) -> str | None:
+    def head(self, v: Value) -> str | None:
         """A classifier head: global pool (or flatten), Linear, maybe BatchNorm1d / ReLU, Linear."""
         x = v.name
         if self.spatial(v):
             f = self.name()
             d = self.d
-            form = self.choice([f"torch.flatten(F.adaptive_avg_pool{d}d({x}, 1), 1)", f"{x}.mean({_fmt(self.sdims())})",
+            form = self.choice([f"torch.flatten(F.adaptive_avg_pool{d}d({x}, 1), 1)", f"{x}.mean({spell(self.sdims())})",
                                 f"{x}.flatten(1)", f"{x}.view({x}.size(0), -1)"])
             if not self.commit(f"{f} = {form}", [x], [f]):
                 return None

@@ -1,5 +1,5 @@
-"""The core of the program builder (:class:`_BuilderCore`): the program's state, seeded draws, and
-:meth:`~_BuilderCore.commit`, which tries each generated line on copies before running it for real."""
+"""The core of the program builder (:class:`BuilderCore`): the program's state, seeded draws, and
+:meth:`~BuilderCore.commit`, which tries each generated line on copies before running it for real."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.program import _GLOBALS, _MAX_CHANNELS, _MAX_ELEMENTS, NOMINAL_BATCH, _Abort, _Val
+from fxrebirth.testing.programs.program import PROGRAM_GLOBALS, MAX_CHANNELS, MAX_ELEMENTS, NOMINAL_BATCH, Abort, Value
 
 
-class _BuilderCore:
+class BuilderCore:
     """The state of a program being built (its root module, values, lines) and what every kind of line
     uses: seeded draws, attaching modules and tensors, trying a line then committing it, picking a value."""
 
@@ -33,7 +33,7 @@ class _BuilderCore:
         self.modules: list[tuple[str, nn.Module, int]] = []  # reusable layers: (attr, module, rank)
         self.pending: list[str] = []
         self.env: dict[str, torch.Tensor] = {}
-        self.vals: dict[str, _Val] = {}
+        self.vals: dict[str, Value] = {}
         self.lines: list[str] = []
         self.step = 0
         self.ids = itertools.count(1)
@@ -121,7 +121,7 @@ class _BuilderCore:
             self.modules = [m for m in self.modules if m[0] not in unused]
             self.pending = [a for a in self.pending if a not in unused]
         code = compile(line, "<program line>", "exec")
-        trial = dict(_GLOBALS)
+        trial = dict(PROGRAM_GLOBALS)
         trial["self"] = self.root
         for r in set(reads):
             trial[r] = self.env[r].clone()
@@ -132,30 +132,30 @@ class _BuilderCore:
                 t = trial[o]
                 if not isinstance(t, torch.Tensor) or t.dim() not in (2, self.d + 2):
                     raise ValueError("bad result")
-                if t.shape[0] != NOMINAL_BATCH or t.numel() == 0 or t[0].numel() > _MAX_ELEMENTS:
+                if t.shape[0] != NOMINAL_BATCH or t.numel() == 0 or t[0].numel() > MAX_ELEMENTS:
                     raise ValueError("bad size")
-                if t.dim() > 2 and t.shape[1] > 3 * _MAX_CHANNELS:
+                if t.dim() > 2 and t.shape[1] > 3 * MAX_CHANNELS:
                     raise ValueError("too many channels")
                 if not torch.isfinite(t).all():
                     raise ValueError("not finite")
         except Exception:  # noqa: BLE001 - an invalid line is simply not generated
             self._drop_pending()
             return False
-        ns = dict(_GLOBALS)
+        ns = dict(PROGRAM_GLOBALS)
         ns["self"] = self.root
         ns.update(self.env)
         try:
             with torch.no_grad():
                 exec(code, ns)
         except Exception as exc:  # noqa: BLE001
-            raise _Abort(str(exc)) from exc
+            raise Abort(str(exc)) from exc
         self.step += 1
         for r in reads:
             self.vals[r].uses += 1
             self.env[r] = ns[r]
         for o in outs:
             self.env[o] = ns[o]
-            self.vals[o] = _Val(o, tuple(ns[o].shape), touched=self.step)
+            self.vals[o] = Value(o, tuple(ns[o].shape), touched=self.step)
         if mutates is not None:
             self.vals[mutates].touched = self.step
         shapes = ", ".join(str(tuple(self.env[o].shape)) for o in (outs or ([mutates] if mutates else [])))
@@ -163,18 +163,18 @@ class _BuilderCore:
         self.pending = []
         return True
 
-    def pick(self, pred: Callable[[_Val], bool], prefer_used: bool = False) -> _Val | None:
+    def pick(self, pred: Callable[[Value], bool], prefer_used: bool = False) -> Value | None:
         cands = [v for v in self.vals.values() if pred(v)]
         if not cands:
             return None
         weights = [(0.55 ** (self.step - v.touched) + 0.04) * (3.0 if prefer_used and v.uses else 1.0) for v in cands]
         return self.rng.choices(cands, weights)[0]
 
-    def spatial(self, v: _Val) -> bool:
+    def spatial(self, v: Value) -> bool:
         return len(v.shape) == self.d + 2
 
     @staticmethod
-    def flat(v: _Val) -> bool:
+    def flat(v: Value) -> bool:
         return len(v.shape) == 2
 
     def sdims(self) -> tuple[int, ...]:
@@ -186,7 +186,7 @@ class _BuilderCore:
             return tuple(make() for _ in range(self.d))
         return make()
 
-    def const_shape(self, v: _Val) -> tuple[int, ...]:
+    def const_shape(self, v: Value) -> tuple[int, ...]:
         c = v.shape[1]
         if len(v.shape) == 2:
             return self.choice([(1, c), (1, c), (c,), (1, 1)])

@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.core import _BuilderCore
-from fxrebirth.testing.programs.program import _MAX_CHANNELS, _Val
+from fxrebirth.testing.programs.core import BuilderCore
+from fxrebirth.testing.programs.program import MAX_CHANNELS, Value
 
 
-class _ElementwiseOps(_BuilderCore):
+class ElementwiseOps(BuilderCore):
     """Builder lines that combine or transform values element by element."""
 
-    def scale_shift(self, v: _Val) -> str | None:
+    def scale_shift(self, v: Value) -> str | None:
         out = self.name()
         x = v.name
         r = self.rng.random()
@@ -35,7 +35,7 @@ class _ElementwiseOps(_BuilderCore):
         reads = [x]
         return out if self.commit(line, reads, [out]) else None
 
-    def activation(self, v: _Val) -> str | None:
+    def activation(self, v: Value) -> str | None:
         x = v.name
         out = self.name()
         r = self.rng.random()
@@ -65,7 +65,7 @@ class _ElementwiseOps(_BuilderCore):
         mutates = x if ("_(" in line or "inplace=True" in line or "self.relu" in line or "self.act" in line) else None
         return x if self.commit(line, [x], [out] if out else [], mutates=mutates) else None
 
-    def inplace(self, v: _Val) -> str | None:
+    def inplace(self, v: Value) -> str | None:
         x = v.name
         r = self.rng.random()
         reads = [x]
@@ -77,7 +77,7 @@ class _ElementwiseOps(_BuilderCore):
             c = self.attach("k", self.signed(self.const_shape(v)))
             op = self.choice([f"{x}.mul_({c})", f"{x}.add_({c})", f"{x} *= {c}", f"{x}.sub_({c})"])
         else:
-            def fits(u: _Val) -> bool:
+            def fits(u: Value) -> bool:
                 try:
                     return torch.broadcast_shapes(u.shape, v.shape) == v.shape
                 except RuntimeError:
@@ -96,9 +96,9 @@ class _ElementwiseOps(_BuilderCore):
             op, outs = f"{out} = {op}", [out]   # an alias of x
         return x if self.commit(op, reads, outs, mutates=x) else None
 
-    def binary(self, v: _Val, u: _Val | None = None) -> str | None:
+    def binary(self, v: Value, u: Value | None = None) -> str | None:
         if u is None:
-            def fits(w: _Val) -> bool:
+            def fits(w: Value) -> bool:
                 if len(w.shape) != len(v.shape):
                     return False
                 try:
@@ -119,10 +119,10 @@ class _ElementwiseOps(_BuilderCore):
         ], [4, 2, 1, 1, 1, 1, 1, 1])[0]
         return out if self.commit(line, [a, b], [out]) else None
 
-    def cat(self, v: _Val) -> str | None:
-        def fits(w: _Val) -> bool:
+    def cat(self, v: Value) -> str | None:
+        def fits(w: Value) -> bool:
             return (len(w.shape) == len(v.shape) and w.shape[0] == v.shape[0] and w.shape[2:] == v.shape[2:]
-                    and w.shape[1] + v.shape[1] <= 3 * _MAX_CHANNELS)
+                    and w.shape[1] + v.shape[1] <= 3 * MAX_CHANNELS)
         parts = [v]
         u = self.pick(lambda w: fits(w) and w.name != v.name)
         parts.append(u if u is not None else v)
@@ -140,7 +140,7 @@ class _ElementwiseOps(_BuilderCore):
         line = self.choice([f"{out} = torch.cat([{lst}], dim={dim})", f"{out} = torch.cat(({lst}), {dim})"])
         return out if self.commit(line, names, [out]) else None
 
-    def identity(self, v: _Val) -> str | None:
+    def identity(self, v: Value) -> str | None:
         x, out, d = v.name, self.name(), self.d
         drop = {1: "Dropout1d", 2: "Dropout2d", 3: "Dropout3d"}[d] if len(v.shape) > 2 else "Dropout"
         forms = [f"{self.attach('drop', nn.Dropout(self.choice([0.1, 0.5])))}({x})",

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.blocks import _BlockOps
-from fxrebirth.testing.programs.program import _GLOBALS, NOMINAL_BATCH, Program, _Abort, _Val
+from fxrebirth.testing.programs.blocks import BlockOps
+from fxrebirth.testing.programs.program import PROGRAM_GLOBALS, NOMINAL_BATCH, Program, Abort, Value
 
 
-class _Builder(_BlockOps):
+class _Builder(BlockOps):
     """A random program, built line by line (:meth:`build`), with its ``forward`` source (:meth:`source`)."""
 
     OPS = {
@@ -44,7 +44,7 @@ class _Builder(_BlockOps):
         for name, c in zip(self.input_names, self.channels):
             shape = (NOMINAL_BATCH, c, *(size + a for a in aspect))
             self.env[name] = torch.randn(shape, generator=gen_inputs, dtype=torch.float64).to(self.dtype)
-            self.vals[name] = _Val(name, shape)
+            self.vals[name] = Value(name, shape)
         if n_inputs == 2:   # use the second input early
             self.step = 1
             self.conv(self.vals["x1"]) if self.chance(0.5) else self.binary(self.vals["x0"], self.vals["x1"])
@@ -69,7 +69,7 @@ class _Builder(_BlockOps):
 
     def choose_outputs(self) -> Any:
         last = max(self.vals.values(), key=lambda v: (v.touched, v.name not in self.input_names))
-        def dangling() -> list[_Val]:
+        def dangling() -> list[Value]:
             return [v for v in self.vals.values()
                     if v.uses == 0 and v.name != last.name and v.name not in self.input_names]
         for _ in range(2):   # fold dead-end branches into the output where shapes allow
@@ -127,7 +127,7 @@ def random_program(seed: int) -> Program:
         b = _Builder(seed, rng)
         try:
             b.build()
-        except _Abort:
+        except Abort:
             continue
         if b.step < 2:
             continue
@@ -135,7 +135,7 @@ def random_program(seed: int) -> Program:
         filename = f"<fxrebirth random_program({seed})>"
         text = f"class {b.cls.__name__}(nn.Module):\n{source}"
         linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
-        namespace = dict(_GLOBALS)
+        namespace = dict(PROGRAM_GLOBALS)
         exec(compile(text, filename, "exec"), namespace)
         b.cls.forward = namespace[b.cls.__name__].forward
         module = b.root.eval()

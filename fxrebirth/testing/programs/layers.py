@@ -9,19 +9,19 @@ from typing import Any
 
 from torch import nn
 
-from fxrebirth.testing.programs.core import _BuilderCore
-from fxrebirth.testing.programs.program import _MAX_CHANNELS, _divisors, _fmt, _Val
+from fxrebirth.testing.programs.core import BuilderCore
+from fxrebirth.testing.programs.program import MAX_CHANNELS, divisors, spell, Value
 
 
-class _LayerOps(_BuilderCore):
+class LayerOps(BuilderCore):
     """Builder lines that apply a layer with weights to a value."""
 
-    def conv(self, v: _Val, cout: int | None = None, k: Any = None, stride: Any = None, padding: Any = None,
+    def conv(self, v: Value, cout: int | None = None, k: Any = None, stride: Any = None, padding: Any = None,
              mode: str | None = None, groups: int | None = None, bn: bool = False) -> str | None:
         c = v.shape[1]
-        cout = cout or self.choice([c, c, 2, 3, 4, 6, 8] + ([2 * c] if 2 * c <= _MAX_CHANNELS else []))
+        cout = cout or self.choice([c, c, 2, 3, 4, 6, 8] + ([2 * c] if 2 * c <= MAX_CHANNELS else []))
         if groups is None:
-            common = [g for g in _divisors(math.gcd(c, cout)) if g > 1]
+            common = [g for g in divisors(math.gcd(c, cout)) if g > 1]
             groups = 1 if not common or self.chance(0.6) else self.choice(common)
         kernels = [1, 1, 2, 3, 3, 3, 5] if self.d == 1 else [1, 1, 2, 3, 3]
         k = k if k is not None else self.tup(lambda: self.choice(kernels))
@@ -52,8 +52,8 @@ class _LayerOps(_BuilderCore):
             self.init_module(mod)
             w = self.attach("w", mod.weight.detach().clone())
             b = self.attach("b", mod.bias.detach().clone()) if bias else "None"
-            line = (f"{out} = F.conv{self.d}d({v.name}, {w}, {b}, stride={_fmt(stride)}, padding={_fmt(padding)}, "
-                    f"dilation={_fmt(dilation)}, groups={groups})")
+            line = (f"{out} = F.conv{self.d}d({v.name}, {w}, {b}, stride={spell(stride)}, padding={spell(padding)}, "
+                    f"dilation={spell(dilation)}, groups={groups})")
         else:
             mod = getattr(nn, f"Conv{self.d}d")(c, cout, k, stride=stride, padding=padding, dilation=dilation,
                                                   groups=groups, bias=bias, padding_mode=mode)
@@ -62,10 +62,10 @@ class _LayerOps(_BuilderCore):
             line = f"{out} = {self.attach('conv', mod, None if bn else self.d + 2)}({v.name})"
         return out if self.commit(line, [v.name], [out]) else None
 
-    def conv_transpose(self, v: _Val) -> str | None:
+    def conv_transpose(self, v: Value) -> str | None:
         c = v.shape[1]
         cout = self.choice([c, 2, 3, 4, 6])
-        common = [g for g in _divisors(math.gcd(c, cout)) if g > 1]
+        common = [g for g in divisors(math.gcd(c, cout)) if g > 1]
         groups = 1 if not common or self.chance(0.7) else self.choice(common)
         k = self.tup(lambda: self.rng.randint(1, 4))
         stride = self.tup(lambda: self.choice([1, 2, 2, 3]), 0.15)
@@ -82,7 +82,7 @@ class _LayerOps(_BuilderCore):
             self.init_module(mod)
             w = self.attach("w", mod.weight.detach().clone())
             b = self.attach("b", mod.bias.detach().clone()) if bias else "None"
-            line = (f"{out} = F.conv_transpose{self.d}d({v.name}, {w}, {b}, stride={_fmt(stride)}, "
+            line = (f"{out} = F.conv_transpose{self.d}d({v.name}, {w}, {b}, stride={spell(stride)}, "
                     f"padding={padding}, output_padding={output_padding}, groups={groups}, dilation={dilation})")
         else:
             mod = getattr(nn, f"ConvTranspose{self.d}d")(c, cout, k, stride=stride, padding=padding,
@@ -91,7 +91,7 @@ class _LayerOps(_BuilderCore):
             line = f"{out} = {self.attach('up', mod, self.d + 2)}({v.name})"
         return out if self.commit(line, [v.name], [out]) else None
 
-    def norm(self, v: _Val) -> str | None:
+    def norm(self, v: Value) -> str | None:
         c = v.shape[1]
         out = self.name()
         eps = self.choice([1e-5, 1e-5, 1e-3, 0.1])
@@ -107,14 +107,14 @@ class _LayerOps(_BuilderCore):
             bn = getattr(nn, f"BatchNorm{dim}d")(c, eps=eps, track_running_stats=False)
             line = f"{out} = {self.attach('bn', bn)}({v.name})"
         elif r < 0.21 and len(v.shape) > 2:
-            groups = self.choice(_divisors(c))
+            groups = self.choice(divisors(c))
             line = f"{out} = {self.attach('gn', nn.GroupNorm(groups, c, eps=eps))}({v.name})"
         else:
             bn = getattr(nn, f"BatchNorm{dim}d")(c, eps=eps, affine=self.chance(0.85))
             line = f"{out} = {self.attach('bn', bn, len(v.shape))}({v.name})"
         return out if self.commit(line, [v.name], [out]) else None
 
-    def linear(self, v: _Val) -> str | None:
+    def linear(self, v: Value) -> str | None:
         f = v.shape[1]
         fout = self.choice([2, 4, 6, 8, 12, 16, f])
         bias = self.chance(0.7)
@@ -128,7 +128,7 @@ class _LayerOps(_BuilderCore):
             line = f"{out} = {self.attach('fc', nn.Linear(f, fout, bias=bias), 2)}({v.name})"
         return out if self.commit(line, [v.name], [out]) else None
 
-    def reuse(self, v: _Val) -> str | None:
+    def reuse(self, v: Value) -> str | None:
         """Call a layer the program already has a second time (shared weights)."""
         fits = []
         for attr, mod, rank in self.modules:

@@ -17,9 +17,9 @@ NOMINAL_BATCH = 2
 CHECK_BATCHES = (2, 3)
 """Batches at which :func:`check_program` compares the result with the original, at each size."""
 
-_MAX_ELEMENTS = 6000  # per sample, at the nominal size: keeps every forward fast
-_MAX_CHANNELS = 12
-_GLOBALS = {"torch": torch, "F": F, "nn": nn, "__builtins__": __builtins__}
+MAX_ELEMENTS = 6000  # per sample, at the nominal size: keeps every forward fast
+MAX_CHANNELS = 12
+PROGRAM_GLOBALS = {"torch": torch, "F": F, "nn": nn, "__builtins__": __builtins__}
 
 
 @dataclass
@@ -57,28 +57,28 @@ class Program:
         return self.description
 
 
-class _Abort(Exception):
+class Abort(Exception):
     """A line that passed its trial failed for real (aliasing): draw the program again."""
 
 
 @dataclass
-class _Val:
+class Value:
     name: str
     shape: tuple[int, ...]
     uses: int = 0
     touched: int = 0
 
 
-def _fmt(x: Any) -> str:
+def spell(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}" if x != int(x) else f"{x:.1f}"
     if isinstance(x, (list, tuple)):
-        inner = ", ".join(_fmt(i) for i in x)
+        inner = ", ".join(spell(i) for i in x)
         if isinstance(x, list):
             return f"[{inner}]"
         return f"({inner},)" if len(x) == 1 else f"({inner})"
     return repr(x)
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [g for g in range(1, n + 1) if n % g == 0]

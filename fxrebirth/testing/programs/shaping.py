@@ -8,16 +8,16 @@ import math
 
 from torch import nn
 
-from fxrebirth.testing.programs.core import _BuilderCore
-from fxrebirth.testing.programs.program import _divisors, _fmt, _Val
+from fxrebirth.testing.programs.core import BuilderCore
+from fxrebirth.testing.programs.program import divisors, spell, Value
 
 
-class _ShapingOps(_BuilderCore):
+class ShapingOps(BuilderCore):
     """Builder lines that pool, pad or reshape a value."""
 
-    def pool(self, v: _Val) -> str | None:
+    def pool(self, v: Value) -> str | None:
         d, x, out = self.d, v.name, self.name()
-        dims = _fmt(self.sdims())
+        dims = spell(self.sdims())
         r = self.rng.random()
         if r < 0.32:
             if self.chance(0.15):   # the whole (or half the) nominal extent, literal: size-specific
@@ -32,7 +32,7 @@ class _ShapingOps(_BuilderCore):
             divisor = self.rng.randint(1, 5) if d > 1 and self.chance(0.1) else None
             extra = f", divisor_override={divisor}" if divisor else ""
             if self.chance(0.2):
-                line = (f"{out} = F.avg_pool{d}d({x}, {_fmt(k)}, stride={_fmt(stride)}, padding={padding}, "
+                line = (f"{out} = F.avg_pool{d}d({x}, {spell(k)}, stride={spell(stride)}, padding={padding}, "
                         f"ceil_mode={ceil}, count_include_pad={cip}{extra})")
             else:
                 mod = getattr(nn, f"AvgPool{d}d")(k, stride=stride, padding=padding, ceil_mode=ceil,
@@ -47,7 +47,7 @@ class _ShapingOps(_BuilderCore):
             dilation = 1 if self.chance(0.85) else 2
             ceil = self.chance(0.5)
             if self.chance(0.2):
-                line = (f"{out} = F.max_pool{d}d({x}, {_fmt(k)}, stride={_fmt(stride)}, padding={padding}, "
+                line = (f"{out} = F.max_pool{d}d({x}, {spell(k)}, stride={spell(stride)}, padding={padding}, "
                         f"dilation={dilation}, ceil_mode={ceil})")
             else:
                 mod = getattr(nn, f"MaxPool{d}d")(k, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil)
@@ -58,7 +58,7 @@ class _ShapingOps(_BuilderCore):
             line = f"{out} = {self.attach('adapt', getattr(nn, f'Adaptive{kind}Pool{d}d')(o))}({x})"
         elif r < 0.85:  # global pooling keeping the dimensions: a (N, C, 1...) broadcast partner
             line = f"{out} = " + self.choice([
-                f"{x}.mean({dims}, keepdim=True)", f"{x}.mean(dim={_fmt(list(self.sdims()))}, keepdim=True)",
+                f"{x}.mean({dims}, keepdim=True)", f"{x}.mean(dim={spell(list(self.sdims()))}, keepdim=True)",
                 f"F.adaptive_avg_pool{d}d({x}, 1)", f"{x}.amax(dim={dims}, keepdim=True)",
                 f"{x}.sum({dims}, keepdim=True)", f"{self.attach('gap', getattr(nn, f'AdaptiveAvgPool{d}d')(1))}({x})",
             ])
@@ -73,7 +73,7 @@ class _ShapingOps(_BuilderCore):
             ])
         return out if self.commit(line, [x], [out]) else None
 
-    def pad(self, v: _Val) -> str | None:
+    def pad(self, v: Value) -> str | None:
         d, x, out = self.d, v.name, self.name()
         n = self.rng.randint(1, d)
         mode = self.rng.choices(["constant", "reflect", "replicate", "circular"], [0.4, 0.2, 0.2, 0.2])[0]
@@ -82,7 +82,7 @@ class _ShapingOps(_BuilderCore):
         if self.chance(0.6):
             value = self.choice([0.0, 0.0, 0.5, -1.0]) if mode == "constant" else None
             extra = f", value={value}" if value else ""
-            line = f"{out} = F.pad({x}, {_fmt(pads)}, mode={mode!r}{extra})"
+            line = f"{out} = F.pad({x}, {spell(pads)}, mode={mode!r}{extra})"
         else:
             pads = pads + (0,) * (2 * d - len(pads))
             p = pads[0] if len(set(pads)) == 1 and self.chance(0.5) else pads
@@ -95,7 +95,7 @@ class _ShapingOps(_BuilderCore):
             line = f"{out} = {self.attach('pad', mod)}({x})"
         return out if self.commit(line, [x], [out]) else None
 
-    def reshape(self, v: _Val) -> str | None:
+    def reshape(self, v: Value) -> str | None:
         d, x, out = self.d, v.name, self.name()
         c, sp = v.shape[1], v.shape[2:]
         lit = ", ".join(str(s) for s in sp)
@@ -105,7 +105,7 @@ class _ShapingOps(_BuilderCore):
         if r < 0.2 and d > 1:
             forms = [f"{x}.transpose(2, 3)", f"{x}.transpose(-1, -2)", f"{x}.transpose(2, 3).contiguous()"]
         elif r < 0.35:
-            g = self.choice([g for g in _divisors(c) if 1 < g < c] or [1])
+            g = self.choice([g for g in divisors(c) if 1 < g < c] or [1])
             forms = [f"{x}.view({x}.size(0), {g}, {c // g}, {dyn}).transpose(1, 2).reshape({x}.size(0), {c}, {dyn})",
                      f"{x}.reshape(-1, {g}, {c // g}, {lit}).transpose(1, 2).reshape(-1, {c}, {lit})"]
         elif r < 0.55:  # reshapes that are no-ops: at every size (dynamic), or only at the nominal one (literal)
@@ -120,10 +120,10 @@ class _ShapingOps(_BuilderCore):
             back = (0, d + 1, *range(1, d + 1))
             if self.chance(0.7):
                 lin = self.attach("lin", nn.Linear(c, self.choice([c, 2, 4, 6]), bias=self.chance(0.7)))
-                forms = [f"{lin}({x}.permute{_fmt(last)}).permute{_fmt(back)}"]
+                forms = [f"{lin}({x}.permute{spell(last)}).permute{spell(back)}"]
             else:
                 s = self.attach("cscale", self.signed((c,)))
-                forms = [f"({x}.permute{_fmt(last)} * {s}).permute{_fmt(back)}"]
+                forms = [f"({x}.permute{spell(last)} * {s}).permute{spell(back)}"]
         elif r < 0.85 and d == 2:
             forms = [f"F.pixel_unshuffle({x}, 2)"] + ([f"F.pixel_shuffle({x}, 2)"] if c % 4 == 0 else [])
         else:  # to (N, features)
@@ -133,7 +133,7 @@ class _ShapingOps(_BuilderCore):
         line = f"{out} = {self.choice(forms)}"
         return out if self.commit(line, [x], [out]) else None
 
-    def unflatten(self, v: _Val) -> str | None:
+    def unflatten(self, v: Value) -> str | None:
         x, out, f = v.name, self.name(), v.shape[1]
         ones = ", ".join("1" for _ in range(self.d))
         idx = ", ".join(["None"] * self.d)
