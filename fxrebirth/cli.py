@@ -13,9 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxrebirth.cli_args import DEFAULT_TEACHER, build_parser, check_args, explicit_options, strategy_options
+from fxrebirth.cli_args import build_parser, check_args, explicit_options, strategy_options
 from fxrebirth.frontends.library import optimize
-from fxrebirth.rewrite.cost import RooflineCost
 from fxrebirth.errors import FxRebirthError, first_line
 from fxrebirth.paper.loading import PAPER_MODELS, load_model, load_weights  # noqa: F401 - re-exported
 
@@ -29,8 +28,9 @@ def _export(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
     rewrites = 0
     if not args.as_is:
-        cost = RooflineCost.onnxruntime() if args.to == "onnx" else RooflineCost()
-        optimised, report = optimize(model, x, cost_model=cost)
+        from fxrebirth.measure.runtimes import for_target
+
+        optimised, report = optimize(model, x, cost_model=for_target(args.to).cost_model())
         rewrites = report.rewrites
     written = export_model(optimised if not args.as_is else model, x, args.to, args.save)
     summary = {"files": written.files, "error": written.error, "checked_batch": written.checked_batch,
@@ -100,43 +100,13 @@ def _given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, A
 def _run_config(settings: dict[str, Any]) -> tuple[Any, Any]:
     """The job and its ``RunConfig`` from the command line's settings (the teacher's and the retraining's
     as dicts of what the user set)."""
-    import dataclasses
-
     from fxrebirth.paper.runner import RunConfig, run
     from fxrebirth.paper.teacher import TeacherConfig
     from fxrebirth.retraining.engine import RebirthConfig
 
-    if "strategies" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        return _legacy_config(settings)
     settings = dict(settings, teacher=TeacherConfig(**settings["teacher"]),
                     rebirth=RebirthConfig(**settings["rebirth"]))
     return run, RunConfig(**settings)
-
-
-def _legacy_config(s: dict[str, Any]) -> tuple[Any, Any]:
-    """TEMPORARY, until the one job lands: today's two jobs (depth for a torchvision teacher or --strategy depth)."""
-    from fxrebirth.paper.depthrun import DepthRunConfig, run_depth
-    from fxrebirth.paper.runner import RunConfig, run
-    from fxrebirth.paper.teacher import TORCHVISION_TEACHERS, TeacherConfig
-    from fxrebirth.retraining.engine import RebirthConfig
-
-    common = dict(out=s["out"], plan_size=s["plan_size"], train_images=s["train_images"], bench=s["bench"],
-                  test_images=s["test_images"], latency_rounds=s["latency_rounds"], control=s["control"],
-                  plan_table=s["plan_table"], **({"plan_runtime": s["runtime"]} if s["runtime"] else {}))
-    if s["strategies"] == ("depth",) or (not s["strategies"] and s["model"] is None
-                                         and s["model_name"] in TORCHVISION_TEACHERS):
-        return run_depth, DepthRunConfig(model_name=s["model_name"], image_size=s["image_size"] or 64,
-                                         teacher=TeacherConfig(**{"epochs": 6, **s["teacher"]}),
-                                         rebirth=RebirthConfig(**{"epochs": 1.5, **s["rebirth"]}),
-                                         targets=s["targets"] or (1.5,), **common,
-                                         **{k: v for k, v in s["strategy_options"].items() if k == "prune"})
-    if s["model"] is None and s["model_name"] != DEFAULT_TEACHER:
-        raise FxRebirthError(f"fxrebirth run {s['model_name']}: give --weights (a model trained on your data)")
-    return run, RunConfig(data=s["data"], model=s["model"], model_name=s["model_name"], keep=s["keep"],
-                          image_size=s["image_size"] or 32, teacher=TeacherConfig(**s["teacher"]),
-                          rebirth=RebirthConfig(**s["rebirth"]), bench_batches=s["bench_batches"],
-                          bench_memory=s["bench_memory"], teacher_cost=s["teacher_cost"], **common,
-                          **{k: v for k, v in s["strategy_options"].items() if k != "prune" and k != "max_convs"})
 
 
 def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:
@@ -171,8 +141,6 @@ def _load(args: argparse.Namespace) -> nn.Module:
 def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more: Any) -> Any:
     """:func:`fxrebirth.plan` with the command line's strategies, options, target, runtime and device table;
     without ``--strategy`` the plan refuses an option set here that no strategy that applies reads."""
-    import inspect
-
     from fxrebirth.retraining.planning import plan
 
     budget = getattr(args, "budget_ms", None)
@@ -180,14 +148,6 @@ def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more
                   target_speedup=args.target, budget_s=budget / 1e3 if budget is not None else None,
                   keep=tuple(args.keep), runtime=args.runtime, device_table=args.table, **more,
                   **strategy_options(args))
-    if "strategies" not in inspect.signature(plan).parameters:  # TEMPORARY: until the one plan lands
-        from fxrebirth.frontends.deploy import lower_for
-
-        if args.strategy and "depth" in args.strategy or {"max_convs", "prune"} & set(kwargs):
-            raise FxRebirthError("depth merges are planned by `fxrebirth run` until the one plan lands")
-        kwargs = {k: v for k, v in kwargs.items() if k != "strategies" and v is not None}
-        kwargs["repeats"] = kwargs.pop("rounds", 3)
-        kwargs["lowering"] = lower_for
     return plan(model, x, **kwargs)
 
 
@@ -204,29 +164,30 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from fxrebirth.measure.runtimes import runtime_names
     from fxrebirth.retraining.profiling import profile
 
     model = _load(args)
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    chosen = set(args.strategy or ())
-    if "depth" in chosen and len(chosen) > 1:  # TEMPORARY: until profile writes every strategy's candidates
-        raise FxRebirthError("profile --strategy depth writes the depth candidates alone: give it without the others")
-    manifest = profile(model, x, args.out, depth="depth" in chosen, **strategy_options(args))
+    strategies = tuple(dict.fromkeys(args.strategy)) if args.strategy else None
+    manifest = profile(model, x, args.out, strategies=strategies, **strategy_options(args))
     with open(manifest) as f:
         pairs = len(json.load(f)["pairs"])
-    runtime = args.runtime or "RUNTIME"
-    use = (f"fxrebirth run {args.model} --strategy depth --plan-size {args.input_size} --table" if "depth" in chosen
-           else f"fxrebirth plan {args.model} --input-size {args.input_size} --table")
+    runtime = args.runtime or runtime_names("device")[0]
+    chosen = "".join(f" --strategy {name}" for name in strategies or ())
     print(f"bundle: {args.out} (the whole model and {pairs} candidate pairs as ONNX, {os.path.basename(manifest)})\n"
           f"on the device (Python with numpy and the runtime; no torch):\n"
           f"  python time_on_device.py . --runtime {runtime}    # inside the copied folder\n"
-          f"then here:\n  {use} {os.path.join(args.out, f'latency-{runtime}.json')}")
+          f"then here:\n  fxrebirth plan {args.model} --input-size {args.input_size}{chosen} --table "
+          f"{os.path.join(args.out, f'latency-{runtime}.json')}")
     return 0
 
 
-def _cost_model(runtime: str | None) -> RooflineCost:
-    """The exact tier's cost gate for ``runtime`` (None: eager PyTorch)."""
-    return RooflineCost.onnxruntime() if runtime == "onnxruntime" else RooflineCost()
+def _cost_model(runtime: str | None) -> Any:
+    """The exact tier's cost gate for ``runtime`` (None: eager PyTorch), as the runtime's record says."""
+    from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, get_runtime
+
+    return get_runtime(runtime or DEFAULT_RUNTIME).cost_model()
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -283,23 +244,25 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _reborn_for_timing(model: nn.Module, x: torch.Tensor, planned: Any, *, every: bool, keep: Sequence[str]) -> Any:
-    """``model`` with the plan's selected candidates (``every``: all but the kept ones) replaced by freshly
-    initialised layers, for timing (latency does not depend on their values); None when none is selected."""
+    """``model`` with the plan's selected candidates (``every``: every candidate, in graph order, that overlaps
+    none taken before it, the kept ones aside) replaced by freshly initialised layers, for timing (latency does
+    not depend on their values); None when none is selected."""
     from fxrebirth.graph.capture import capture
-    from fxrebirth.retraining.layers import rebuild
+    from fxrebirth.retraining.planning import kept_ids, rebuild
 
     if every:
-        for region in planned.regions:
-            region.selected = True
-        planned.keep(list(keep))
+        kept, taken = set(kept_ids([c.region.id for c in planned.candidates], keep)), []
+        for c in sorted(planned.candidates, key=lambda c: c.span):
+            c.selected = c.region.id not in kept and all(c.span[1] < s[0] or s[1] < c.span[0] for s in taken)
+            taken += [c.span] if c.selected else []
     return rebuild(capture(model, (x,)), planned).eval() if planned.selected else None
 
 
 def _rows(rows: Sequence[str] | None) -> dict[str, Any]:
-    """``benchmark``'s runtimes (the ``--rows`` given, or its default: every runtime) and lowering."""
+    """``benchmark``'s runtimes (the ``--rows`` given; None: every registered one) and lowering."""
     from fxrebirth.frontends.deploy import lower_for
 
-    return {"lowering": lower_for, **({"runtimes": tuple(rows)} if rows else {})}
+    return {"lowering": lower_for, "runtimes": tuple(rows) if rows else None}
 
 
 def _write(path: str, text: str) -> None:

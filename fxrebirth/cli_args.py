@@ -16,9 +16,12 @@ import argparse
 from fxrebirth import __version__
 from fxrebirth.errors import FxRebirthError
 from fxrebirth.frontends.library import default_rules
+from fxrebirth.measure.runtimes import runtime_names, target_names
+from fxrebirth.paper.teacher import TORCHVISION_TEACHERS
+from fxrebirth.retraining.strategy import get_strategy, strategy_names
 
 __all__ = ["build_parser", "check_args", "check_strategy_options", "explicit_options", "strategy_options",
-           "PLANNING_FLAGS", "TRAINING_FLAGS", "DEFAULT_TEACHER"]
+           "option_readers", "PLANNING_FLAGS", "TRAINING_FLAGS", "DEFAULT_TEACHER"]
 
 DEFAULT_TEACHER = "googlenet_lrn"
 """``fxrebirth run``'s model when none is named: trained once on the embedded data and cached."""
@@ -49,48 +52,15 @@ _ARGUMENTS = {
                                                              "ones (default 0)"),
 }
 
-_FALLBACK_READERS = {"streamline_kernel": ("streamline",), "reduce_ratio": ("branch",), "max_convs": ("depth",),
-                     "prune": ("depth",), "init": ("streamline", "branch"), "schedule": ("streamline", "branch"),
-                     "layerwise_epochs": ("streamline", "branch")}
-"""Until :mod:`fxrebirth.retraining.strategy` registers the built-in strategies: who reads which option."""
-
-
-def strategy_names() -> tuple[str, ...]:
-    """The registered retraining strategies' names (the built-in three until the registry lands)."""
-    try:
-        from fxrebirth.retraining.strategy import strategy_names as registered
-
-        return tuple(registered())
-    except ImportError:
-        return ("streamline", "branch", "depth")
-
 
 def option_readers() -> dict[str, tuple[str, ...]]:
     """Option name -> the strategies that read it (their ``options`` and ``training``), in registry order."""
-    try:
-        from fxrebirth.retraining.strategy import get_strategy, strategy_names as registered
-
-        names = registered()
-    except ImportError:
-        return dict(_FALLBACK_READERS)
     readers: dict[str, list[str]] = {}
-    for name in names:
+    for name in strategy_names():
         strategy = get_strategy(name)
         for option in sorted(strategy.options | strategy.training):
             readers.setdefault(option, []).append(name)
     return {option: tuple(names) for option, names in readers.items()}
-
-
-def runtime_choices(tag: str | None = None) -> tuple[str, ...]:
-    """The registered runtimes' names (with ``tag`` when given): the choices of ``--runtime`` and ``--rows``."""
-    try:
-        from fxrebirth.measure.runtimes import runtime_names
-    except ImportError:  # TEMPORARY, until the registry lands: the speed table's runtimes
-        from fxrebirth.measure.speed import RUNTIMES
-
-        cost = {"cost": ("eager", "onnxruntime")}.get(tag)
-        return cost or tuple(r for r in RUNTIMES if tag != "plannable" or r not in ("fx fuse", "compile(fxrebirth)"))
-    return tuple(runtime_names(tag=tag))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +86,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _runtime_argument(parser: argparse.ArgumentParser, tag: str, what: str) -> None:
     """``--runtime``: the runtime the plan is measured on and the model will run on (default eager)."""
-    parser.add_argument("--runtime", choices=runtime_choices(tag), default=None,
+    parser.add_argument("--runtime", choices=runtime_names(tag), default=None,
                         help=f"the runtime the model will run on: {what} (default eager PyTorch on the CPU)")
 
 
@@ -178,7 +148,7 @@ def _profile_parser(sub: argparse._SubParsersAction, readers: dict) -> None:
                          "that needs only the runtime) to time on the device that will run the model")
     _model_arguments(prf)
     prf.add_argument("--out", required=True, metavar="DIR", help="the bundle's folder")
-    _runtime_argument(prf, "plannable", "the bundle is lowered for it and timed on it")
+    _runtime_argument(prf, "device", "time_on_device.py times the bundle there")
     _strategy_arguments(prf, readers)
 
 
@@ -191,8 +161,8 @@ def _bench_parser(sub: argparse._SubParsersAction, readers: dict) -> None:
     bch.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's; "
                                                                "1 is a phone core's proxy)")
     _runtime_argument(bch, "plannable", "the reborn model's plan is measured there")
-    bch.add_argument("--rows", action="append", choices=runtime_choices(), default=None, metavar="NAME",
-                     help=f"the table's runtimes (repeatable; default all): {', '.join(runtime_choices())}")
+    bch.add_argument("--rows", action="append", choices=runtime_names(), default=None, metavar="NAME",
+                     help=f"the table's runtimes (repeatable; default all): {', '.join(runtime_names())}")
     _plan_arguments(bch, target_help="plan the reborn model for this estimated speed-up (default: every candidate "
                                      "worth merging)")
     bch.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
@@ -213,7 +183,7 @@ def _export_parser(sub: argparse._SubParsersAction, readers: dict) -> None:
     exp = sub.add_parser("export", help="write the optimised model for ONNX Runtime, OpenVINO or ExecuTorch, "
                                         "checked numerically against the model")
     _model_arguments(exp)
-    exp.add_argument("--to", required=True, choices=("onnx", "openvino", "executorch"), help="the runtime's format")
+    exp.add_argument("--to", required=True, choices=target_names(), help="the runtime's format")
     exp.add_argument("--save", required=True, metavar="FILE", help="the file (.onnx, .xml with its .bin, .pte)")
     exp.add_argument("--batch", type=int, default=1, help="example batch size (default 1; ExecuTorch keeps it)")
     exp.add_argument("--as-is", action="store_true", help="export the model without the exact tier")
@@ -343,6 +313,10 @@ def _check_model_options(args: argparse.Namespace) -> None:
     if args.data and not args.weights:
         raise FxRebirthError(f"fxrebirth run {args.model} --data: give --weights too (your model trained on that "
                              "data); without --weights the default teacher trains on the embedded data")
+    teachers = (DEFAULT_TEACHER, *TORCHVISION_TEACHERS)
+    if not args.weights and args.model not in teachers:
+        raise FxRebirthError(f"fxrebirth run {args.model}: give --weights (your model, trained on --data); the "
+                             f"default teachers are {', '.join(teachers)}")
     if args.width is not None and (args.weights or args.model != DEFAULT_TEACHER):
         whose = "with --weights your model is the teacher" if args.weights else f"{args.model} takes no width"
         raise FxRebirthError(f"--width is the default {DEFAULT_TEACHER} teacher's channel multiplier; {whose}: "

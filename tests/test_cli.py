@@ -84,7 +84,8 @@ def test_plan_prints_and_saves_the_plan(tmp_path, capsys):
     import fxrebirth
 
     plan = fxrebirth.Plan.from_json(target.read_text())
-    assert [r.region.id for r in plan.regions][:2] == ["streamline:conv1.conv", "streamline:conv2.conv"]
+    streamline = [c.region.id for c in plan.candidates if c.strategy == "streamline"]
+    assert streamline[:2] == ["streamline:conv1.conv", "streamline:conv2.conv"]
 
 
 
@@ -102,8 +103,8 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
         for policy in ("field", "conv", "pool"):
             target = tmp_path / f"{model}-{policy}.json"
             assert main(["-q", "plan", model, "--input-size", size, "--rounds", "1", "--streamline-kernel",
-                         policy, "--save", str(target)]) == 0
-            first = fxrebirth.Plan.from_json(target.read_text()).regions[0].region.proposal
+                         policy, "--strategy", "streamline", "--save", str(target)]) == 0
+            first = fxrebirth.Plan.from_json(target.read_text()).candidates[0].region.proposal
             kernels[model, policy] = (tuple(first.kernel_size), tuple(first.stride))
     assert kernels == {("googlenet_lrn", "field"): ((11, 11), (4, 4)), ("googlenet_lrn", "conv"): ((7, 7), (4, 4)),
                        ("alexnet_lrn", "field"): ((19, 19), (8, 8)), ("alexnet_lrn", "conv"): ((19, 19), (8, 8)),
@@ -112,7 +113,8 @@ def test_plan_and_bench_take_the_streamline_kernel_policy(tmp_path, capsys):
     for policy in ("field", "conv"):  # the reborn rows' work follows the policy
         capsys.readouterr()
         assert main(["bench", "googlenet_lrn", "--input-size", "64", "--batch", "2", "--rounds", "1", "--rows",
-                     "eager", "--no-memory", "--all-regions", "--streamline-kernel", policy, "--json"]) == 0
+                     "eager", "--no-memory", "--all-regions", "--streamline-kernel", policy, "--json",
+                     "--strategy", "streamline"]) == 0
         rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
         gflops[policy] = rows["reborn"]["gflops"]
         assert rows["original"]["gflops"] > gflops[policy]
@@ -124,15 +126,16 @@ def test_plan_keep_leaves_regions_unmerged_and_a_typo_is_an_error(tmp_path, caps
 
     target = tmp_path / "plan.json"
     assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--rounds", "1", "--keep", "streamline:",
-                 "--keep", "branch:blocks.inception5b", "--save", str(target)]) == 0
+                 "--keep", "branch:blocks.inception5b", "--strategy", "streamline", "--strategy", "branch", "--save",
+                 str(target)]) == 0
     plan = fxrebirth.Plan.from_json(target.read_text())
-    assert len(plan.regions) == 11
-    kept = {r.region.id for r in plan.regions if not r.selected}
+    assert len(plan.candidates) == 11
+    kept = {c.region.id for c in plan.candidates if not c.selected}
     assert {"streamline:conv1.conv", "streamline:conv2.conv", "branch:blocks.inception5b"} <= kept
     capsys.readouterr()
     assert main(["-q", "plan", "googlenet_lrn", "--input-size", "64", "--rounds", "1", "--keep", "conv1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "keep 'conv1': no region has that id or prefix" in err
+    assert err.count("\n") == 1 and "keep 'conv1': no candidate has that id or prefix" in err
     assert "streamline:conv1.conv" in err
 
 
@@ -371,13 +374,13 @@ def test_every_strategy_option_defaults_to_none_so_that_given_is_knowable():
     assert set(explicit_options(given)) == {"init", "prune", "schedule"}
 
 
-@pytest.mark.parametrize("command, tag", [("optimize", "cost"), ("plan", "plannable"), ("profile", "plannable"),
+@pytest.mark.parametrize("command, tag", [("optimize", "cost"), ("plan", "plannable"), ("profile", "device"),
                                           ("bench", "plannable"), ("run", "plannable")])
 def test_runtime_takes_the_registrys_names(command, tag):
     """``--runtime`` means the runtime the model will run on in every command; its choices are the registry's."""
-    from fxrebirth.cli_args import runtime_choices
+    from fxrebirth.measure.runtimes import runtime_names
 
-    names = runtime_choices(tag)
+    names = runtime_names(tag)
     assert names
     head = {"optimize": ["optimize", "m"], "plan": ["plan", "m"], "profile": ["profile", "m", "--out", "b"],
             "bench": ["bench", "m"], "run": ["run"]}[command]
@@ -435,3 +438,47 @@ def test_an_option_the_choice_does_not_read_is_refused_before_any_work(argv, mes
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fxrebirth: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_run_builds_one_config_for_any_model(tmp_path, monkeypatch, capsys):
+    """``fxrebirth run`` sends every model to the one job: what the user set, and nothing else, reaches it."""
+    import fxrebirth.paper.runner
+
+    seen = []
+    monkeypatch.setattr(fxrebirth.paper.runner, "run", lambda config, progress=None: seen.append(config) or {})
+    argv = ["-q", "run", "resnet18", "--strategy", "depth", "--max-convs", "3", "--prune", "none", "--target", "1.2",
+            "--target", "1.5", "--runtime", "onnxruntime", "--epochs", "0.5", "--json", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (config,) = seen
+    assert (config.model, config.model_name, config.strategies, config.targets, config.runtime) == \
+           (None, "resnet18", ("depth",), (1.2, 1.5), "onnxruntime")
+    assert config.strategy_options == {"max_convs": 3, "prune": "none"}
+    assert set(config.explicit) == {"max_convs", "prune"} and config.rebirth.epochs == 0.5
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    weights = tmp_path / "w.pt"
+    torch.save(small_net().state_dict(), weights)
+    assert main(["-q", "run", "test_cli:small_net", "--weights", str(weights), "--data", str(tmp_path), "--init",
+                 "lstsq", "--json", "--out", str(tmp_path)]) == 0
+    mine = seen[-1]
+    assert isinstance(mine.model, nn.Module) and mine.strategies is None and mine.targets == ()
+    assert mine.explicit == ("init",) and mine.rebirth.init == "lstsq" and mine.strategy_options == {}
+
+
+def test_without_strategy_the_library_refuses_what_no_applicable_strategy_reads(monkeypatch, capsys):
+    """No ``--strategy``: every strategy that applies; an option none of them reads is refused by the plan or the
+    job after marking the candidates, before any timing or training (mobilenet_v2 has depth candidates only)."""
+    import fxrebirth.paper.runner
+    import fxrebirth.retraining.planning
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("timing or training started before the options were checked")
+
+    monkeypatch.setattr(fxrebirth.paper.runner, "_teacher_and_data", forbidden)
+    monkeypatch.setattr(fxrebirth.retraining.planning, "time_candidates", forbidden)
+    for argv, message in ((["run", "mobilenet_v2", "--init", "lstsq"], "init is read by the streamline and branch"),
+                          (["run", "mobilenet_v2", "--reduce-ratio", "0.5"], "reduce_ratio: read by the branch"),
+                          (["plan", "mobilenet_v2", "--input-size", "64", "--streamline-kernel", "conv"],
+                           "streamline_kernel: read by the streamline")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxrebirth: error: ") and message in err and err.count("\n") == 1, err
