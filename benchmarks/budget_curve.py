@@ -7,7 +7,7 @@ Not collected by the plain test command. Run::
 
 Uses the cached default teacher (``--teacher-epochs``: trained on first use, about a minute an epoch) and one
 plan at 224x224 with every region selected (saved in ``--cache``, shared by every teacher). For each budget (training images forward and backward, spent on end-to-end distillation),
-:func:`fxrebirth.retraining.budget.budget_curve` trains the reborn model and its scratch control (the same
+:func:`benchmarks._budget.budget_curve` trains the reborn model and its scratch control (the same
 architecture re-initialised, the same loss, learning rate and training-time BatchNorms, the same number of
 images). Every budget checkpoints under ``--cache``, and the plan is saved there too, so an interrupted run
 resumes with the same regions. Prints the Markdown table (the rows for docs/results.md).
@@ -23,7 +23,7 @@ import torch
 import fxrebirth
 from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
-from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
+from benchmarks._budget import budget_curve, budget_figure, budget_table
 
 
 def cached_plan(teacher: torch.nn.Module, cache: str, *, keep: tuple[str, ...] = (), **planning) -> fxrebirth.Plan:

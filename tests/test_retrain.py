@@ -399,7 +399,7 @@ def test_the_control_trains_the_same_architecture_from_scratch_on_the_same_budge
 
 
 def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None:
-    from fxrebirth.retraining.budget import budget_curve, budget_figure, budget_table
+    from benchmarks._budget import budget_curve, budget_figure, budget_table
 
     torch.manual_seed(0)
     model = LRNNet().eval()
@@ -427,7 +427,8 @@ def test_a_two_point_budget_curve_resumes_from_its_checkpoints(tmp_path) -> None
 
 
 def test_the_teacher_curve_trains_each_budget_once_and_reads_its_gains_from_the_cache(tmp_path) -> None:
-    from fxrebirth.paper.teacher import TeacherConfig, teacher_curve, teacher_curve_table
+    from benchmarks.teacher_curve import teacher_curve, teacher_curve_table
+    from fxrebirth.paper.teacher import TeacherConfig
 
     config = TeacherConfig(train_images=64, test_images=32, batch_size=32, width=0.125)
     points = teacher_curve([2, 1], config, directory=str(tmp_path))

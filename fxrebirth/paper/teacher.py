@@ -28,8 +28,7 @@ from fxrebirth.paper.models import fold_batch_norm, googlenet_lrn, he_init
 from fxrebirth.retraining.train import (Meter, ProgressFn, batch_count, batches, evaluate, fingerprint, load_checkpoint,
                                         resolve_device, save_checkpoint)
 
-__all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher", "TORCHVISION_TEACHERS", "build_teacher",
-           "TeacherPoint", "teacher_curve", "teacher_curve_table"]
+__all__ = ["TeacherConfig", "cache_dir", "train_teacher", "default_teacher", "TORCHVISION_TEACHERS", "build_teacher"]
 
 TORCHVISION_TEACHERS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34", "regnet_y_400mf")
 
@@ -157,48 +156,3 @@ def default_teacher(config: TeacherConfig | None = None, *, progress: ProgressFn
     log.info("teacher: trained in %.0f s, top-1 %.4f on %d held-out images", meta["wall_s"], result.top1,
              result.images)
     return model.eval(), dict(meta, cached=False, path=path)
-
-
-@dataclass
-class TeacherPoint:
-    """One teacher of :func:`teacher_curve`: its training budget and held-out top-1."""
-
-    epochs: int
-    images: int
-    """Training images passed forward and backward (epochs x training images)."""
-    top1: float
-    top1_interval: tuple[float, float]
-    wall_s: float | None
-    """Training wall time as recorded when it was trained (it includes whatever else the machine ran)."""
-
-
-def teacher_curve(epochs: list[int], config: TeacherConfig | None = None, *, directory: str | None = None,
-                  progress: ProgressFn | None = None, device: str = "cpu") -> list[TeacherPoint]:
-    """The same recipe trained for each of ``epochs`` (everything else from ``config``): how far a teacher
-    is from convergence. Each teacher is the cached one of :func:`default_teacher`, trained (resumably) on
-    first use, so the curve resumes where it stopped."""
-    base = asdict(config or TeacherConfig())
-    points = []
-    for count in sorted(set(int(e) for e in epochs)):
-        if count < 1:
-            raise ValueError(f"teacher_curve: epochs must be >= 1, not {count}")
-        _, meta = default_teacher(TeacherConfig(**{**base, "epochs": count}), progress=progress,
-                                  directory=directory, device=device)
-        points.append(TeacherPoint(count, count * meta["train_images"], meta["top1"],
-                                   tuple(meta["top1_interval"]), meta.get("wall_s")))
-    return points
-
-
-def teacher_curve_table(points: list[TeacherPoint]) -> str:
-    """The curve as a Markdown table; "gain from doubling" compares a teacher with the one of half its
-    epochs when the curve has it."""
-    by_epochs = {p.epochs: p for p in points}
-    lines = ["| teacher epochs (images forward and backward) | top-1 (95% interval) | gain from doubling | wall |",
-             "|---|---|---|---|"]
-    for p in points:
-        half = by_epochs.get(p.epochs // 2) if p.epochs % 2 == 0 else None
-        gain = f"{100 * (p.top1 - half.top1):+.2f} pt" if half else ""
-        wall = f"{p.wall_s / 60:.1f} min" if p.wall_s is not None else ""
-        lo, hi = p.top1_interval
-        lines.append(f"| {p.epochs} ({p.images:,}) | {p.top1:.2%} [{lo:.2%}, {hi:.2%}] | {gain} | {wall} |")
-    return "\n".join(lines)

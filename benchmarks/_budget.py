@@ -1,4 +1,5 @@
-"""The accuracy-vs-budget curve: the reborn model against its scratch control at several retraining budgets.
+"""The accuracy-vs-budget curve: the reborn model against its scratch control at several retraining budgets
+(the experiment behind docs/results.md's budget tables; ``python -m benchmarks.budget_curve`` runs it).
 
 ``points = budget_curve(model, plan, train_data, test_data, [5000, 20000])`` runs
 :func:`~fxrebirth.retraining.engine.rebirth` with its scratch control (``control=True``) once per budget. A
