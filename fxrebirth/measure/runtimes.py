@@ -108,7 +108,7 @@ class Runtime:
     def export(self, model: Any, x: Any, path: str, onnx_exporter: str = "torchscript") -> None:
         """Write the file this runtime runs to ``path``."""
         if self.exporter is None:
-            raise UnknownRuntime(f"runtime {self.name!r} runs the module itself and writes no file")
+            raise FxRebirthError(f"runtime {self.name!r} runs the module itself and writes no file")
         resolve(self.exporter)(model, x, path, onnx_exporter)
 
     def lower(self, model: Any, x: Any) -> tuple[Any, str]:
