@@ -25,7 +25,7 @@ import torch
 import fxrebirth
 from fxrebirth.graph.capture import capture
 from fxrebirth.paper.models import googlenet_lrn
-from fxrebirth.retraining.layers import rebuild
+from fxrebirth.retraining.planning import rebuild
 from fxrebirth.measure.runtimes import variants_of
 from fxrebirth.measure.speed import runtime_runner
 
@@ -37,7 +37,7 @@ try:
         torch.manual_seed(0)
         model = googlenet_lrn(1000).eval()
         x = torch.randn(1, 3, 224, 224)
-        plan = fxrebirth.plan(model, x, repeats=3)
+        plan = fxrebirth.plan(model, x, strategies=["streamline", "branch"], rounds=3)  # the paper's
         return {"original": model, "exact tier": fxrebirth.optimize(model, x)[0],
                 "reborn": rebuild(capture(model, (x,)), plan).eval()}, x
 
