@@ -208,3 +208,26 @@ def test_importing_fxrebirth_and_compiling_warn_about_nothing():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+TESTED_WITH = {
+    "streamline": "test_marking.py", "inception": "test_marking.py",  # the two marking passes, tested together
+    "linearise": "test_depth.py",  # depth compression's student form and merge, with the segments it builds on
+}
+"""Families of ``passes/`` whose tests are not (yet) in ``tests/test_<family>.py``, and where they are."""
+
+
+def test_every_family_has_its_tests_under_its_own_name():
+    """A family's proofs are found by its name: ``tests/test_<family>.py`` (or ``tests/passes/test_<family>.py``),
+    or the file :data:`TESTED_WITH` names; either way the file imports the family."""
+    missing = []
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        family = path.stem
+        if family.startswith("_"):
+            continue
+        found = [p for p in (ROOT / "tests" / f"test_{family}.py", ROOT / "tests" / "passes" / f"test_{family}.py",
+                             ROOT / "tests" / TESTED_WITH.get(family, f"test_{family}.py")) if p.exists()]
+        imported = re.compile(rf"fxrebirth\.passes\.{family}\b|from fxrebirth\.passes import [^\n]*\b{family}\b")
+        if not any(imported.search(p.read_text()) for p in found):
+            missing.append(f"passes/{path.name}: no tests/test_{family}.py that imports it")
+    assert not missing, "\n".join(missing)
