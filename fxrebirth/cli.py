@@ -76,37 +76,30 @@ class _Bars:
 
 def _run(args: argparse.Namespace) -> int:
     """``fxrebirth run MODEL``: one job for any model; the strategies that apply to it are chosen by the plan."""
+    from fxrebirth.paper.runner import RunConfig, run
+    from fxrebirth.paper.teacher import TeacherConfig
+    from fxrebirth.retraining.engine import RebirthConfig
+
     model = _load(args) if args.weights else None
-    settings = dict(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
-                    plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
-                    teacher=_given(args, epochs="teacher_epochs", width="width"),
-                    rebirth=_given(args, "init", "schedule", "layerwise_epochs", "device", "precision", "augment",
-                                   "epochs"),
-                    strategies=tuple(dict.fromkeys(args.strategy)) if args.strategy else None,
-                    strategy_options=strategy_options(args), explicit=explicit_options(args),
-                    targets=tuple(args.target or ()), keep=tuple(args.keep), runtime=args.runtime,
-                    plan_table=args.table, latency_rounds=args.latency_rounds, bench=args.bench,
-                    bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
-                    control=not args.no_control, teacher_cost=_teacher_cost(args))
-    return _report_of(args, *_run_config(settings))
+    training = _given(args, "init", "schedule", "layerwise_epochs", "device", "precision", "augment", "epochs")
+    config = RunConfig(out=args.out, data=args.data, model=model, model_name=args.model, image_size=args.image_size,
+                       plan_size=args.plan_size, train_images=args.train_images, test_images=args.test_images,
+                       teacher=TeacherConfig(**_given(args, epochs="teacher_epochs", width="width")),
+                       rebirth=RebirthConfig(**training),
+                       strategies=tuple(dict.fromkeys(args.strategy)) if args.strategy else None,
+                       strategy_options=strategy_options(args),
+                       explicit=tuple(dict.fromkeys((*explicit_options(args), *training))),
+                       targets=tuple(args.target or ()), keep=tuple(args.keep), runtime=args.runtime,
+                       plan_table=args.table, latency_rounds=args.latency_rounds, bench=args.bench,
+                       bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
+                       control=not args.no_control, teacher_cost=_teacher_cost(args))
+    return _report_of(args, run, config)
 
 
 def _given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, Any]:
     """The options among ``names`` (and ``renamed``: field -> argparse destination) the user set."""
     fields = {**{n: n for n in names}, **renamed}
     return {field: getattr(args, dest) for field, dest in fields.items() if getattr(args, dest) is not None}
-
-
-def _run_config(settings: dict[str, Any]) -> tuple[Any, Any]:
-    """The job and its ``RunConfig`` from the command line's settings (the teacher's and the retraining's
-    as dicts of what the user set)."""
-    from fxrebirth.paper.runner import RunConfig, run
-    from fxrebirth.paper.teacher import TeacherConfig
-    from fxrebirth.retraining.engine import RebirthConfig
-
-    settings = dict(settings, teacher=TeacherConfig(**settings["teacher"]),
-                    rebirth=RebirthConfig(**settings["rebirth"]))
-    return run, RunConfig(**settings)
 
 
 def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:

@@ -367,6 +367,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything wrong that can be seen before any work, each a one-line :class:`FxRebirthError` (exit code 2):
     options the chosen strategies do not read, model options that do not apply, bad numbers and paths."""
     check_strategy_options(args)
+    if getattr(args, "budget_ms", None) is not None and args.target is not None:
+        raise FxRebirthError("give --target or --budget-ms, not both: the plan selects until one of them")
     _check_model_options(args)
     _check_numbers(args)
     _check_paths(args)

@@ -433,6 +433,7 @@ def no_work(monkeypatch):
     (["run", "--teacher-hours", "2"], "drop --teacher-hours"),
     (["run", "resnet18", "--data", "somewhere"], "give --weights too"),
     (["run", "--table", __file__, "--runtime", "onnxruntime"], "give --table or --runtime onnxruntime, not both"),
+    (["plan", "resnet18", "--target", "1.5", "--budget-ms", "3"], "give --target or --budget-ms, not both"),
 ])
 def test_an_option_the_choice_does_not_read_is_refused_before_any_work(argv, message, no_work, capsys):
     assert main(argv) == 2
@@ -453,7 +454,7 @@ def test_run_builds_one_config_for_any_model(tmp_path, monkeypatch, capsys):
     assert (config.model, config.model_name, config.strategies, config.targets, config.runtime) == \
            (None, "resnet18", ("depth",), (1.2, 1.5), "onnxruntime")
     assert config.strategy_options == {"max_convs": 3, "prune": "none"}
-    assert set(config.explicit) == {"max_convs", "prune"} and config.rebirth.epochs == 0.5
+    assert set(config.explicit) == {"max_convs", "prune", "epochs"} and config.rebirth.epochs == 0.5
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     weights = tmp_path / "w.pt"
     torch.save(small_net().state_dict(), weights)
