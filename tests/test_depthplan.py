@@ -20,15 +20,36 @@ from fxrebirth.equivalence import relative_error, tolerance
 from fxrebirth.graph.regions import DepthProposal, Region, RegionError
 from fxrebirth.passes.depth import find_segments
 from fxrebirth.passes.linearise import linearise, merge
-from fxrebirth.retraining.depthplan import (DepthCandidate, DepthPlan, candidates, choose, importance, plan_depth,
-                                            region_of, segment_of)
+from fxrebirth.retraining.plandata import Candidate, Plan
+from fxrebirth.retraining.selection import choose
+from fxrebirth.retraining.strategies import DepthStrategy, region_of, segment_of
+from fxrebirth.retraining.strategies import depth_candidates as candidates
+
+
+def importance(gm, segments, images):
+    return DepthStrategy().importance(gm, [region_of(s) for s in segments], images)
+
+
+def plan_depth(model, example, calibration, **options):
+    """The depth strategy alone through the one planner."""
+    return fxrebirth.plan(model, example, strategies="depth", calibration=calibration, **options)
+
+
+def _segments(plan, gm):
+    plan.validate(gm)
+    return [segment_of(gm, c.region) for c in plan.selected]
+
+
+def _span(gm, seg):
+    position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return min(position[n] for n in seg.nodes), position[seg.output]
 from fxrebirth.retraining.layers import build_rebirth
 
 
 def _candidate(i, span, gain, imp):
     proposal = DepthProposal(4, 4, [3, 3], [1, 1], [1, 1], 1)
     region = Region(f"c{i}", "depth", (f"n{i}",), "x", f"n{i}", (), proposal)
-    return DepthCandidate(region, imp, 1.0, 1.0 - gain, 1, 1, span)
+    return Candidate(region, 1.0, 1.0 - gain, imp, span)
 
 
 @st.composite
@@ -46,7 +67,7 @@ def candidate_sets(draw):
 def test_gains_that_reach_the_whole_latency_are_capped_not_a_division_by_zero():
     """Noisy A/B timings of small layers can add up to more than the model's own latency."""
     cands = [_candidate(i, (2 * i, 2 * i + 1), 0.4, 0.1 * i) for i in range(4)]  # 1.6 s saved of 1 s
-    plan = DepthPlan("m", [1, 3, 8, 8], [2, 3, 8, 8], 1.0, "test", cands)
+    plan = Plan("m", [1, 3, 8, 8], 1.0, "test", cands, ["depth"], [2, 3, 8, 8])
     plan.select()
     assert plan.front and all(math.isfinite(p.speedup) for p in plan.front)
     plan.select(target_speedup=2.0)
@@ -164,16 +185,17 @@ def planned():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_plan_selects_only_faster_merges_and_its_segments_merge_exactly(planned, dtype):
     model, plan = planned
-    plan = DepthPlan.from_json(plan.to_json())  # a copy: the fixture is shared
-    assert plan.front and not plan.selected
+    plan = Plan.from_json(plan.to_json())  # a copy: the fixture is shared
+    assert plan.front and plan.selected  # no target: the set that saves the most
+    assert plan.estimated_speedup >= max(p.speedup for p in plan.front) * (1 - 1e-9)
     target = plan.front[len(plan.front) // 2].speedup
     plan.select(target_speedup=target)
     assert plan.selected and all(c.gain_s > 0 for c in plan.selected)
     assert plan.estimated_speedup >= target * (1 - 1e-9)
-    again = DepthPlan.from_json(plan.to_json())
+    again = Plan.from_json(plan.to_json())
     assert again.to_json() == plan.to_json() and "selected" in again.table()
     gm = fxrebirth.capture(copy.deepcopy(model).to(dtype), torch.randn(2, 3, 20, 20, dtype=dtype))
-    student = linearise(gm, again.validate(gm))
+    student = linearise(gm, _segments(again, gm))
     merged = merge(student)
     bound = 1e-9 if dtype == torch.float64 else tolerance(torch.float32)
     for size in (20, 23):
@@ -184,7 +206,7 @@ def test_a_plan_selects_only_faster_merges_and_its_segments_merge_exactly(planne
 
 def test_an_unreachable_target_or_two_goals_are_errors(planned):
     _, plan = planned
-    with pytest.raises(ValueError, match="no set of depth merges reaches .*lower the target"):
+    with pytest.raises(ValueError, match="no set of merges reaches .*lower the target"):
         plan.select(target_speedup=1e4)  # beyond the grid: noisy gains are capped at 2000 steps, 2000x
     with pytest.raises(ValueError, match="not both"):
         plan.select(target_speedup=1.1, budget_s=1.0)
@@ -238,14 +260,14 @@ def test_a_depth_rebirth_refuses_what_it_cannot_do(shapes):
     train, _ = shapes
     model = _trained_like(Block(classes=10))
     plan = _depth_plan(model, train)
-    with pytest.raises(FxRebirthError, match="init='original'"):
+    with pytest.raises(FxRebirthError, match="init='lstsq' is read by the streamline and branch strategies"):
         fxrebirth.rebirth(model, plan, train, init="lstsq")
-    with pytest.raises(FxRebirthError, match="layerwise_epochs=0"):
+    with pytest.raises(FxRebirthError, match="layerwise_epochs=1.0 is read by"):
         fxrebirth.rebirth(model, plan, train, layerwise_epochs=1.0)
-    empty = DepthPlan.from_json(plan.to_json())
+    empty = Plan.from_json(plan.to_json())
     for c in empty.candidates:
         c.selected = False
-    with pytest.raises(FxRebirthError, match="selects no segment"):
+    with pytest.raises(FxRebirthError, match="selects no candidate"):
         fxrebirth.rebirth(model, empty, train)
     with pytest.raises(RegionError, match="made for a Block"):
         fxrebirth.rebirth(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), plan, train)
@@ -256,8 +278,6 @@ def test_every_pair_a_plan_may_choose_merges_exactly():
     shortcuts inside a segment (the stem's activation read by the first block's addition), additions dropped
     to a shortcut that is itself an activation, a segment reading one whose addition was dropped; in float64,
     listed in either order."""
-    from fxrebirth.retraining.depthplan import _span
-
     gm = fxrebirth.capture(_trained_like(Block()).double(), torch.randn(2, 3, 16, 16, dtype=torch.float64))
     every = candidates(gm, prune="all")
     pairs = [(a, b) for a, b in itertools.combinations(every, 2) if _span(gm, a)[1] < _span(gm, b)[0]]
@@ -287,15 +307,15 @@ def test_zoo_plans_choose_sets_that_merge_exactly_at_two_sizes(name):
     model = _trained_like(model)
     plan = plan_depth(model, (torch.randn(1, 3, 64, 64),), torch.randn(8, 3, 32, 32), rounds=2, prune="all")
     assert plan.candidates and plan.front
-    per_mac = plan.latency_s / sum(c.macs_now for c in plan.candidates)  # any disjoint set saves < the latency
+    per_mac = plan.latency_s / sum(c.flops_now for c in plan.candidates)  # any disjoint set saves < the latency
     for c in plan.candidates:  # gains from MACs, so that the set chosen does not depend on the machine's noise
-        c.latency_now_s, c.latency_merged_s = c.macs_now * per_mac, c.macs_merged * per_mac
+        c.latency_now_s, c.latency_new_s = c.flops_now * per_mac, c.flops_new * per_mac
     plan.select()  # the front of these gains
     plan.select(target_speedup=plan.front[-1].speedup)
     chosen = [c.region.id for c in plan.selected]
     assert len(chosen) >= 2 and all(c.gain_s > 0 for c in plan.selected)
     gm = fxrebirth.capture(copy.deepcopy(model).double(), torch.randn(2, 3, 48, 48, dtype=torch.float64))
-    student = linearise(gm, plan.validate(gm))
+    student = linearise(gm, _segments(plan, gm))
     merged = merge(student)
     for size in (48, 53):
         x = torch.randn(2, 3, size, size, dtype=torch.float64)
@@ -308,8 +328,6 @@ def test_random_sets_of_mobilenet_v2_candidates_merge_exactly():
     import random
 
     import torchvision
-    from fxrebirth.retraining.depthplan import _span
-
     model = _trained_like(torchvision.models.mobilenet_v2(num_classes=10)).double()
     gm = fxrebirth.capture(model, torch.randn(2, 3, 48, 48, dtype=torch.float64))
     every = candidates(gm, prune="all")
@@ -333,7 +351,7 @@ sys.path.insert(0, {tests!r})
 from test_depthplan import Block, _trained_like
 import fxrebirth
 from fxrebirth.paper.data import Shapes
-from fxrebirth.retraining.depthplan import DepthPlan
+from fxrebirth.retraining.plandata import Plan
 torch.set_num_threads(1)
 distributed = "RANK" in os.environ
 if distributed:
@@ -341,7 +359,7 @@ if distributed:
 torch.manual_seed(0)
 model = _trained_like(Block(classes=10))
 with open(sys.argv[1]) as f:
-    plan = DepthPlan.from_json(f.read())
+    plan = Plan.from_json(f.read())
 # batch statistics would normalise with each rank's half of the batch: compare with the running ones
 reborn, _ = fxrebirth.rebirth(model, plan, Shapes("train", 128, 16, seed=0), epochs=1.0, batch_size=32,
                               train_batch_norm=False, eval_images=32)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import fxrebirth
+
+PAPER = ("streamline", "branch")  # the paper's strategies: GoogLeNet's regions
 from fxrebirth.paper.models import googlenet_lrn
 from fxrebirth.graph.regions import RegionError
 
@@ -17,15 +19,15 @@ from fxrebirth.graph.regions import RegionError
 def small_plan():
     model = googlenet_lrn(width=0.25).eval()
     x = torch.randn(1, 3, 64, 64)
-    return model, x, fxrebirth.plan(model, x, repeats=2)
+    return model, x, fxrebirth.plan(model, x, strategies=PAPER, rounds=2)
 
 
 def test_plan_measures_every_region_and_selects_only_gains(small_plan):
     _, _, plan = small_plan
-    assert len(plan.regions) == 11
-    assert all(r.cost_now_s > 0 and r.cost_rebirth_s > 0 for r in plan.regions)
+    assert len(plan.candidates) == 11
+    assert all(r.latency_now_s > 0 and r.latency_new_s > 0 for r in plan.candidates)
     assert all(r.gain_s > 0 for r in plan.selected)
-    assert all(not r.selected for r in plan.regions if r.gain_s <= 0)
+    assert all(not r.selected for r in plan.candidates if r.gain_s <= 0)
     assert plan.estimated_latency_s <= plan.latency_s
     table = plan.table()
     assert "conv1.conv, conv1.relu, pool1, norm1" in table and "estimated latency" in table
@@ -42,13 +44,13 @@ def test_edits_that_break_shapes_are_rejected(small_plan):
     model, x, plan = small_plan
     gm = fxrebirth.capture(model, x)
     edited = fxrebirth.Plan.from_json(plan.to_json())
-    for r in edited.regions:
+    for r in edited.candidates:
         r.selected = True
-    edited.regions[0].region.proposal.out_channels += 1
+    edited.candidates[0].region.proposal.out_channels += 1
     with pytest.raises(RegionError, match="streamline:conv1.conv.*produces"):
         edited.validate(gm)
     edited = fxrebirth.Plan.from_json(plan.to_json())
-    branch = next(r for r in edited.regions if r.region.kind == "branch")
+    branch = next(r for r in edited.candidates if r.region.kind == "branch")
     branch.selected = True
     branch.region.proposal.branches[1].layers[0].out_channels = 3  # a thinner reduce layer fits
     edited.validate(gm)
@@ -60,7 +62,7 @@ def test_edits_that_break_shapes_are_rejected(small_plan):
 def test_overlapping_plan_is_rejected(small_plan):
     model, x, plan = small_plan
     edited = fxrebirth.Plan.from_json(plan.to_json())
-    a, b = edited.regions[2], edited.regions[3]
+    a, b = edited.candidates[2], edited.candidates[3]
     a.selected = b.selected = True
     b.region.nodes = b.region.nodes + (a.region.nodes[0],)
     with pytest.raises(RegionError):
@@ -73,18 +75,20 @@ def test_drop_and_targets(small_plan):
     if edited.selected:
         edited.drop(edited.selected[0].region.id)
         assert len(edited.selected) == len(plan.selected) - 1
-    with pytest.raises(KeyError, match="no region 'nope'"):
+    with pytest.raises(KeyError, match="no candidate 'nope'"):
         edited.drop("nope")
     from fxrebirth.rewrite.cost import measure_latency
 
     table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)  # fixed costs: no timing noise
-    roomy = fxrebirth.plan(model, x, latency_table=table, budget_s=1e9)
+    roomy = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, budget_s=1e9)
     assert roomy.selected == []  # already within budget
-    tight = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0)
-    assert tight.selected == [r for r in tight.regions if r.gain_s > 0]
-    half = fxrebirth.plan(model, x, latency_table=table, target_speedup=1.0 + 1e-9)
-    assert len(half.selected) == 1 and half.selected[0].gain_s == max(r.gain_s for r in half.regions)
-    with pytest.raises(ValueError, match="select='some'"):
+    every = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table)  # no goal: all worth merging
+    assert every.selected == [r for r in every.candidates if r.gain_s > 0]
+    with pytest.raises(ValueError, match="no set of merges reaches"):
+        fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, budget_s=0.0)
+    half = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, target_speedup=1.0 + 1e-9)
+    assert len(half.selected) == 1 and half.selected[0].gain_s == max(r.gain_s for r in half.candidates)
+    with pytest.raises(ValueError, match=r"unknown planning option\(s\) \['select'\]"):
         fxrebirth.plan(model, x, select="some", latency_table=table)
 
 
@@ -96,14 +100,14 @@ def test_keep_leaves_the_named_regions_unmerged(small_plan):
 
     model, x, _ = small_plan
     table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)  # fixed costs: no timing noise
-    every = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0)
+    every = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table)
     assert any(r.region.kind == "streamline" for r in every.selected)
-    kept = fxrebirth.plan(model, x, latency_table=table, budget_s=0.0, keep=["streamline:", "branch:blocks.inception3a"])
-    assert len(kept.regions) == 11
+    kept = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, keep=["streamline:", "branch:blocks.inception3a"])
+    assert len(kept.candidates) == 11
     assert {r.region.id for r in every.selected} - {r.region.id for r in kept.selected} == {
         r.region.id for r in every.selected if r.region.kind == "streamline" or r.region.id.endswith("inception3a")}
-    one = fxrebirth.plan(model, x, latency_table=table, target_speedup=1.0 + 1e-9, keep=[every.selected[0].region.id])
-    best_other = max((r for r in one.regions if r.region.id != every.selected[0].region.id), key=lambda r: r.gain_s)
+    one = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, target_speedup=1.0 + 1e-9, keep=[every.selected[0].region.id])
+    best_other = max((r for r in one.candidates if r.region.id != every.selected[0].region.id), key=lambda r: r.gain_s)
     assert [r.region.id for r in one.selected] == [best_other.region.id]
     edited = fxrebirth.Plan.from_json(every.to_json())
     edited.keep(("streamline:conv2.conv",))
@@ -111,8 +115,8 @@ def test_keep_leaves_the_named_regions_unmerged(small_plan):
     assert "streamline:conv2.conv" not in {r.region.id for r in edited.selected}
     assert len(edited.selected) == len(every.selected) - 1
     for bad in (["streamline:conv9"], ["inception3a"]):  # a prefix, not a substring
-        with pytest.raises(RegionError, match="no region has that id or prefix; regions: streamline:conv1.conv"):
-            fxrebirth.plan(model, x, latency_table=table, keep=bad)
+        with pytest.raises(RegionError, match="no candidate has that id or prefix; candidates: streamline:conv1.conv"):
+            fxrebirth.plan(model, x, strategies=PAPER, latency_table=table, keep=bad)
         with pytest.raises(RegionError, match=bad[0]):
             edited.keep(bad)
 
@@ -122,17 +126,17 @@ def test_latency_table_from_another_device(small_plan):
 
     model, x, _ = small_plan
     table = measure_latency(fxrebirth.capture(model, x), (x,), repeats=1)
-    plan = fxrebirth.plan(model, x, latency_table=table)
-    assert plan.source == "latency table" and len(plan.regions) == 11
-    assert all(r.cost_rebirth_s > 0 for r in plan.regions)
+    plan = fxrebirth.plan(model, x, strategies=PAPER, latency_table=table)
+    assert plan.source == "latency table" and len(plan.candidates) == 11
+    assert all(r.latency_new_s > 0 for r in plan.candidates)
 
 
 def test_rebuild_replaces_selected_regions_and_keeps_shapes(small_plan):
-    from fxrebirth.retraining.layers import rebuild
+    from fxrebirth.retraining.planning import rebuild
 
     model, x, plan = small_plan
     edited = fxrebirth.Plan.from_json(plan.to_json())
-    for r in edited.regions:
+    for r in edited.candidates:
         r.selected = True
     gm = fxrebirth.capture(model, x)
     reborn = rebuild(gm, edited)
@@ -187,17 +191,17 @@ def test_a_plan_saved_by_0_2_loads_as_the_typed_plan_marked_today(name):
     model, x = factory().eval(), torch.randn(shape)
     gm = fxrebirth.capture(model, x)
     today = streamline.mark_streamline(gm) + inception.mark_inception(gm)
-    assert [r.region.to_dict() for r in old.regions] == [r.to_dict() for r in today]
-    assert {type(r.region.proposal) for r in old.regions} <= {ConvProposal, InceptionProposal}
-    assert any(isinstance(r.region.proposal, InceptionProposal) for r in old.regions)
-    for r in old.regions:
+    assert [r.region.to_dict() for r in old.candidates] == [r.to_dict() for r in today]
+    assert {type(r.region.proposal) for r in old.candidates} <= {ConvProposal, InceptionProposal}
+    assert any(isinstance(r.region.proposal, InceptionProposal) for r in old.candidates)
+    for r in old.candidates:
         r.selected = True
     old.validate(gm)
-    for planned, region in zip(old.regions, today):
+    for planned, region in zip(old.candidates, today):
         shapes = [p.shape for p in build_rebirth(planned.region.proposal).parameters()]
         assert shapes == [p.shape for p in build_rebirth(region.proposal).parameters()]
     # the figures are kept as saved, and today's JSON round-trips exactly
-    assert [r.cost_now_s for r in old.regions] == [r["cost_now_s"] for r in json.loads(text)["regions"]]
+    assert [r.latency_now_s for r in old.candidates] == [r["cost_now_s"] for r in json.loads(text)["regions"]]
     again = fxrebirth.Plan.from_json(old.to_json())
     assert again.to_json() == old.to_json()
 
@@ -206,7 +210,7 @@ def test_the_absorbed_side_of_a_0_2_plan_is_kept():
     from fxrebirth.graph.regions import InceptionProposal
 
     plan = fxrebirth.Plan.from_json((DATA / "plan-0.2.0-pool-between.json").read_text())
-    proposal = next(r.region.proposal for r in plan.regions if isinstance(r.region.proposal, InceptionProposal))
+    proposal = next(r.region.proposal for r in plan.candidates if isinstance(r.region.proposal, InceptionProposal))
     absorbing = [b for b in proposal.branches if b.absorbs]
     assert len(absorbing) == 1 and absorbing[0].absorbed_position == "before"
     assert len(proposal.pool) == len(absorbing[0].absorbs) == 3  # max_pool, conv, relu
@@ -228,7 +232,7 @@ def test_a_broken_plan_file_is_a_clear_error(edit, message):
 def test_a_proposal_naming_nodes_outside_its_region_is_refused(small_plan):
     model, x, plan = small_plan
     edited = fxrebirth.Plan.from_json(plan.to_json())
-    branch = next(r for r in edited.regions if r.region.kind == "branch")
+    branch = next(r for r in edited.candidates if r.region.kind == "branch")
     branch.selected = True
     branch.region.proposal.pool = ["conv2d_0"]
     with pytest.raises(RegionError, match="must name nodes of the region"):
@@ -240,13 +244,11 @@ def test_a_plan_for_a_runtime_times_every_region_through_it(small_plan, runtime)
     """Each region is cut out and timed A/B against its rebirth layer by the runtime itself; ExecuTorch
     needs the regions holding LRN lowered first (the CLI passes the lowering)."""
     pytest.importorskip(runtime)
-    from fxrebirth.frontends.deploy import lower_for
-
     model, x, _ = small_plan
-    plan = fxrebirth.plan(model, x, repeats=1, runtime=runtime, lowering=lower_for)
+    plan = fxrebirth.plan(model, x, strategies=PAPER, rounds=5, runtime=runtime)
     assert plan.source.startswith(f"measured here through {runtime}, median of 5 interleaved A/B rounds")
-    assert len(plan.regions) == 11 and plan.latency_s > 0
-    assert all(r.cost_now_s > 0 and r.cost_rebirth_s > 0 for r in plan.regions)
+    assert len(plan.candidates) == 11 and plan.latency_s > 0
+    assert all(r.latency_now_s > 0 and r.latency_new_s > 0 for r in plan.candidates)
     assert all(r.gain_s > 0 for r in plan.selected)
 
 
@@ -267,9 +269,9 @@ def test_a_merge_slower_on_the_target_runtime_is_never_selected(small_plan, monk
         return {"now": 2.0, "new": 3.0 if slower else 1.0}
 
     monkeypatch.setattr(timing, "interleaved_medians", fake)
-    plan = fxrebirth.plan(model, x, repeats=1, runtime="onnxruntime")
-    slower = [r for r in plan.regions if r.cost_rebirth_s > r.cost_now_s]
-    assert slower and len(plan.selected) == len(plan.regions) - len(slower)
+    plan = fxrebirth.plan(model, x, strategies=PAPER, rounds=1, runtime="onnxruntime")
+    slower = [r for r in plan.candidates if r.latency_new_s > r.latency_now_s]
+    assert slower and len(plan.selected) == len(plan.candidates) - len(slower)
     assert not any(r.selected for r in slower)
 
 

@@ -22,7 +22,10 @@ from torch import nn
 from fxrebirth.graph.regions import BranchLayer, ConvProposal, DepthProposal, InceptionProposal, Proposal, RegionError
 from fxrebirth.graph.mutation import eliminate_dead_code
 
-__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "replace_regions"]
+__all__ = ["build_rebirth", "BUILDERS", "InceptionRebirth", "replace_regions", "RENAMED"]
+
+RENAMED = "fxrebirth.replaced_outputs"
+"""``graph_module.meta`` key: region output name -> the node that now computes it (:func:`replace_regions`)."""
 
 
 def _conv(proposal: ConvProposal) -> nn.Module:
@@ -95,7 +98,9 @@ def replace_regions(gm: "torch.fx.GraphModule", regions: "list[Any]", modules: d
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
     position = {n.name: i for i, n in enumerate(out.graph.nodes)}
-    replaced: dict[str, fx.Node] = {}  # a region's output -> its rebirth call (a later region's input)
+    # a region's output -> its rebirth call (a later region's input), kept across calls in the graph's meta
+    renamed: dict[str, str] = out.meta.setdefault(RENAMED, {})
+    replaced: dict[str, fx.Node] = {k: nodes[v] for k, v in renamed.items() if v in nodes}
     taken = {n for n in nodes if n.startswith("rebirth_")}
     index = 0
     for region in sorted(regions, key=lambda r: position[r.output]):
@@ -109,6 +114,7 @@ def replace_regions(gm: "torch.fx.GraphModule", regions: "list[Any]", modules: d
         with out.graph.inserting_before(min(nodes[n] for n in region.nodes)):
             new = out.graph.call_module(name, (replaced.get(region.input, nodes[region.input]),))
         replaced[region.output] = new
+        renamed[region.output] = new.name
         new.meta["tensor_meta"] = old.meta.get("tensor_meta")
         new.meta["fxrebirth.replaces"] = region.replaces
         new.meta["fxrebirth.region"] = region.id

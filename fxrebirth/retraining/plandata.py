@@ -136,8 +136,9 @@ class Plan:
         self.front = [FrontPoint(self.latency_s / (self.latency_s - gain), imp, [usable[i].region.id for i in ids])
                       for gain, imp, ids in front]
         if goal is not None and not picked and need > 0:
-            raise OptionError(f"no set of merges reaches {self.latency_s / goal:.2f}x on this runtime (the most, "
-                              f"estimated: {self.latency_s / (self.latency_s - most):.2f}x); lower the target")
+            wanted = f"{self.latency_s / goal:.2f}x" if goal > 0 else "a latency of 0"
+            raise OptionError(f"no set of merges reaches {wanted} on this runtime (the most, estimated: "
+                              f"{self.latency_s / (self.latency_s - most):.2f}x); lower the target")
 
     def drop(self, region_id: str) -> None:
         """Deselect a candidate by id (``KeyError`` naming the known ids if there is none)."""

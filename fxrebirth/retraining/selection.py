@@ -10,7 +10,7 @@ strategy marked them). With ``w_j = floor(gain_j / unit)``, over candidates ``j`
 (``p(j)``: the last candidate ending before ``j`` starts) is the least summed importance that saves at least
 ``g`` units; flooring makes every claimed gain a lower bound of the estimate. The **front** is
 ``best[n][g]`` over every ``g``: estimated speed-up against summed importance. A candidate whose importance
-was not measured counts 0 (it is chosen by its gain alone).
+was not measured counts 0 (it is chosen by its gain alone); ties go to fewer merges of larger gains (:data:`TIE`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import bisect
 import math
 from typing import Protocol, Sequence
 
-__all__ = ["choose", "fill"]
+__all__ = ["choose", "fill", "TIE"]
+
+TIE = 1e-12
+"""What each merge adds to the summed importance, so that among equally important sets the DP prefers
+fewer merges, of larger gains (far below any measured importance)."""
 
 
 class Choosable(Protocol):
@@ -43,7 +47,10 @@ def choose(cands: Sequence[Choosable], need_s: float, unit_s: float, limit_s: fl
     take: list[list[bool]] = [[False] * (top + 1)]
     before = [bisect.bisect_left(ends, cands[i].span[0]) for i in usable]  # rows of candidates ending earlier
     for j, i in enumerate(usable):
-        prev, base, w, imp = best[j], best[before[j]], weights[j], cands[i].importance or 0.0
+        # ties (importance equal or unmeasured) go to fewer merges of larger gains: a merge's accuracy cost is
+        # never known to be nothing
+        imp = (cands[i].importance or 0.0) + TIE * (1 + 1 / max(weights[j], 1))
+        prev, base, w = best[j], best[before[j]], weights[j]
         row, took = list(prev), [False] * (top + 1)
         for g in range(top + 1):
             with_it = imp + base[max(0, g - w)]

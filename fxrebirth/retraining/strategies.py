@@ -32,6 +32,7 @@ from fxrebirth.passes.linearise import STUDENT_KEY, linearise, merge
 from fxrebirth.retraining.initialise import Initialiser
 from fxrebirth.retraining.strategy import Strategy, SwitchStrategy, register_strategy
 from fxrebirth.retraining.train import Meter
+from fxrebirth.rewrite.validate import OptionError
 
 __all__ = ["StreamlineStrategy", "BranchStrategy", "DepthStrategy", "SWITCH_TRAINING", "PRUNE", "region_of",
            "segment_of", "depth_candidates", "kl_importance"]
@@ -127,7 +128,7 @@ def depth_candidates(gm: fx.GraphModule, max_convs: int = 4, prune: str = "grown
     """Every segment of ``gm`` and its single cuts (``prune="grown"``: only for segments whose merge computes
     more than the layers it replaces; ``"all"``; ``"none"``), without repeats."""
     if prune not in PRUNE:
-        raise RegionError(f"prune={prune!r}; choose one of {', '.join(PRUNE)}")
+        raise OptionError(f"prune={prune!r}; choose one of {', '.join(PRUNE)}")
     nodes = {n.name: n for n in gm.graph.nodes}
     found: dict[str, Segment] = {}
     for seg in find_segments(gm, max_convs):

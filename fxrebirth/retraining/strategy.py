@@ -41,7 +41,7 @@ from torch import nn
 
 from fxrebirth.graph.regions import Region, RegionError
 from fxrebirth.retraining.initialise import extract_region
-from fxrebirth.retraining.layers import build_rebirth, replace_regions
+from fxrebirth.retraining.layers import RENAMED, build_rebirth, replace_regions
 from fxrebirth.rewrite.validate import OptionError
 
 __all__ = ["Strategy", "SwitchStrategy", "RegionSwitch", "register_strategy", "get_strategy", "strategy_names",
@@ -140,9 +140,12 @@ class SwitchStrategy(Strategy):
 
     def student(self, gm: fx.GraphModule, regions: list[Region]) -> fx.GraphModule:
         import copy
+        import dataclasses
 
-        switches = {r.id: RegionSwitch(copy.deepcopy(self.cut(gm, r)), self.layer(r)) for r in regions}
-        return replace_regions(gm, regions, switches)
+        renamed = gm.meta.get(RENAMED, {})  # inputs that an earlier strategy's switch now computes
+        here = [dataclasses.replace(r, input=renamed.get(r.input, r.input)) for r in regions]
+        switches = {r.id: RegionSwitch(copy.deepcopy(self.cut(gm, r)), self.layer(r)) for r in here}
+        return replace_regions(gm, here, switches)
 
     def finish(self, gm: fx.GraphModule) -> fx.GraphModule:
         """``gm`` with every :class:`RegionSwitch` replaced by its rebirth layer (each must be switched on)."""
