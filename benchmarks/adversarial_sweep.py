@@ -1,4 +1,4 @@
-"""Run the adversarial catalog (fxrebirth.testing.adversarial) and count outcomes per class.
+"""Run the adversarial catalog (tests.support.adversarial) and count outcomes per class.
 
     python -m benchmarks.adversarial_sweep [--json] [--class inplace] [--case NAME ...]
 
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 def load_catalog():
-    """The adversarial catalog, :mod:`fxrebirth.testing.adversarial`."""
-    import fxrebirth.testing.adversarial as catalog
+    """The adversarial catalog, :mod:`tests.support.adversarial`."""
+    import tests.support.adversarial as catalog
 
     return catalog
 

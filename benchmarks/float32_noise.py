@@ -50,7 +50,7 @@ def build(name: str) -> torch.nn.Module:
         return torchvision_model(name, seed=1)
     import timm
 
-    from fxrebirth.testing.zoo import randomize_all_batchnorms
+    from tests.support.zoo import randomize_all_batchnorms
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""Sweep the model zoo (fxrebirth.testing.zoo) through optimize, the torch.compile backend and torch.export.
+"""Sweep the model zoo (tests.support.zoo) through optimize, the torch.compile backend and torch.export.
 
     python -m benchmarks.zoo_sweep [--shard I/N] [--only NAME ...] [--limit K] [--timeout S] [--cache DIR]
     python -m benchmarks.zoo_sweep --table          # docs/zoo.md from the cache alone
@@ -57,7 +57,7 @@ def load_population(cache: Path, again: bool = False) -> dict[str, Any]:
         print(f"{path}: made with {data.get('versions')}, now {current}: surveying again", file=sys.stderr)
     from dataclasses import asdict
 
-    from fxrebirth.testing import zoo
+    from tests.support import zoo
 
     print("surveying every torchvision and timm model on the meta device (a few minutes) ...", file=sys.stderr)
     start = time.perf_counter()
@@ -135,7 +135,7 @@ def worker_main(entry_points: list[str], statistics: str) -> int:
     os.dup2(2, 1)  # whatever a model prints goes to the log, not into the protocol
     import torch
 
-    from fxrebirth.testing._zoo_sweep import sweep_one
+    from tests.support.zoo_sweep import sweep_one
 
     for line in sys.stdin:
         source, name = json.loads(line)
@@ -260,12 +260,12 @@ def table(cache: Path, doc: Path) -> str:
     out += [
         "Every attention-free image-classification model of torchvision and timm with at most 50M parameters,",
         "built with random weights and random BatchNorm gamma, beta, running mean and variance",
-        f"(`fxrebirth.testing.zoo.build`; statistics: {statistics}), through the three entry points: `fxrebirth.optimize`,",
+        f"(`tests.support.zoo.build`; statistics: {statistics}), through the three entry points: `fxrebirth.optimize`,",
         "`torch.compile(backend=\"fxrebirth\")` (inner compiler `eager`) and `torch.export` + `optimize_exported`.",
         "Each is compared with the original model in float32 at batch 2 at the smallest square input size (64,",
         "96, ..., 320) the model runs at; *equivalent* means a norm-wise relative error <= 1e-5",
         "(`fxrebirth.equivalence.tolerance(torch.float32)`), *fully folded* that no BatchNorm is left that a",
-        "neighbouring convolution or linear layer could absorb (`fxrebirth.testing.zoo.foldable_batchnorms`).",
+        "neighbouring convolution or linear layer could absorb (`tests.support.zoo.foldable_batchnorms`).",
         "A result above 1e-5 in float32 is *float32 rounding* when the same entry point run on float64 copies",
         "of the model and input is within 1e-5 of the float64 original (the rewrites are exact) and, for",
         "optimize and export, the float32 result is the float64 run's program with its weights rounded to",
@@ -275,7 +275,7 @@ def table(cache: Path, doc: Path) -> str:
         "so the original's own float32 rounding (its float32 output against its float64 copy's, quoted in",
         "each reason) is often above 1e-5. Anything else is a *mismatch*.",
         "",
-        "**Population** (`fxrebirth.testing.zoo.population`): `torchvision.models.list_models(module=torchvision.models)`",
+        "**Population** (`tests.support.zoo.population`): `torchvision.models.list_models(module=torchvision.models)`",
         "and `timm.list_models()`, surveyed on the meta device, less the models with an attention block (a",
         "`torch.nn.MultiheadAttention`, a module whose class name contains `Attention`, or a matrix product of two",
         "input-dependent tensors in the forward pass; squeeze-excite, ECA, CBAM, selective-kernel and",
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--survey", action="store_true", help="survey the population again (population.json)")
     parser.add_argument("--entry-points", nargs="+", default=list(ENTRY_POINTS), choices=ENTRY_POINTS)
     parser.add_argument("--statistics", default="calibrated", choices=("uniform", "calibrated"),
-                        help="BatchNorm running statistics (fxrebirth.testing.zoo.build; default calibrated: "
+                        help="BatchNorm running statistics (tests.support.zoo.build; default calibrated: "
                              "uniform ones make deep models ill-conditioned in float32); a cached row swept "
                              "with the other choice runs again")
     parser.add_argument("--threads", type=int, metavar="T", help="torch threads per worker (default torch's)")

@@ -1,4 +1,4 @@
-"""The adversarial catalog (fxrebirth.testing.adversarial): every case either matches the original at
+"""The adversarial catalog (tests.support.adversarial): every case either matches the original at
 every size it accepts (shape guards allowed) or is refused with a clear error; the user's model and
 example inputs are never modified, and nothing crashes."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxrebirth.testing.adversarial import CASES, run_case
+from tests.support.adversarial import CASES, run_case
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,6 @@
 """The whole pipeline on random PyTorch programs from a second, independent generator.
 
-:mod:`fxrebirth.testing.programs` writes ordinary ``nn.Module`` programs as Python source (in-place ops
+:mod:`tests.support.programs` writes ordinary ``nn.Module`` programs as Python source (in-place ops
 and aliases, ceil-mode pooling, broadcasts, literal reshapes, padding modes, transposed, 1-D and 3-D
 convolutions...), each valid at its nominal size. For every seed, ``fxrebirth.optimize`` gets an example
 at the nominal size (batch 1 or 2, the default cost model or ``cost_model=None``), and the contract is:
@@ -13,7 +13,7 @@ at the nominal size (batch 1 or 2, the default cost model or ``cost_model=None``
 
 1,000 programs per run (``HYPOTHESIS_PROFILE=thorough``: 5,000), in chunks so that a failure names its
 seeds; ``FXREBIRTH_PROGRAMS`` sets another count and ``FXREBIRTH_PROGRAM_SEED`` the first seed.
-Reproduce one with ``fxrebirth.testing.programs.random_program(seed)`` (its ``description`` is the
+Reproduce one with ``tests.support.programs.random_program(seed)`` (its ``description`` is the
 program's source).
 """
 
@@ -27,7 +27,7 @@ import torch
 
 import fxrebirth
 from fxrebirth.equivalence import relative_error, tolerance
-from fxrebirth.testing.programs import check_options, check_program, random_program
+from tests.support.programs import check_options, check_program, random_program
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 COUNT = int(os.environ.get("FXREBIRTH_PROGRAMS", 5000 if PROFILE == "thorough" else 1000))

@@ -3,7 +3,7 @@
 Each model is built with random weights (nothing is downloaded), its BatchNorm statistics and affine
 parameters randomised (the defaults make folding nearly the identity), optimised, and compared with the
 original in float32: norm-wise relative error <= 1e-5, and no BatchNorm left that a layer next to it
-could have absorbed (checked structurally by ``fxrebirth.testing.zoo.foldable_batchnorms``,
+could have absorbed (checked structurally by ``tests.support.zoo.foldable_batchnorms``,
 independently of the rules' own code).
 
 The ``ci`` profile runs the smallest model of each family (:func:`family`: ResNet, ResNeXt, Wide ResNet,
@@ -25,7 +25,7 @@ import torchvision
 import fxrebirth
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.testing import randomize_batchnorm
-from fxrebirth.testing.zoo import foldable_batchnorms
+from tests.support.zoo import foldable_batchnorms
 
 HEAVY_PARAMS = 150_000_000
 

@@ -1,4 +1,4 @@
-"""The CI sample of the model zoo (fxrebirth.testing.zoo; the whole zoo: benchmarks/zoo_sweep.py).
+"""The CI sample of the model zoo (tests.support.zoo; the whole zoo: benchmarks/zoo_sweep.py).
 
 Small models of the re-parameterisable timm families and of a dozen other CNN families, built with
 random weights and randomised BatchNorm, through each entry point (``fxrebirth.optimize``, the
@@ -16,7 +16,7 @@ import torch
 from fxrebirth.equivalence import tolerance
 
 pytest.importorskip("timm")
-from fxrebirth.testing._zoo_sweep import ENTRY_POINTS, sweep_one  # noqa: E402 - timm first
+from tests.support.zoo_sweep import ENTRY_POINTS, sweep_one  # noqa: E402 - timm first
 
 REPARAMETERISABLE = [("timm", n, 64) for n in (
     "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "repghostnet_050", "ghostnetv3_050")]

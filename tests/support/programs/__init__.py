@@ -38,9 +38,9 @@ The generator is a package: :mod:`.program` (:class:`Program`, the limits), the 
 
 from __future__ import annotations
 
-from fxrebirth.testing.programs.check import Outcome, check_options, check_program
-from fxrebirth.testing.programs.generator import random_program
-from fxrebirth.testing.programs.program import CHECK_BATCHES, NOMINAL_BATCH, Program
+from tests.support.programs.check import Outcome, check_options, check_program
+from tests.support.programs.generator import random_program
+from tests.support.programs.program import CHECK_BATCHES, NOMINAL_BATCH, Program
 
 __all__ = ["Program", "Outcome", "random_program", "check_program", "check_options", "NOMINAL_BATCH",
            "CHECK_BATCHES"]

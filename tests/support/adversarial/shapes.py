@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import ConvBN, NO_COST, AddCase, seeded_case, conv_bn
+from tests.support.adversarial.builders import ConvBN, NO_COST, AddCase, seeded_case, conv_bn
 
 
 class _ConvPool(ConvBN):

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import AddCase, seeded_case, conv_bn
+from tests.support.adversarial.builders import AddCase, seeded_case, conv_bn
 
 
 def _hooked(kind: str) -> Callable[[], nn.Module]:

@@ -8,8 +8,8 @@ import math
 
 from torch import nn
 
-from fxrebirth.testing.programs.core import BuilderCore
-from fxrebirth.testing.programs.program import divisors, spell, Value
+from tests.support.programs.core import BuilderCore
+from tests.support.programs.program import divisors, spell, Value
 
 
 class ShapingOps(BuilderCore):

@@ -1,4 +1,4 @@
-"""Structural checks of a graph for the model zoo (re-exported by :mod:`fxrebirth.testing.zoo`), independent
+"""Structural checks of a graph for the model zoo (re-exported by :mod:`tests.support.zoo`), independent
 of the rules' own code: :func:`foldable_batchnorms` (what an exact fold could still remove) and
 :func:`count_ops` (convolutions and BatchNorms, in canonical, ATen or module form).
 """

@@ -9,8 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.compat import randomize_batchnorm
-from fxrebirth.testing.adversarial.records import Size
+from tests.support.adversarial.compat import randomize_batchnorm
+from tests.support.adversarial.records import Size
 
 AddCase = Callable[..., None]
 """The catalog's ``add(name, klass, build, inputs=None, **case_fields)``: appends one :class:`Case`

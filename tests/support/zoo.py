@@ -4,7 +4,7 @@ every entry point of fxrebirth.
 * :func:`population` defines which models are in the zoo (see its docstring for "attention");
 * :func:`build` makes one with random weights and randomised BatchNorm, :func:`smallest_input` finds
   the smallest square size it runs at;
-* ``sweep_one`` (:mod:`fxrebirth.testing._zoo_sweep`) runs one model through ``fxrebirth.optimize``,
+* ``sweep_one`` (:mod:`tests.support.zoo_sweep`) runs one model through ``fxrebirth.optimize``,
   the ``torch.compile`` backend and ``torch.export`` + :func:`fxrebirth.frontends.export.optimize_exported`,
   and returns a JSON-serialisable row;
 * :func:`foldable_batchnorms` and :func:`count_ops` are structural checks of a graph, independent of
@@ -15,8 +15,8 @@ it. ``benchmarks/zoo_sweep.py`` runs the whole zoo and writes ``docs/zoo.md``;
 ``tests/test_zoo.py`` is the CI sample.
 
 This module owns the population and the building of models; the sweep (:func:`sweep_one`, the
-entry-point runners, :data:`ENTRY_POINTS`) lives in :mod:`fxrebirth.testing._zoo_sweep`, which imports
-this module, and the structural checks in :mod:`fxrebirth.testing._zoo_checks`, re-exported here.
+entry-point runners, :data:`ENTRY_POINTS`) lives in :mod:`tests.support.zoo_sweep`, which imports
+this module, and the structural checks in :mod:`tests.support.zoo_checks`, re-exported here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fxrebirth.errors import first_line
 from fxrebirth.testing import randomize_batchnorm
-from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
+from tests.support.zoo_checks import count_ops, foldable_batchnorms
 
 __all__ = [
     "SOURCES", "SIZES", "REPARAMETERISABLE", "Candidate", "survey", "population", "family_of", "build",

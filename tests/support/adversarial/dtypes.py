@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import (AddCase, ConvBN, case_generator, conv_bn, images, resnet18_case,
+from tests.support.adversarial.builders import (AddCase, ConvBN, case_generator, conv_bn, images, resnet18_case,
                                                     seeded_case)
-from fxrebirth.testing.adversarial.records import Size
+from tests.support.adversarial.records import Size
 
 
 class _ImageAndIndex(ConvBN):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.program import PROGRAM_GLOBALS, MAX_CHANNELS, MAX_ELEMENTS, NOMINAL_BATCH, Abort, Value
+from tests.support.programs.program import PROGRAM_GLOBALS, MAX_CHANNELS, MAX_ELEMENTS, NOMINAL_BATCH, Abort, Value
 
 
 class BuilderCore:
@@ -26,7 +26,7 @@ class BuilderCore:
         r = rng.random()
         self.d = 2 if r < 0.7 else (1 if r < 0.85 else 3)
         self.dtype = torch.float64 if rng.random() < 0.25 else torch.float32
-        # the package, fxrebirth.testing.programs, as when this was one module
+        # the package, tests.support.programs, as when this was one module
         self.cls = type(f"RandomProgram{seed}", (nn.Module,), {"__module__": __package__})
         self.root = self.cls()
         self.attrs: list[tuple[str, str]] = []   # (attribute, description)

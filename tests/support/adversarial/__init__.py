@@ -31,16 +31,16 @@ the classes and statuses), :mod:`.compat` (what it takes from fxrebirth, with fa
 
 from __future__ import annotations
 
-from fxrebirth.testing.adversarial.builders import conv_bn, images
-from fxrebirth.testing.adversarial.catalog import CASES, cases
-from fxrebirth.testing.adversarial.compat import (
+from tests.support.adversarial.builders import conv_bn, images
+from tests.support.adversarial.catalog import CASES, cases
+from tests.support.adversarial.compat import (
     FxRebirthError,
     ShapeGuardError,
     randomize_batchnorm,
     relative_error,
     tolerance,
 )
-from fxrebirth.testing.adversarial.records import CLASSES, STATUSES, Case, Outcome, Size
-from fxrebirth.testing.adversarial.runner import run_case
+from tests.support.adversarial.records import CLASSES, STATUSES, Case, Outcome, Size
+from tests.support.adversarial.runner import run_case
 
 __all__ = ["CLASSES", "STATUSES", "Case", "Outcome", "CASES", "cases", "run_case", "relative_error", "tolerance"]

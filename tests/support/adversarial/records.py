@@ -1,5 +1,5 @@
 """The catalog's records: :class:`Case` (one adversarial model and how to check it), :class:`Outcome`
-(what :func:`~fxrebirth.testing.adversarial.run_case` found), the case classes and the outcome statuses."""
+(what :func:`~tests.support.adversarial.run_case` found), the case classes and the outcome statuses."""
 
 from __future__ import annotations
 

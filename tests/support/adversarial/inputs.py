@@ -10,9 +10,9 @@ from torch import nn
 
 from fxrebirth.frontends.library import optimize as _optimize
 from fxrebirth.graph.capture import capture as _capture
-from fxrebirth.testing.adversarial.builders import (AddCase, conv_bn, images, mobilenet_case, resnet18_case,
+from tests.support.adversarial.builders import (AddCase, conv_bn, images, mobilenet_case, resnet18_case,
                                                     seeded_case)
-from fxrebirth.testing.adversarial.records import Size
+from tests.support.adversarial.records import Size
 
 
 class _DictOut(nn.Module):

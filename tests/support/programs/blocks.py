@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fxrebirth.testing.programs.elementwise import ElementwiseOps
-from fxrebirth.testing.programs.layers import LayerOps
-from fxrebirth.testing.programs.program import spell, Value
-from fxrebirth.testing.programs.shaping import ShapingOps
+from tests.support.programs.elementwise import ElementwiseOps
+from tests.support.programs.layers import LayerOps
+from tests.support.programs.program import spell, Value
+from tests.support.programs.shaping import ShapingOps
 
 
 class BlockOps(ShapingOps, ElementwiseOps, LayerOps):

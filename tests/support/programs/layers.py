@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from fxrebirth.testing.programs.core import BuilderCore
-from fxrebirth.testing.programs.program import MAX_CHANNELS, divisors, spell, Value
+from tests.support.programs.core import BuilderCore
+from tests.support.programs.program import MAX_CHANNELS, divisors, spell, Value
 
 
 class LayerOps(BuilderCore):

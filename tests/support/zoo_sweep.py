@@ -1,4 +1,4 @@
-"""The zoo's sweep of the models :mod:`fxrebirth.testing.zoo` builds: :func:`sweep_one`, its
+"""The zoo's sweep of the models :mod:`tests.support.zoo` builds: :func:`sweep_one`, its
 per-entry-point runners (``fxrebirth.optimize``, the ``torch.compile`` backend, ``torch.export``) and the
 verdicts on their outputs (float32 and float64 errors, "rounding").
 """
@@ -20,8 +20,8 @@ from fxrebirth.frontends.library import optimize as _optimize
 from fxrebirth.graph.capture import capture as _capture
 from fxrebirth.rewrite.cost import ReplayedCost, RooflineCost
 from fxrebirth.rewrite.endtoend import weight_rounding
-from fxrebirth.testing._zoo_checks import count_ops, foldable_batchnorms
-from fxrebirth.testing.zoo import SIZES, build_sized, family_of, is_reparameterisable
+from tests.support.zoo_checks import count_ops, foldable_batchnorms
+from tests.support.zoo import SIZES, build_sized, family_of, is_reparameterisable
 
 __all__ = ["ENTRY_POINTS", "sweep_one"]
 

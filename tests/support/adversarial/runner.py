@@ -1,6 +1,6 @@
 """Running a case (:func:`run_case`): optimise the model at its example, look for what ``optimize``
 modified, then compare the result with a copy of the original at every ``(batch, size)`` and classify
-what happened (:class:`~fxrebirth.testing.adversarial.Outcome`)."""
+what happened (:class:`~tests.support.adversarial.Outcome`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from fxrebirth.frontends.library import optimize as _optimize
-from fxrebirth.testing.adversarial.builders import height_width
-from fxrebirth.testing.adversarial.compat import FxRebirthError, relative_error, tolerance
-from fxrebirth.testing.adversarial.records import SEVERITY, Case, Outcome, Size
-from fxrebirth.testing.adversarial.snapshots import (
+from tests.support.adversarial.builders import height_width
+from tests.support.adversarial.compat import FxRebirthError, relative_error, tolerance
+from tests.support.adversarial.records import SEVERITY, Case, Outcome, Size
+from tests.support.adversarial.snapshots import (
     clone_value,
     diff_inputs,
     diff_model,

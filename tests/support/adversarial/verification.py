@@ -11,7 +11,7 @@ from torch import nn
 from fxrebirth.frontends.library import default_rules as _default_rules
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.rewrite.rules import Match, Rule
-from fxrebirth.testing.adversarial.builders import ConvBN, AddCase, seeded_case, conv_bn, images
+from tests.support.adversarial.builders import ConvBN, AddCase, seeded_case, conv_bn, images
 
 
 def _clamp0(ctx, match, value):

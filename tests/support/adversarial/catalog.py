@@ -7,15 +7,15 @@ from typing import Any, Callable
 
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import images
-from fxrebirth.testing.adversarial.dtypes import dtype_cases
-from fxrebirth.testing.adversarial.hooks import hook_cases
-from fxrebirth.testing.adversarial.inplace import inplace_cases
-from fxrebirth.testing.adversarial.inputs import input_cases
-from fxrebirth.testing.adversarial.own import own_cases
-from fxrebirth.testing.adversarial.records import Case, Size
-from fxrebirth.testing.adversarial.shapes import shape_cases
-from fxrebirth.testing.adversarial.verification import verification_cases
+from tests.support.adversarial.builders import images
+from tests.support.adversarial.dtypes import dtype_cases
+from tests.support.adversarial.hooks import hook_cases
+from tests.support.adversarial.inplace import inplace_cases
+from tests.support.adversarial.inputs import input_cases
+from tests.support.adversarial.own import own_cases
+from tests.support.adversarial.records import Case, Size
+from tests.support.adversarial.shapes import shape_cases
+from tests.support.adversarial.verification import verification_cases
 
 _FAMILIES = (inplace_cases, hook_cases, shape_cases, verification_cases, dtype_cases, input_cases, own_cases)
 

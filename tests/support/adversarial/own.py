@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import (NO_COST, AddCase, ConvBN, TwoConvsOneBN, case_generator, conv_bn,
+from tests.support.adversarial.builders import (NO_COST, AddCase, ConvBN, TwoConvsOneBN, case_generator, conv_bn,
                                                     images, seeded_case)
-from fxrebirth.testing.adversarial.records import Size
+from tests.support.adversarial.records import Size
 
 
 class _Tied(nn.Module):

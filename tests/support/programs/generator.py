@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.blocks import BlockOps
-from fxrebirth.testing.programs.program import PROGRAM_GLOBALS, NOMINAL_BATCH, Program, Abort, Value
+from tests.support.programs.blocks import BlockOps
+from tests.support.programs.program import PROGRAM_GLOBALS, NOMINAL_BATCH, Program, Abort, Value
 
 
 class _Builder(BlockOps):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.core import BuilderCore
-from fxrebirth.testing.programs.program import MAX_CHANNELS, Value
+from tests.support.programs.core import BuilderCore
+from tests.support.programs.program import MAX_CHANNELS, Value
 
 
 class ElementwiseOps(BuilderCore):

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrebirth.testing.programs.program import CHECK_BATCHES, Program
+from tests.support.programs.program import CHECK_BATCHES, Program
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How :func:`~fxrebirth.testing.adversarial.run_case` sees that ``optimize`` modified what it must not
+"""How :func:`~tests.support.adversarial.run_case` sees that ``optimize`` modified what it must not
 touch: snapshots of the user's model (parameters, buffers, state_dict, submodules, hooks, training
 flags, plain tensor attributes), of the example inputs and of global torch state, and their diffs."""
 

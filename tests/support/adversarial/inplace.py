@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxrebirth.testing.adversarial.builders import ConvBN, TwoConvsOneBN, NO_COST, AddCase, seeded_case
+from tests.support.adversarial.builders import ConvBN, TwoConvsOneBN, NO_COST, AddCase, seeded_case
 
 
 class _Unassigned(nn.Module):
