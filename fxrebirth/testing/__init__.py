@@ -4,7 +4,12 @@
   table :data:`TOLERANCES` (norm-wise relative error ``max|a - b| / max|b|``);
 * :func:`count_kind` counts canonical nodes of a kind in a GraphModule;
 * :mod:`fxrebirth.testing.strategies` (needs ``hypothesis``: ``pip install fxrebirth[testing]``) draws
-  layer hyper-parameters and the modules built from them.
+  layer hyper-parameters and the modules built from them;
+* :func:`fxrebirth.testing.kit.check_rule` is a rule's property proof; :mod:`fxrebirth.testing.graphs` draws
+  random graphs from an op vocabulary you can extend.
+
+The project's own adversarial catalogue, random-program generator and model zoo are not part of the
+package: they live in the repository's ``tests/support/``.
 
 May import: fxrebirth.errors, fxrebirth.equivalence, fxrebirth.graph, fxrebirth.rewrite, fxrebirth.passes, fxrebirth.measure, fxrebirth.frontends.
 """
