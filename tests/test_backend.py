@@ -45,7 +45,8 @@ def test_backend_is_found_through_the_entry_point_without_importing_fxrebirth():
     assert result.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("name", ["googlenet", "resnet50", "mobilenet_v2"])
+# ResNet-50 in the thorough profile: resnet18 goes through the backend below (at four batch sizes)
+@pytest.mark.parametrize("name", ["googlenet", pytest.param("resnet50", marks=pytest.mark.thorough), "mobilenet_v2"])
 def test_torchvision_models_through_the_backend(name, caplog):
     model = _tv(name)
     compiled = torch.compile(model, backend="fxrebirth", options=EAGER)
