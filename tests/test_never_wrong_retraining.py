@@ -25,7 +25,13 @@ from fxrebirth.graph.regions import RegionError
 from fxrebirth.measure.bundle import TableMismatch, read_table
 from fxrebirth.passes.batchnorm import BatchNormPastPool
 from fxrebirth.retraining.data import DataError
-from fxrebirth.retraining.planning import mark_regions
+from fxrebirth.retraining.planning import mark
+
+
+def mark_regions(gm):
+    """The paper's strategies' candidates, as fxrebirth.plan marks them (without timing)."""
+    found = mark(gm, strategies=["streamline", "branch"])
+    return found["streamline"] + found["branch"]
 from fxrebirth.retraining.train import batch_count, batches, pass_sizes
 from fxrebirth.rewrite.validate import OptionError
 from fxrebirth.testing.kit import check_rule
@@ -69,8 +75,8 @@ def _data(n: int, classes: int = 4, size: int = 8, seed: int = 0) -> Items:
 
 
 def _plan(model: nn.Module, size: int = 8) -> fxrebirth.Plan:
-    plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), repeats=1)
-    for r in plan.regions:
+    plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), strategies=("streamline", "branch"), rounds=1)
+    for r in plan.candidates:
         r.selected = True
     return plan
 
@@ -130,13 +136,11 @@ def test_a_bad_test_label_is_named_too(squeeze):
 def test_zero_batch_examples_are_refused_before_capture(squeeze):
     model, _ = squeeze
     with pytest.raises(RegionError, match="batch 0"):
-        fxrebirth.plan(model, torch.randn(0, 3, 8, 8), repeats=1)
-    from fxrebirth.retraining.depthplan import plan_depth
-
+        fxrebirth.plan(model, torch.randn(0, 3, 8, 8), strategies=("streamline", "branch"), rounds=1)
     with pytest.raises(RegionError, match="batch 0"):
-        plan_depth(model, torch.randn(0, 3, 8, 8), torch.randn(4, 3, 8, 8))
+        fxrebirth.plan(model, torch.randn(0, 3, 8, 8), calibration=torch.randn(4, 3, 8, 8))
     with pytest.raises(RegionError, match="calibration"):
-        plan_depth(model, torch.randn(1, 3, 8, 8), torch.randn(0, 3, 8, 8))
+        fxrebirth.plan(model, torch.randn(1, 3, 8, 8), strategies="depth", calibration=torch.randn(0, 3, 8, 8))
     with pytest.raises(DataError, match="empty"):
         fxrebirth.rebirth(model, _plan(model), _data(0), **FAST)
     with pytest.raises(RegionError, match="latency_input: the example input has batch 0"):
@@ -164,13 +168,13 @@ def test_a_binary_or_malformed_table_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, value", [
     ("target_speedup", math.nan), ("target_speedup", -1.0), ("target_speedup", 0), ("target_speedup", math.inf),
-    ("budget_s", -1.0), ("budget_s", math.nan), ("repeats", 0), ("repeats", 2.5), ("repeats", True),
+    ("budget_s", -1.0), ("budget_s", math.nan), ("rounds", 0), ("rounds", 2.5), ("rounds", True),
     ("reduce_ratio", 0.0), ("reduce_ratio", math.nan), ("reduce_ratio", 1.5),
 ])
 def test_plan_refuses_each_bad_number_naming_the_option_and_its_range(squeeze, option, value):
     model, _ = squeeze
     with pytest.raises(OptionError, match=rf"^plan: {option}=.* give (a|a whole) number"):
-        fxrebirth.plan(model, torch.randn(1, 3, 8, 8), **{"repeats": 1, option: value})
+        fxrebirth.plan(model, torch.randn(1, 3, 8, 8), **{"rounds": 1, option: value})
 
 
 @pytest.mark.parametrize("option, value", [
@@ -191,11 +195,10 @@ def test_rebirth_flags_and_plan_depth_numbers_are_checked_too(squeeze):
     model, _ = squeeze
     with pytest.raises(fxrebirth.FxRebirthError, match="train_batch_norm"):
         fxrebirth.RebirthConfig(train_batch_norm="no")
-    from fxrebirth.retraining.depthplan import plan_depth
-
     for option, value in (("max_convs", 0), ("rounds", 0), ("target_speedup", math.nan), ("budget_s", -1.0)):
-        with pytest.raises(OptionError, match=rf"^plan_depth: {option}="):
-            plan_depth(model, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 8, 8), **{option: value})
+        with pytest.raises(OptionError, match=rf"^plan: {option}="):
+            fxrebirth.plan(model, torch.randn(1, 3, 8, 8), strategies="depth", calibration=torch.randn(2, 3, 8, 8),
+                           **{option: value})
 
 
 def test_a_typo_in_run_keep_is_reported_before_the_teacher_trains(tmp_path, capsys):

@@ -20,7 +20,8 @@ import fxrebirth
 from fxrebirth.paper.data import DataError, Shapes, accuracy_interval, check_dataset
 from fxrebirth.paper.models import googlenet_lrn
 from fxrebirth.graph.regions import RegionError
-from fxrebirth.retraining.engine import RebirthConfig, extract_region, rebirth
+from fxrebirth.retraining.engine import RebirthConfig, rebirth
+from fxrebirth.retraining.initialise import extract_region
 from fxrebirth.graph.capture import capture
 
 FAST = {"epochs": 0.25, "layerwise_epochs": 0.25, "calibration_images": 128, "batch_size": 32, "eval_images": 64}
@@ -71,8 +72,8 @@ def labelled_data(n: int, size: int = 12, classes: int = 4, seed: int = 0) -> La
 
 
 def plan_all(model: nn.Module, size: int = 12) -> fxrebirth.Plan:
-    plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), repeats=1)
-    for r in plan.regions:  # select every region, whatever this machine's timings say
+    plan = fxrebirth.plan(model, torch.randn(1, 3, size, size), strategies=("streamline", "branch"), rounds=1)
+    for r in plan.candidates:  # select every region, whatever this machine's timings say
         r.selected = True
     return plan
 
@@ -123,9 +124,9 @@ def test_the_pool_policy_starts_from_the_model_without_its_lrn_at_two_sizes() ->
     original with its LRN layers removed, at the planning size and another; it survives plan.json."""
     torch.manual_seed(0)
     model = googlenet_lrn(10, width=0.125).eval()
-    plan = fxrebirth.plan(model, torch.randn(1, 3, 32, 32), repeats=1, streamline_kernel="pool", keep=["branch:"])
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 32, 32), strategies=("streamline", "branch"), rounds=1, streamline_kernel="pool", keep=["branch:"])
     plan = fxrebirth.Plan.from_json(plan.to_json())
-    for r in plan.regions:
+    for r in plan.candidates:
         r.selected = r.region.kind == "streamline"
     assert [r.region.id for r in plan.selected] == ["streamline:conv1.conv", "streamline:conv2.conv"]
     gm, report = rebirth(model, plan, Shapes("train", 64, 32), init="original", epochs=0, train_batch_norm=False)
@@ -272,7 +273,7 @@ def test_bad_inputs_get_clear_errors() -> None:
     with pytest.raises(RegionError, match="plan was made for a LRNNet"):
         rebirth(googlenet_lrn(4, width=0.125), plan, labelled_data(8, size=32))
     other = plan_all(LRNNet().eval())
-    other.regions[0].region.nodes = ("not_a_node",) + other.regions[0].region.nodes[1:]
+    other.candidates[0].region.nodes = ("not_a_node",) + other.candidates[0].region.nodes[1:]
     with pytest.raises(RegionError, match="does not fit"):
         rebirth(model, other, labelled_data(8))
     with pytest.raises(DataError, match="does not accept"):

@@ -25,7 +25,7 @@ TOY = "toy eager"
 # Files whose owners are still moving their runtime names to the registry (issue 38: fxrebirth/paper's
 # report and runner still write "eager"); the lead empties this set once they read DEFAULT_RUNTIME /
 # runtime_names(...) / get_runtime(...) too.
-ALLOWED_FOR_NOW = {"fxrebirth/paper"}
+ALLOWED_FOR_NOW: set = set()
 # The registry itself, and the device-side timing script (it runs with numpy and the runtime only, so it
 # holds its own table, checked against the registry below).
 EXEMPT = {"fxrebirth/measure/runtimes.py", "fxrebirth/measure/devicetimer.py"}

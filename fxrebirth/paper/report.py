@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any
 
+from fxrebirth.measure.runtimes import DEFAULT_RUNTIME
 from fxrebirth.measure.speed import SpeedTable
 from fxrebirth.measure.table import layers_markdown
 from fxrebirth.retraining.plandata import Plan
@@ -138,7 +139,7 @@ def _speed_figures(out: str, result: dict[str, Any]) -> list[str]:
     points = []  # (label, speed-up over original eager, top-1)
     speed = result.get("speed")
     if speed:
-        base = next((r for r in speed["rows"] if r["variant"] == "original" and r["runtime"] == "eager"), None)
+        base = next((r for r in speed["rows"] if r["variant"] == "original" and r["runtime"] == DEFAULT_RUNTIME), None)
         batch = speed["batches"][0]
         for row in speed["rows"]:
             if base and batch in row["ms"] and acc.get(row["variant"]) is not None:
@@ -172,7 +173,7 @@ def _best_compiled(speed: dict[str, Any] | None) -> str:
 
     def fastest(variant: str) -> tuple[float, str] | None:
         rows = [(r["ms"].get(1) or r["ms"].get("1"), r["runtime"]) for r in speed["rows"]
-                if r["variant"] == variant and r["runtime"] != "eager" and r.get("precision", "fp32") == "fp32"]
+                if r["variant"] == variant and r["runtime"] != DEFAULT_RUNTIME and r.get("precision", "fp32") == "fp32"]
         return min((ms, rt) for ms, rt in rows if ms) if any(ms for ms, _ in rows) else None
 
     original, reborn = fastest("original"), fastest("reborn")
@@ -195,7 +196,7 @@ def summary_markdown(config: Any, result: dict[str, Any], plan: Plan) -> str:
              "vs teacher (95% CI) | scratch control | retrained images (share of teacher's) | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        eager = p["eager"]
+        eager = p["eager_latency"]
         lo, hi = p["difference_interval"] or (float("nan"), float("nan"))
         control = f"{p['control_top1']:.2%}" if p["control_top1"] is not None else "not trained"
         vs_exact = _vs_exact(p["speed"])
@@ -213,5 +214,5 @@ def _vs_exact(speed: dict[str, Any] | None) -> str:
     if not speed:
         return "not measured"
     rows = {(r["variant"], r["runtime"]): r["ms"].get(1) or r["ms"].get("1") for r in speed["rows"]}
-    exact, reborn = rows.get(("exact tier", "eager")), rows.get(("reborn", "eager"))
+    exact, reborn = rows.get(("exact tier", DEFAULT_RUNTIME)), rows.get(("reborn", DEFAULT_RUNTIME))
     return f"{exact / reborn:.2f}x" if exact and reborn else "not measured"

@@ -265,7 +265,7 @@ def _point_summary(result: dict[str, Any]) -> dict[str, Any]:
     rebirth_report, control = result["rebirth"], result["rebirth"].get("control") or {}
     teacher, student = rebirth_report.get("teacher") or {}, rebirth_report.get("student") or {}
     return {"target": result["target"] or 0.0, "estimated_speedup": result["planned_speedup"],
-            "segments": len(result["plan"]["candidates"]), "eager": result["latency"], "speed": result.get("speed"),
+            "segments": len(result["plan"]["candidates"]), "eager_latency": result["latency"], "speed": result.get("speed"),
             "teacher_top1": teacher.get("top1"), "top1": student.get("top1"),
             "difference_interval": rebirth_report.get("difference_interval"), "control_top1": control.get("top1"),
             "reborn_minus_control": control.get("reborn_minus_control"),

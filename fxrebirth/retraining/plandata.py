@@ -15,12 +15,12 @@ from typing import Any
 import torch.fx as fx
 
 from fxrebirth.graph.regions import Region, RegionError, check_regions
+from fxrebirth.retraining.planformats import PLAN_FORMAT, upgrade
 from fxrebirth.retraining.selection import choose, fill
 from fxrebirth.rewrite.validate import OptionError
 
 __all__ = ["Candidate", "Plan", "FrontPoint", "kept_ids", "PLAN_FORMAT"]
 
-PLAN_FORMAT = "fxrebirth-plan/3"
 
 
 @dataclass
@@ -170,8 +170,6 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         """A plan from :meth:`to_json`, or from fxrebirth 0.2's rebirth or depth planner (converted)."""
-        from fxrebirth.retraining.planformats import upgrade
-
         data = upgrade(json.loads(text))
         data["candidates"] = [Candidate.from_dict(c) for c in data["candidates"]]
         data["front"] = [FrontPoint(**p) for p in data.get("front", [])]

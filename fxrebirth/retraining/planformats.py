@@ -12,7 +12,10 @@ from typing import Any
 
 from fxrebirth.graph.regions import RegionError
 
-__all__ = ["upgrade"]
+__all__ = ["upgrade", "PLAN_FORMAT"]
+
+PLAN_FORMAT = "fxrebirth-plan/3"
+"""The ``format`` a plan file of today's :class:`~fxrebirth.retraining.plandata.Plan` carries."""
 
 
 def _from_rebirth_plan(data: dict[str, Any]) -> dict[str, Any]:
@@ -40,8 +43,6 @@ def _from_depth_plan(data: dict[str, Any]) -> dict[str, Any]:
 
 def upgrade(data: Any) -> dict[str, Any]:
     """``data`` (a plan file's JSON) as today's plan fields."""
-    from fxrebirth.retraining.plandata import PLAN_FORMAT
-
     if not isinstance(data, dict):
         raise RegionError("not a plan file: write one with `fxrebirth plan MODEL --save PLAN.json`")
     if data.get("format") == PLAN_FORMAT:

@@ -104,6 +104,8 @@ def mark(model_or_gm: Any, example_inputs: Any = None, *, strategies: Any = None
     ``example_inputs``, or an already captured GraphModule); options are routed to the strategies that read
     them, and one that none of the applicable strategies reads is refused."""
     chosen = _chosen(strategies)
+    validate_numbers("plan", {"reduce_ratio": options.get("reduce_ratio"), "max_convs": options.get("max_convs")},
+                     PLAN_RANGES, optional=("reduce_ratio", "max_convs"))
     unknown = [k for k in options if not any(k in get_strategy(n).options for n in strategy_names())]
     if unknown:
         raise OptionError(f"unknown planning option(s) {unknown}; options: "
@@ -126,6 +128,10 @@ def _importance(model: nn.Module, found: dict[str, list[Region]], calibration: A
                 batch: int) -> dict[str, float]:
     """Per candidate id, its importance where its strategy measures one on ``calibration`` images."""
     out: dict[str, float] = {}
+    if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.dim() != 4
+                                    or len(calibration) == 0):
+        shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise RegionError(f"plan: calibration must be a batch of images [N >= 1, C, H, W], got {shape}")
     needing = [n for n in found if get_strategy(n).needs_calibration and found[n]]
     if not needing:
         return out
@@ -133,9 +139,6 @@ def _importance(model: nn.Module, found: dict[str, list[Region]], calibration: A
         log.warning("plan: no calibration images: the importance of the %s candidates is not measured, they are "
                     "chosen by gain alone (give calibration=, images at the training size)", ", ".join(needing))
         return out
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 4 or len(calibration) == 0:
-        shape = list(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise RegionError(f"plan: calibration must be a batch of images [N >= 1, C, H, W], got {shape}")
     calib = capture(model, (calibration[:2],), copy_model=False)
     for name in needing:
         start = time.perf_counter()

@@ -175,13 +175,11 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
 
 def strategy_names() -> list[str]:
     """The registered strategies' names, in registration order."""
-    _load_builtin()
     return list(_REGISTRY)
 
 
 def get_strategy(name: str) -> Strategy:
     """The strategy registered as ``name``; :class:`OptionError` naming the known ones otherwise."""
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -191,10 +189,6 @@ def get_strategy(name: str) -> Strategy:
 def strategy_of(region: Region) -> Strategy:
     """The strategy that marked ``region`` (its ``kind``)."""
     return get_strategy(region.kind)
-
-
-def _load_builtin() -> None:
-    from fxrebirth.retraining import strategies  # noqa: F401 - registers streamline, branch and depth
 
 
 def check_options(chosen: Iterable[str], given: Iterable[str], *, what: str = "training") -> None:
