@@ -44,7 +44,8 @@ from fxrebirth.retraining.initialise import extract_region
 from fxrebirth.retraining.layers import RENAMED, build_rebirth, replace_regions
 from fxrebirth.rewrite.validate import OptionError
 
-__all__ = ["Strategy", "SwitchStrategy", "RegionSwitch", "register_strategy", "get_strategy", "strategy_names",
+__all__ = ["Strategy", "SwitchStrategy", "RegionSwitch", "register_strategy", "unregister_strategy", "get_strategy",
+           "strategy_names",
            "strategy_of", "check_options", "COMMON_TRAINING"]
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,12 @@ class SwitchStrategy(Strategy):
         switches = {r.id: RegionSwitch(copy.deepcopy(self.cut(gm, r)), self.layer(r)) for r in here}
         return replace_regions(gm, here, switches)
 
+    def initialise(self, job: Any, regions: list[Region], seed: int) -> int:
+        """Switch each region to its freshly initialised layer (a subclass may fit it first)."""
+        for region in regions:
+            job.switch(region.id).active.fill_(True)
+        return 0
+
     def finish(self, gm: fx.GraphModule) -> fx.GraphModule:
         """``gm`` with every :class:`RegionSwitch` replaced by its rebirth layer (each must be switched on)."""
         for node in gm.graph.nodes:
@@ -171,6 +178,12 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
         raise OptionError(f"a strategy named {strategy.name!r} is registered already; give replace=True")
     _REGISTRY[strategy.name] = strategy
     return strategy
+
+
+def unregister_strategy(name: str) -> None:
+    """Forget the strategy registered as ``name`` (:class:`OptionError` if there is none)."""
+    get_strategy(name)
+    del _REGISTRY[name]
 
 
 def strategy_names() -> list[str]:
