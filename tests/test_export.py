@@ -35,14 +35,33 @@ def _close(actual, expected, dtype=torch.float32):
     assert error <= tolerance(dtype), error
 
 
-@pytest.mark.parametrize("decomposed", [False, True])
-@pytest.mark.parametrize("name", MODELS)
-def test_exported_program_in_and_out(name, decomposed, tmp_path):
+@pytest.fixture(scope="module")
+def built():
+    """``get(key, make)``: ``make()``'s result, made once per module for each key (a model exported or
+    optimised once serves every variant of a test; nothing here modifies it)."""
+    cache: dict = {}
+
+    def get(key, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    yield get
+    cache.clear()
+
+
+def _exported(name):
     model = _tv(name)
     x = torch.randn(2, 3, 64, 64)
-    program = torch.export.export(model, (x,))
+    return model, x, torch.export.export(model, (x,))
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+@pytest.mark.parametrize("name", MODELS)
+def test_exported_program_in_and_out(name, decomposed, tmp_path, built):
+    model, x, program = built(("export", name), lambda: _exported(name))
     if decomposed:
-        program = program.run_decompositions()
+        program = program.run_decompositions()  # a new program: the shared one is left as it was
     optimized, report = optimize_exported(program)
     assert report.stats("bn_into_preceding").rewrites > 0
     kinds = {str(n.target) for n in optimized.graph.nodes if n.op == "call_function"}
@@ -81,12 +100,16 @@ def _run_onnx(model, x, path, dynamo):
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
-@pytest.mark.parametrize("name", MODELS)
-def test_optimised_model_runs_in_onnx_runtime(name, dynamo, tmp_path):
+def _optimised(name):
     model = _tv(name)
     x = torch.randn(1, 3, 64, 64)
-    gm, _ = fxrebirth.optimize(model, x)
+    return model, x, fxrebirth.optimize(model, x)[0]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+@pytest.mark.parametrize("name", MODELS)
+def test_optimised_model_runs_in_onnx_runtime(name, dynamo, tmp_path, built):
+    model, x, gm = built(("onnx", name), lambda: _optimised(name))
     with torch.no_grad():
         _close(_run_onnx(gm, x, tmp_path / "m.onnx", dynamo)[0], model(x))
 
