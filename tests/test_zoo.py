@@ -36,11 +36,13 @@ OTHERS = [
     ("timm", "hrnet_w18_small", 64),
     ("timm", "lcnet_050", 64),
 ]
-# the ci profile runs 8 of the 20; these run in the thorough profile: 20-140 s each, or (the two torchvision
+# the ci profile runs 7 of the 20; these run in the thorough profile: 20-140 s each (mobileone_s0: over 6x
+# repvgg_a0's time, its branches are repvgg_a0's and repvit_m0_9's kinds, both in ci), or (the two torchvision
 # models) built from the torchvision code that tests/test_torchvision.py optimises and tests/test_backend.py and
 # tests/test_export.py put through the backend and torch.export (resnet18, mobilenet_v2's inverted residuals)
 HEAVY = {"fastvit_t8", "repghostnet_050", "ghostnetv3_050", "shufflenet_v2_x0_5", "mobilenetv3_small_050",
-         "ghostnet_050", "dpn48b", "rexnet_100", "hrnet_w18_small", "lcnet_050", "resnet18", "mnasnet0_5"}
+         "ghostnet_050", "dpn48b", "rexnet_100", "hrnet_w18_small", "lcnet_050", "resnet18", "mnasnet0_5",
+         "mobileone_s0"}
 MODELS = [pytest.param(*m, marks=pytest.mark.thorough, id=f"{m[0]}:{m[1]}") if m[1] in HEAVY else
           pytest.param(*m, id=f"{m[0]}:{m[1]}") for m in REPARAMETERISABLE + OTHERS]
 
