@@ -16,7 +16,7 @@ from torch import nn
 from fxrebirth.cli_args import build_parser, check_args, explicit_options, strategy_options
 from fxrebirth.frontends.library import optimize
 from fxrebirth.errors import FxRebirthError, first_line
-from fxrebirth.paper.loading import PAPER_MODELS, load_model, load_weights  # noqa: F401 - re-exported
+from fxrebirth.paper.loading import PAPER_MODELS, load_model, load_trained, load_weights  # noqa: F401 - re-exported
 
 __all__ = ["main", "load_model"]
 
@@ -125,10 +125,7 @@ def _teacher_cost(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 def _load(args: argparse.Namespace) -> nn.Module:
-    model = load_model(args.model)
-    if args.weights:
-        load_weights(model, args.weights, args.model)
-    return model.eval()
+    return load_trained(args.model, args.weights or None)
 
 
 def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more: Any) -> Any:

@@ -121,3 +121,34 @@ def test_a_training_option_the_plan_s_strategies_do_not_read_is_refused_before_w
     plan = _planned(model)
     with pytest.raises(OptionError, match="init='lstsq' is read by the streamline and branch strategies"):
         fxrebirth.rebirth(model, plan, Shapes("train", 8, 16, seed=0), init="lstsq")
+
+
+def test_one_job_trains_a_plan_that_mixes_every_strategy(tmp_path):
+    """Streamline, branch and depth candidates chosen together (a depth segment reading a streamline region's
+    output among them, when the model has one) are trained by one job and finished into one model: rebirth layers
+    in place of the regions, one convolution per depth segment."""
+    from fxrebirth.paper.models import googlenet_lrn
+
+    torch.manual_seed(0)
+    model = googlenet_lrn(num_classes=len(Shapes.classes), width=0.125).eval()
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 32, 32), calibration=torch.randn(4, 3, 32, 32), rounds=1)
+    assert {"streamline", "branch", "depth"} <= set(plan.strategies)
+    outputs = {c.region.output for c in plan.candidates if c.strategy == "streamline"}
+    ranked = sorted(plan.candidates, key=lambda c: (c.strategy != "depth" or c.region.input not in outputs, c.span))
+    chosen, seen = [], set()
+    for c in ranked:  # one of each strategy, disjoint in graph order
+        c.selected = False
+        if c.strategy not in seen and all(c.span[1] < o.span[0] or o.span[1] < c.span[0] for o in chosen):
+            chosen.append(c)
+            seen.add(c.strategy)
+    for c in chosen:
+        c.selected = True
+    assert seen == {"streamline", "branch", "depth"}
+    train = Shapes("train", 64, 32, seed=0)
+    reborn, report = fxrebirth.rebirth(model, plan, train, epochs=0.25, batch_size=32, checkpoint_dir=tmp_path)
+    assert sorted(r["id"] for r in report.regions) == sorted(c.region.id for c in chosen)
+    merged = [n for n in reborn.graph.nodes if n.op == "call_function" and n.target is torch.conv2d
+              and "depth_merged" in str(n.kwargs.get("weight", ""))]
+    assert len(merged) == 1
+    assert sum(n.op == "call_module" and n.target.startswith("rebirth_") for n in reborn.graph.nodes) == 2
+    assert reborn(torch.randn(2, 3, 32, 32)).shape == (2, len(Shapes.classes))

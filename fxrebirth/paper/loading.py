@@ -14,22 +14,24 @@ from torch import nn
 
 from fxrebirth.errors import FxRebirthError, first_line
 
-__all__ = ["PAPER_MODELS", "load_model", "load_weights"]
+__all__ = ["PAPER_MODELS", "load_model", "load_weights", "load_trained"]
 
 
 PAPER_MODELS = ("googlenet_lrn", "alexnet_lrn")
 
 
-def load_model(spec: str) -> nn.Module:
+def load_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """A model from the paper's networks (``googlenet_lrn``, ``alexnet_lrn``), a torchvision name
-    (``resnet50``) or a factory path (``package.module:factory``).
+    (``resnet50``) or a factory path (``package.module:factory``); ``num_classes`` (the paper's networks and
+    torchvision's) sizes its classifier (default: theirs, 1000).
 
     torchvision models are built with ``weights=None``: nothing is downloaded.
     """
+    classes = {} if num_classes is None else {"num_classes": num_classes}
     if spec in PAPER_MODELS:
         from fxrebirth.paper import models
 
-        return getattr(models, spec)()
+        return getattr(models, spec)(**classes)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -53,15 +55,15 @@ def load_model(spec: str) -> nn.Module:
                 "package.module:function"
             )
         kwargs = {"init_weights": False} if spec in ("googlenet", "inception_v3") else {}
-        model = torchvision.models.get_model(spec, weights=None, **kwargs)
+        model = torchvision.models.get_model(spec, weights=None, **kwargs, **classes)
     if not isinstance(model, nn.Module):
         raise FxRebirthError(f"{spec!r} did not produce a torch.nn.Module (got {type(model).__name__})")
     return model
 
 
-def load_weights(model: nn.Module, path: str, name: str = "the model") -> None:
-    """Load the ``state_dict`` file ``path`` into ``model`` (``weights_only=True``; fxrebirth's own
-    checkpoints, which hold it under ``"model"``, too), each failure a one-line error naming the file."""
+def _read_state(path: str) -> dict:
+    """The ``state_dict`` in the file ``path`` (``weights_only=True``; fxrebirth's own checkpoints, which hold it
+    under ``"model"``, too), each failure a one-line error naming the file."""
     if not os.path.exists(path):
         raise FxRebirthError(f"--weights {path}: no such file")
     if os.path.isdir(path):
@@ -74,7 +76,48 @@ def load_weights(model: nn.Module, path: str, name: str = "the model") -> None:
         raise FxRebirthError(f"--weights {path}: not a readable state_dict ({first_line(exc, 200)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # fxrebirth's own checkpoints (the cached teacher)
+    if not isinstance(state, dict):
+        raise FxRebirthError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_weights(model: nn.Module, path: str, name: str = "the model") -> None:
+    """Load the ``state_dict`` file ``path`` into ``model``, each failure a one-line error naming the file."""
+    state = _read_state(path)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise FxRebirthError(f"--weights {path} does not fit {name}: {first_line(exc)}") from None
+
+
+def _classes_of(model: nn.Module, state: dict) -> int | None:
+    """The class count ``state`` was trained for, when it differs from ``model``'s only in the rows of the last
+    linear (or 1x1 convolution) layer: the one thing a user changes in a standard architecture."""
+    own = model.state_dict()
+    differ = sorted(k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape))
+    last = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
+    if not last or set(differ) - {f"{last[0]}.weight", f"{last[0]}.bias"} or not differ:
+        return None
+    weight = state.get(f"{last[0]}.weight")
+    if weight is None or tuple(weight.shape[1:]) != tuple(own[f"{last[0]}.weight"].shape[1:]):
+        return None
+    return int(weight.shape[0])
+
+
+def load_trained(spec: str, path: str | None) -> nn.Module:
+    """``load_model(spec)`` with the weights of ``path`` (None: untrained), in eval mode. A state_dict trained for
+    another number of classes than the architecture's default (a ResNet-18 trained on 10 classes) builds the
+    architecture with that many (the paper's networks and torchvision's); anything else that does not fit is a
+    one-line error."""
+    if path is None:
+        return load_model(spec).eval()
+    state = _read_state(path)
+    model = load_model(spec)
+    classes = _classes_of(model, state) if (spec in PAPER_MODELS or ":" not in spec) else None
+    if classes is not None:
+        model = load_model(spec, num_classes=classes)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise FxRebirthError(f"--weights {path} does not fit {spec}: {first_line(exc)}") from None
+    return model.eval()

@@ -18,6 +18,7 @@ r"""The three retraining strategies that ship, registered under their names (:mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ from fxrebirth.graph.regions import DepthProposal, Region, RegionError
 from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable, segment_between, stage_of
 from fxrebirth.passes.linearise import STUDENT_KEY, linearise, merge
 from fxrebirth.retraining.initialise import Initialiser
+from fxrebirth.retraining.layers import RENAMED
 from fxrebirth.retraining.strategy import Strategy, SwitchStrategy, register_strategy
 from fxrebirth.retraining.train import Meter
 from fxrebirth.rewrite.validate import OptionError
@@ -203,8 +205,14 @@ class DepthStrategy(Strategy):
         gm.recompile()
 
     def finish(self, gm: fx.GraphModule) -> fx.GraphModule:
-        """Each student segment merged into one convolution, verified in float64 (:func:`merge`)."""
-        return merge(gm) if gm.meta.get(STUDENT_KEY) else gm
+        """Each student segment merged into one convolution, verified in float64 (:func:`merge`). A segment whose
+        input another strategy's layer now computes reads it from there."""
+        parts = gm.meta.get(STUDENT_KEY)
+        if not parts:
+            return gm
+        renamed = gm.meta.get(RENAMED, {})
+        gm.meta[STUDENT_KEY] = [dataclasses.replace(p, input=renamed.get(p.input, p.input)) for p in parts]
+        return merge(gm)
 
 
 for _strategy in (StreamlineStrategy(), BranchStrategy(), DepthStrategy()):
