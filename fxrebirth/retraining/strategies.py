@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.fx as fx
@@ -155,14 +155,15 @@ def _logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
         return torch.cat([model(images[i:i + batch]).float() for i in range(0, len(images), batch)])
 
 
-def kl_importance(gm: fx.GraphModule, students: dict[str, fx.GraphModule], images: torch.Tensor,
+def kl_importance(gm: fx.GraphModule, students: Iterable[tuple[str, Callable[[], nn.Module]]], images: torch.Tensor,
                   batch: int = 64) -> dict[str, float]:
-    """Per key of ``students`` (each ``gm`` with one candidate in its merged or student form): the mean
-    ``KL(p_gm || p_student)`` over ``images``, in nats per image."""
+    """Per ``(key, make)`` of ``students`` (``make()`` builds ``gm`` with one candidate in its merged or student
+    form; one at a time, so that one copy of the model is alive): the mean ``KL(p_gm || p_student)`` over
+    ``images``, in nats per image."""
     reference = F.log_softmax(_logits(gm, images, batch), 1)
     out = {}
-    for key, student in students.items():
-        logits = _logits(student, images, batch)
+    for key, make in students:
+        logits = _logits(make(), images, batch)
         kl = float(F.kl_div(F.log_softmax(logits, 1), reference, log_target=True, reduction="batchmean"))
         out[key] = max(kl, 0.0)  # KL >= 0; a rounding error below it is 0
     return out
@@ -186,7 +187,7 @@ class DepthStrategy(Strategy):
 
     def importance(self, gm: fx.GraphModule, regions: list[Region], images: torch.Tensor,
                    batch: int = 64) -> dict[str, float]:
-        students = {r.id: linearise(gm, [segment_of(gm, r)]) for r in regions}
+        students = ((r.id, lambda r=r: linearise(gm, [segment_of(gm, r)])) for r in regions)
         return kl_importance(gm, students, images, batch)
 
     def student(self, gm: fx.GraphModule, regions: list[Region]) -> fx.GraphModule:
