@@ -80,7 +80,6 @@ def _conflict_free(cands, chosen):
 
 
 @given(candidate_sets())
-@settings(max_examples=200)
 def test_the_programme_is_optimal_against_brute_force(case):
     cands, need = case
     unit = 0.05
@@ -370,6 +369,7 @@ if distributed:
 """
 
 
+@pytest.mark.thorough  # one job: test_retrain's two-process test covers its data-parallel path in the ci profile
 def test_a_depth_rebirth_on_two_processes_matches_one(shapes, tmp_path, one_and_two_processes):
     """The depth job under torchrun (gloo, two ranks, each half of every batch) trains the same merged
     model as one process: the engine's data-parallel path, reached through the depth job's student."""
