@@ -31,7 +31,7 @@ from fxrebirth.graph.regions import DepthProposal, Region, RegionError
 from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable, segment_between, stage_of
 from fxrebirth.passes.linearise import STUDENT_KEY, linearise, merge
 from fxrebirth.retraining.initialise import Initialiser
-from fxrebirth.retraining.layers import RENAMED
+from fxrebirth.retraining.layers import RENAMED, replace_regions
 from fxrebirth.retraining.strategy import Strategy, SwitchStrategy, register_strategy
 from fxrebirth.retraining.train import Meter
 from fxrebirth.rewrite.validate import OptionError
@@ -50,9 +50,21 @@ _ANY_LENGTH = 64  # a segment's convolutions: enough for every segment a plan ma
 
 
 class _RegionSwitchStrategy(SwitchStrategy):
-    """Initialisation of rebirth layers behind switches, bottom-up (``init``: original, lstsq, xavier, auto)."""
+    """Initialisation of rebirth layers behind switches, bottom-up (``init``: original, lstsq, xavier, auto); the
+    importance of a region: the mean KL of the model with that region alone replaced by its rebirth layer,
+    initialised from the original weights (``init="original"``: what training starts from)."""
 
     training: ClassVar[frozenset[str]] = SWITCH_TRAINING
+    needs_calibration = True
+
+    def importance(self, gm: fx.GraphModule, regions: list[Region], images: torch.Tensor,
+                   batch: int = 64) -> dict[str, float]:
+        def merged(region: Region) -> nn.Module:
+            layer = self.layer(region)
+            Initialiser(gm, [region], "original", 0.0).apply(region, layer)
+            return replace_regions(gm, [region], {region.id: layer})
+
+        return kl_importance(gm, ((r.id, lambda r=r: merged(r)) for r in regions), images, batch)
 
     def initialise(self, job: Any, regions: list[Region], seed: int) -> int:
         """Initialise each region's rebirth layer, switching it on once done; each least-squares fit reads its
