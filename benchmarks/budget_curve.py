@@ -40,7 +40,7 @@ def cached_plan(teacher: torch.nn.Module, cache: str, *, keep: tuple[str, ...] =
             plan = fxrebirth.Plan.from_json(f.read())
     else:
         plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3, **planning)
-        for r in plan.regions:
+        for r in plan.candidates:
             r.selected = True
         with open(plan_path, "w") as f:
             f.write(plan.to_json(indent=1))

@@ -44,7 +44,7 @@ def main(ddp: bool) -> None:
     model = he_init(googlenet_lrn(len(Shapes.classes), width=0.25)).eval()
     train, test = Shapes("train", 2048, 32), Shapes("test", 512, 32)
     plan = fxrebirth.plan(model, torch.randn(1, 3, 32, 32), repeats=1)
-    for r in plan.regions:
+    for r in plan.candidates:
         r.selected = True
     x = torch.stack([test[i][0] for i in range(8)])
     cpu, _ = rebirth(model, plan, train, test_data=test, **SETTINGS)

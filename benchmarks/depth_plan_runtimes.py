@@ -10,7 +10,7 @@ weights' values; the importances are those of this untrained network, the same f
 1. ``fxrebirth.retraining.profiling.profile(model, x224, depth=True)`` writes the bundle once;
 2. its own timing script times it under ONNX Runtime and OpenVINO f32 (in this process: the same code
    the device runs), each table cached in ``benchmarks/cache/depth_plan_runtimes/``;
-3. ``plan_depth`` plans with eager timings taken here and with each table, calibration on 64 random
+3. ``fxrebirth.plan(strategies="depth")`` plans with eager timings taken here and with each table, calibration on 64 random
    images at 64x64, and selects the model's target (as far as each runtime's front reaches).
 
 Printed per model and runtime (JSON lines): candidates faster merged, the front's reach, the estimated
@@ -38,7 +38,7 @@ from fxrebirth.measure.devicetimer import time_bundle
 from fxrebirth.measure.speed import runtime_runner
 from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.passes.linearise import linearise, merge
-from fxrebirth.retraining.depthplan import plan_depth
+import fxrebirth
 from fxrebirth.retraining.profiling import profile
 
 CACHE = ROOT / "benchmarks" / "cache" / "depth_plan_runtimes"
@@ -83,7 +83,8 @@ def measure(name: str, rounds: int) -> list[dict]:
     for runtime in RUNTIMES:
         start = time.perf_counter()
         table = None if runtime == "eager" else str(_table(bundle, runtime, rounds))
-        plan = plan_depth(model, (x,), calibration, rounds=rounds, device_table=table)
+        plan = fxrebirth.plan(model, (x,), strategies="depth", calibration=calibration, rounds=rounds,
+                              device_table=table)
         reach = max(p.speedup for p in plan.front)
         target = min(TARGETS[name], reach * 0.999)
         plan.select(target_speedup=target)

@@ -30,7 +30,7 @@ def main(epochs: float, out: str | None, inits: list[str], schedules: list[str])
     config = TeacherConfig()
     teacher, meta = default_teacher(config)
     plan = fxrebirth.plan(teacher, torch.randn(1, 3, 224, 224), repeats=3)
-    for r in plan.regions:
+    for r in plan.candidates:
         r.selected = True
     train = Shapes("train", config.train_images, config.image_size, seed=config.seed)
     test = Shapes("test", config.test_images, config.image_size, seed=config.seed)

@@ -24,7 +24,7 @@ import torch
 import fxrebirth
 from fxrebirth.paper.models import googlenet_lrn
 from fxrebirth.measure.timing import interleaved_medians
-from fxrebirth.retraining.layers import rebuild
+from fxrebirth.retraining.planning import rebuild
 
 
 
@@ -32,11 +32,11 @@ def main(rounds: int, compile_too: bool) -> None:
     torch.manual_seed(0)
     model = googlenet_lrn().eval()
     x = torch.randn(1, 3, 224, 224)
-    plan = fxrebirth.plan(model, x, repeats=10)
+    plan = fxrebirth.plan(model, x, strategies=("streamline", "branch"), rounds=10)
     print(plan.table())
     gm = fxrebirth.capture(model, x)
     everything = fxrebirth.Plan.from_json(plan.to_json())
-    for r in everything.regions:
+    for r in everything.candidates:
         r.selected = True
     variants = {"original": model, "planned": rebuild(gm, plan), "all_regions": rebuild(gm, everything)}
     if compile_too:
@@ -65,8 +65,8 @@ def thinner(rounds: int) -> None:
                "reduce 1/8": {"reduce_ratio": 0.125}}
     variants = {"original": model}
     for name, kwargs in options.items():
-        plan = fxrebirth.plan(model, x, repeats=3, **kwargs)
-        for r in plan.regions:
+        plan = fxrebirth.plan(model, x, strategies=("streamline", "branch"), rounds=3, **kwargs)
+        for r in plan.candidates:
             r.selected = True
         variants[name] = rebuild(gm, plan).eval()
         params = sum(p.numel() for p in variants[name].parameters())

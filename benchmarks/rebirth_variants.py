@@ -39,7 +39,7 @@ from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.models import googlenet_lrn
 from fxrebirth.paper.teacher import TeacherConfig, default_teacher
 from fxrebirth.retraining.engine import rebirth
-from fxrebirth.retraining.layers import rebuild
+from fxrebirth.retraining.planning import rebuild
 
 
 def geometry_plan(model: torch.nn.Module, cache: str, geometry: dict) -> fxrebirth.Plan:
@@ -49,10 +49,10 @@ def geometry_plan(model: torch.nn.Module, cache: str, geometry: dict) -> fxrebir
     planning = {k: v for k, v in geometry.items() if k not in ("keep", "swap")}
     plan = cached_plan(model, cache, **planning)
     for region_id, other in geometry.get("swap", {}).items():
-        donor = next((r for r in cached_plan(model, cache, **other).regions if r.region.id == region_id), None)
+        donor = next((r for r in cached_plan(model, cache, **other).candidates if r.region.id == region_id), None)
         if donor is None:
-            raise SystemExit(f"swap {region_id!r}: no such region; regions: {[r.region.id for r in plan.regions]}")
-        plan.regions = [donor if r.region.id == region_id else r for r in plan.regions]
+            raise SystemExit(f"swap {region_id!r}: no such region; regions: {[r.region.id for r in plan.candidates]}")
+        plan.candidates = [donor if r.region.id == region_id else r for r in plan.candidates]
     plan.keep(tuple(geometry.get("keep", ())))
     return plan
 
