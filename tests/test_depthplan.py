@@ -384,3 +384,24 @@ def test_a_depth_rebirth_on_two_processes_matches_one(shapes, tmp_path, one_and_
     assert a.keys() == b.keys() and any("depth_merged" in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)  # sums in another order, via Adam
+
+
+def test_a_depth_plan_file_written_by_0_2_loads_into_the_one_plan():
+    """0.2's depth planner wrote its own format (``candidates`` with ``latency_merged_s``, ``macs_*``, ``front``):
+    it loads as today's plan, with its choice, costs and front; an unknown format is a one-line error."""
+    import json
+
+    proposal = DepthProposal(4, 4, [3, 3], [1, 1], [1, 1], 1).to_dict()
+    region = Region("depth:a->b", "depth", ("a", "b"), "x", "b", ("conv",), proposal).to_dict()
+    old = {"model": "Block", "input_shape": [1, 3, 8, 8], "calibration_shape": [2, 3, 8, 8], "latency_s": 1.0,
+           "source": "test", "candidates": [{"region": region, "importance": 0.5, "latency_now_s": 0.4,
+                                             "latency_merged_s": 0.1, "macs_now": 10, "macs_merged": 7,
+                                             "span": [0, 1], "selected": True}],
+           "front": [{"speedup": 1.43, "importance": 0.5, "chosen": ["depth:a->b"]}]}
+    plan = Plan.from_json(json.dumps(old))
+    (c,) = plan.candidates
+    assert c.selected and c.strategy == "depth" and c.latency_new_s == 0.1 and c.importance == 0.5
+    assert plan.strategies == ["depth"] and plan.front[0].chosen == ["depth:a->b"]
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+    with pytest.raises(RegionError, match="format 'fxrebirth-plan/99'.*plan again"):
+        Plan.from_json(json.dumps({"format": "fxrebirth-plan/99"}))
