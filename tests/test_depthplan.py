@@ -1,5 +1,5 @@
-"""Depth planning (fxrebirth/retraining/depthplan.py): the dynamic programme is optimal (against brute force
-on random candidate sets), never picks a merge that is not faster, and its front never falls; importance
+"""The depth strategy through the one planner (fxrebirth/retraining/strategies.py, selection.py): the dynamic
+programme is optimal (against brute force on random candidate sets), never picks a merge that is not faster, and its front never falls; importance
 is zero for a removable activation and positive for one that matters; plans round-trip through JSON and
 give back segments that merge exactly; bad requests are clear errors; the model is not changed."""
 

@@ -172,8 +172,8 @@ class _RegionBetween(nn.Module):
 
 
 def _plan_all(model: nn.Module) -> fxrebirth.Plan:
-    plan = fxrebirth.plan(model, torch.randn(1, 3, 12, 12), repeats=1)
-    for r in plan.regions:  # every region, whatever this machine's timings say
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 12, 12), strategies=["streamline", "branch"], rounds=1)
+    for r in plan.candidates:  # every region, whatever this machine's timings say
         r.selected = True
     assert plan.selected, "no region: the case tests nothing"
     return plan
@@ -201,7 +201,7 @@ def test_rebirth_layers_and_initialisation_keep_in_place_statements(where):
 
 @pytest.mark.parametrize("where", ["after", "after_clamp"])
 def test_rebuild_keeps_in_place_statements(where):
-    from fxrebirth.retraining.layers import rebuild
+    from fxrebirth.retraining.planning import rebuild
 
     model = _RegionBetween(where).eval()
     plan = _plan_all(model)
