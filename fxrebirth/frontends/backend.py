@@ -85,8 +85,9 @@ import torch
 import torch.fx as fx
 
 from fxrebirth.frontends.backend_checks import (
-    _attributes, _devices, _fetch, _hint, _is_weight, _norm_statistics, _why_not_fold,
+    devices_of, graph_attributes, is_weight, norm_statistics, size_hint, why_not_fold,
 )
+from fxrebirth.graph.surgery import fetch_attr
 from fxrebirth.frontends.backend_guard import GUARDS, STATISTICS, guarded, picker
 from fxrebirth.frontends.library import default_rules, optimize
 from fxrebirth.errors import PipelineError, ShapeGuardError, first_line
@@ -201,7 +202,7 @@ def _bake(gm: fx.GraphModule, inputs: Sequence[Any], weights: list[int]) -> fx.G
     (mobilenet_v3_large, batch 1: 1.06-1.08x the time of Inductor with freezing, 1.00x at batch 8).
     The attributes ``gm`` already refers to (Dynamo's own freezing installs the weights that way) are
     carried over."""
-    root = _attributes(gm)
+    root = graph_attributes(gm)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -231,11 +232,11 @@ def _recording(compiled: Callable[..., Any], gm: fx.GraphModule) -> Callable[...
     at: list[int] = []
     fixed: list[torch.Tensor] = []
     for node in gm.graph.nodes:
-        for stat in _norm_statistics(node):
+        for stat in norm_statistics(node):
             if isinstance(stat, fx.Node) and stat in placeholders:
                 at.append(placeholders[stat])
             elif isinstance(stat, fx.Node) and stat.op == "get_attr":
-                fixed.append(_fetch(gm, stat.target))
+                fixed.append(fetch_attr(gm, stat.target))
     if not at and not fixed:
         return compiled
     pick = picker(at)
@@ -300,7 +301,7 @@ def _may_fold(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
         _say_once("training", "fxrebirth backend: gradients are enabled, so weights are not folded; the graph is "
                   "compiled unchanged (call under torch.no_grad() or torch.inference_mode() to fold)")
         return False
-    why = _why_not_fold(gm, example_inputs)
+    why = why_not_fold(gm, example_inputs)
     if why is not None:
         _say_once(why[0], "fxrebirth backend: %s", why[1])
         return False
@@ -327,10 +328,10 @@ def _split_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[li
     """(positions of the weight placeholders, positions of the other inputs, the user's tensors the graph
     refers to directly: Dynamo installs them so under Inductor's freezing)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    weights = [i for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if _is_weight(n, v)]
+    weights = [i for i, (n, v) in enumerate(zip(placeholders, example_inputs)) if is_weight(n, v)]
     weight_set = set(weights)
     others = [i for i in range(len(placeholders)) if i not in weight_set]
-    attrs = list({id(v): v for v in _attributes(gm).values() if isinstance(v, torch.Tensor)}.values())
+    attrs = list({id(v): v for v in graph_attributes(gm).values() if isinstance(v, torch.Tensor)}.values())
     return weights, others, attrs
 
 
@@ -341,7 +342,7 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
     dynamic = _has_dynamic_sizes(gm)
 
     def fold(inputs: Sequence[Any], disable: tuple[str, ...]) -> tuple[fx.GraphModule, Any]:
-        return optimize(_bake(gm, inputs, weights), tuple(_hint(inputs[i]) for i in others),
+        return optimize(_bake(gm, inputs, weights), tuple(size_hint(inputs[i]) for i in others),
                         rules=opts.rules if opts.rules is not None else default_rules(), disable=disable,
                         force=tuple(r for r in opts.force if r not in disable), verify=opts.verify,
                         check_output=opts.check_output)
@@ -353,7 +354,7 @@ def _builder(gm: fx.GraphModule, opts: BackendOptions, weights: list[int],
         fails runs unfolded, :func:`_at_every_size`)."""
         kept = [inputs[i] for i in others]
         try:
-            with torch.random.fork_rng(devices=_devices(inputs)):
+            with torch.random.fork_rng(devices=devices_of(inputs)):
                 optimized, report = fold(inputs, opts.disable)
                 guarded_rules = sorted(_guarded_rules(optimized) - set(opts.disable)) if dynamic else []
                 if guarded_rules:

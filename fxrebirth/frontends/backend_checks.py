@@ -175,9 +175,3 @@ def size_hint(value: Any) -> Any:
         except Exception:  # noqa: BLE001 - no hint: the caller compiles the graph unchanged
             return None
     return value
-
-
-# the old private spellings, until fxrebirth/frontends/backend.py imports the public names (and fetch_attr from
-# fxrebirth.graph.surgery instead of _fetch from here)
-_attributes, _devices, _hint, _is_weight = graph_attributes, devices_of, size_hint, is_weight
-_norm_statistics, _why_not_fold = norm_statistics, why_not_fold

@@ -1,5 +1,5 @@
 """Peak memory of inference, each variant measured in a process of its own: :func:`inference_memory` starts
-``python -m fxrebirth.measure.speed memory ...`` and reads its answer, :func:`_memory_child` is what that
+``python -m fxrebirth.measure.speed memory ...`` and reads its answer, :func:`memory_child` is what that
 process runs (the ``__main__`` block of :mod:`fxrebirth.measure.speed` calls it).
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from fxrebirth.measure.runtimes import get_runtime, register_runtime
 
-__all__ = ["inference_memory"]
+__all__ = ["inference_memory", "memory_child"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _status_kb(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
-def _memory_child(model_path: str, runtime: str, shape: str, threads: str) -> None:
+def memory_child(model_path: str, runtime: str, shape: str, threads: str) -> None:
     """The process :func:`inference_memory` starts (Linux: reads VmRSS/VmHWM, resets the peak through
     /proc/self/clear_refs so that loading and compiling do not count)."""
     torch.set_num_threads(int(threads))

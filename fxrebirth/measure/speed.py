@@ -45,7 +45,7 @@ from torch import nn
 from fxrebirth.measure.timing import interleaved_medians
 from fxrebirth.errors import first_line
 from fxrebirth.graph.capture import capture
-from fxrebirth.measure.memory import _memory_child, inference_memory
+from fxrebirth.measure.memory import memory_child, inference_memory
 from fxrebirth.measure.runners import (compiled_runner, eager_runner, environment, export_onnx, onnx_mb, ort_runner,
                                        ort_session)
 from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, Runtime, available, get_runtime, runtime_names, variants_of
@@ -309,7 +309,7 @@ def layer_breakdown(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> dict
 
 if __name__ == "__main__":  # the child process of inference_memory
     if len(sys.argv) == 6 and sys.argv[1] == "memory":
-        _memory_child(*sys.argv[2:])
+        memory_child(*sys.argv[2:])
     else:
         sys.exit("usage: python -m fxrebirth.measure.speed memory MODEL_PATH RUNTIME N,C,H,W THREADS")
 
