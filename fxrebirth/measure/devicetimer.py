@@ -9,8 +9,8 @@ ONNX Runtime or OpenVINO; no PyTorch, no fxrebirth)::
                              [--threads N] [--rounds 20]
 
 writes ``BUNDLE/latency-<runtime>[-<precision>].json``. Copy it back and plan with it:
-``fxrebirth plan MODEL --table BUNDLE/latency-openvino.json`` (or ``plan(..., device_table=path)``,
-``plan_depth(..., device_table=path)``).
+``fxrebirth plan MODEL --table BUNDLE/latency-openvino.json`` (or ``fxrebirth.plan(..., device_table=path)``
+with the strategies the bundle was profiled for).
 
 Each pair is timed as the planners time it here: after 3 warm-up calls, ``--rounds`` rounds, each running
 the two micro-models once in a shuffled order; the medians are kept. Every session gets the same thread

@@ -5,7 +5,7 @@ Wrong types used to surface far from their cause (a rule class passed for an ins
 pipeline with ``TypeError: ... missing 1 required positional argument``; ``disable="dropout"`` disabled
 nothing and complained about the rules ``'d'``, ``'r'``, ...). :func:`validate_options` runs them all.
 
-The numeric options of the retraining tier (``plan``, ``plan_depth``, ``rebirth``) are checked here too,
+The numeric options of the retraining tier (``plan``, ``rebirth``) are checked here too,
 each against a :class:`Range` (:func:`validate_numbers`): NaN, an infinity, a bool or a value outside the
 range is an :class:`OptionError` naming the option and the range, before anything is measured or trained
 (a NaN learning rate used to return a model that outputs NaN).
@@ -204,7 +204,7 @@ def validate_number(owner: str, option: str, value: Any, allowed: Range, *, opti
 def validate_numbers(owner: str, values: dict[str, Any], ranges: dict[str, Range],
                      optional: tuple[str, ...] = ()) -> None:
     """:func:`validate_number` for each option of ``ranges`` present in ``values`` (those in ``optional`` may
-    be None): the one place where the numeric options of ``plan``, ``plan_depth`` and ``rebirth`` are checked."""
+    be None): the one place where the numeric options of ``plan`` and ``rebirth`` are checked."""
     for option, allowed in ranges.items():
         if option in values:
             validate_number(owner, option, values[option], allowed, optional=option in optional)
