@@ -81,12 +81,11 @@ from fxrebirth.retraining.plandata import Plan
 from fxrebirth.retraining.planning import check_example
 from fxrebirth.retraining.report import RebirthReport, StepRecord
 from fxrebirth.retraining.steps import control_schedule, end_to_end, layerwise, schedule
-from fxrebirth.retraining.strategy import COMMON_TRAINING, RegionSwitch, get_strategy
+from fxrebirth.retraining.strategy import RegionSwitch, check_options
 from fxrebirth.retraining.student import build_student, finish_student, strategies_of
 from fxrebirth.retraining.train import (Arithmetic, ProgressFn, batches, evaluate, fingerprint,
                                         load_checkpoint, paired_difference, resolve_device, save_checkpoint)
 from fxrebirth.retraining.weights import reinitialise
-from fxrebirth.rewrite.validate import OptionError
 
 __all__ = ["rebirth", "RebirthJob", "RebirthConfig", "RebirthReport", "RegionSwitch", "INITS", "SCHEDULES"]
 
@@ -95,19 +94,12 @@ log = logging.getLogger(__name__)
 
 def check_training_options(plan: Plan, config: RebirthConfig) -> None:
     """Refuse (:class:`OptionError`, one line) a training option set away from its default that none of the
-    plan's selected strategies reads (``init`` for a plan of depth merges only, ...)."""
-    chosen = sorted({c.strategy for c in plan.selected})
-    read = set().union(*(get_strategy(n).training for n in chosen)) if chosen else set()
+    plan's selected strategies reads (``init`` for a plan of depth merges only, ...); ``init="auto"`` is each
+    strategy's own default."""
     defaults = RebirthConfig()
-    for f in fields(RebirthConfig):
-        if f.name in COMMON_TRAINING or f.name in read or getattr(config, f.name) == getattr(defaults, f.name):
-            continue
-        if f.name == "init" and config.init == "auto":
-            continue  # auto: each strategy's own default
-        users = [n for n in ("streamline", "branch", "depth") if f.name in get_strategy(n).training]
-        raise OptionError(f"{f.name}={getattr(config, f.name)!r} is read by the {' and '.join(users) or 'no'} "
-                          f"strateg{'ies' if len(users) > 1 else 'y'}; this plan merges {', '.join(chosen)} only: "
-                          f"drop {f.name}")
+    changed = {f.name: getattr(config, f.name) for f in fields(RebirthConfig)
+               if getattr(config, f.name) != getattr(defaults, f.name) and (f.name, config.init) != ("init", "auto")}
+    check_options(sorted({c.strategy for c in plan.selected}), changed)
 
 
 class RebirthJob:

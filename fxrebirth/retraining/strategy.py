@@ -33,7 +33,7 @@ depth strategy's student form (activations removed, merged exactly after trainin
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -204,11 +204,12 @@ def strategy_of(region: Region) -> Strategy:
     return get_strategy(region.kind)
 
 
-def check_options(chosen: Iterable[str], given: Iterable[str], *, what: str = "training") -> None:
-    """Refuse (:class:`OptionError`, one line) any of ``given`` (option names the caller set) that none of the
-    ``chosen`` strategies reads (``what``: ``"training"`` checks :attr:`Strategy.training`, ``"options"``
-    :attr:`Strategy.options`)."""
+def check_options(chosen: Iterable[str], given: "Iterable[str] | Mapping[str, Any]", *, what: str = "training") -> None:
+    """Refuse (:class:`OptionError`, one line) any of ``given`` (option names the caller set, or names with their
+    values) that none of the ``chosen`` strategies reads (``what``: ``"training"`` checks
+    :attr:`Strategy.training`, ``"options"`` :attr:`Strategy.options`)."""
     chosen = list(chosen)
+    values = dict(given) if isinstance(given, Mapping) else None
     read = {n: getattr(get_strategy(n), what) for n in chosen}
     for option in given:
         if option in COMMON_TRAINING or any(option in r for r in read.values()):
@@ -216,5 +217,6 @@ def check_options(chosen: Iterable[str], given: Iterable[str], *, what: str = "t
         users = [n for n in strategy_names() if option in getattr(get_strategy(n), what)]
         by = f"read by the {' and '.join(users)} strateg{'ies' if len(users) > 1 else 'y'}" if users else \
             "read by no strategy"
-        raise OptionError(f"{option} is {by}; the chosen strategies are {', '.join(chosen) or 'none'}: drop it"
+        label = f"{option}={values[option]!r}" if values is not None else option
+        raise OptionError(f"{label} is {by}; the chosen strategies are {', '.join(chosen) or 'none'}: drop {option}"
                           + (f" or choose {users[0]}" if users else ""))
