@@ -98,6 +98,18 @@ class RunConfig:
     teacher_cost: dict[str, Any] | None = None
     """What training a given ``model`` cost (``images`` forward and backward, ``wall_s``), as its user states;
     the default teacher's is read from its training record."""
+    mean: tuple[float, ...] | None = None
+    """The user's normalisation (per channel, or one value for all); None: the model's own config where its
+    library has one, else the ImageNet statistics. The report states which."""
+    std: tuple[float, ...] | None = None
+    val_share: float = 0.1
+    """Share of the training images held out (seeded) as the validation split every decision is taken on."""
+    max_drop: float | None = 0.5
+    """The accuracy budget: the fastest model whose validation top-1 is at most this many points below the
+    teacher's (None: the ``targets`` given, or every candidate worth merging, with no search)."""
+    budget: float | None = 0.25
+    """Retraining images of every point tried together, as a share of the teacher's training images (None:
+    ``rebirth.epochs`` per point, no overall cap)."""
 
 
 def _image_size(config: RunConfig) -> int:
