@@ -24,22 +24,41 @@ class DataError(FxRebirthError):
     """A dataset cannot be used as given (empty, missing, wrong image size, labels out of range)."""
 
 
-def image_folder(path: str | os.PathLike, size: int = 224) -> Dataset:
-    """An ``ImageFolder`` tree (``path/<class>/<image>``), resized and centre-cropped to ``size``,
-    normalised with the ImageNet statistics."""
+def image_folder(path: str | os.PathLike, size: int = 224, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, channels: int = 3) -> Dataset:
+    """An ``ImageFolder`` tree (``path/<class>/<image>``), each image converted to ``channels`` (3: RGB, 1: grey),
+    resized and centre-cropped to ``size`` and normalised with ``mean`` and ``std`` (1 value or one per channel;
+    default the ImageNet statistics). :func:`fxrebirth.retraining.folders.user_data` also splits and checks."""
+    import functools
+
     import torchvision
     from torchvision import transforms
 
     if not os.path.isdir(path):
         raise DataError(f"image folder {str(path)!r} does not exist")
+    if channels not in (1, 3):
+        raise DataError(f"image folder {str(path)!r}: images convert to 1 or 3 channels, not {channels}")
+    default = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
+    mean, std = (tuple(mean), tuple(std)) if mean is not None and std is not None else default
+    mean, std = (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"image folder {str(path)!r}: give 1 or {channels} values of mean and std")
     transform = transforms.Compose([
-        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std),
     ])
+    loader = functools.partial(_open_image, mode="RGB" if channels == 3 else "L")
     try:
-        return torchvision.datasets.ImageFolder(os.fspath(path), transform=transform)
+        return torchvision.datasets.ImageFolder(os.fspath(path), transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folders / no valid images
         raise DataError(f"image folder {str(path)!r}: {exc} (expected {str(path)}/<class>/<image>.jpg)") from None
+
+
+def _open_image(path: str, mode: str) -> object:
+    """The image file ``path`` as PIL ``mode``."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
 
 
 def cifar10(root: str | os.PathLike, train: bool = True) -> Dataset:

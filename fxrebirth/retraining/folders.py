@@ -19,12 +19,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from fxrebirth.errors import first_line, held_stderr
 from fxrebirth.retraining.data import DataError
 
-__all__ = ["UserData", "FolderImages", "user_data", "input_channels", "output_count", "check_classes",
+__all__ = ["UserData", "FolderImages", "Part", "user_data", "hold_out", "input_channels", "output_count", "check_classes",
            "model_mean_std", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "CACHE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -159,19 +159,68 @@ def _names(names: Sequence[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _hold_out(samples: list[tuple[str, int]], share: float, generator: torch.Generator
-              ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """``samples`` split into (kept, held out), class by class: a seeded ``share`` of each class (at least one
-    image of a class that has two or more) is held out; both keep the order of ``samples``."""
+def _held(labels: Sequence[int], share: float, generator: torch.Generator) -> set[int]:
+    """The indices of a seeded ``share`` of each class of ``labels`` (at least one of a class with two or more
+    items): the held-out part of a stratified split."""
     by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(samples):
-        by_class.setdefault(label, []).append(i)
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
     held: set[int] = set()
     for label in sorted(by_class):
         indices = by_class[label]
         k = max(1, round(len(indices) * share)) if len(indices) >= 2 else 0
         held.update(indices[j] for j in torch.randperm(len(indices), generator=generator)[:k].tolist())
+    return held
+
+
+def _hold_out(samples: list[tuple[str, int]], share: float, generator: torch.Generator
+              ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``samples`` (``(path, label)``) split into (kept, held out) by :func:`_held`; both keep their order."""
+    held = _held([label for _, label in samples], share, generator)
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+
+
+class Part(Subset):
+    """The items ``indices`` of ``data``, with ``data``'s ``classes`` and these items' labels as ``targets``."""
+
+    def __init__(self, data: Dataset, indices: Sequence[int], labels: Sequence[int]) -> None:
+        super().__init__(data, list(indices))
+        self.classes = list(getattr(data, "classes", []) or [])
+        self.targets = [int(label) for label in labels]
+
+
+class _TensorPart(Part):
+    """A :class:`Part` of a dataset with the all-at-once ``tensors()`` fast path, which it keeps."""
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.dataset.tensors()
+        index = torch.as_tensor(self.indices, dtype=torch.long)
+        return images[index], labels[index]
+
+
+def _labels(data: Dataset) -> list[int]:
+    """Every label of ``data``: its ``targets`` or ``labels`` when it has them, else read item by item."""
+    labels = getattr(data, "targets", None)
+    if labels is None:
+        labels = getattr(data, "labels", None)
+    if labels is None:
+        labels = [data[i][1] for i in range(len(data))]  # type: ignore[arg-type]
+    return [int(label) for label in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+
+
+def hold_out(data: Dataset, share: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``data`` split into (kept, held out): a seeded ``share`` of each class held out (at least one item of a
+    class with two or more); disjoint, reproducible for a ``seed``, both with ``data``'s ``classes`` (and its
+    ``tensors()`` fast path where it has one). The same rule as :func:`user_data`'s validation split."""
+    if not 0 < share < 1:
+        raise DataError(f"the held-out share must be between 0 and 1 (got {share:g})")
+    labels = _labels(data)
+    held = _held(labels, share, torch.Generator().manual_seed(seed))
+    part = _TensorPart if callable(getattr(data, "tensors", None)) else Part
+    kept = [i for i in range(len(labels)) if i not in held]
+    if not kept or not held:
+        raise DataError(f"{len(labels)} items are too few to hold out a share of {share:g}")
+    return (part(data, kept, [labels[i] for i in kept]), part(data, sorted(held), [labels[i] for i in sorted(held)]))
 
 
 def _splits(root: str, val_share: float, seed: int) -> tuple[list[str], dict[str, list], dict[str, Any]]:
