@@ -125,7 +125,8 @@ def _teacher_cost(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 def _load(args: argparse.Namespace) -> nn.Module:
-    return load_trained(args.model, args.weights or None)
+    """The command's model: MODEL with ``--weights`` and ``--num-classes`` (:func:`load_trained`)."""
+    return load_trained(args.model, args.weights or None, num_classes=getattr(args, "num_classes", None))
 
 
 def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more: Any) -> Any:

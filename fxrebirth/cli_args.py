@@ -53,6 +53,9 @@ _ARGUMENTS = {
 }
 
 
+_NUM_CLASSES = dict(type=int, metavar="N", help="build the architecture with N classes (default: read from --weights)")
+
+
 def option_readers() -> dict[str, tuple[str, ...]]:
     """Option name -> the strategies that read it (their ``options`` and ``training``), in registry order."""
     readers: dict[str, list[str]] = {}
@@ -82,6 +85,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="googlenet_lrn, alexnet_lrn, a torchvision model name, or package.module:factory")
     parser.add_argument("--weights", help="a state_dict file to load (loaded with weights_only=True)")
     parser.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
+    parser.add_argument("--num-classes", **_NUM_CLASSES)
 
 
 def _runtime_argument(parser: argparse.ArgumentParser, tag: str, what: str) -> None:
@@ -214,13 +218,25 @@ def _run_parser(sub: argparse._SubParsersAction, readers: dict) -> None:
 
 def _run_common_arguments(run: argparse.ArgumentParser) -> None:
     """``run``'s arguments that every strategy reads: the teacher, the retraining budget, the report."""
-    model = run.add_argument_group("the default teacher (not with --weights)")
-    model.add_argument("--width", type=float, default=None, help=f"{DEFAULT_TEACHER}'s channel multiplier (default 1)")
-    model.add_argument("--teacher-epochs", type=int, default=None, help="default 4; 6 for a torchvision teacher")
-    yours = run.add_argument_group("your model (with --weights)")
+    run.add_argument_group("the default teacher (not with --weights)").add_argument(
+        "--width", type=float, default=None, help=f"{DEFAULT_TEACHER}'s channel multiplier (default 1)")
+    yours = run.add_argument_group("your model (with --weights) and your data (--data)")
+    yours.add_argument("--teacher-epochs", type=int, default=None, help="the default teacher's epochs (4; 6 for a "
+                       "torchvision one); with --weights: those your model trained on --data's training images")
+    yours.add_argument("--num-classes", **_NUM_CLASSES)
+    yours.add_argument("--mean", type=float, nargs="+", metavar="M", help="the mean your images were normalised with "
+                       "(1 or 3 values; default: the model's config where its library has one, else ImageNet's)")
+    yours.add_argument("--std", type=float, nargs="+", metavar="S", help="their std (1 or 3 values)")
+    yours.add_argument("--val-share", type=float, metavar="F", help="share of the training images held out (seeded) "
+                       "for the validation split every decision is taken on (default 0.1)")
     yours.add_argument("--teacher-images", type=int, metavar="N",
                        help="what training your model cost: images passed forward and backward (epochs x set size)")
     yours.add_argument("--teacher-hours", type=float, metavar="H", help="what training your model cost: wall time")
+    search = run.add_argument_group("the accuracy budget")
+    search.add_argument("--max-drop", type=float, metavar="PT", help="the fastest model whose validation top-1 is at "
+                        "most PT points below your model's (default 0.5 unless --target is given)")
+    search.add_argument("--budget", type=float, metavar="SHARE", help="retraining images of all points tried, as a "
+                        "share of the teacher's training images (default 0.25)")
     common = run.add_argument_group("retraining (every strategy)")
     common.add_argument("--device", default=None, help="where the default teacher (first run) and the retraining "
                                                        "train: cpu (default), cuda, cuda:N or auto (CUDA when present)")
@@ -244,8 +260,8 @@ def _run_common_arguments(run: argparse.ArgumentParser) -> None:
 
 
 _AT_LEAST_ONE = ("threads", "input_size", "image_size", "plan_size", "batch", "bench_batch", "rounds", "max_convs",
-                 "latency_rounds", "train_images", "test_images", "teacher_epochs", "teacher_images")
-_POSITIVE = ("budget_ms", "width", "teacher_hours")
+                 "latency_rounds", "train_images", "test_images", "teacher_epochs", "teacher_images", "num_classes")
+_POSITIVE = ("budget_ms", "budget", "width", "teacher_hours")
 _NOT_NEGATIVE = ("epochs", "layerwise_epochs")  # 0 epochs: the initialised rebirth layers only
 
 
@@ -261,6 +277,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                            (_POSITIVE, lambda v: v > 0 and math.isfinite(v), "give a positive number"),
                            (_NOT_NEGATIVE, lambda v: v >= 0 and math.isfinite(v), "give a number >= 0"),
                            (("reduce_ratio",), lambda v: 0 < v <= 1, "give a fraction in (0, 1]"),
+                           (("val_share",), lambda v: 0 < v < 1, "give a fraction between 0 and 1"),
+                           (("max_drop",), lambda v: v > 0 and math.isfinite(v), "a drop of 0 or negative: give > 0"),
                            (("target",), lambda v: v > 1 and math.isfinite(v), "a target speed-up is above 1")):
         for dest in dests:
             value = getattr(args, dest, None)
@@ -321,17 +339,33 @@ def _check_model_options(args: argparse.Namespace) -> None:
         whose = "with --weights your model is the teacher" if args.weights else f"{args.model} takes no width"
         raise FxRebirthError(f"--width is the default {DEFAULT_TEACHER} teacher's channel multiplier; {whose}: "
                              "drop --width")
-    if args.teacher_epochs is not None and args.weights:
-        raise FxRebirthError("--teacher-epochs trains a default teacher; with --weights your model is the teacher: "
-                             "drop --teacher-epochs")
+    if args.num_classes is not None and not args.weights:
+        raise FxRebirthError("--num-classes sizes your model (with --weights); the default teachers take the "
+                             "embedded data's classes: drop --num-classes")
+    _check_user_data(args)
     for dest in ("teacher_images", "teacher_hours"):
         if getattr(args, dest) is not None and not args.weights:
             raise FxRebirthError(f"{_flag(dest)} states what training your model cost (with --weights); the default "
                                  f"teacher's is read from its training record: drop {_flag(dest)}")
 
 
+def _check_user_data(args: argparse.Namespace) -> None:
+    """``run``'s ``--mean``/``--std`` (of ``--data``: 1 or 3 values, std > 0) and ``--max-drop`` or ``--target``."""
+    if args.max_drop is not None and args.target:
+        raise FxRebirthError("give --max-drop or --target, not both: --max-drop searches for the fastest model "
+                             "within the drop, --target retrains the plan at that speed-up")
+    if (args.mean is None) != (args.std is None) or (args.mean is not None and not args.data):
+        raise FxRebirthError("--mean and --std (both) normalise the images of --data" + ("; without --data the "
+                             "embedded set has its own" if not args.data else ""))
+    for dest, values in (("mean", args.mean or [0]), ("std", args.std or [1])):
+        if len(values) not in (1, 3) or (dest == "std" and not all(v > 0 for v in values)):
+            raise FxRebirthError(f"--{dest} {' '.join(f'{v:g}' for v in values)}: give 1 value (all channels) or 3 "
+                                 f"(R G B){', each positive' if dest == 'std' else ''}")
+
+
 def _check_paths(args: argparse.Namespace) -> None:
-    """``--table``, ``--weights``, ``--save`` and ``--out``: files that exist, folders that can be written."""
+    """``--table``, ``--save`` and ``--out``: files that exist, folders that can be written (``--weights`` is
+    checked where it is read, :func:`fxrebirth.paper.loading.load_trained`, before any work)."""
     import os
 
     table = getattr(args, "table", None)
@@ -341,14 +375,6 @@ def _check_paths(args: argparse.Namespace) -> None:
                                  "runtime")
         if not os.path.isfile(table):
             raise FxRebirthError(f"--table {table}: no such file (time_on_device.py writes it into the bundle)")
-    weights = getattr(args, "weights", None)
-    if weights:
-        if not os.path.exists(weights):
-            raise FxRebirthError(f"--weights {weights}: no such file")
-        if os.path.isdir(weights):
-            raise FxRebirthError(f"--weights {weights} is a directory; give the state_dict file (e.g. model.pt)")
-        if not os.access(weights, os.R_OK):
-            raise FxRebirthError(f"--weights {weights}: the file is not readable (permission denied)")
     save = getattr(args, "save", None)
     if save:
         folder = os.path.dirname(os.path.abspath(save))

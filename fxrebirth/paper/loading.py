@@ -112,6 +112,8 @@ def _read_state(path: str) -> dict:
         raise FxRebirthError(f"--weights {path}: no such file")
     if os.path.isdir(path):
         raise FxRebirthError(f"--weights {path} is a directory; give the state_dict file (e.g. model.pt)")
+    if not os.access(path, os.R_OK):
+        raise FxRebirthError(f"--weights {path}: the file is not readable (permission denied)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
