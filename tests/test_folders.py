@@ -240,3 +240,25 @@ def test_image_folder_keeps_its_defaults_and_takes_channels_and_statistics(tmp_p
                           atol=1e-6)
     grey = image_folder(tmp_path, size=6, mean=[0.5], std=[0.25], channels=1)[0][0]
     assert grey.shape == (1, 6, 6) and torch.allclose(grey, torch.full((1, 6, 6), -1.2), atol=1e-6)
+
+
+def test_test_folder_serves_as_val_and_a_lone_train_folder_is_the_one_folder(tmp_path):
+    _write(tmp_path / "a" / "train", ["x", "y"], 10)
+    _write(tmp_path / "a" / "test", ["x", "y"], 2)
+    data = user_data(tmp_path / "a", size=8, channels=1)
+    assert data.preprocessing["test"] == "test/" and len(data.test) == 4 and data.classes == ["x", "y"]
+    _write(tmp_path / "b" / "train", ["x", "y"], 10)
+    alone = user_data(tmp_path / "b", size=8, channels=1)
+    assert alone.classes == ["x", "y"] and alone.preprocessing["layout"] == "one folder of class folders (train/)"
+    assert len(alone.test) == 4 and len(alone.train) + len(alone.val) == 16
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path):
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / name / f"{i}.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I")
+    data = user_data(tmp_path, size=4, channels=3, mean=[0], std=[1])
+    assert torch.allclose(data.train[0][0], torch.ones(3, 4, 4))
+    assert "replicated" in data.preprocessing["conversions"][0]

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset, Subset
 from fxrebirth.errors import first_line, held_stderr
 from fxrebirth.retraining.data import DataError
 
-__all__ = ["UserData", "FolderImages", "Part", "user_data", "hold_out", "input_channels", "output_count", "check_classes",
-           "model_mean_std", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "CACHE_BYTES"]
+__all__ = ["UserData", "FolderImages", "Part", "user_data", "hold_out", "input_channels", "output_count",
+           "check_classes", "model_mean_std", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "CACHE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -224,30 +224,34 @@ def hold_out(data: Dataset, share: float, seed: int = 0) -> tuple[Dataset, Datas
 
 
 def _splits(root: str, val_share: float, seed: int) -> tuple[list[str], dict[str, list], dict[str, Any]]:
-    """The classes, the samples of each split and the layout's record, for either layout under ``root``."""
+    """The classes, the samples of each split and the layout's record, for either layout under ``root`` (``test/``
+    serves as ``val/`` when there is no ``val/``; a lone ``train/`` is the one folder)."""
     generator = torch.Generator().manual_seed(seed)
-    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
-    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+    train_dir = os.path.join(root, "train")
+    val_dir = next((os.path.join(root, n) for n in ("val", "test") if os.path.isdir(os.path.join(root, n))), None)
+    if os.path.isdir(train_dir) and val_dir:
         found = _class_folders(train_dir)
         held = _class_folders(val_dir)
         classes = list(found)
         extra = [name for name in held if name not in found]
         if extra:
             raise DataError(f"{val_dir} has {len(extra)} class(es) that {train_dir} lacks: {_names(extra)}; the "
-                            "model's classes are train/'s folders: remove them or add them to train/")
+                            "model's classes are train/'s folders: remove them there or add them to train/")
         index = {name: i for i, name in enumerate(classes)}
         pool = [(f, index[name]) for name, files in found.items() for f in files]
         train, val = _hold_out(pool, val_share, generator)
         test = [(f, index[name]) for name, files in held.items() for f in files]
-        layout = {"layout": "train/ and val/ (ImageNet layout)", "validation": f"a seeded {val_share:g} of train/",
-                  "test": "val/"}
+        test_name = os.path.basename(val_dir) + "/"
+        layout = {"layout": f"train/ and {test_name} (ImageNet layout)", "test": test_name,
+                  "validation": f"a seeded {val_share:g} of train/"}
     else:
-        found = _class_folders(root)
+        alone = os.path.isdir(train_dir) and [e.name for e in os.scandir(root) if e.is_dir()] == ["train"]
+        found = _class_folders(train_dir if alone else root)
         classes = list(found)
         pool = [(f, i) for i, files in enumerate(found.values()) for f in files]
         rest, test = _hold_out(pool, TEST_SHARE, generator)
         train, val = _hold_out(rest, val_share, generator)
-        layout = {"layout": "one folder of class folders", "validation": f"a seeded {val_share:g} of the rest",
+        layout = {"layout": "one folder of class folders" + (" (train/)" if alone else ""), "validation": f"a seeded {val_share:g} of the rest",
                   "test": f"a seeded {TEST_SHARE:g} of the folder"}
     splits = {"train": train, "val": val, "test": test}
     short = [name for name, samples in splits.items() if not samples]
