@@ -285,8 +285,8 @@ def _statistics(channels: int, mean: Sequence[float] | None, std: Sequence[float
     values, averaged = [], False
     for name, v in (("mean", tuple(float(x) for x in mean)), ("std", tuple(float(x) for x in std))):
         if len(v) not in (1, channels) and not (source != "given" and channels == 1):
-            raise DataError(f"the {name} has {len(v)} values; the model takes {channels}-channel images: give 1 "
-                            f"value or {channels}")
+            raise DataError(f"the {name} has {len(v)} values; the model takes {channels}-channel images: give "
+                            + ("1 value" if channels == 1 else f"1 value or {channels}"))
         if len(v) != channels and len(v) != 1:  # a 3-channel default for a grey model: their average
             v, averaged = (sum(v) / len(v),), True
         values.append(v * channels if len(v) == 1 else v)
