@@ -34,7 +34,11 @@ RANGES = {"epochs": NOT_NEGATIVE, "layerwise_epochs": NOT_NEGATIVE, "calibration
 class RebirthConfig:
     """Options of :func:`~fxrebirth.retraining.engine.rebirth` (see :mod:`fxrebirth.retraining.engine`)."""
 
-    init: str = "original"
+    init: str = "auto"
+    """How each streamline or branch rebirth layer starts (:data:`INITS`). ``auto`` (the default) applies each
+    candidate (the original weights re-laid, with the BatchNorm that follows folded in; the least-squares fit to
+    the region's outputs) and keeps the one whose student is nearest the teacher on held calibration images
+    (:mod:`fxrebirth.retraining.startpoint`); ``original``, ``lstsq``, ``xavier`` force one."""
     schedule: str = "distill"
     epochs: float = 4.0
     """End-to-end epochs: in all (``distill``) or per merging step (``paper``). The default run measured

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from fxrebirth.graph.mutation import eliminate_dead_code, mutated_input, tainted
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.graph.surgery import device_of
+from fxrebirth.graph.surgery import device_of, fetch_attr
 from fxrebirth.passes.inception import is_branch_activation
 from fxrebirth.retraining.layers import InceptionRebirth
 from fxrebirth.graph.regions import ConvProposal, InceptionProposal, Proposal, Region, RegionError, extract
@@ -123,25 +123,28 @@ def xavier_init(module: nn.Module) -> None:
 
 @dataclass
 class _Branch:
-    """An inception branch of the original graph: its conv nodes and the node after each conv's ReLU."""
+    """An inception branch of the original graph: its conv nodes, each conv's value as the branch uses it
+    (after the BatchNorm that reads it, if any) and the node after each conv's activation."""
 
     convs: list[fx.Node]
+    outputs: list[fx.Node]
     activations: list[fx.Node]
 
     @classmethod
     def of(cls, nodes: dict[str, fx.Node], chain: list[str]) -> "_Branch":
         """The branch whose nodes (in order, from the region's input to the concatenation) are ``chain``."""
         members = [nodes[name] for name in chain]
-        convs, acts = [], []
+        convs, outs, acts = [], [], []
         for i, node in enumerate(members):
             if kind_of(node) != "conv":
                 continue
-            after = i
+            after = i + 1 if i + 1 < len(members) and kind_of(members[i + 1]) == "batch_norm" else i
+            outs.append(members[after])
             while after + 1 < len(members) and is_branch_activation(members[after + 1]):
                 after += 1
             convs.append(node)
             acts.append(members[after])
-        return cls(convs, acts)
+        return cls(convs, outs, acts)
 
 
 class _Fit:
@@ -156,6 +159,10 @@ class _Fit:
 
     def probes(self) -> list[str]:
         return [self.region.input, self.region.output]
+
+    def fittable(self) -> bool:
+        """Whether a least-squares fit can differ from the original weights re-laid."""
+        return True
 
     def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
                    targets: dict[str, torch.Tensor]) -> None:
@@ -174,6 +181,9 @@ class _ConvFit(_Fit):
     or the original convolution's kernel placed where the pooling window's centre reads. Where the proposal
     keeps the pooling, the convolution is the original's, copied (also for ``lstsq``: nothing to fit)."""
 
+    def fittable(self) -> bool:
+        return self.region.proposal.pool is None  # a kept pooling: the original kernel is the fit
+
     def accumulate(self, rebirth: nn.Module, values: dict[str, torch.Tensor],
                    targets: dict[str, torch.Tensor]) -> None:
         if self.region.proposal.pool is not None:
@@ -191,7 +201,7 @@ class _ConvFit(_Fit):
             return {"fit": "ridge", "rows": self.stats[0].rows}
         nodes = self.init.nodes
         first = nodes[self.region.nodes[0]]
-        w, b = self.init.param(first, "weight"), self.init.param(first, "bias")
+        w, b = self.init.folded(first)
         pool = None if self.region.proposal.pool is not None else \
             next((nodes[n] for n in self.region.nodes if kind_of(nodes[n]) in ("max_pool", "avg_pool")), None)
         conv.weight.zero_()
@@ -202,7 +212,7 @@ class _ConvFit(_Fit):
             offset = centre - p_c + conv.padding[d]
             offsets.append(min(max(offset, 0), conv.kernel_size[d] - w.shape[2 + d]))
         conv.weight[:, :, offsets[0]:offsets[0] + w.shape[2], offsets[1]:offsets[1] + w.shape[3]] = w
-        conv.bias.copy_(b if b is not None else torch.zeros_like(conv.bias))
+        conv.bias.copy_(b)
         return {"fit": "original", "offset": offsets}
 
 
@@ -224,8 +234,8 @@ class _InceptionFit(_Fit):
         names = [self.region.input]
         for b in self.branches:
             if len(b.convs) >= 2:
-                names += [b.activations[0].name, b.convs[-1].name]
-        names.append(self.pool.convs[-1].name)
+                names += [b.activations[0].name, b.outputs[-1].name]
+        names.append(self.pool.outputs[-1].name)
         return names
 
     def _absorbed_after(self, index: int) -> bool:
@@ -238,9 +248,9 @@ class _InceptionFit(_Fit):
                 continue
             reduced = values[branch.activations[0].name]
             last = _convs(seq)[-1]
-            target = targets[branch.convs[-1].name]
+            target = targets[branch.outputs[-1].name]
             if last.out_channels - target.shape[1]:
-                projection = targets[self.pool.convs[-1].name]
+                projection = targets[self.pool.outputs[-1].name]
                 target = torch.cat([target, projection] if self._absorbed_after(i) else [projection, target], 1)
             full = nn.Conv2d(reduced.shape[1], 1, last.kernel_size, last.stride, last.padding)
             self.stats.setdefault(i, _Ridge()).add(_patches(reduced, full), _rows(target))
@@ -256,8 +266,7 @@ class _InceptionFit(_Fit):
         kept_report = []
         for i, (branch, seq) in enumerate(zip(self.branches, rebirth.branches)):
             convs = _convs(seq)
-            weights = [self.init.param(n, "weight") for n in branch.convs]
-            biases = [self.init.param(n, "bias") for n in branch.convs]
+            weights, biases = (list(t) for t in zip(*(self.init.folded(n) for n in branch.convs)))
             if len(convs) == 1:  # the same layer, widened when it absorbs the pool branch
                 self._copy_out(convs[0], weights[0], biases[0], i)
                 continue
@@ -316,14 +325,38 @@ class Initialiser:
             self.fits[region.id] = fit(self, region)
 
     def param(self, node: fx.Node, name: str) -> torch.Tensor | None:
-        """The (detached) parameter ``node`` reads as its argument ``name``, or None."""
-        value = node.kwargs[name]
-        return self.gm.get_parameter(value.target).detach() if value is not None else None
+        """The (detached) tensor ``node`` reads as its argument ``name`` (a parameter or buffer), or None."""
+        value = node.kwargs.get(name)
+        return fetch_attr(self.gm, value.target).detach() if isinstance(value, fx.Node) else None
+
+    def folded(self, conv: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias that ``conv`` and the inference-mode BatchNorm reading it alone (if any) compute
+        together: ``w * s`` and ``(b - mean) * s + beta`` per output channel, ``s = gamma / sqrt(var + eps)``
+        (the original layer as the region computes it; a rebirth layer has no BatchNorm of its own)."""
+        weight, bias = self.param(conv, "weight"), self.param(conv, "bias")
+        bias = bias if bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+        bn = next(iter(conv.users)) if len(conv.users) == 1 else None
+        if bn is None or kind_of(bn) != "batch_norm" or bn.kwargs.get("training", True) \
+                or self.param(bn, "running_var") is None:
+            return weight, bias
+        mean, var = self.param(bn, "running_mean"), self.param(bn, "running_var")
+        gamma, beta = self.param(bn, "weight"), self.param(bn, "bias")
+        scale = (gamma if gamma is not None else 1.0) / torch.sqrt(var + bn.kwargs.get("eps", 1e-5))
+        shift = beta if beta is not None else torch.zeros_like(mean)
+        return weight * scale.reshape(-1, *[1] * (weight.dim() - 1)), (bias - mean) * scale + shift
 
     def method(self, region: Region) -> str:
-        """The initialisation of ``region``: ``auto`` is ``original`` for streamline regions and ``lstsq``
-        for branch regions (measured best on the default GoogLeNet, see docs/results.md)."""
+        """The initialisation of ``region`` without measuring: ``auto`` is the region type's own default
+        (``original`` for streamline regions, ``lstsq`` for branch regions)."""
         return self.init if self.init != "auto" else self.fits[region.id].auto
+
+    def candidates(self, region: Region) -> tuple[str, ...]:
+        """The initialisations ``auto`` measures for ``region`` (the original weights re-laid, and the
+        least-squares fit where the region has something to fit); the one method otherwise."""
+        if self.init != "auto":
+            return (self.init,)
+        fit = self.fits[region.id]
+        return ("original", "lstsq") if fit.fittable() else ("original",)
 
     def probes(self, region: Region) -> list[str]:
         """The original nodes whose values ``region``'s least-squares fit reads (its input first)."""
@@ -335,7 +368,7 @@ class Initialiser:
         were used. Targets are the original model's values; the layer's inputs too, or with
         ``student_input`` the region's input in the student (so the fit also corrects the error of the
         regions merged before it) pushed through the original region's own layers."""
-        if self.method(region) != "lstsq" or images == 0:
+        if "lstsq" not in self.candidates(region) + (self.method(region),) or images == 0:
             return 0
         fit = self.fits[region.id]
         names = fit.probes()
@@ -355,9 +388,9 @@ class Initialiser:
         return used
 
     @torch.no_grad()
-    def apply(self, region: Region, rebirth: nn.Module) -> dict[str, Any]:
-        """Initialise ``rebirth``; return facts for the report (e.g. the fit's relative error)."""
-        method = self.method(region)
+    def apply(self, region: Region, rebirth: nn.Module, method: str | None = None) -> dict[str, Any]:
+        """Initialise ``rebirth`` by ``method`` (default :meth:`method`); return facts for the report."""
+        method = method or self.method(region)
         if method == "xavier":
             xavier_init(rebirth)
             return {}

@@ -32,6 +32,7 @@ from fxrebirth.passes.depth import Segment, find_segments, members_of, prunable,
 from fxrebirth.passes.linearise import STUDENT_KEY, linearise, merge
 from fxrebirth.retraining.initialise import Initialiser
 from fxrebirth.retraining.layers import RENAMED, replace_regions
+from fxrebirth.retraining.startpoint import JUDGE_IMAGES, StartJudge
 from fxrebirth.retraining.strategy import Strategy, SwitchStrategy, register_strategy
 from fxrebirth.retraining.train import Meter
 from fxrebirth.rewrite.validate import OptionError
@@ -52,7 +53,8 @@ _ANY_LENGTH = 64  # a segment's convolutions: enough for every segment a plan ma
 class _RegionSwitchStrategy(SwitchStrategy):
     """Initialisation of rebirth layers behind switches, bottom-up (``init``: original, lstsq, xavier, auto); the
     importance of a region: the mean KL of the model with that region alone replaced by its rebirth layer,
-    initialised from the original weights (``init="original"``: what training starts from)."""
+    initialised from the original weights re-laid (``init="original"``, the BatchNorm after the convolution
+    folded in: the first start ``init="auto"`` measures)."""
 
     training: ClassVar[frozenset[str]] = SWITCH_TRAINING
     needs_calibration = True
@@ -68,20 +70,29 @@ class _RegionSwitchStrategy(SwitchStrategy):
 
     def initialise(self, job: Any, regions: list[Region], seed: int) -> int:
         """Initialise each region's rebirth layer, switching it on once done; each least-squares fit reads its
-        input from the student (the regions below merged) and its targets from the original."""
+        input from the student (the regions below merged) and its targets from the original. Under
+        ``init="auto"`` each region keeps the candidate start nearest the teacher (:mod:`~fxrebirth.retraining.
+        startpoint`); returns the forward-only images used (fits and judging)."""
         init = Initialiser(job.teacher, regions, job.config.init, job.config.ridge)
         per_region = min(job.config.calibration_images, len(job.train_data))
-        fitted = [r for r in regions if init.method(r) == "lstsq"]
+        fitted = [r for r in regions if "lstsq" in init.candidates(r) + (init.method(r),)]
         meter = Meter(job.progress, "calibration", per_region * len(fitted))
+        judge = None
+        if job.config.init == "auto" and per_region:
+            judge = StartJudge(job.teacher, job.student, job.train_data, min(JUDGE_IMAGES, per_region),
+                               job.config.batch_size, seed, getattr(job, "device", None))
         used = 0
         for region in regions:
             switch = job.switch(region.id)
             used += init.calibrate(region, switch.rebirth, job.train_data, per_region, job.config.batch_size,
                                    seed, meter, student_input=job.student_input(region))
-            facts = init.apply(region, switch.rebirth)
-            job.region_facts[region.id].update(init=init.method(region), **facts)
             switch.active.fill_(True)
-        return used
+            if judge is not None:
+                facts = judge.choose(init, region, switch.rebirth)
+            else:
+                facts = {**init.apply(region, switch.rebirth), "init": init.method(region)}
+            job.region_facts[region.id].update(**facts)
+        return used + (judge.used if judge is not None else 0)
 
 
 class StreamlineStrategy(_RegionSwitchStrategy):
