@@ -92,14 +92,24 @@ def _run(args: argparse.Namespace) -> int:
                        targets=tuple(args.target or ()), keep=tuple(args.keep), runtime=args.runtime,
                        plan_table=args.table, latency_rounds=args.latency_rounds, bench=args.bench,
                        bench_batches=tuple(args.bench_batch), bench_memory=not args.no_memory,
-                       control=not args.no_control, teacher_cost=_teacher_cost(args))
+                       control=not args.no_control, teacher_cost=_teacher_cost(args),
+                       **{k: tuple(v) for k, v in _given(args, "mean", "std").items()},
+                       **_given(args, "val_share", "budget"), max_drop=_max_drop(args))
     return _report_of(args, run, config)
+
+
+def _max_drop(args: argparse.Namespace) -> float | None:
+    """The accuracy budget: the one given, none when targets are (each target is a point), else 0.5 pt."""
+    given = getattr(args, "max_drop", None)
+    if given is not None:
+        return given
+    return None if args.target else 0.5
 
 
 def _given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, Any]:
     """The options among ``names`` (and ``renamed``: field -> argparse destination) the user set."""
     fields = {**{n: n for n in names}, **renamed}
-    return {field: getattr(args, dest) for field, dest in fields.items() if getattr(args, dest) is not None}
+    return {field: getattr(args, dest) for field, dest in fields.items() if getattr(args, dest, None) is not None}
 
 
 def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:
@@ -120,7 +130,8 @@ def _report_of(args: argparse.Namespace, job: Any, config: Any) -> int:
 
 def _teacher_cost(args: argparse.Namespace) -> dict[str, float] | None:
     """What the user says training their model cost, or None."""
-    cost = {"images": args.teacher_images, "wall_s": args.teacher_hours * 3600 if args.teacher_hours else None}
+    cost = {"images": args.teacher_images, "wall_s": args.teacher_hours * 3600 if args.teacher_hours else None,
+            "epochs": args.teacher_epochs if args.weights else None}
     return cost if any(v is not None for v in cost.values()) else None
 
 

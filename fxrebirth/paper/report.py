@@ -33,13 +33,14 @@ def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthRe
     """``report.md``, ``report.json`` and the figures."""
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    figures = _figures(out, report, result) + _speed_figures(out, result)
+    figures = _figures(out, report, result) + _speed_figures(out, result) + _front_figure(out, result)
     lat = result["latency"]
     env = result["environment"]
     lines = [
         "# fxrebirth report", "",
         f"Environment: {env['cpu']}, {env['cpu_count']} CPUs, torch {env['torch']} with {env['torch_threads']} "
         f"threads, Python {env['python']}.", "",
+        *_data_lines(result.get("data")), *_search_lines(result.get("search"), result),
         "## Accuracy and retraining", "", "```", report.table(), "```", "",
         "## Speed", "",
         f"| model | latency (ms, batch 1, {lat['input_shape'][2]}x{lat['input_shape'][3]}, eager) | speed-up |",
@@ -69,6 +70,73 @@ def write_report(out: str, result: dict[str, Any], plan: Plan, report: RebirthRe
     lines += [f"![{name}]({name})" for name in figures]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _data_lines(data: dict[str, Any] | None) -> list[str]:
+    """What the run did to the images: the splits and the preprocessing."""
+    if not data:
+        return []
+    return ["## Data", "", *[f"- {key}: {value}" for key, value in data.items()], ""]
+
+
+def _search_lines(search: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
+    """The accuracy-budgeted search: every point tried, on the validation split, and what it cost."""
+    if not search:
+        return []
+    teacher = result.get("teacher", {}).get("val_top1")
+    share = search.get("teacher_share")
+    lines = ["## Accuracy budget (the search, on the validation split)", "",
+             f"The fastest point within {search['max_drop']:g} pt of the teacher's validation top-1"
+             + (f" ({teacher:.2%})" if teacher is not None else "") + f": {len(search['trials'])} of "
+             f"{len(search['points'])} points of the front retrained, {search['per_point_images']} images each.", "",
+             "| point | merges | estimated speed-up | validation top-1 | vs teacher (pt) | images trained | "
+             "forward only | wall s | |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(search["trials"], key=lambda t: t["index"]):
+        mark = "**chosen**" if t["index"] == search["chosen"] else ("within" if t["drop"] <= search["max_drop"]
+                                                                     else "over")
+        lines.append(f"| {t['index']} | {len(t['chosen'])} | {t['estimated_speedup']:.2f}x | {t['val_top1']:.2%} | "
+                     f"{-t['drop']:+.2f} | {t['trained_images']} | {t['forward_images']} | {t['wall_s']:.0f} | {mark} |")
+    lines += ["", f"Retraining in all points tried: {search['trained_images']} images forward and backward"
+              + (f", {share:.1%} of the teacher's {search['teacher_images']}" if share is not None else
+                 " (the teacher's training cost was not given)")
+              + (f"; the budget was {search['budget_images']}" if search.get("budget_images") else "")
+              + f"; {search['forward_images']} images forward only. The chosen point alone trained "
+              f"{search['per_point_images']}.", ""]
+    return lines
+
+
+def _front_figure(out: str, result: dict[str, Any]) -> list[str]:
+    """``front.png``: validation top-1 against estimated speed-up of every point tried, the teacher's line, the
+    drop allowed and the chosen point (with its measured speed-up on the plan's runtime when timed)."""
+    search = result.get("search")
+    teacher = result.get("teacher", {}).get("val_top1")
+    if not search or not search["trials"] or teacher is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    trials = search["trials"]
+    ax.plot([t["estimated_speedup"] for t in trials], [100 * t["val_top1"] for t in trials], "o", label="points tried")
+    for t in trials:
+        ax.annotate(str(t["index"]), (t["estimated_speedup"], 100 * t["val_top1"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100 * teacher, color="grey", ls="--", label="teacher")
+    ax.axhline(100 * teacher - search["max_drop"], color="grey", ls=":", label=f"-{search['max_drop']:g} pt")
+    if search["chosen"] is not None:
+        chosen = next(t for t in trials if t["index"] == search["chosen"])
+        ax.plot([chosen["estimated_speedup"]], [100 * chosen["val_top1"]], "*", ms=14, label="chosen")
+    ax.set_xlabel("estimated speed-up on the plan's runtime (batch 1)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("the accuracy budget's search", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "front.png"), dpi=100)
+    plt.close(fig)
+    return ["front.png"]
 
 
 def _figures(out: str, report: RebirthReport, result: dict[str, Any]) -> list[str]:

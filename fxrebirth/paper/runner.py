@@ -22,31 +22,32 @@ measured front in ``report.md``.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from fxrebirth.errors import FxRebirthError
-from fxrebirth.frontends.library import optimize
-from fxrebirth.measure.runtimes import DEFAULT_RUNTIME, get_runtime, runtime_names
-from fxrebirth.measure.speed import SpeedTable, benchmark, eager_latency, environment, layer_times, variants_for
-from fxrebirth.paper.data import Shapes, image_folder
+from fxrebirth.measure.runtimes import get_runtime
+from fxrebirth.measure.speed import environment
+from fxrebirth.paper.data import Shapes
+from fxrebirth.paper.finish import finish_point, runtime_accuracies
 from fxrebirth.paper.report import PUBLISHED, summary_markdown, write_report
+from fxrebirth.paper.search import NothingWithinDrop, front_points, most_tries, save_search, search
 from fxrebirth.paper.teacher import TORCHVISION_TEACHERS, TeacherConfig, build_teacher, default_teacher
 from fxrebirth.graph.capture import capture
-from fxrebirth.retraining.engine import RebirthConfig, RebirthReport, rebirth
+from fxrebirth.retraining.engine import RebirthConfig, rebirth
+from fxrebirth.retraining.folders import hold_out, input_channels, user_data
 from fxrebirth.retraining.plandata import Plan, kept_ids
 from fxrebirth.retraining.planning import mark, plan as make_plan
 from fxrebirth.retraining.strategy import check_options, get_strategy
-from fxrebirth.retraining.train import Arithmetic, Progress, ProgressFn, evaluate, resolve_device
+from fxrebirth.retraining.train import Arithmetic, ProgressFn, evaluate, resolve_device
 
-__all__ = ["ResumeMismatch", "RunConfig", "run", "write_report", "runtime_accuracies"]
+__all__ = ["ResumeMismatch", "RunConfig", "Splits", "run", "write_report", "runtime_accuracies"]
 
 log = logging.getLogger(__name__)
 
@@ -145,40 +146,76 @@ def check_run(config: RunConfig) -> list[str]:
     return list(found)
 
 
-def _teacher_and_data(config: RunConfig, progress: ProgressFn | None) -> tuple[nn.Module, dict, Any, Any]:
+class Splits(NamedTuple):
+    """The run's data: ``train`` (retraining, planning, calibration), ``val`` (every decision), ``test``
+    (evaluated once, at the end), and what was done to the images (for the report)."""
+
+    train: Any
+    val: Any
+    test: Any
+    preprocessing: dict[str, Any]
+
+
+def _teacher_and_data(config: RunConfig, progress: ProgressFn | None) -> tuple[nn.Module, dict, Splits]:
+    """The teacher (the given model, or the default teacher trained once and cached) and the splits: the
+    user's folder (:func:`fxrebirth.retraining.folders.user_data`), or the embedded Shapes set (its test split
+    apart; the validation split a seeded hold-out of the training split)."""
     size = _image_size(config)
     if config.data is None:
         teacher_config = replace(config.teacher, arch=config.model_name, image_size=size,
                                  train_images=config.train_images, test_images=config.test_images)
         model, meta = (config.model, {"source": "given"}) if config.model is not None else \
             default_teacher(teacher_config, progress=progress, device=config.rebirth.device)
-        train = Shapes("train", config.train_images, size, seed=teacher_config.seed)
+        train, val = hold_out(Shapes("train", config.train_images, size, seed=teacher_config.seed), config.val_share)
         test = Shapes("test", config.test_images, size, seed=teacher_config.seed)
-        return model.eval(), meta, train, test
+        facts = {"data": "the embedded Shapes set", "size": size, "train": len(train), "val": len(val),
+                 "test": len(test), "normalisation": "the set's own"}
+        return model.eval(), meta, Splits(train, val, test, facts)
     if config.model is None:
         raise FxRebirthError("--data needs a model trained on it (MODEL and --weights)")
-    folder = image_folder(config.data, size)
-    n_test = max(1, len(folder) // 5)
-    generator = torch.Generator().manual_seed(0)
-    train, test = torch.utils.data.random_split(folder, [len(folder) - n_test, n_test], generator=generator)
-    train.classes = test.classes = folder.classes
-    return config.model.eval(), {"source": "given"}, train, test
+    data = user_data(config.data, size=size, channels=input_channels(config.model), mean=config.mean,
+                     std=config.std, val_share=config.val_share, model=config.model)
+    return config.model.eval(), {"source": "given"}, Splits(data.train, data.val, data.test, data.preprocessing)
+
+
+def _teacher_cost(config: RunConfig, meta: dict, data: Splits) -> dict[str, Any] | None:
+    """What training the teacher cost: the default teacher's from its record; a given model's as its user
+    states it, images or epochs (of the training images the run was given, validation hold-out included)."""
+    if "epochs" in meta:  # the default teacher, trained here
+        return {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
+    cost = {k: v for k, v in (config.teacher_cost or {}).items() if v is not None}
+    if cost.get("images") is None and cost.get("epochs") is not None:
+        cost["images"] = int(round(cost["epochs"] * (len(data.train) + len(data.val))))
+    return cost or None
+
+
+def _check_teacher(model: nn.Module, val: Any, users: bool) -> float:
+    """The teacher's validation top-1. On the user's images (``users``), a teacher near chance means they are
+    not prepared as it was trained on them (normalisation, size, class order): refused before any training."""
+    top1 = evaluate(model, val, name="the validation split").top1
+    classes = len(getattr(val, "classes", ())) or 0
+    if users and classes > 1 and top1 < 1.5 / classes:
+        raise FxRebirthError(f"the model scores {top1:.1%} on the validation split, near chance ({1 / classes:.1%}): "
+                             "the images are not what it was trained on; give --mean/--std and --image-size as you "
+                             "trained it")
+    return top1
 
 
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the main job and write its report folder; return the report as a dict."""
     check_run(config)
     os.makedirs(config.out, exist_ok=True)
-    model, meta, train, test = _teacher_and_data(config, progress)
-    teacher_cost = config.teacher_cost
-    if "epochs" in meta:  # the default teacher, trained here
-        teacher_cost = {"images": meta["epochs"] * meta["train_images"], "wall_s": meta.get("wall_s")}
-    plan = _plan(config, model, train)
+    model, meta, data = _teacher_and_data(config, progress)
+    teacher_cost = _teacher_cost(config, meta, data)
+    meta = {**meta, "val_top1": _check_teacher(model, data.val, users=config.data is not None)}
+    plan = _plan(config, model, data.train)
+    if config.max_drop is not None and not config.targets:
+        return _searched(config, model, plan, data, meta, teacher_cost, progress)
     targets = config.targets or (None,)
     if len(targets) == 1:
-        return _point(config, model, plan, targets[0], train, test, meta, teacher_cost, config.out, progress)
-    points = [_point(config, model, plan, t, train, test, meta, teacher_cost,
-                     os.path.join(config.out, f"point-{t:g}"), progress) for t in targets]
+        return _point(config, model, plan, targets[0], data, meta, teacher_cost, config.out, progress)
+    points = [_point(config, model, plan, t, data, meta, teacher_cost, os.path.join(config.out, f"point-{t:g}"),
+                     progress) for t in targets]
     result = {"environment": environment(), "model": config.model_name, "teacher": meta,
               "plan": {"latency_s": plan.latency_s, "source": plan.source, "candidates": len(plan.candidates),
                        "front": [vars(p) for p in plan.front]},
@@ -188,6 +225,40 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     with open(os.path.join(config.out, "report.md"), "w") as f:
         f.write(summary_markdown(config, result, plan))
     return result
+
+
+def _searched(config: RunConfig, model: nn.Module, plan: Plan, data: Splits, meta: dict,
+              teacher_cost: dict | None, progress: ProgressFn | None) -> dict[str, Any]:
+    """The accuracy-budgeted run: the search along the plan's front (:mod:`fxrebirth.paper.search`), then the
+    chosen point evaluated once on the test split (with the scratch control when asked) and finished."""
+    teacher_images = (teacher_cost or {}).get("images")
+    tries = most_tries(len(front_points(plan, config.keep)))
+    budget_images = int(config.budget * teacher_images) if config.budget is not None and teacher_images else None
+    if "epochs" in config.explicit or budget_images is None:
+        per_point = int(round(config.rebirth.epochs * len(data.train)))
+        if budget_images is None:
+            log.warning("run: the teacher's training cost is unknown (give --teacher-images or --teacher-epochs): "
+                        "each point retrains %d images, %.2g epochs", per_point, config.rebirth.epochs)
+    else:
+        per_point = budget_images // max(tries, 1)
+    point_config = replace(config.rebirth, epochs=per_point / len(data.train))
+    path = os.path.join(config.out, "search.json")
+    result, chosen, _, _ = search(model, plan, data.train, data.val, max_drop=config.max_drop, config=point_config,
+                                  folder=config.out, budget_images=budget_images, teacher_images=teacher_images,
+                                  keep=config.keep, progress=progress, on_trial=lambda r: save_search(path, r))
+    if chosen is None:
+        closest = min(result.trials, key=lambda t: t.drop, default=None)
+        said = f"; the closest, {closest.estimated_speedup:.2f}x, lost {closest.drop:.2f} pt" if closest else ""
+        raise NothingWithinDrop(f"no point of the front stays within --max-drop {config.max_drop:g} on the validation "
+                                f"split{said} ({path}); allow a larger drop or a larger --budget")
+    folder = os.path.join(config.out, "points", str(result.chosen))
+    # the chosen point's finished checkpoint is read back; the test split is evaluated here, once
+    reborn, report = rebirth(model, chosen, data.train, test_data=data.test, config=point_config,
+                             checkpoint_dir=os.path.join(folder, "checkpoints"), progress=progress,
+                             control=config.control, teacher_cost=teacher_cost)
+    return finish_point(config, model, chosen, reborn, report, data.test, config.out, progress,
+                        size=_image_size(config), teacher=meta, target=None, search=result.to_dict(),
+                        data=data.preprocessing)
 
 
 def _plan_settings(config: RunConfig) -> dict[str, Any]:
@@ -227,50 +298,17 @@ def _plan(config: RunConfig, model: nn.Module, train: Any) -> Plan:
     return plan
 
 
-def _point(config: RunConfig, model: nn.Module, plan: Plan, target: float | None, train: Any, test: Any,
-           meta: dict, teacher_cost: dict | None, folder: str, progress: ProgressFn | None) -> dict[str, Any]:
+def _point(config: RunConfig, model: nn.Module, plan: Plan, target: float | None, data: Splits, meta: dict,
+           teacher_cost: dict | None, folder: str, progress: ProgressFn | None) -> dict[str, Any]:
     """One retrained point: the plan's choice for ``target``, retrained, finished, evaluated and timed."""
     chosen = Plan.from_json(plan.to_json())
     chosen.select(target_speedup=target, keep=config.keep)
     os.makedirs(folder, exist_ok=True)
-    example = torch.randn(1, 3, config.plan_size, config.plan_size)
-    reborn, report = rebirth(model, chosen, train, test_data=test, config=config.rebirth,
+    reborn, report = rebirth(model, chosen, data.train, test_data=data.test, config=config.rebirth,
                              checkpoint_dir=os.path.join(folder, "checkpoints"), progress=progress,
                              control=config.control, teacher_cost=teacher_cost)
-    size = _image_size(config)
-    batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
-    program = torch.export.export(reborn, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, os.path.join(folder, "reborn.pt2"))
-    exact, _ = optimize(model, example)
-    reborn_exact, _ = optimize(reborn, example)
-    result = {"environment": environment(), "teacher": meta, "target": target, "plan": json.loads(chosen.to_json()),
-              "planned_speedup": chosen.estimated_speedup, "rebirth": report.to_dict(),
-              "accuracy": _accuracies(report, exact, test)}
-    if config.bench == "full":  # reduced-precision rows' accuracy beside their speed
-        result["accuracy"].update(runtime_accuracies({"original": model, "reborn": reborn}, test, size))
-    table = _speed(config, model, exact, reborn_exact, progress)
-    result["latency"] = _eager_from(table) or eager_latency(model, reborn_exact, example, config.latency_rounds)
-    if table is not None:
-        result["speed"] = table.to_dict()
-    result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn_exact, example)
-    write_report(folder, result, chosen, report, table)
-    return result
-
-
-def _eager_from(table: SpeedTable | None) -> dict[str, Any] | None:
-    """The report's eager latency as the speed table measured it (batch 1), or None without that row."""
-    if table is None:
-        return None
-    rows = {(r["variant"], r["runtime"]): r for r in table.to_dict()["rows"]}
-    original, reborn = rows.get(("original", DEFAULT_RUNTIME)), rows.get(("reborn", DEFAULT_RUNTIME))
-    if not original or not reborn:
-        return None
-    o, n = original["ms"].get(1) or original["ms"].get("1"), reborn["ms"].get(1) or reborn["ms"].get("1")
-    if not o or not n:
-        return None
-    size = table.to_dict().get("image_size")
-    return {"original_ms": o, "reborn_ms": n, "speedup": o / n, "input_shape": [1, 3, size, size],
-            "source": "the speed table's eager rows"}
+    return finish_point(config, model, chosen, reborn, report, data.test, folder, progress, size=_image_size(config),
+                        teacher=meta, target=target, data=data.preprocessing)
 
 
 def _point_summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -284,72 +322,5 @@ def _point_summary(result: dict[str, Any]) -> dict[str, Any]:
             "trained_images": rebirth_report.get("trained_images"), "teacher_share": rebirth_report.get("teacher_share"),
             "calibration_images": rebirth_report.get("calibration_images"), "wall_s": rebirth_report.get("wall_s"),
             "control_wall_s": control.get("wall_s")}
-
-
-def _accuracies(report: RebirthReport, exact: nn.Module, test: Any) -> dict[str, float | None]:
-    """Held-out top-1 of each model variant. The exact tier is evaluated (it must equal the teacher's);
-    runtimes run these same models, so a runtime's accuracy is its model's."""
-    teacher = report.teacher["top1"] if report.teacher else None
-    student = report.student["top1"] if report.student else None
-    try:
-        with torch.inference_mode():
-            exact_top1 = evaluate(exact, test).top1
-    except Exception as exc:  # the exact tier was optimised at the planning size; it may not run at another
-        log.warning("run: the exact tier was not evaluated at the training size: %s", exc)
-        exact_top1 = None
-    return {"original": teacher, "exact tier": exact_top1, "reborn": student}
-
-
-def runtime_accuracies(models: dict[str, nn.Module], test: Any, image_size: int,
-                       runtime: str | None = None) -> dict[str, float]:
-    """Held-out top-1 of each model as ``runtime`` computes it (OpenVINO at the precision it names: a
-    bf16 row's accuracy), keyed ``"<name> (<runtime>)"``; nothing when the runtime is unavailable here
-    (logged). Each model is exported at the test images' size with a free batch dimension."""
-    import tempfile
-
-    from fxrebirth.measure.deploy import OpenVINOModule
-    from fxrebirth.measure.runtimes import available
-    from fxrebirth.measure.runners import export_onnx
-
-    if runtime is None:  # the first reduced-precision runtime that runs an ONNX file
-        runtime = next((n for n in runtime_names() if get_runtime(n).precision != "f32"
-                        and get_runtime(n).suffix == ".onnx"), None)
-        if runtime is None:
-            return {}
-    reason = available(runtime)
-    if reason:
-        log.info("run: no %s accuracy: %s", runtime, reason)
-        return {}
-    out = {}
-    x = torch.randn(2, 3, image_size, image_size)
-    with tempfile.TemporaryDirectory(prefix="fxrebirth-accuracy-") as folder, torch.no_grad():
-        for name, model in models.items():
-            lowered, _ = get_runtime(runtime).lower(model.eval(), x)  # what the runtime has no kernel for
-            path = export_onnx(lowered, x, os.path.join(folder, f"{name}.onnx"), dynamic_batch=True)
-            reference = evaluate(model, test).predictions
-            got = evaluate(OpenVINOModule(path, get_runtime(runtime).precision), test, reference=reference)
-            log.info("run: %s under %s: top-1 %.2f%%, %.2f%% of its predictions as in f32 eager", name, runtime,
-                     100 * got.top1, 100 * got.agreement)
-            out[f"{name} ({runtime})"] = got.top1
-    return out
-
-
-def _speed(config: RunConfig, model: nn.Module, exact: nn.Module, reborn: nn.Module,
-           progress: ProgressFn | None) -> SpeedTable | None:
-    if config.bench == "none":
-        return None
-    runtimes = runtime_names() if config.bench == "full" else runtime_names("fast")
-    variants = variants_for(runtimes)
-    steps = itertools.count()
-    total = len(variants) * len(config.bench_batches) * 2 + (len(variants) if config.bench_memory else 0)
-
-    def say(message: str) -> None:
-        log.info("speed table: %s", message)
-        if progress is not None:
-            progress(Progress("speed table", min(next(steps), total), total, unit="step", info={"message": message}))
-
-    return benchmark(model, exact=exact, reborn=reborn, image_size=config.plan_size, batches=config.bench_batches,
-                     rounds=config.latency_rounds, runtimes=runtimes, memory=config.bench_memory,
-                     name=config.model_name, progress=say, )
 
 
