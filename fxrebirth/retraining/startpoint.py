@@ -15,11 +15,12 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
 from fxrebirth.graph.regions import Region
-from fxrebirth.retraining.train import batches
+from fxrebirth.retraining.train import batches, world
 
 __all__ = ["StartJudge", "JUDGE_IMAGES"]
 
@@ -49,15 +50,22 @@ class StartJudge:
         drawn = [x for x, _ in batches(data, batch_size, seed=seed + 104729, images=images, device=device)]
         self.images = torch.cat(drawn) if drawn else torch.empty(0)
         self.reference = F.log_softmax(_logits(teacher, self.images, batch_size), 1)
-        self.used = len(self.images)
+        self.used = len(self.images) * world()[1]  # every rank's share
 
     def score(self) -> tuple[float, float]:
         """``KL(p_teacher || p_student)`` over the held images (nats per image, >= 0) and the share of them on
-        which the student's top-1 class is the teacher's."""
+        which the student's top-1 class is the teacher's; under torch.distributed over every rank's share, so
+        that every rank keeps the same candidate."""
         logits = _logits(self.student, self.images, self.batch)
-        self.used += len(self.images)
-        kl = F.kl_div(F.log_softmax(logits, 1), self.reference, log_target=True, reduction="batchmean")
-        return max(float(kl), 0.0), float((logits.argmax(1) == self.reference.argmax(1)).float().mean())
+        kl = F.kl_div(F.log_softmax(logits, 1), self.reference, log_target=True, reduction="sum")
+        agree = (logits.argmax(1) == self.reference.argmax(1)).sum()
+        totals = torch.stack([kl.double(), agree.double(), torch.tensor(float(len(logits)), dtype=torch.float64,
+                                                                        device=logits.device)])
+        if world()[1] > 1:
+            dist.all_reduce(totals)
+        self.used += int(totals[2])
+        count = max(float(totals[2]), 1.0)
+        return max(float(totals[0]) / count, 0.0), float(totals[1]) / count
 
     def choose(self, init: Any, region: Region, rebirth: nn.Module) -> dict[str, Any]:
         """Apply each of ``init``'s candidates for ``region`` to ``rebirth`` (switched on in the student), keep
