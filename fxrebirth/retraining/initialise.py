@@ -2,8 +2,9 @@
 
 ``Initialiser(gm, regions, method, ridge)`` initialises rebirth layers from the original captured graph
 ``gm``: ``lstsq`` (ridge regression on calibration data, streamed as float64 Gram matrices), ``xavier``,
-``original`` (the original weights re-laid), or ``auto`` (original for streamline regions, least squares
-for branch regions). The identities and choices are in :mod:`fxrebirth.retraining.engine` and docs/retraining.md.
+``original`` (the original weights re-laid, the BatchNorm that reads a convolution folded in), or ``auto``
+(:meth:`Initialiser.candidates`, measured by :mod:`fxrebirth.retraining.startpoint`). The identities and choices
+are in :mod:`fxrebirth.retraining.engine` and docs/retraining.md.
 """
 
 from __future__ import annotations
