@@ -3,9 +3,11 @@
 Each candidate initialisation of a region (:meth:`~fxrebirth.retraining.initialise.Initialiser.candidates`:
 the original weights re-laid, the least-squares fit to the region's outputs) is applied in turn to the
 region's rebirth layer, in the student as it stands (the regions below already started, those above still
-the original's), and scored by ``KL(p_teacher || p_student)`` over a fixed set of held images (nats per image,
-the measure the planner's importance uses); the candidate with the smallest divergence is kept, and its top-1 agreement with the teacher recorded. The images are
-forward-only passes: the teacher's once, the student's once per candidate, all counted in :attr:`StartJudge.used`.
+the original's), and scored by ``KL(p_teacher || p_student)`` over a fixed set of training images drawn with
+a seed of their own, not the fits' draw (nats per image, the measure the planner's importance uses). The
+candidate with the smallest divergence is kept, and its top-1 agreement with the teacher recorded. The images
+are forward-only passes: the teacher's once, the student's once per candidate, all counted in
+:attr:`StartJudge.used`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def _logits(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class StartJudge:
-    """Scores candidate starts of one job's student against its teacher on ``images`` held images drawn
-    with ``seed`` (see the module docstring)."""
+    """Scores candidate starts of one job's student against its teacher on ``images`` images of ``data``
+    drawn from ``seed`` (offset, so not the fits' draw; see the module docstring)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, data: Any, images: int, batch_size: int, seed: int,
                  device: torch.device | str | None = None) -> None:
