@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from fxrebirth.graph.ops import kind_of
 from fxrebirth.passes.batchnorm import fold_batchnorm_
 
-__all__ = ["TrainingBatchNorm"]
+__all__ = ["TrainingBatchNorm", "batch_statistics_nodes", "recompute_statistics"]
 
 
 class _ObservingBatchNorm(nn.BatchNorm2d):
@@ -119,3 +119,60 @@ class TrainingBatchNorm:
             handle.remove()
             fold_batchnorm_(conv.weight, conv.bias, bn)
         self.graph_nodes, self.hooked = [], []
+
+
+def batch_statistics_nodes(model: fx.GraphModule) -> list[fx.Node]:
+    """The ``F.batch_norm`` calls of ``model``'s graph that normalise with batch statistics (``training=True``)."""
+    return [n for n in model.graph.nodes if n.op == "call_function" and n.target is F.batch_norm
+            and n.kwargs.get("training") is True]
+
+
+@torch.no_grad()
+def recompute_statistics(model: fx.GraphModule, norms: Iterable[nn.BatchNorm2d], batches: Iterable[torch.Tensor],
+                         world_size: int = 1) -> int:
+    """The running statistics of every batch-statistics BatchNorm of ``model`` (its graph's ``F.batch_norm``
+    calls with ``training=True``, and ``norms``) recomputed as the plain average of their batch statistics over
+    ``batches`` (forward passes only, the weights as they are now); returns the images passed.
+
+    Training with batch statistics leaves running statistics that are a momentum average over the weights of
+    the last steps: after a few steps of a network whose weights moved, they describe none of them, and eval
+    mode (and a fold into a convolution) computes another network. With the average of batch ``k`` taken at
+    momentum ``1/k`` from zero, each running statistic is ``mean_k(stat_k)``, what an eval-mode network with
+    these weights should normalise with. Under torch.distributed the ranks' averages are averaged."""
+    nodes = batch_statistics_nodes(model)
+    norms = list(norms)
+    if not nodes and not norms:
+        return 0
+    params = dict(model.named_buffers())
+    buffers = [params[n.kwargs[k].target] for n in nodes for k in ("running_mean", "running_var")
+               if isinstance(n.kwargs.get(k), fx.Node) and n.kwargs[k].target in params]
+    saved = {n: n.kwargs.get("momentum") for n in nodes}
+    for buf in buffers:
+        buf.zero_()
+    momenta = []
+    for bn in norms:
+        momenta.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None  # nn.BatchNorm's cumulative average
+    seen, count = 0, 0
+    try:
+        for x in batches:
+            count += 1
+            for n in nodes:
+                n.kwargs = {**n.kwargs, "momentum": 1.0 / count}
+            model.recompile()
+            model(x)
+            seen += len(x) * world_size
+    finally:
+        for n, m in saved.items():
+            n.kwargs = {**n.kwargs, "momentum": m}
+        model.recompile()
+        for bn, m in zip(norms, momenta):
+            bn.momentum = m
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for buf in buffers + [b for bn in norms for b in (bn.running_mean, bn.running_var)]:
+            dist.all_reduce(buf)
+            buf.div_(world_size)
+    return seen

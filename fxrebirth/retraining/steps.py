@@ -23,7 +23,7 @@ from torch import nn
 
 from fxrebirth.graph.regions import Region
 from fxrebirth.graph.surgery import device_of
-from fxrebirth.retraining.batchnorm import TrainingBatchNorm
+from fxrebirth.retraining.batchnorm import TrainingBatchNorm, batch_statistics_nodes, recompute_statistics
 from fxrebirth.retraining.config import RebirthConfig
 from fxrebirth.retraining.report import StepRecord
 from fxrebirth.retraining.initialise import probe_nodes
@@ -154,9 +154,10 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
                regions: list[Region], data: Any, config: RebirthConfig, images: int, seed: int, kd_weight: float,
                progress: ProgressFn | None, stage: str) -> tuple[int, float | None, list, int]:
     """End-to-end training of ``student`` on ``images`` images: labels and, with ``kd_weight > 0``, the
-    ``teacher``'s logits and merged regions' outputs; only the active side of each switch learns. Returns
-    the images trained on, the last loss, the loss curve and the forward-only images the training
-    BatchNorms observed first."""
+    ``teacher``'s logits and merged regions' outputs; only the active side of each switch learns. Every
+    BatchNorm that trained with batch statistics gets its running statistics recomputed at the end
+    (:func:`_recompute_statistics`). Returns the images trained on, the last loss, the loss curve and the
+    forward-only images of the BatchNorms' statistics (observed first, recomputed last)."""
     c = config
     for switch in switches.values():  # parameters off the active path get no gradient
         switch.original.requires_grad_(not bool(switch.active))
@@ -200,6 +201,7 @@ def end_to_end(student: fx.GraphModule, teacher: fx.GraphModule, switches: dict[
     loss_value, curve = _train(loss_of, optimizer, schedule, reduce, data, c, images, seed, meter, classes)
     for hook in hooks:
         hook.remove()
+    observed += _recompute_statistics(student, norms, data, c, seed)
     if norms is not None:
         norms.fold()
     for p in student.parameters():
@@ -220,6 +222,27 @@ def _training_norms(student: fx.GraphModule, switches: dict[str, nn.Module], dat
             observed += len(x) * world()[1]  # forward only: reported with the calibration images
     norms.start()
     return norms, observed
+
+
+STATISTICS_IMAGES = 1024
+"""Training images (forward only, unaugmented) whose batch statistics give the running statistics of the
+BatchNorms that trained with batch statistics, once training ends."""
+
+
+def _recompute_statistics(student: fx.GraphModule, norms: TrainingBatchNorm | None, data: Any,
+                          config: RebirthConfig, seed: int) -> int:
+    """The running statistics of the student's batch-statistics BatchNorms (its graph's, which a strategy's
+    ``train_mode`` switched, and the training ones) recomputed on up to :data:`STATISTICS_IMAGES` training
+    images with the trained weights (:func:`~fxrebirth.retraining.batchnorm.recompute_statistics`); returns
+    the forward-only images. Measured on a user-style ResNet-18 (70.4% on Shapes 32x32) with two depth merges,
+    retrained a quarter epoch of 8,000 images at ``lr=2e-3``: 46.0% top-1 with the momentum statistics that
+    training left (below the 52.1% start), 57.9% with them recomputed, the same weights."""
+    modules = norms.modules() if norms is not None else []
+    if not modules and not batch_statistics_nodes(student):
+        return 0
+    images = min(STATISTICS_IMAGES, len(data))
+    xs = (x for x, _ in batches(data, config.batch_size, seed=seed + 2, images=images, device=device_of(student)))
+    return recompute_statistics(student, modules, xs, world()[1])
 
 
 def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: TrainingBatchNorm | None,
