@@ -2,8 +2,8 @@
 running statistics of the trained weights (recomputed on training images, forward only and counted), not a
 momentum average over the last steps' weights (issue 39: a user's ResNet-18 ended below its start)."""
 
+import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,8 +49,8 @@ def _trained(data, epochs=2, seed=0):
 def _plan_after_first_layer(model, data):
     """A depth plan of one segment that leaves ``body.0``/``body.1`` (the first conv and BatchNorm) alone."""
     x = data.tensors()[0]
-    plan = fxrebirth.plan(model, torch.randn(1, 3, 16, 16), strategies=["depth"], calibration=x[:32], rounds=1,
-                          prune="none")
+    plan = fxrebirth.plan(model, torch.randn(1, 3, 16, 16), strategies=["depth"], calibration=x[:32], prune="none",
+                          latency_table={})  # roofline costs: no timing
     usable = [c for c in plan.candidates if not any(r.startswith(("body.0", "body.1")) for r in c.region.replaces)]
     best = min(usable, key=lambda c: c.importance)
     for c in plan.candidates:
@@ -88,13 +88,14 @@ def test_no_batch_statistics_nothing_recomputed():
 
 
 def test_a_depth_rebirth_ends_with_the_statistics_of_its_trained_weights():
-    """After a short, hot retraining (Adam at 2e-3, a few steps) the first BatchNorm's running mean is the
+    """After a short, hot retraining (Adam at 2e-3 on every weight, a few steps) the first BatchNorm's running mean is the
     mean of its input (the trained first convolution on the training images), not a momentum average of
     the means of the weights it passed through; the forward-only images are counted."""
     data = Shapes("train", 256, 16)
     model = _trained(data)
     plan = _plan_after_first_layer(model, data)
-    reborn, report = fxrebirth.rebirth(model, plan, data, epochs=1.0, batch_size=64, lr=2e-3, eval_images=0)
+    reborn, report = fxrebirth.rebirth(model, plan, data, epochs=1.0, batch_size=64, finetune_lr=2e-3,
+                                       eval_images=0)
     bn = next(n for n in reborn.graph.nodes if n.target is F.batch_norm)
     conv = bn.kwargs["input"]
     assert conv.target is F.conv2d or conv.target is torch.conv2d, conv.format_node()
@@ -107,3 +108,32 @@ def test_a_depth_rebirth_ends_with_the_statistics_of_its_trained_weights():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     end = report.steps[-1]
     assert end.trained_images == 256 and end.calibration_images >= 256  # observed + recomputed, forward only
+
+
+def test_a_depth_student_fine_tunes_its_trained_weights_at_finetune_lr(monkeypatch):
+    """The trained network's own weights train at ``finetune_lr`` (default 2e-4, not ``lr``'s 2e-3) in a plan
+    of depth merges, and the value given where one is."""
+    data = Shapes("train", 64, 16)
+    model = _trained(data, epochs=1)
+    plan = _plan_after_first_layer(model, data)
+    peaks = []
+
+    class Recording(torch.optim.Adam):
+        def __init__(self, groups, *args, **kwargs):
+            super().__init__(groups, *args, **kwargs)
+            peaks.extend(g["lr"] for g in self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    fxrebirth.rebirth(model, plan, data, epochs=0.5, batch_size=32, eval_images=0)
+    assert peaks == [pytest.approx(2e-4)]
+    peaks.clear()
+    fxrebirth.rebirth(model, plan, data, epochs=0.5, batch_size=32, eval_images=0, finetune_lr=1e-3)
+    assert peaks == [pytest.approx(1e-3)]
+
+
+def test_finetune_lr_must_be_positive():
+    from fxrebirth.errors import FxRebirthError
+    from fxrebirth.retraining.config import RebirthConfig
+
+    with pytest.raises(FxRebirthError, match="finetune_lr"):
+        RebirthConfig(finetune_lr=0)

@@ -20,10 +20,10 @@ INITS = ("auto", "lstsq", "xavier", "original")
 SCHEDULES = ("distill", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # options added after checkpoints were in use, with their defaults: they join a job's key only when set
-_LATER_OPTIONS = {"augment": "none", "shift": 0.0625, "mixup_alpha": 1.0}
+_LATER_OPTIONS = {"augment": "none", "shift": 0.0625, "mixup_alpha": 1.0, "finetune_lr": 2e-4}
 _WHOLE = Range(0, integer=True)
 RANGES = {"epochs": NOT_NEGATIVE, "layerwise_epochs": NOT_NEGATIVE, "calibration_images": _WHOLE,
-          "ridge": NOT_NEGATIVE, "batch_size": COUNT, "lr": POSITIVE, "new_layer_lr_mult": POSITIVE,
+          "ridge": NOT_NEGATIVE, "batch_size": COUNT, "lr": POSITIVE, "finetune_lr": POSITIVE, "new_layer_lr_mult": POSITIVE,
           "layerwise_lr": POSITIVE, "temperature": POSITIVE, "kd_weight": Range(0, 1), "feature_weight": NOT_NEGATIVE,
           "warmup": Range(0, 1, open_high=True), "eval_images": _WHOLE, "seed": Range(integer=True)}
 """The numeric options of :class:`RebirthConfig` and the values each accepts, checked when a config is made
@@ -48,6 +48,11 @@ class RebirthConfig:
     ridge: float = 1e-3
     batch_size: int = 128
     lr: float = 2e-3
+    finetune_lr: float = 2e-4
+    """Learning rate of the trained network's own weights when the plan holds depth merges (a depth student
+    is the trained network with activations removed: fine-tuned, no new layer); ``lr`` is the rest's (new
+    layers, and every weight of a plan without depth merges). On a user-style ResNet-18 with two depth merges,
+    a quarter epoch: 66.1% top-1 at 2e-4, 57.9% at 2e-3 (start 52.1%, teacher 70.4%)."""
     new_layer_lr_mult: float = 1.0
     layerwise_lr: float = 1e-4
     temperature: float = 2.0

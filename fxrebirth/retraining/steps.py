@@ -23,6 +23,7 @@ from torch import nn
 
 from fxrebirth.graph.regions import Region
 from fxrebirth.graph.surgery import device_of
+from fxrebirth.passes.linearise import STUDENT_KEY
 from fxrebirth.retraining.batchnorm import TrainingBatchNorm, batch_statistics_nodes, recompute_statistics
 from fxrebirth.retraining.config import RebirthConfig
 from fxrebirth.retraining.report import StepRecord
@@ -248,7 +249,8 @@ def _recompute_statistics(student: fx.GraphModule, norms: TrainingBatchNorm | No
 def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: TrainingBatchNorm | None,
                config: RebirthConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """Adam over the student's trainable parameters (and the training BatchNorms'), the new layers at
-    ``new_layer_lr_mult`` times the learning rate, and its one-cycle schedule over ``steps`` steps."""
+    ``new_layer_lr_mult`` times ``lr``, the trained network's own weights at ``lr`` (``finetune_lr`` when the
+    student holds depth segments), and its one-cycle schedule over ``steps`` steps."""
     c = config
     new = {id(p) for s in switches.values() if bool(s.active) for p in s.rebirth.parameters()}
     if norms is not None:
@@ -256,7 +258,10 @@ def _optimizer(student: fx.GraphModule, switches: dict[str, nn.Module], norms: T
     params = [p for p in student.parameters() if p.requires_grad]
     if norms is not None:
         params += [p for p in norms.parameters() if id(p) not in {id(q) for q in params}]
-    groups = [{"params": [p for p in params if id(p) not in new], "lr": c.lr},
+    # a depth student is the trained network fine-tuned: its own weights at finetune_lr (Adam at lr=2e-3
+    # moves every weight by about lr per step, and a short budget never recovers from it)
+    trained_lr = c.finetune_lr if student.meta.get(STUDENT_KEY) else c.lr
+    groups = [{"params": [p for p in params if id(p) not in new], "lr": trained_lr},
               {"params": [p for p in params if id(p) in new], "lr": c.lr * c.new_layer_lr_mult}]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.Adam(groups)
