@@ -197,7 +197,7 @@ class DepthStrategy(Strategy):
 
     name = "depth"
     options = frozenset({"max_convs", "prune"})
-    training = frozenset()
+    training = frozenset({"finetune_lr"})
     needs_calibration = True
     order = 0  # linearised before switches are placed: its student form rewrites the graph's nodes
 
