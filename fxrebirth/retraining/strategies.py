@@ -222,7 +222,9 @@ class DepthStrategy(Strategy):
         return 0
 
     def train_mode(self, gm: fx.GraphModule, training: bool) -> None:
-        """The model's own BatchNorms in batch statistics while training (``training``), running ones after."""
+        """The model's own BatchNorms in batch statistics while training (``training``), running ones after
+        (recomputed for the trained weights when training ends: :func:`fxrebirth.retraining.steps.end_to_end`).
+        The trained weights learn at ``finetune_lr``: the student is the trained network, fine-tuned."""
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is F.batch_norm and "training" in node.kwargs:
                 node.kwargs = {**node.kwargs, "training": training}
