@@ -35,10 +35,10 @@ TRAINING_FLAGS = {"--init": "init", "--schedule": "schedule", "--layerwise-epoch
 (a strategy's ``training``); the common training flags (``--epochs``, ``--device``, ...) are read by all."""
 
 _ARGUMENTS = {
-    "--streamline-kernel": dict(choices=("field", "conv", "pool"), help="the rebirth layer's kernel: field covers "
-                                "the chain's receptive field (default); conv keeps the first convolution's kernel, "
-                                "as DeepRebirth does (fewer FLOPs); pool keeps the convolution and its max-pooling "
-                                "and removes only the LRN"),
+    "--streamline-kernel": dict(choices=("field", "conv", "pool", "each"), help="the rebirth layer's kernel: field "
+                                "covers the chain's receptive field (default; run's accuracy search: each); conv: the "
+                                "first convolution's, as DeepRebirth (fewer FLOPs); pool keeps the convolution and its "
+                                "max-pooling, removes only the LRN; each: one candidate per kernel, the plan chooses"),
     "--reduce-ratio": dict(type=float, help="inception reduce-layer width in rebirth layers (default 0.5; thinner "
                                             "is faster and costs more accuracy)"),
     "--max-convs": dict(type=int, metavar="N", help="the most convolutions one depth merge spans (default 4)"),

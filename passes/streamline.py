@@ -39,13 +39,17 @@ import torch.fx as fx
 
 from fxrebirth.graph.capture import SOURCE_KEY
 from fxrebirth.graph.ops import kind_of
-from fxrebirth.graph.regions import ConvProposal, PoolStage, Region, record
+from fxrebirth.graph.regions import ConvProposal, PoolStage, Region, check_regions, record
 
 from .depth import activation_input, stage_of
 
-__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage", "KERNEL_POLICIES"]
+__all__ = ["mark_streamline", "pool_output_size", "chain_output_size", "propose_conv", "Stage", "KERNEL_POLICIES",
+           "EVERY_POLICY"]
 
 KERNEL_POLICIES = ("field", "conv", "pool")
+EVERY_POLICY = "each"
+"""Mark every chain once per kernel policy whose proposal differs (ids after the first: ``<id>@<policy>``): the
+variants overlap, so a plan merges at most one of them and the planner's front holds every geometry."""
 
 _FOLLOWERS = ("batch_norm", "relu", "lrn", "max_pool", "avg_pool")
 _NONLINEAR = ("lrn", "max_pool", "avg_pool")
@@ -209,10 +213,11 @@ def mark_streamline(gm: fx.GraphModule, kernel_policy: str = "field") -> list[Re
     """Mark every streamline region of ``gm`` (which must carry shape metadata); return the new regions.
     ``kernel_policy``: how large the proposed convolution's kernel is (``"field"`` or ``"conv"``), or
     ``"pool"`` (the convolution as it is and the pooling kept, the normalisation removed; see the module
-    docstring)."""
-    if kernel_policy not in KERNEL_POLICIES:
-        raise ValueError(f"kernel policy {kernel_policy!r}: use one of {', '.join(KERNEL_POLICIES)}")
-    regions, taken = [], set()
+    docstring), or ``"each"`` (:data:`EVERY_POLICY`: one overlapping candidate per policy)."""
+    if kernel_policy not in (*KERNEL_POLICIES, EVERY_POLICY):
+        raise ValueError(f"kernel policy {kernel_policy!r}: use one of {', '.join(KERNEL_POLICIES)} or {EVERY_POLICY}")
+    policies = KERNEL_POLICIES if kernel_policy == EVERY_POLICY else (kernel_policy,)
+    regions, primary, variants, taken = [], [], [], set()
     for node in gm.graph.nodes:
         if kind_of(node) != "conv" or node in taken or len(node.kwargs["weight"].meta["tensor_meta"].shape) != 4:
             continue
@@ -220,12 +225,21 @@ def mark_streamline(gm: fx.GraphModule, kernel_policy: str = "field") -> list[Re
         if not any(kind_of(n) in _NONLINEAR for n in chain) or any(n in taken for n in chain):
             continue
         x = node.kwargs["input"]
-        proposal = _propose(chain, x, kernel_policy)
-        if proposal is None:
-            continue
         replaces = tuple(dict.fromkeys(str(n.meta.get(SOURCE_KEY, n.name)) for n in chain))
         name = str(node.meta.get(SOURCE_KEY, node.name))
-        regions.append(Region(f"streamline:{name}", "streamline", tuple(n.name for n in chain), x.name,
-                              chain[-1].name, replaces, proposal))
-        taken.update(chain)
-    return record(gm, regions)
+        proposals: list[ConvProposal] = []
+        for policy in policies:
+            proposal = _propose(chain, x, policy)
+            if proposal is None or proposal in proposals:
+                continue
+            suffix = "" if not proposals else f"@{policy}"
+            regions.append(Region(f"streamline:{name}{suffix}", "streamline", tuple(n.name for n in chain), x.name,
+                                  chain[-1].name, replaces, proposal))
+            (variants if proposals else primary).append(regions[-1])
+            proposals.append(proposal)
+        if proposals:
+            taken.update(chain)
+    for variant in variants:  # each checked on its own: the graph records one region per node
+        check_regions(gm.graph, [variant])
+    record(gm, primary)
+    return regions

@@ -159,7 +159,18 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     init = rebirth["config"]["init"]
     assert [s["name"] for s in steps] == [f"init {init}", "layer-wise distillation", "end-to-end distillation"]
     assert sum(s["trained_images"] for s in steps) == rebirth["trained_images"]
-    assert rebirth["retraining_epochs"] == rebirth["trained_images"] / 64
+    # the accuracy budget's search (the default): validation split held out of the 64 training images, every
+    # point tried recorded, all of them within a quarter of the teacher's images, the test split evaluated once
+    splits, search = data["data"], data["search"]
+    assert splits["train"] + splits["val"] == 64 and splits["val"] >= 1 and splits["test"] == 40
+    assert rebirth["retraining_epochs"] == rebirth["trained_images"] / splits["train"]
+    assert search["trials"] and search["trained_images"] == sum(t["trained_images"] for t in search["trials"])
+    assert search["trained_images"] <= search["budget_images"] == 64 // 4
+    chosen = [t for t in search["trials"] if t["index"] == search["chosen"]]
+    assert chosen and chosen[0]["drop"] <= 0.5 and chosen[0]["trained_images"] == rebirth["trained_images"]
+    assert sorted(c["region"]["id"] for c in data["plan"]["candidates"] if c["selected"]) == chosen[0]["chosen"]
+    assert (out / "search.json").exists() and (out / "front.png").exists()
+    assert "## Accuracy budget" in printed
     assert rebirth["student"]["images"] == 40 and 0 <= rebirth["student"]["top1"] <= 1
     assert latency["speedup"] == latency["original_ms"] / latency["reborn_ms"]
     assert data["teacher"]["cached"] is False and list((tmp_path / "cache").glob("teacher-*.pt"))
@@ -194,9 +205,11 @@ def test_run_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--streamline-kernel", "conv"]) == 2
     err = capsys.readouterr().err
     assert "{'streamline_kernel': 'conv'} now" in err and "give a fresh --out" in err and err.count("\n") == 1
-    assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--keep", "streamline:conv1.conv"]) == 2
-    err = capsys.readouterr().err
-    assert "belongs to another rebirth job" in err and err.count("\n") == 1
+    # a point's checkpoints are named by its set of merges: a search with another --keep reads back the sets it
+    # already trained and trains only the new ones
+    assert main(["-q", "run", "--out", str(out), *TINY_RUN, "--keep", "streamline:conv1.conv"]) == 0
+    kept = json.loads((out / "report.json").read_text())
+    assert all("streamline:conv1.conv" not in t["chosen"] for t in kept["search"]["trials"])
 
 
 def test_run_bad_inputs_are_one_line_errors(tmp_path, capsys):

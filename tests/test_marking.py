@@ -194,15 +194,19 @@ def test_an_unknown_kernel_policy_is_refused_by_name():
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_pool_policy_removes_only_the_normalisation_at_every_size(model, sizes, dtype):
     """The "pool" policy marks exactly the chains with an LRN and a max-pooling (or no pooling). Its rebirth
-    layer, initialised with the original weights, computes the chain with its normalisation layers (LRN,
-    BatchNorm) removed, at every size: maxpool(relu(x)) = relu(maxpool(x)), so the order does not matter.
+    layer, initialised with the original weights (the BatchNorm after the convolution folded into it), computes
+    the chain with its LRN removed, at every size: maxpool(relu(x)) = relu(maxpool(x)), so the order does not
+    matter.
     A chain without an LRN, or with an average pooling, is not marked."""
     from fxrebirth.equivalence import relative_error, tolerance
     from fxrebirth.retraining.initialise import Initialiser
 
     model = model.eval().to(dtype)
     kinds = {type(m) for m in model}
-    without_norm = nn.Sequential(*(m for m in model if not isinstance(m, (nn.LocalResponseNorm, nn.BatchNorm2d))))
+    if any(isinstance(m, nn.BatchNorm2d) for m in model):  # statistics away from the identity, so a lost fold shows
+        bn = next(m for m in model if isinstance(m, nn.BatchNorm2d))
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    without_norm = nn.Sequential(*(m for m in model if not isinstance(m, nn.LocalResponseNorm)))
     for size in sizes:
         x = torch.randn(2, 3, size, size, dtype=dtype)
         try:
@@ -226,3 +230,27 @@ def test_pool_policy_removes_only_the_normalisation_at_every_size(model, sizes, 
         assert relative_error(expected, got) <= bound
         again = type(region.proposal).from_dict(region.proposal.to_dict())
         assert again == region.proposal  # the kept pooling survives plan.json
+
+
+def test_each_policy_offers_every_geometry_and_a_plan_merges_one_per_chain():
+    """``"each"``: one candidate per kernel policy whose proposal differs, the first under the chain's own id and
+    the others as ``<id>@<policy>``; they overlap, so a plan (whatever it selects) merges at most one per chain
+    and its selection still fits the model."""
+    model = googlenet_lrn(width=0.25).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm = fxrebirth.capture(model, x)
+    regions = mark_streamline(gm, kernel_policy="each")
+    by_chain: dict = {}
+    for region in regions:
+        by_chain.setdefault(region.id.split("@")[0], []).append(region)
+    assert set(by_chain) == {r.id for r in mark_streamline(fxrebirth.capture(model, x))}
+    for chain, variants in by_chain.items():
+        assert len(variants) >= 2 and len({v.nodes for v in variants}) == 1, chain
+        proposals = [v.proposal for v in variants]
+        assert all(a != b for i, a in enumerate(proposals) for b in proposals[i + 1:])
+        assert {v.id.partition("@")[2] for v in variants[1:]} <= {"conv", "pool"}
+    plan = fxrebirth.plan(model, x, strategies=("streamline",), rounds=1, streamline_kernel="each")
+    plan.select()
+    chosen = [c.region.id.split("@")[0] for c in plan.selected]
+    assert len(chosen) == len(set(chosen))
+    plan.validate(fxrebirth.capture(model, x))

@@ -1,24 +1,30 @@
 """The main job, end to end: teacher -> plan -> retraining -> evaluation -> speed -> report, for ANY model.
 
 :func:`run` is what ``fxrebirth run`` calls. The model is the user's (``model`` with ``data``: an ImageFolder
-of their images) or a default teacher trained once on the embedded :class:`~fxrebirth.paper.data.Shapes` set
-and cached: the paper's Caffe-style GoogLeNet (``googlenet_lrn``, at 32x32) or a torchvision architecture (at
-64x64). Which strategies merge it never depends on its name: every registered strategy that finds a
-candidate (or the ``strategies`` given); options none of them reads are refused before any work.
+of their images, :func:`fxrebirth.retraining.folders.user_data`) or a default teacher trained once on the
+embedded :class:`~fxrebirth.paper.data.Shapes` set and cached: the paper's Caffe-style GoogLeNet
+(``googlenet_lrn``, at 32x32) or a torchvision architecture (at 64x64). Which strategies merge it never depends
+on its name: every registered strategy that finds a candidate (or the ``strategies`` given); options none of
+them reads are refused before any work.
 
+0. **Splits**: training images (planning, calibration, retraining), a validation split (every decision: a
+   seeded hold-out of the training images) and a test split evaluated once, at the end. On the user's images
+   a teacher near chance on the validation split is refused (the images are not prepared as it was trained).
 1. **Plan** at ``plan_size`` (the resolution whose latency matters) on ``runtime``, importance on calibration
    images from the training set; saved as ``plan.json`` (a resumed run reads it back).
-2. **Points**: per target speed-up (none: every candidate worth merging) the plan's choice, retrained by
-   :func:`fxrebirth.rebirth` (distillation, checkpoints under ``checkpoints/``, resume, the scratch control)
+2. **Points**: with an accuracy budget (``max_drop``, the default) the search of :mod:`fxrebirth.paper.search`
+   retrains points of the plan's front within the retraining budget (``budget``, a share of the teacher's
+   training images) and keeps the fastest within the drop on the validation split; with target speed-ups,
+   one point per target (none: every candidate worth merging). Each point is retrained by
+   :func:`fxrebirth.rebirth` (distillation, checkpoints, resume; the scratch control of the point reported)
    and finished (merged exactly where a strategy merges); the exact tier then folds what it can.
-3. **Speed**: original, exact tier and reborn model side by side, each figure measured once: the eager
-   latency of the report is the speed table's eager row (without a table, one interleaved eager measurement).
+3. **Finish** (:mod:`fxrebirth.paper.finish`): the test split evaluated once, original, exact tier and reborn
+   model timed side by side (the plan's runtime among the rows), the report written.
 
-The report folder holds ``report.md``, ``report.json``, ``plan.json``, PNG figures and the reborn model as a
-torch.export program (``reborn.pt2``); with several targets, each point's in ``point-<target>/`` and the
-measured front in ``report.md``.
+The report folder holds ``report.md``, ``report.json``, ``plan.json``, PNG figures, the reborn model as a
+torch.export program (``reborn.pt2``) and, after a search, ``search.json`` and ``points/``; with several
+targets, each point's in ``point-<target>/`` and the measured front in ``report.md``.
 """
-
 from __future__ import annotations
 
 import copy
@@ -37,7 +43,7 @@ from fxrebirth.measure.speed import environment
 from fxrebirth.paper.data import Shapes
 from fxrebirth.paper.finish import finish_point, runtime_accuracies
 from fxrebirth.paper.report import PUBLISHED, summary_markdown, write_report
-from fxrebirth.paper.search import NothingWithinDrop, front_points, most_tries, save_search, search
+from fxrebirth.paper.search import NothingWithinDrop, front_points, most_tries, point_folder, save_search, search
 from fxrebirth.paper.teacher import TORCHVISION_TEACHERS, TeacherConfig, build_teacher, default_teacher
 from fxrebirth.graph.capture import capture
 from fxrebirth.retraining.engine import RebirthConfig, rebirth
@@ -203,12 +209,12 @@ def _check_teacher(model: nn.Module, val: Any, users: bool) -> float:
 
 def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the main job and write its report folder; return the report as a dict."""
-    check_run(config)
+    applicable = check_run(config)
     os.makedirs(config.out, exist_ok=True)
     model, meta, data = _teacher_and_data(config, progress)
     teacher_cost = _teacher_cost(config, meta, data)
     meta = {**meta, "val_top1": _check_teacher(model, data.val, users=config.data is not None)}
-    plan = _plan(config, model, data.train)
+    plan = _plan(_search_space(config, applicable), model, data.train)
     if config.max_drop is not None and not config.targets:
         return _searched(config, model, plan, data, meta, teacher_cost, progress)
     targets = config.targets or (None,)
@@ -225,6 +231,16 @@ def run(config: RunConfig, progress: ProgressFn | None = None) -> dict[str, Any]
     with open(os.path.join(config.out, "report.md"), "w") as f:
         f.write(summary_markdown(config, result, plan))
     return result
+
+
+def _search_space(config: RunConfig, applicable: list[str]) -> RunConfig:
+    """The accuracy budget's search explores every geometry a strategy offers unless the user chose one: the
+    streamline chains once per kernel policy (``streamline_kernel="each"``), so the front holds e.g. a stem that
+    keeps its pooling beside one that does not."""
+    searching = config.max_drop is not None and not config.targets
+    if not searching or "streamline" not in applicable or "streamline_kernel" in config.strategy_options:
+        return config
+    return replace(config, strategy_options={**config.strategy_options, "streamline_kernel": "each"})
 
 
 def _searched(config: RunConfig, model: nn.Module, plan: Plan, data: Splits, meta: dict,
@@ -251,7 +267,7 @@ def _searched(config: RunConfig, model: nn.Module, plan: Plan, data: Splits, met
         said = f"; the closest, {closest.estimated_speedup:.2f}x, lost {closest.drop:.2f} pt" if closest else ""
         raise NothingWithinDrop(f"no point of the front stays within --max-drop {config.max_drop:g} on the validation "
                                 f"split{said} ({path}); allow a larger drop or a larger --budget")
-    folder = os.path.join(config.out, "points", str(result.chosen))
+    folder = point_folder(config.out, result.points[result.chosen])
     # the chosen point's finished checkpoint is read back; the test split is evaluated here, once
     reborn, report = rebirth(model, chosen, data.train, test_data=data.test, config=point_config,
                              checkpoint_dir=os.path.join(folder, "checkpoints"), progress=progress,

@@ -13,8 +13,9 @@ search retrains points of that front and measures each on the validation split (
    ``1 + ceil(log2 n)`` points of ``n`` are retrained (:func:`bisection_order`).
 3. **The budget**: every point retrains on the same number of images, the overall budget divided by the most
    points the bisection can try, so the search never spends more than the budget; a search that stops early
-   spends less. Each point's checkpoints are under ``points/<index>/``: an interrupted search resumes, and a
-   finished point is read back instead of retrained.
+   spends less. Each point's checkpoints are under ``points/<merges>-<hash of its set>/``
+   (:func:`point_folder`): an interrupted search resumes, and a set of merges already trained with the same
+   options is read back instead of retrained.
 
 What it returns (:class:`SearchResult`) records every point tried with its validation top-1, its estimated
 speed-up, and the images it trained on (forward and backward) and passed forward only (calibration).
@@ -22,6 +23,7 @@ speed-up, and the images it trained on (forward and backward) and passed forward
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,7 +39,7 @@ from fxrebirth.retraining.plandata import FrontPoint, Plan, kept_ids
 from fxrebirth.retraining.train import ProgressFn
 
 __all__ = ["Trial", "SearchResult", "NothingWithinDrop", "front_points", "bisection_order", "most_tries", "search",
-           "save_search"]
+           "save_search", "point_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def search(model: nn.Module, plan: Plan, train: Any, val: Any, *, max_drop: floa
     """Retrain points of ``plan``'s front on ``train``, each measured on ``val``, and return the search record
     with the fastest point within ``max_drop`` (points of top-1): its plan, reborn model and report (None when
     none was). Every point retrains as ``config`` says (its ``epochs`` of ``train``); checkpoints go under
-    ``folder/points/<index>/``. ``on_trial`` is called after every point (the caller saves the record)."""
+    :func:`point_folder`. ``on_trial`` is called after every point (the caller saves the record)."""
     if max_drop <= 0 or not math.isfinite(max_drop):
         raise FxRebirthError(f"max_drop={max_drop}: the accuracy budget is a positive number of points")
     points = front_points(plan, keep)
@@ -165,7 +167,7 @@ def search(model: nn.Module, plan: Plan, train: Any, val: Any, *, max_drop: floa
     index = next(order)
     while True:
         chosen, reborn, report = _retrain(model, plan, points[index], train, val, config,
-                                          os.path.join(folder, "points", str(index)), progress)
+                                          point_folder(folder, points[index]), progress)
         trial = Trial(index, points[index].chosen, points[index].speedup, report.student["top1"],
                       report.teacher["top1"], report.trained_images, report.calibration_images,
                       report.wall_s)
@@ -183,6 +185,14 @@ def search(model: nn.Module, plan: Plan, train: Any, val: Any, *, max_drop: floa
         except StopIteration:
             break
     return (result, *best) if best else (result, None, None, None)
+
+
+def point_folder(folder: str, point: FrontPoint) -> str:
+    """Where a point's checkpoints live: named by its set of merges, so that a search resumed with other
+    settings (``keep``, another drop) reads back every set it already trained and retrains only new ones (a
+    checkpoint also records the model, data and options it belongs to, and is refused for another job)."""
+    digest = hashlib.sha256("\n".join(sorted(point.chosen)).encode()).hexdigest()[:12]
+    return os.path.join(folder, "points", f"{len(point.chosen)}-{digest}")
 
 
 def _retrain(model: nn.Module, plan: Plan, point: FrontPoint, train: Any, val: Any, config: RebirthConfig,
