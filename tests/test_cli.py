@@ -338,7 +338,9 @@ def test_the_depth_job_end_to_end_on_a_tiny_configuration(tmp_path, capsys, monk
     result = json.loads((out / "report.json").read_text())
     chosen = [c for c in result["plan"]["candidates"] if c["selected"]]
     assert chosen and {c["region"]["kind"] for c in chosen} == {"depth"} and result["target"] == 1.05
-    assert result["rebirth"]["trained_images"] == 32 and result["rebirth"]["teacher_share"] == 0.5
+    # half an epoch of the training split (the validation split held out of the 64 images), against 64 taught
+    trained = round(0.5 * result["data"]["train"])
+    assert result["rebirth"]["trained_images"] == trained and result["rebirth"]["teacher_share"] == trained / 64
     assert result["latency"]["speedup"] > 0 and (out / "plan.json").exists() and (out / "reborn.pt2").exists()
     # a second run reads the cached teacher, the saved plan and the finished checkpoint
     assert main(["-q", "run", "--out", str(out), *TINY_DEPTH]) == 0
