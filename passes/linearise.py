@@ -277,10 +277,10 @@ def merge(student: fx.GraphModule) -> fx.GraphModule:
     gm = copy.deepcopy(student)
     ctx = RuleContext(gm)
     position = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    # last first: a merged segment's output node is replaced, and a later segment may read it
-    for index, part in sorted(enumerate(parts), key=lambda p: -position[p[1].output]):
-        if not part.nodes:
-            continue
+    # last first: a merged segment's output node is replaced, and a later segment may read it. A segment that
+    # became the identity has nothing to merge (its value may since be another strategy's renamed output)
+    kept = [(index, part) for index, part in enumerate(parts) if part.nodes]
+    for index, part in sorted(kept, key=lambda p: -position[p[1].output]):
         kernel = _kernel_of(gm, part, ctx)
         error = _verify(gm, part, kernel)
         if not error <= LOCAL_TOLERANCE:

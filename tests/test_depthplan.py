@@ -405,3 +405,34 @@ def test_a_depth_plan_file_written_by_0_2_loads_into_the_one_plan():
     assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
     with pytest.raises(RegionError, match="format 'fxrebirth-plan/99'.*plan again"):
         Plan.from_json(json.dumps({"format": "fxrebirth-plan/99"}))
+
+
+def test_a_depth_segment_dropped_to_its_shortcut_after_a_merged_stem_finishes():
+    """A depth segment whose addition is dropped to its shortcut becomes the identity; when its shortcut is a
+    streamline region's output (ResNet's stem), the streamline finish renames that node first: the depth
+    finish must still merge the rest (it raised KeyError on the renamed node)."""
+    import torchvision
+
+    from fxrebirth.retraining.planning import mark
+    from fxrebirth.retraining.student import build_student, finish_student
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxrebirth.capture(model, x)
+    found = mark(gm, strategies=["streamline", "depth"], prune="all")
+    (stem,) = [r for r in found["streamline"] if r.id == "streamline:conv1"]
+    dropped = [r for r in found["depth"] if r.input == stem.output and r.id.startswith(f"depth:{stem.output}->")
+               and " -" in r.id]
+    assert dropped, [r.id for r in found["depth"]][:10]
+    regions = [stem, dropped[0]]
+    candidates = [Candidate(r, 1.0, 0.5, 0.0, (i, i), selected=True) for i, r in enumerate(regions)]
+    plan = Plan(model="ResNet", input_shape=[1, 3, 32, 32], latency_s=2.0, source="test", candidates=candidates,
+                strategies=["streamline", "depth"])
+    student, switches = build_student(gm, plan)
+    for switch in switches.values():
+        switch.active.fill_(True)
+    reborn = finish_student(student, plan)
+    with torch.no_grad():
+        assert reborn(x).shape == (2, 10)
+        assert relative_error(student.eval()(x), reborn(x)) <= tolerance(torch.float32)
