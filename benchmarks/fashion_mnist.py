@@ -160,6 +160,12 @@ def markdown(rows: list[dict], records: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _teacher(arch: str, epochs: int, root: Path) -> dict:
+    """The teacher's record: the one trained already (whatever its epochs), else trained now for ``epochs``."""
+    record = CACHE / f"{arch}.json"
+    return json.loads(record.read_text()) if record.exists() else train_teacher(arch, epochs, root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=["resnet18", "mobilenet_v2"])
@@ -169,14 +175,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12, help="the teachers' epochs")
     parser.add_argument("--control", action="store_true", help="also train each chosen point's scratch control")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--retime", action="store_true", help="time every finished job's models again (alone)")
     args = parser.parse_args()
     root = write_folder()
-    records = {arch: train_teacher(arch, args.epochs, root) for arch in args.arch}
+    records = {arch: _teacher(arch, args.epochs, root) for arch in args.arch}
     rows = []
     for arch in args.arch:
         for runtime in args.runtime:
             for drop in args.max_drop:
                 rows.append(run_job(records[arch], root, runtime, drop, args.budget, args.control))
+                if args.retime and "error" not in rows[-1]:
+                    out = JOBS / job_name(arch, runtime, drop, args.budget)
+                    rows[-1]["timed"] = timed(records[arch], out, runtime)
+                    (out / "summary.json").write_text(json.dumps(rows[-1], indent=1))
                 print(json.dumps(rows[-1]), flush=True)
     text = markdown(rows, records)
     if args.write_docs:

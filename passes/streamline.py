@@ -22,8 +22,8 @@ padding does for every size, the proposal records for which input sizes it does 
 ``valid_to``).
 
 The ``"pool"`` policy removes less: the rebirth layer is the first convolution as it is (its kernel, stride
-and padding) [+ ReLU], followed by the chain's own max-pooling; only the normalisation (LRN; BatchNorm, which
-the exact tier folds anyway) goes. Since ``maxpool(relu(x)) = relu(maxpool(x))``, the order of ReLU and pooling
+and padding) [+ ReLU], followed by the chain's own max-pooling; only the LRN goes (a BatchNorm after the
+convolution is folded into it when the rebirth layer starts from the original weights). Since ``maxpool(relu(x)) = relu(maxpool(x))``, the order of ReLU and pooling
 in the chain does not matter, and the output size is the chain's at every input size. It keeps the pooling's
 invariance, which a strided convolution has to learn back, and marks only chains with an LRN (without one
 there is nothing to remove) whose pooling is a max-pooling without dilation and whose convolution has none.

@@ -12,10 +12,14 @@ r"""The retraining engine: ONE job that trains any plan, whatever strategies its
 2. **Initialise** each rebirth layer of a switch strategy (``init=``, :mod:`fxrebirth.retraining.initialise`;
    a depth student starts from the original's weights):
 
-   * ``"original"`` (default): the original weights re-laid: a streamline convolution's kernel placed inside
-     the larger kernel where the pooling window's centre reads; inception branches copied with the first
-     channels of each thinned reduce layer; the absorbed pool-projection channels Glorot-initialised.
-     Measured best after training (docs/results.md).
+   * ``"auto"`` (default): each candidate start below (``original``, ``lstsq``) applied in turn and the one
+     nearest the teacher kept, by the KL of the student's logits to the teacher's on held calibration images
+     (:mod:`fxrebirth.retraining.startpoint`; per region the winner, ``start_kl`` and ``start_agreement`` are
+     recorded).
+   * ``"original"``: the original weights re-laid, the BatchNorm after the convolution folded in: a
+     streamline convolution's kernel placed inside the larger kernel where the pooling window's centre reads;
+     inception branches copied with the first channels of each thinned reduce layer; the absorbed
+     pool-projection channels Glorot-initialised.
    * ``"lstsq"``: a closed-form ridge-regression fit on calibration images. A streamline region's
      convolution ``W`` minimises ``||[unfold(x) 1] W - y||^2 + lambda ||W||^2`` over the region's inputs
      ``x`` (unfolded into the rebirth kernel's patches) and outputs ``y``. In an inception region the 1x1
@@ -24,7 +28,6 @@ r"""The retraining engine: ONE job that trains any plan, whatever strategies its
      channels to the original pre-activation (plus, in the absorbing branch, the pool projection's).
      Regions are fitted bottom-up, each reading its input from the student (regions below merged) and its
      targets from the original. The best start before training; not after it, on the default GoogLeNet.
-   * ``"auto"``: ``original`` for streamline regions, ``lstsq`` for branch regions.
    * ``"xavier"``: Glorot-uniform weights, zero biases (the paper's).
 
 3. **Train** (``schedule=``):
@@ -38,7 +41,10 @@ r"""The retraining engine: ONE job that trains any plan, whatever strategies its
    * ``"paper"``: DeepRebirth's schedule: bottom-up, one region per step, ``epochs`` epochs per step of
      end-to-end training on labels, the new layer at ``new_layer_lr_mult`` times the learning rate.
 
-   A depth student trains end to end only, its model's BatchNorms in batch statistics (``train_batch_norm``).
+   A depth student trains end to end only, its model's BatchNorms in batch statistics (``train_batch_norm``),
+   the trained network's own weights at ``finetune_lr`` (new layers at ``lr``). Every end-to-end step ends by
+   recomputing the running statistics of the BatchNorms that trained on batch statistics, on training images
+   with the trained weights (forward only, counted with the calibration images).
    The student trains with dropout off (distillation is its regulariser, and data-parallel runs then match a
    single process). Under ``torchrun`` the end-to-end training is data-parallel (DDP); every rank must call
    :func:`rebirth` with the same arguments. ``device=`` (``cuda`` under torchrun: ``cuda:$LOCAL_RANK``) is where
