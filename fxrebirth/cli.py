@@ -25,7 +25,7 @@ def _export(args: argparse.Namespace) -> int:
     from fxrebirth.frontends.deploy import export_model
 
     model = _load(args)
-    x = torch.randn(args.batch, 3, args.input_size, args.input_size)
+    x = _example(model, args.batch, args.input_size)
     rewrites = 0
     if not args.as_is:
         from fxrebirth.measure.runtimes import for_target
@@ -135,6 +135,14 @@ def _teacher_cost(args: argparse.Namespace) -> dict[str, float] | None:
     return cost if any(v is not None for v in cost.values()) else None
 
 
+def _example(model: nn.Module, batch: int, size: int) -> torch.Tensor:
+    """A random input for ``model``: ``batch`` images of ``size`` x ``size`` with the channels its first
+    convolution takes (a grey model's 1)."""
+    from fxrebirth.retraining.folders import input_channels
+
+    return torch.randn(batch, input_channels(model, size), size, size)
+
+
 def _load(args: argparse.Namespace) -> nn.Module:
     """The command's model: MODEL with ``--weights`` and ``--num-classes`` (:func:`load_trained`)."""
     return load_trained(args.model, args.weights or None, num_classes=getattr(args, "num_classes", None))
@@ -155,7 +163,7 @@ def _plan_of(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, **more
 
 def _plan(args: argparse.Namespace) -> int:
     model = _load(args)
-    x = torch.randn(1, 3, args.input_size, args.input_size)
+    x = _example(model, 1, args.input_size)
     result = _plan_of(args, model, x, **({"rounds": args.rounds} if args.rounds else {}))
     if args.save:
         _write(args.save, result.to_json(indent=1))
@@ -170,7 +178,7 @@ def _profile(args: argparse.Namespace) -> int:
     from fxrebirth.retraining.profiling import profile
 
     model = _load(args)
-    x = torch.randn(1, 3, args.input_size, args.input_size)
+    x = _example(model, 1, args.input_size)
     strategies = tuple(dict.fromkeys(args.strategy)) if args.strategy else None
     manifest = profile(model, x, args.out, strategies=strategies, **strategy_options(args))
     with open(manifest) as f:
@@ -194,7 +202,7 @@ def _cost_model(runtime: str | None) -> Any:
 
 def _optimize(args: argparse.Namespace) -> int:
     model = _load(args)
-    x = torch.randn(args.batch, 3, args.input_size, args.input_size)
+    x = _example(model, args.batch, args.input_size)
     gm, report = optimize(model, x, disable=args.disable, verify=not args.no_verify, cost_model=_cost_model(args.runtime))
     report.model = args.model
     if args.save:
@@ -219,7 +227,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # every runtime of the table takes torch's count
     say = (lambda message: None) if args.quiet or args.json else (lambda message: print(message, file=sys.stderr))
-    x = torch.randn(1, 3, args.input_size, args.input_size)
+    x = _example(model, 1, args.input_size)
     say("exact tier")
     exact, _ = optimize(model, x)
     reborn, planned = None, None

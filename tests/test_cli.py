@@ -515,3 +515,13 @@ def test_without_strategy_the_library_refuses_what_no_applicable_strategy_reads(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("fxrebirth: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_commands_give_a_grey_model_grey_examples():
+    """A model whose first convolution takes one channel gets one-channel example inputs (and a stem that takes
+    three, three): every command builds its example from the model, never a fixed three."""
+    from fxrebirth.cli import _example
+
+    grey = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    assert _example(grey, 2, 16).shape == (2, 1, 16, 16)
+    assert _example(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 1, 8).shape == (1, 3, 8, 8)

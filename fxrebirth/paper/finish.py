@@ -36,9 +36,10 @@ def finish_point(config: Any, model: nn.Module, chosen: Plan, reborn: nn.Module,
     """Export, evaluate, time and report one retrained point into ``folder`` (``config``: the run's
     :class:`~fxrebirth.paper.runner.RunConfig`; ``size``: the test images' size); ``facts`` (the teacher's
     record, the target, the search, the data's preprocessing) join the report. Returns the report as a dict."""
-    example = torch.randn(1, 3, config.plan_size, config.plan_size)
+    channels = test[0][0].shape[0]  # the channels the model takes (the data were converted to them)
+    example = torch.randn(1, channels, config.plan_size, config.plan_size)
     batch = torch.export.Dim("batch", max=4096)  # exported with a batch of 2: a size-1 example would specialise
-    program = torch.export.export(reborn, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(reborn, (torch.randn(2, channels, size, size),), dynamic_shapes=({0: batch},))
     torch.export.save(program, os.path.join(folder, "reborn.pt2"))
     exact, _ = optimize(model, example)
     reborn_exact, _ = optimize(reborn, example)
@@ -113,7 +114,7 @@ def runtime_accuracies(models: dict[str, nn.Module], test: Any, image_size: int,
         log.info("run: no %s accuracy: %s", runtime, reason)
         return {}
     out = {}
-    x = torch.randn(2, 3, image_size, image_size)
+    x = torch.randn(2, test[0][0].shape[0], image_size, image_size)
     with tempfile.TemporaryDirectory(prefix="fxrebirth-accuracy-") as folder, torch.no_grad():
         for name, model in models.items():
             lowered, _ = get_runtime(runtime).lower(model.eval(), x)  # what the runtime has no kernel for

@@ -141,8 +141,9 @@ def check_run(config: RunConfig) -> list[str]:
         get_runtime(config.runtime)
     if config.bench not in ("full", "fast", "none"):
         raise FxRebirthError(f"bench={config.bench!r}: use full, fast or none")
-    x = torch.randn(1, 3, config.plan_size, config.plan_size)
-    gm = capture(copy.deepcopy(_architecture(config)).eval(), (x,), variants=False)
+    architecture = _architecture(config)
+    x = torch.randn(1, input_channels(architecture, config.plan_size), config.plan_size, config.plan_size)
+    gm = capture(copy.deepcopy(architecture).eval(), (x,), variants=False)
     found = mark(gm, strategies=list(config.strategies) if config.strategies else None, **config.strategy_options)
     if not any(found.values()):
         raise FxRebirthError(f"{config.model_name}: no strategy ({', '.join(found) or 'of those registered'}) finds "
@@ -304,7 +305,8 @@ def _plan(config: RunConfig, model: nn.Module, train: Any) -> Plan:
     needs = any(get_strategy(n).needs_calibration for n in (strategies or ["depth"]))
     calibration = torch.stack([train[i][0] for i in range(min(config.calibration_images, len(train)))]) \
         if needs else None
-    plan = make_plan(model, torch.randn(1, 3, config.plan_size, config.plan_size), strategies=strategies,
+    example = torch.randn(1, input_channels(model, config.plan_size), config.plan_size, config.plan_size)
+    plan = make_plan(model, example, strategies=strategies,
                      calibration=calibration, runtime=config.runtime, rounds=config.plan_rounds,
                      device_table=config.plan_table, **config.strategy_options)
     with open(plan_path, "w") as f:
