@@ -13,7 +13,9 @@ Not collected by the plain test command. Run::
    ``train/``, the 10,000 test images are evaluated once at the end), the teacher's own preprocessing (32x32,
    its mean and standard deviation, grey images replicated to three channels by the tool), its training cost
    (epochs), the runtime to plan for and the accuracy budget. The deployed resolution is the training one,
-   32x32. Each job resumes from its report folder (``benchmarks/cache/fashion-mnist/jobs/<job>/``).
+   32x32. Each job resumes from its report folder (``benchmarks/cache/fashion-mnist/jobs/<teacher>-<runtime>-
+   budget<b>/``), which the drops of one teacher and runtime share: the second drop's search reads back the plan
+   and every set of merges the first trained (each drop's report is kept as ``report-drop<d>.*``).
 3. The table: per job, the test-split top-1 of teacher and reborn with the paired interval, the speed-up on the
    job's runtime at batch 1 (the speed table's median of interleaved rounds), the points tried and the
    retraining images of all of them as a share of the teacher's, and the wall time.
@@ -35,8 +37,10 @@ DOC = ROOT / "docs" / "real-data.md"
 JOBS = CACHE / "jobs"
 
 
-def job_name(arch: str, runtime: str, max_drop: float, budget: float) -> str:
-    return f"{arch}-{runtime.replace(' ', '_')}-drop{max_drop:g}-budget{budget:g}"
+def job_name(arch: str, runtime: str, budget: float) -> str:
+    """A teacher's report folder on one runtime and budget, shared by its drops: the plan and every trained set
+    of merges (``points/``) are read back by the next drop's search instead of measured and trained again."""
+    return f"{arch}-{runtime.replace(' ', '_')}-budget{budget:g}"
 
 
 def command(record: dict, root: Path, runtime: str, max_drop: float, budget: float, out: Path,
@@ -51,8 +55,8 @@ def command(record: dict, root: Path, runtime: str, max_drop: float, budget: flo
 
 def run_job(record: dict, root: Path, runtime: str, max_drop: float, budget: float, control: bool) -> dict:
     """One job (resumed when its folder holds a finished or interrupted run); its summary row."""
-    out = JOBS / job_name(record["arch"], runtime, max_drop, budget)
-    summary_path = out / "summary.json"
+    out = JOBS / job_name(record["arch"], runtime, budget)
+    summary_path = out / f"summary-drop{max_drop:g}.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -64,16 +68,21 @@ def run_job(record: dict, root: Path, runtime: str, max_drop: float, budget: flo
         print(done.stderr[-2000:], file=sys.stderr, flush=True)
         return {"arch": record["arch"], "runtime": runtime, "max_drop": max_drop, "budget": budget,
                 "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    summary = summarise(json.loads((out / "report.json").read_text()), record, runtime, max_drop, budget)
+    for name in ("report.json", "report.md", "reborn.pt2"):  # the next drop writes its own into the folder
+        stem, suffix = name.split(".")
+        (out / name).replace(out / f"{stem}-drop{max_drop:g}.{suffix}")
+    summary = summarise(json.loads((out / f"report-drop{max_drop:g}.json").read_text()), record, runtime, max_drop,
+                        budget)
     summary["wall_s"] = time.time() - began
-    summary["timed"] = timed(record, out, runtime)
+    summary["timed"] = timed(record, out / f"reborn-drop{max_drop:g}.pt2", runtime)
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def timed(record: dict, out: Path, runtime: str, rounds: int = 30) -> dict:
-    """The original and the reborn model (``reborn.pt2``) under ``runtime`` at batch 1, 32x32, timed side by side
-    in ``rounds`` shuffled interleaved rounds in this process: medians and the per-round ratio's quartiles."""
+def timed(record: dict, reborn: Path, runtime: str, rounds: int = 30) -> dict:
+    """The original and the reborn model (``reborn``, a torch.export file) under ``runtime`` at batch 1, 32x32,
+    timed side by side in ``rounds`` shuffled interleaved rounds in this process: medians and the per-round
+    ratio's quartiles."""
     import tempfile
 
     import torch
@@ -85,7 +94,7 @@ def timed(record: dict, out: Path, runtime: str, rounds: int = 30) -> dict:
 
     x = torch.randn(1, 3, SIZE, SIZE)
     models = {"original": load_trained(record["arch"], record["weights"]),
-              "reborn": torch.export.load(out / "reborn.pt2").module()}
+              "reborn": torch.export.load(reborn).module()}
     with tempfile.TemporaryDirectory(prefix="fmnist-timing-") as folder, torch.no_grad():
         runs = {}
         for name, model in models.items():
@@ -185,9 +194,9 @@ def main() -> None:
             for drop in args.max_drop:
                 rows.append(run_job(records[arch], root, runtime, drop, args.budget, args.control))
                 if args.retime and "error" not in rows[-1]:
-                    out = JOBS / job_name(arch, runtime, drop, args.budget)
-                    rows[-1]["timed"] = timed(records[arch], out, runtime)
-                    (out / "summary.json").write_text(json.dumps(rows[-1], indent=1))
+                    out = JOBS / job_name(arch, runtime, args.budget)
+                    rows[-1]["timed"] = timed(records[arch], out / f"reborn-drop{drop:g}.pt2", runtime)
+                    (out / f"summary-drop{drop:g}.json").write_text(json.dumps(rows[-1], indent=1))
                 print(json.dumps(rows[-1]), flush=True)
     text = markdown(rows, records)
     if args.write_docs:
