@@ -94,7 +94,7 @@ def timed(record: dict, reborn: Path, runtime: str, rounds: int = 30) -> dict:
 
     x = torch.randn(1, 3, SIZE, SIZE)
     models = {"original": load_trained(record["arch"], record["weights"]),
-              "reborn": torch.export.load(reborn).module()}
+              "reborn": _plain(torch.export.load(reborn).module())}
     with tempfile.TemporaryDirectory(prefix="fmnist-timing-") as folder, torch.no_grad():
         runs = {}
         for name, model in models.items():
@@ -105,6 +105,14 @@ def timed(record: dict, reborn: Path, runtime: str, rounds: int = 30) -> dict:
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"original_ms": median["original"], "reborn_ms": median["reborn"], "speedup": ratio,
             "speedup_iqr": [q1, q3], "rounds": rounds}
+
+
+def _plain(module):
+    """A loaded torch.export program's module as a plain GraphModule (the loaded one refuses ``train()``, which
+    the ONNX exporter calls)."""
+    import torch.fx
+
+    return torch.fx.GraphModule(module, module.graph).eval()
 
 
 def summarise(report: dict, record: dict, runtime: str, max_drop: float, budget: float) -> dict:
