@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="also train each chosen point's scratch control")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--retime", action="store_true", help="time every finished job's models again (alone)")
+    parser.add_argument("--finished", action="store_true", help="only the jobs that have finished (no training)")
     args = parser.parse_args()
     root = write_folder()
     records = {arch: _teacher(arch, args.epochs, root) for arch in args.arch}
@@ -200,6 +201,9 @@ def main() -> None:
     for arch in args.arch:
         for runtime in args.runtime:
             for drop in args.max_drop:
+                done = JOBS / job_name(arch, runtime, args.budget) / f"summary-drop{drop:g}.json"
+                if args.finished and not done.exists():
+                    continue
                 rows.append(run_job(records[arch], root, runtime, drop, args.budget, args.control))
                 if args.retime and "error" not in rows[-1]:
                     out = JOBS / job_name(arch, runtime, args.budget)
