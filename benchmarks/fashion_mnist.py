@@ -104,7 +104,7 @@ def timed(record: dict, reborn: Path, runtime: str, rounds: int = 30) -> dict:
     ratio, q1, q3 = ratio_spread(times["original"], times["reborn"])
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"original_ms": median["original"], "reborn_ms": median["reborn"], "speedup": ratio,
-            "speedup_iqr": [q1, q3], "rounds": rounds}
+            "speedup_iqr": [q1, q3], "rounds": rounds, "threads": torch.get_num_threads()}
 
 
 def _plain(module):
@@ -130,7 +130,13 @@ def summarise(report: dict, record: dict, runtime: str, max_drop: float, budget:
             "chosen": search["chosen"], "front_points": len(search["points"]),
             "trained_images": search["trained_images"], "forward_images": search["forward_images"],
             "teacher_images": search["teacher_images"], "share": search["teacher_share"],
-            "chosen_images": search["per_point_images"], "cpu": report["environment"]["cpu"]}
+            "chosen_images": search["per_point_images"], "cpu": report["environment"]["cpu"],
+            "search_wall_s": sum(t["wall_s"] for t in search["trials"]),
+            "control_top1": (rebirth.get("control") or {}).get("top1")}
+
+
+def _percent(value: float | None) -> str:
+    return f"{value:.2%}" if value is not None else "not trained"
 
 
 def markdown(rows: list[dict], records: dict[str, dict]) -> str:
@@ -149,19 +155,21 @@ def markdown(rows: list[dict], records: dict[str, dict]) -> str:
              "brackets the per-round ratio's quartiles), timed again after the job, one job at a time. Retraining: "
              "images passed forward and backward in every point the search tried, against the teacher's.", "",
              "| teacher | test top-1 | runtime | max drop | reborn test top-1 (paired 95%) | speed-up on the runtime "
-             "(ms) | points tried | retraining images (share of teacher's) | forward only | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(ms) | scratch control | points tried | retraining images (share of teacher's) | forward only | "
+             "retraining wall, all points |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['arch']} | | {r['runtime']} | {r['max_drop']:g} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['arch']} | | {r['runtime']} | {r['max_drop']:g} | failed: {r['error']} | | | | | | |")
             continue
         lo, hi = r["interval"]
         t = r["timed"]
         lines.append(f"| {r['arch']} | {r['teacher_test_top1']:.2%} | {r['runtime']} | {r['max_drop']:g} | "
                      f"{r['reborn_test_top1']:.2%} ({100 * (r['reborn_test_top1'] - r['teacher_test_top1']):+.2f} pt "
                      f"[{100 * lo:+.2f}, {100 * hi:+.2f}]) | **{t['speedup']:.2f}x** [{t['speedup_iqr'][0]:.2f}, "
-                     f"{t['speedup_iqr'][1]:.2f}] ({t['original_ms']:.3f} -> {t['reborn_ms']:.3f}) | {len(r['points'])} of {r['front_points']} | {r['trained_images']} "
-                     f"({r['share']:.1%}) | {r['forward_images']} | {r['wall_s'] / 60:.0f} min |")
+                     f"{t['speedup_iqr'][1]:.2f}] ({t['original_ms']:.3f} -> {t['reborn_ms']:.3f}) | "
+                     f"{_percent(r.get('control_top1'))} | {len(r['points'])} of {r['front_points']} | "
+                     f"{r['trained_images']} ({r['share']:.1%}) | {r['forward_images']} | "
+                     f"{r['search_wall_s'] / 60:.0f} min |")
     lines += ["", "Every point each search tried (validation split; estimated speed-up from the plan):", ""]
     for r in rows:
         if "error" in r:
@@ -173,7 +181,9 @@ def markdown(rows: list[dict], records: dict[str, dict]) -> str:
     lines += [f"- {a}: {rec['epochs']} epochs ({rec['images']} images), test top-1 {rec['test_top1']:.2%}, "
               f"{rec['wall_s'] / 60:.0f} min" for a, rec in records.items()]
     cpus = sorted({r["cpu"] for r in rows if "cpu" in r})
-    lines += ["", f"Measured on: {', '.join(cpus)}."]
+    threads = sorted({r["timed"].get("threads", 1) for r in rows if "timed" in r})
+    lines += ["", f"Measured on: {', '.join(cpus)}, {'/'.join(map(str, threads))} thread(s) "
+              "(`OMP_NUM_THREADS`, as the jobs ran)."]
     return "\n".join(lines) + "\n"
 
 
