@@ -258,6 +258,9 @@ def _searched(config: RunConfig, model: nn.Module, plan: Plan, data: Splits, met
                         "each point retrains %d images, %.2g epochs", per_point, config.rebirth.epochs)
     else:
         per_point = budget_images // max(tries, 1)
+    if budget_images is not None and per_point * tries > budget_images:
+        log.warning("run: --epochs %.2g per point may spend up to %d images in %d points, over the budget of %d",
+                    config.rebirth.epochs, per_point * tries, tries, budget_images)
     point_config = replace(config.rebirth, epochs=per_point / len(data.train))
     path = os.path.join(config.out, "search.json")
     result, chosen, _, _ = search(model, plan, data.train, data.val, max_drop=config.max_drop, config=point_config,
