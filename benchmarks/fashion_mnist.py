@@ -153,7 +153,9 @@ def markdown(rows: list[dict], records: dict[str, dict]) -> str:
              "evaluated once, at the end. Speed: batch 1 at the deployed resolution (32x32), the original and the "
              "reborn model on the job's runtime, the median of 30 shuffled interleaved rounds in one process (in "
              "brackets the per-round ratio's quartiles), timed again after the job, one job at a time. Retraining: "
-             "images passed forward and backward in every point the search tried, against the teacher's.", "",
+             "images passed forward and backward in every point the search tried, against the teacher's; the drops of "
+             "one teacher and runtime share their report folder, so a later drop reads back the sets of merges an "
+             "earlier one trained (their images are counted in each drop's row, but trained once).", "",
              "| teacher | test top-1 | runtime | max drop | reborn test top-1 (paired 95%) | speed-up on the runtime "
              "(ms) | scratch control | points tried | retraining images (share of teacher's) | forward only | "
              "retraining wall, all points |", "|---|---|---|---|---|---|---|---|---|---|---|"]
