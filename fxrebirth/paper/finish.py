@@ -11,6 +11,7 @@ eager measurement).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from typing import Any
@@ -43,7 +44,7 @@ def finish_point(config: Any, model: nn.Module, chosen: Plan, reborn: nn.Module,
     torch.export.save(program, os.path.join(folder, "reborn.pt2"))
     exact, _ = optimize(model, example)
     reborn_exact, _ = optimize(reborn, example)
-    result = {"environment": environment(), **facts, "plan": _plan_dict(chosen),
+    result = {"environment": environment(), **facts, "plan": json.loads(chosen.to_json()),
               "planned_speedup": chosen.estimated_speedup, "rebirth": report.to_dict(),
               "accuracy": _accuracies(report, exact, test)}
     if config.bench == "full":  # reduced-precision rows' accuracy beside their speed
@@ -55,12 +56,6 @@ def finish_point(config: Any, model: nn.Module, chosen: Plan, reborn: nn.Module,
     result["layers_ms"] = table.layers_ms if table is not None else layer_times(model, reborn_exact, example)
     write_report(folder, result, chosen, report, table)
     return result
-
-
-def _plan_dict(plan: Plan) -> dict[str, Any]:
-    import json
-
-    return json.loads(plan.to_json())
 
 
 def _eager_from(table: SpeedTable | None) -> dict[str, Any] | None:
